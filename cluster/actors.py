@@ -1,0 +1,56 @@
+"""The Ray actors: thin hosts for the gRPC servers, which do the real work.
+
+Ray places and supervises them; everything else travels over gRPC.
+"""
+
+import dataclasses
+import logging
+import os
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class WorkerActor:
+    """One rank: hosts a Worker gRPC server on this node's address."""
+
+    def __init__(self) -> None:
+        from worker.worker import WorkerServer
+
+        logging.basicConfig(level=logging.INFO)
+        self._server = WorkerServer(host=ray.util.get_node_ip_address())
+
+    def address(self) -> str:
+        return self._server.address
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@ray.remote(num_cpus=0)
+class SchedulerActor:
+    """The central scheduler: hosts the Serving gRPC server and drives the workers."""
+
+    def __init__(self, replica, model, cache, scheduler, server, model_name: str) -> None:
+        from scheduler.serving import ServingServer
+
+        logging.basicConfig(level=logging.INFO)
+        self._server = ServingServer(replica, model, cache, scheduler, server, model_name)
+
+    def address(self) -> str:
+        return self._server.address
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def step_records(self) -> list[dict]:
+        return [dataclasses.asdict(r) for r in self._server.engine.step_records]
+
+    def stop(self) -> None:
+        self._server.stop()

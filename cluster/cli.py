@@ -1,0 +1,180 @@
+"""The `pagedserve` command.
+
+pagedserve up -c configs/local.yaml [--set section.key=value ...]   serve until Ctrl-C / down
+pagedserve generate "What is the capital of France?" [--stream]
+pagedserve status
+pagedserve down
+"""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from cluster.client import Client
+from cluster.config import ConfigError, load_config
+from scheduler.sampling_params import SamplingParams
+
+
+def state_file() -> Path:
+    """Where `up` records its pid and address for `generate`, `status` and `down`."""
+    base = os.environ.get("PAGEDSERVE_STATE_DIR") or Path.home() / ".pagedserve"
+    return Path(base) / "cluster.json"
+
+
+def _read_state() -> dict | None:
+    try:
+        return json.loads(state_file().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _address(args: argparse.Namespace) -> str:
+    if args.address:
+        return args.address
+    state = _read_state()
+    if state is None:
+        sys.exit("no running cluster recorded; start one with `pagedserve up` or pass --address")
+    return state["address"]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster.launcher import Cluster
+
+    config = load_config(args.config, args.set)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = Cluster(config)
+    try:
+        address = cluster.start()
+        path = state_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"pid": os.getpid(), "address": address}))
+        print(f"pagedserve is serving {config.model.model} on {address}", flush=True)
+        while not stop.wait(timeout=1.0):
+            pass
+        print("pagedserve: shutting down", flush=True)
+    finally:
+        cluster.shutdown()
+        state = _read_state()
+        if state is not None and state.get("pid") == os.getpid():
+            state_file().unlink(missing_ok=True)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+    )
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    with Client(_address(args)) as client:
+        last = None
+        for delta in client.generate(prompt, params):
+            if args.stream:
+                print(delta.text, end="", flush=True)
+            last = delta if last is None else _merge(last, delta)
+        if not args.stream:
+            print(last.text, end="")
+        print(
+            f"\n[finish_reason={last.finish_reason} prompt_tokens={last.usage.prompt_tokens} "
+            f"completion_tokens={last.usage.completion_tokens}]"
+        )
+    return 0
+
+
+def _merge(acc, delta):
+    acc.text += delta.text
+    acc.token_ids.extend(delta.token_ids)
+    acc.finish_reason = delta.finish_reason
+    acc.usage.CopyFrom(delta.usage)
+    return acc
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(_address(args)) as client:
+        info = client.server_info()
+        print(
+            f"model {info.model}: {info.num_steps} steps, {info.num_finished_requests} "
+            f"requests finished, {info.num_generated_tokens} tokens generated"
+        )
+        for r in info.replicas:
+            used = r.num_blocks - r.num_free_blocks
+            print(
+                f"replica {r.replica_id}: KV {used}/{r.num_blocks} blocks of {r.block_size} "
+                f"({100 * used / max(r.num_blocks, 1):.1f}%), running {r.num_running}, "
+                f"waiting {r.num_waiting}"
+            )
+            for w in r.workers:
+                print(f"  rank {w.rank}: {w.address} ({w.device})")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = _read_state()
+    if state is None:
+        print("no running cluster recorded")
+        return 0
+    pid = state["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state_file().unlink(missing_ok=True)
+        print(f"the cluster's process {pid} was already gone")
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"pagedserve (pid {pid}) is down")
+            return 0
+        time.sleep(0.2)
+    print(f"pid {pid} did not stop within {args.timeout} s", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a cluster and serve until Ctrl-C or `down`")
+    up.add_argument("-c", "--config", default=None, help="YAML config (default: built-in)")
+    up.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    up.set_defaults(func=cmd_up)
+    gen = sub.add_parser("generate", help="send one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default=None)
+    gen.add_argument("--stream", action="store_true", help="print text as it arrives")
+    gen.add_argument("--raw", action="store_true", help="send the prompt without chat template")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+    status = sub.add_parser("status", help="show replicas, workers, KV usage and queues")
+    status.add_argument("--address", default=None)
+    status.set_defaults(func=cmd_status)
+    down = sub.add_parser("down", help="stop the cluster that `up` started")
+    down.add_argument("--timeout", type=float, default=60.0)
+    down.set_defaults(func=cmd_down)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as e:
+        print(f"pagedserve: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(f"pagedserve: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

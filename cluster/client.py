@@ -1,0 +1,125 @@
+"""gRPC clients of the Serving service: Client (blocking) and AsyncClient (asyncio).
+
+client = Client("127.0.0.1:50051")
+for delta in client.generate("Hello", SamplingParams(max_tokens=32)):
+    print(delta.text, end="")
+"""
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import serving_pb2, serving_pb2_grpc
+from scheduler.sampling_params import SamplingParams
+
+Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
+
+
+def make_request(
+    prompt: Prompt, params: SamplingParams | None = None, request_id: str = ""
+) -> serving_pb2.GenerateRequest:
+    """Text, token ids or chat messages ([{"role": ..., "content": ...}]) -> GenerateRequest."""
+    params = params or SamplingParams()
+    msg = serving_pb2.GenerateRequest(request_id=request_id, params=to_proto_params(params))
+    if isinstance(prompt, str):
+        msg.prompt = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        msg.messages.messages.extend(
+            serving_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt
+        )
+    else:
+        msg.prompt_token_ids.ids.extend(prompt)
+        msg.prompt_token_ids.SetInParent()
+    return msg
+
+
+def to_proto_params(p: SamplingParams) -> serving_pb2.SamplingParams:
+    out = serving_pb2.SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        stop_token_ids=p.stop_token_ids,
+        ignore_eos=p.ignore_eos,
+        skip_special_tokens=p.skip_special_tokens,
+    )
+    if p.max_tokens is not None:
+        out.max_tokens = p.max_tokens
+    if p.seed is not None:
+        out.seed = p.seed
+    return out
+
+
+class Client:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address)
+        self._stub = serving_pb2_grpc.ServingStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[serving_pb2.GenerateResponse]:
+        """Streams the deltas; the last one carries finish_reason and usage."""
+        return self._stub.Generate(make_request(prompt, params, request_id), timeout=timeout)
+
+    def abort(self, request_id: str, timeout: float = 10.0) -> bool:
+        return self._stub.Abort(
+            serving_pb2.AbortRequest(request_id=request_id), timeout=timeout
+        ).found
+
+    def model_info(self, timeout: float = 10.0) -> serving_pb2.ModelInfoResponse:
+        return self._stub.GetModelInfo(serving_pb2.ModelInfoRequest(), timeout=timeout)
+
+    def server_info(self, timeout: float = 10.0) -> serving_pb2.ServerInfoResponse:
+        return self._stub.GetServerInfo(serving_pb2.ServerInfoRequest(), timeout=timeout)
+
+    def health(self, timeout: float = 10.0) -> str:
+        """ "SERVING", "NOT_SERVING", ... for the Serving service."""
+        reply = self._health.Check(
+            health_pb2.HealthCheckRequest(service="pagedserve.serving.Serving"), timeout=timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of Client; create it inside the event loop that uses it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = serving_pb2_grpc.ServingStub(self._channel)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> AsyncIterator[serving_pb2.GenerateResponse]:
+        call = self._stub.Generate(make_request(prompt, params, request_id), timeout=timeout)
+        async for delta in call:
+            yield delta
+
+    async def abort(self, request_id: str, timeout: float = 10.0) -> bool:
+        reply = await self._stub.Abort(
+            serving_pb2.AbortRequest(request_id=request_id), timeout=timeout
+        )
+        return reply.found
+
+    async def close(self) -> None:
+        await self._channel.close()

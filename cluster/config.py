@@ -1,0 +1,119 @@
+"""The YAML config: frozen sections, checked on load. An unknown key, a wrong type or a bad value
+is an error naming the file and the key.
+
+    cluster:    address (null = embedded local Ray), namespace, num_cpus, startup_timeout_s
+    model:      scheduler.config.ModelConfig
+    cache:      scheduler.config.CacheConfig
+    scheduler:  scheduler.config.SchedulerConfig
+    server:     scheduler.config.ServerConfig
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    address: str | None = None  # a Ray address ("auto", "ray://host:10001"); None = embedded
+    namespace: str = "pagedserve"
+    num_cpus: int | None = None  # CPUs of an embedded Ray; None = Ray's own count
+    startup_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.startup_timeout_s > 0:
+            raise ValueError(f"cluster.startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML file (or the defaults when path is None), then applies `section.key=value`
+    overrides (values parsed as YAML)."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{source}: cannot read the config: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        raw[section][name] = yaml.safe_load(value)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown section {name!r} (allowed: {', '.join(sections)})"
+            )
+        built[name] = _build_section(sections[name].default_factory, name, values or {}, source)
+    return Config(**built)
+
+
+def _build_section(cls: type, section: str, values: Any, source: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {section!r} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown key {section}.{key} (allowed in {section}: {', '.join(fields)})"
+            )
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(
+                f"{source}: {section}.{key} must be {_type_name(hints[key])}, got {value!r}"
+            )
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else hint.__name__

@@ -1,0 +1,155 @@
+"""The offline API, vLLM's shape: LLM(model=...).generate(prompts, sampling_params).
+
+It starts a local cluster (Ray, a scheduler actor, workers) and sends every prompt through the
+gRPC client concurrently, so continuous batching serves them together.
+"""
+
+import asyncio
+import atexit
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.client import AsyncClient, Prompt
+from cluster.config import Config, load_config
+from cluster.launcher import Cluster, replace_sections
+from scheduler.sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list | None = None
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+
+
+PromptInput = str | dict[str, Any]  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
+
+_MODEL_KEYS = ("dtype", "max_model_len", "seed", "load_format", "device")
+_CACHE_KEYS = ("gpu_memory_utilization", "block_size", "cpu_cache_gb", "num_blocks")
+_SCHEDULER_KEYS = ("max_num_seqs", "max_num_batched_tokens")
+
+
+class LLM:
+    """An in-process pagedserve cluster. Keyword arguments are vLLM's engine arguments that
+    pagedserve has (model, dtype, max_model_len, seed, gpu_memory_utilization, block_size,
+    max_num_seqs, max_num_batched_tokens, ...); config= starts from a YAML file instead."""
+
+    def __init__(self, model: str | None = None, config: str | None = None, **kwargs: Any) -> None:
+        unknown = set(kwargs) - {*_MODEL_KEYS, *_CACHE_KEYS, *_SCHEDULER_KEYS}
+        if unknown:
+            raise TypeError(f"LLM() got unknown arguments: {', '.join(sorted(unknown))}")
+        base = load_config(config) if config else Config()
+        model_values = {k: kwargs[k] for k in _MODEL_KEYS if k in kwargs}
+        if model is not None:
+            model_values["model"] = model
+        # The offline engine serves this process only: any free port.
+        self.config = replace_sections(
+            base,
+            model=model_values,
+            cache={k: kwargs[k] for k in _CACHE_KEYS if k in kwargs},
+            scheduler={k: kwargs[k] for k in _SCHEDULER_KEYS if k in kwargs},
+            server={"port": 0},
+        )
+        self._cluster = Cluster(self.config)
+        self.address = self._cluster.start()
+        atexit.register(self.shutdown)
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt; outputs come back in input order."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"sampling_params has {len(params)} entries for {len(prompts)} prompts"
+                )
+        return asyncio.run(self._generate_all(prompts, params))
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+    ) -> list[RequestOutput]:
+        """Generates a reply to each conversation, rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        params = [sampling_params or SamplingParams()] * len(conversations)
+        return asyncio.run(self._generate_all(list(conversations), params, chat=True))
+
+    async def _generate_all(
+        self, prompts: list, params: list[SamplingParams], chat: bool = False
+    ) -> list[RequestOutput]:
+        client = AsyncClient(self.address)
+        try:
+            return list(
+                await asyncio.gather(
+                    *(
+                        self._generate_one(client, prompt, p, chat)
+                        for prompt, p in zip(prompts, params, strict=True)
+                    )
+                )
+            )
+        finally:
+            await client.close()
+
+    @staticmethod
+    async def _generate_one(
+        client: AsyncClient, prompt: Any, params: SamplingParams, chat: bool
+    ) -> RequestOutput:
+        text_prompt: str | None = None
+        wire: Prompt
+        if chat:
+            wire = prompt
+        elif isinstance(prompt, str):
+            wire = text_prompt = prompt
+        elif "prompt_token_ids" in prompt:
+            wire = list(prompt["prompt_token_ids"])
+        elif "prompt" in prompt:
+            wire = text_prompt = prompt["prompt"]
+        else:
+            raise ValueError(f"prompt {prompt!r}: expected a string, prompt or prompt_token_ids")
+        text, token_ids = [], []
+        async for delta in client.generate(wire, params):
+            text.append(delta.text)
+            token_ids.extend(delta.token_ids)
+        # The stream ends with the message that carries finish_reason (or raises).
+        return RequestOutput(
+            request_id=delta.request_id,
+            prompt=text_prompt,
+            prompt_token_ids=list(delta.prompt_token_ids),
+            outputs=[
+                CompletionOutput(
+                    index=0,
+                    text="".join(text),
+                    token_ids=token_ids,
+                    finish_reason=delta.finish_reason,
+                )
+            ],
+        )
+
+    def shutdown(self) -> None:
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = None

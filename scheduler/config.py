@@ -1,0 +1,78 @@
+"""The sections of the YAML config the scheduler reads: frozen, checked on construction.
+
+cluster/config.py composes these with the cluster-only sections and loads them from YAML.
+"""
+
+from dataclasses import dataclass
+
+_LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICES = ("auto", "cuda", "cpu")
+
+
+def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "smollm2-135m-instruct"  # a named model, a .gguf file or an HF directory
+    load_format: str = "auto"
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+    max_model_len: int | None = None  # None = the model's own context length
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("model.load_format", self.load_format, _LOAD_FORMATS)
+        _check_choice("model.dtype", self.dtype, _DTYPES)
+        _check_choice("model.device", self.device, _DEVICES)
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"model.max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card for weights + activations + KV
+    cpu_cache_gb: float = 1.0  # CPU: KV cache size
+    num_blocks: int | None = None  # overrides the profiled figure
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(
+                f"cache.block_size must be 8, 16, 32, 64 or 128, got {self.block_size}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"cache.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if not self.cpu_cache_gb > 0:
+            raise ValueError(f"cache.cpu_cache_gb must be > 0, got {self.cpu_cache_gb}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"cache.num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # requests in one step
+    max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"scheduler.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"scheduler.max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"server.port must be in [0, 65535], got {self.port}")

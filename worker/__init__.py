@@ -1,0 +1,1 @@
+"""One process per GPU (or CPU): the Worker gRPC service, model runner, models, layers, loader."""

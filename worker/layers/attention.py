@@ -1,0 +1,49 @@
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import paged_attention, write_kv_cache
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens live in the paged KV cache (see kernels.paged_attention).
+
+    Sequence s owns query rows query_start_loc[s] : query_start_loc[s + 1]; its context after
+    this step is seq_lens[s] tokens, held in the blocks block_tables[s].
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's K/V into the layer's cache, then attends over each sequence's pages."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        # [num_blocks, block_size, num_kv_heads, head_dim] each; set by the model runner.
+        self.key_cache = torch.empty(0)
+        self.value_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]."""
+        write_kv_cache(k, v, self.key_cache, self.value_cache, meta.slot_mapping)
+        return paged_attention(
+            q,
+            self.key_cache,
+            self.value_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            self.scale,
+        )

@@ -1,0 +1,39 @@
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the "rotate half" layout of HF checkpoints.
+
+    cos/sin are precomputed once for every position: cache [max_positions, head_dim].
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, base: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions, self.base = head_dim, max_positions, base
+        self.register_buffer("cos_cache", torch.empty(0), persistent=False)
+        self.register_buffer("sin_cache", torch.empty(0), persistent=False)
+        self.build_cache(torch.device("cpu"))
+
+    def build_cache(self, device: torch.device) -> None:
+        """(Re)computes cos/sin in float32, as HF does, for every position; keeps them on device."""
+        cpu = torch.device("cpu")  # computed on the CPU whatever the target, so every device agrees
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=cpu).float()
+        inv_freq = 1.0 / (self.base ** (exponents / self.head_dim))  # [head_dim / 2]
+        freqs = torch.outer(torch.arange(self.max_positions, device=cpu).float(), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        self.cos_cache = emb.cos().to(device)
+        self.sin_cache = emb.sin().to(device)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, ..]."""
+        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim]
+        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

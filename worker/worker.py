@@ -1,0 +1,180 @@
+"""The Worker gRPC service of one rank (protos/worker.proto), and the server that hosts it.
+
+The cluster runs a WorkerServer inside a Ray actor; everything the scheduler asks of a worker
+arrives over gRPC.
+"""
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from protos import worker_pb2, worker_pb2_grpc
+from worker.loader import load_model
+from worker.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but this worker sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, on_shutdown: threading.Event) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self.runner: ModelRunner | None = None
+        self.device = torch.device("cpu")
+        self._on_shutdown = on_shutdown
+        self._ready = False
+
+    def InitDistributed(self, request, context):
+        self.rank, self.world_size = request.rank, request.world_size
+        if request.world_size > 1:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{request.master_addr}:{request.master_port}",
+                rank=request.rank,
+                world_size=request.world_size,
+            )
+        return worker_pb2.Empty()
+
+    def LoadModel(self, request, context):
+        try:
+            self.device = resolve_device(request.device)
+            dtype = resolve_dtype(request.dtype, self.device)
+            torch.manual_seed(request.seed)
+            model = load_model(
+                request.model_path, request.load_format, dtype, self.device, request.seed
+            )
+        except (ValueError, FileNotFoundError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.runner = ModelRunner(model, self.device, dtype, request.seed)
+        cfg = model.config
+        return worker_pb2.ModelInfo(
+            architecture=type(model).__name__,
+            vocab_size=cfg.vocab_size,
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            device=str(self.device),
+            dtype=str(dtype).removeprefix("torch."),
+        )
+
+    def ProfileMemory(self, request, context):
+        runner = self._runner(context)
+        per_block = runner.bytes_per_block(request.block_size)
+        if self.device.type == "cuda":
+            peak = self._profile_cuda_peak(
+                runner, request.block_size, request.max_num_batched_tokens
+            )
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = int(total * request.gpu_memory_utilization) - peak
+        else:
+            peak = 0
+            budget = int(request.cpu_cache_gb * (1 << 30))
+        return worker_pb2.ProfileMemoryResponse(
+            num_blocks=max(budget // per_block, 0), bytes_per_block=per_block, peak_bytes=peak
+        )
+
+    @staticmethod
+    def _profile_cuda_peak(runner: ModelRunner, block_size: int, num_tokens: int) -> int:
+        """Peak bytes of a forward pass over num_tokens tokens (one sequence) plus the weights."""
+        num_blocks = -(-num_tokens // block_size)
+        runner.init_cache(num_blocks, block_size)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        plan = worker_pb2.StepPlan(
+            new_requests=[
+                worker_pb2.NewRequest(
+                    request_id="profile",
+                    token_ids=[0] * num_tokens,
+                    sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0),
+                    block_ids=list(range(num_blocks)),
+                    num_scheduled_tokens=num_tokens,
+                )
+            ]
+        )
+        runner.execute(plan)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        runner.init_cache(0, block_size)
+        torch.cuda.empty_cache()
+        return peak - num_blocks * runner.bytes_per_block(block_size)
+
+    def InitCache(self, request, context):
+        self._runner(context).init_cache(request.num_blocks, request.block_size)
+        self._ready = True
+        return worker_pb2.Empty()
+
+    def Execute(self, request_iterator, context) -> Iterator[worker_pb2.StepResult]:
+        runner = self._runner(context)
+        for plan in request_iterator:
+            start = time.perf_counter()
+            request_ids, token_ids = runner.execute(plan)
+            if self.rank != 0:
+                request_ids, token_ids = [], []
+            yield worker_pb2.StepResult(
+                step_id=plan.step_id,
+                request_ids=request_ids,
+                token_ids=token_ids,
+                execute_ms=(time.perf_counter() - start) * 1e3,
+            )
+
+    def Health(self, request, context):
+        return worker_pb2.HealthResponse(
+            ready=self._ready, device=str(self.device), rank=self.rank, pid=os.getpid()
+        )
+
+    def Shutdown(self, request, context):
+        self._on_shutdown.set()
+        return worker_pb2.Empty()
+
+    def _runner(self, context) -> ModelRunner:
+        if self.runner is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoadModel has not been called")
+        return self.runner
+
+
+class WorkerServer:
+    """Hosts the Worker service on host:port (port 0 picks a free one)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.shutdown_requested = threading.Event()
+        self.service = WorkerService(self.shutdown_requested)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8),
+            options=[("grpc.max_receive_message_length", 256 << 20)],
+        )
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self._server)
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        self._server.start()
+        self.address = f"{host}:{bound}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._server.stop(grace).wait(timeout=grace + 5)
+        if dist.is_initialized():
+            dist.destroy_process_group()
