@@ -50,11 +50,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     cluster = Cluster(config)
     try:
         address = cluster.start()
+        # After start: ray.init installs a SIGTERM handler of its own that exits at once.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         path = state_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"pid": os.getpid(), "address": address}))
@@ -131,14 +132,27 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             print(f"pagedserve (pid {pid}) is down")
             return 0
         time.sleep(0.2)
     print(f"pid {pid} did not stop within {args.timeout} s", file=sys.stderr)
     return 1
+
+
+def _running(pid: int) -> bool:
+    """True while pid exists and has not exited (an exited child its parent has not reaped yet
+    is a zombie: done)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+
+from cluster.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), Config), path
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("scheduler:\n  max_num_seq: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert "scheduler.max_num_seq" in str(err.value)
+    assert "max_num_seqs" in str(err.value)  # what is allowed
+
+
+def test_unknown_section_and_wrong_types_are_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("schedular: {}\n")
+    with pytest.raises(ConfigError, match="unknown section 'schedular'"):
+        load_config(path)
+    path.write_text("cache:\n  block_size: sixteen\n")
+    with pytest.raises(ConfigError, match=r"cache\.block_size must be int"):
+        load_config(path)
+    path.write_text("cache:\n  block_size: 12\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: cache\.block_size must be 8, 16"):
+        load_config(path)
+
+
+def test_overrides_apply_over_the_file():
+    cfg = load_config(REPO / "configs" / "local.yaml", ["scheduler.max_num_seqs=7"])
+    assert cfg.scheduler.max_num_seqs == 7
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["max_num_seqs=7"])

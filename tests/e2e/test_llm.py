@@ -1,0 +1,40 @@
+"""The offline API: the user's vLLM example runs unchanged with `from cluster import ...`."""
+
+import pytest
+
+from cluster import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(local_cluster):  # shares the session's Ray; starts its own actors
+    engine = LLM(model="smollm2-135m-instruct", gpu_memory_utilization=0.9, cpu_cache_gb=0.5)
+    yield engine
+    engine.shutdown()
+
+
+def test_the_vllm_example_runs_unchanged(llm):
+    prompts = ["Hello, my name is", "The capital of France is", "The future of AI is"]
+    sampling_params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=16, seed=0)
+    outputs = llm.generate(prompts, sampling_params)
+    assert [o.prompt for o in outputs] == prompts
+    for output in outputs:
+        assert output.outputs[0].text
+        assert 1 <= len(output.outputs[0].token_ids) <= 16
+
+
+def test_token_id_prompts_and_input_order(llm, local_cluster):
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    texts = ["The capital of France is", "One, two, three,"]
+    by_text = llm.generate(texts, greedy)
+    by_ids = llm.generate([{"prompt_token_ids": o.prompt_token_ids} for o in by_text], greedy)
+    assert [o.outputs[0].token_ids for o in by_ids] == [o.outputs[0].token_ids for o in by_text]
+    assert all(o.prompt is None for o in by_ids)
+    single = llm.generate("One, two, three,", greedy)
+    assert single[0].outputs[0].token_ids == by_text[1].outputs[0].token_ids
+
+
+def test_seeded_sampling_reproduces(llm):
+    params = SamplingParams(temperature=1.0, top_k=50, max_tokens=12, seed=42, ignore_eos=True)
+    first = llm.generate(["Once upon a time"], params)[0].outputs[0].token_ids
+    batch = llm.generate(["Once upon a time", "Hello there", "Numbers: 1, 2,"], params)
+    assert batch[0].outputs[0].token_ids == first

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from protos import worker_pb2
+from worker.model_runner import ModelRunner
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama (GQA 4:2) saved by HF transformers as config.json + safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    return path, model
+
+
+def greedy_plan_runner(runner: ModelRunner, prompts, max_new_tokens, chunk=None, block_size=4):
+    """Drives a ModelRunner like the scheduler would, one request after another or together.
+
+    chunk: the prefill chunk size (None = whole prompt at once)."""
+    outputs = {str(i): [] for i in range(len(prompts))}
+    state = {}
+    next_block = 0
+    step = 0
+    while True:
+        step += 1
+        plan = worker_pb2.StepPlan(step_id=step)
+        for i, prompt in enumerate(prompts):
+            rid = str(i)
+            if len(outputs[rid]) >= max_new_tokens:
+                continue
+            computed = state.get(rid, 0)
+            total = len(prompt) + len(outputs[rid])
+            n = total - computed if chunk is None else min(chunk, total - computed)
+            need = -(-(computed + n) // block_size)
+            have = -(-computed // block_size) if rid in state else 0
+            new_blocks = list(range(next_block, next_block + need - have))
+            next_block += len(new_blocks)
+            if rid not in state:
+                plan.new_requests.append(
+                    worker_pb2.NewRequest(
+                        request_id=rid,
+                        token_ids=prompt,
+                        sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0),
+                        block_ids=new_blocks,
+                        num_scheduled_tokens=n,
+                    )
+                )
+            else:
+                plan.cached_requests.append(
+                    worker_pb2.CachedRequest(
+                        request_id=rid,
+                        new_block_ids=new_blocks,
+                        num_computed_tokens=computed,
+                        num_scheduled_tokens=n,
+                    )
+                )
+            state[rid] = computed + n
+        if not plan.new_requests and not plan.cached_requests:
+            return [outputs[str(i)] for i in range(len(prompts))]
+        for rid, token in zip(*runner.execute(plan), strict=True):
+            outputs[rid].append(token)
