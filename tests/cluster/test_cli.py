@@ -43,7 +43,11 @@ def _alive(pid: int) -> bool:
 def _cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -51,9 +55,25 @@ def _cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedPro
 def up(tmp_path):
     env = {**os.environ, "PAGEDSERVE_STATE_DIR": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "up", "-c", "configs/local.yaml",
-         "--set", "server.port=0", "--set", "cluster.num_cpus=2", "--set", "cache.cpu_cache_gb=0.5"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "up",
+            "-c",
+            "configs/local.yaml",
+            "--set",
+            "server.port=0",
+            "--set",
+            "cluster.num_cpus=2",
+            "--set",
+            "cache.cpu_cache_gb=0.5",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     state = tmp_path / "cluster.json"
     deadline = time.monotonic() + 300

@@ -33,8 +33,10 @@ def _chat_ids(tokenizer, prompt):
 def test_greedy_matches_hf_generate_through_the_cluster(local_cluster, hf_smollm2):
     """8 prompts x 32 tokens, submitted together (batched), token-identical to HF."""
     hf, tokenizer = hf_smollm2
-    prompts = [_chat_ids(tokenizer, p) if i % 2 == 0 else tokenizer.encode(p)
-               for i, p in enumerate(PARITY_PROMPTS)]
+    prompts = [
+        _chat_ids(tokenizer, p) if i % 2 == 0 else tokenizer.encode(p)
+        for i, p in enumerate(PARITY_PROMPTS)
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     with Client(local_cluster.address) as client:
         streams = [client.generate(ids, params, timeout=TIMEOUT) for ids in prompts]
@@ -81,8 +83,9 @@ def test_new_requests_join_running_ones(local_cluster):
         stream_a = client.generate(prompts["A"], params["A"], request_id="join-A", timeout=TIMEOUT)
         first = next(stream_a)  # A is running now
         later = {
-            name: client.generate(prompts[name], params[name], request_id=f"join-{name}",
-                                  timeout=TIMEOUT)
+            name: client.generate(
+                prompts[name], params[name], request_id=f"join-{name}", timeout=TIMEOUT
+            )
             for name in ("B", "C")
         }
         for name, stream in later.items():
@@ -163,8 +166,10 @@ def test_cancelled_stream_frees_its_blocks(local_cluster):
 def test_abort_by_id_and_server_info(local_cluster):
     with Client(local_cluster.address) as client:
         stream = client.generate(
-            "Count to a thousand", SamplingParams(max_tokens=2000, ignore_eos=True),
-            request_id="to-abort", timeout=TIMEOUT,
+            "Count to a thousand",
+            SamplingParams(max_tokens=2000, ignore_eos=True),
+            request_id="to-abort",
+            timeout=TIMEOUT,
         )
         next(stream)
         assert client.abort("to-abort")
