@@ -7,6 +7,7 @@ CUDA tensors as they land.
 
 import torch
 
+from kernels.copy_blocks import copy_blocks_ref
 from kernels.kv_cache import write_kv_cache_ref
 from kernels.paged_attention import paged_attention_ref
 
@@ -30,11 +31,25 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    max_query_len: int,
+    max_seq_len: int,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its paged context."""
+    """Causal attention of each sequence's new tokens over its paged context.
+
+    max_query_len / max_seq_len are host-side bounds of the batch (the caller knows them), so
+    no kernel launch needs to read a device tensor back.
+    """
     return paged_attention_ref(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale
     )
 
 
-__all__ = ["paged_attention", "write_kv_cache"]
+def copy_blocks(
+    key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
+) -> None:
+    """Copies blocks (src, dst) = block_mapping[i] in every layer's K and V cache."""
+    copy_blocks_ref(key_caches, value_caches, block_mapping)
+
+
+__all__ = ["copy_blocks", "paged_attention", "write_kv_cache"]

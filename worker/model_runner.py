@@ -125,6 +125,8 @@ class ModelRunner:
             block_tables=tensor(block_tables, torch.int32),
             seq_lens=tensor(seq_lens, torch.int32),
             query_start_loc=tensor(query_start_loc, torch.int32),
+            max_query_len=max(n for _, _, n in scheduled),
+            max_seq_len=max(seq_lens),
         )
         hidden = self.model(tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta)
         for _, state, n in scheduled:

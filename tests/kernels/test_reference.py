@@ -48,6 +48,8 @@ def test_paged_attention_matches_dense_causal(block_size, num_heads, num_kv_head
         torch.tensor(seq_lens, dtype=torch.int32),
         query_start_loc,
         head_dim**-0.5,
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
     )
     group = num_heads // num_kv_heads
     for s, (q, k, v) in enumerate(zip(queries, keys, values, strict=True)):
@@ -73,3 +75,16 @@ def test_write_kv_cache_skips_padding_slots():
     torch.testing.assert_close(flat_k[0], k[2])
     torch.testing.assert_close(flat_v[0], -k[2])
     assert flat_k[[1, 2, 3, 4, 6, 7]].abs().sum() == 0
+
+
+def test_copy_blocks_copies_every_layer():
+    from kernels import copy_blocks
+
+    caches_k = [torch.randn(6, 4, 2, 8) for _ in range(3)]
+    caches_v = [torch.randn(6, 4, 2, 8) for _ in range(3)]
+    before_k = [c.clone() for c in caches_k]
+    copy_blocks(caches_k, caches_v, torch.tensor([[0, 5], [2, 3]]))
+    for before, after in zip(before_k, caches_k, strict=True):
+        torch.testing.assert_close(after[5], before[0])
+        torch.testing.assert_close(after[3], before[2])
+        torch.testing.assert_close(after[[0, 1, 2, 4]], before[[0, 1, 2, 4]])

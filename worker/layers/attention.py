@@ -18,6 +18,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     seq_lens: torch.Tensor  # [num_seqs] int32
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    max_query_len: int  # host-side bounds of the batch, so kernels launch without a sync
+    max_seq_len: int
 
 
 class PagedAttention(nn.Module):
@@ -46,4 +48,6 @@ class PagedAttention(nn.Module):
             meta.seq_lens,
             meta.query_start_loc,
             self.scale,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
         )
