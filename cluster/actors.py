@@ -6,6 +6,7 @@ Ray places and supervises them; everything else travels over gRPC.
 import dataclasses
 import logging
 import os
+import socket
 
 import ray
 
@@ -28,6 +29,12 @@ class WorkerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def free_port(self) -> int:
+        """A port free on this node now (rank 0's: the tensor-parallel group's rendezvous)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
 
     def stop(self) -> None:
         self._server.stop()

@@ -2,6 +2,7 @@
 is an error naming the file and the key.
 
     cluster:    address (null = embedded local Ray), namespace, num_cpus, startup_timeout_s
+    parallel:   tensor_parallel_size
     model:      scheduler.config.ModelConfig
     cache:      scheduler.config.CacheConfig
     scheduler:  scheduler.config.SchedulerConfig
@@ -33,8 +34,20 @@ class ClusterSection:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1  # ranks (GPUs) of one replica
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"parallel.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

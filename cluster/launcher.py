@@ -12,7 +12,7 @@ import ray
 
 from cluster.actors import SchedulerActor, WorkerActor
 from cluster.config import Config
-from cluster.models import resolve_model
+from cluster.models import resolve_model, resolve_tokenizer
 from scheduler.serving import ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 class Cluster:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.model_path = resolve_model(config.model.model)
+        model = config.model
+        self.model_path = resolve_model(model.model, model.load_format)
+        self.tokenizer_path = resolve_tokenizer(model.tokenizer, model.model, model.load_format)
         self.workers: list = []
         self.scheduler = None
         self.address: str | None = None
@@ -43,9 +45,17 @@ class Cluster:
             self._owns_ray = True
         try:
             num_gpus = self._gpus_per_worker()
-            self.workers = [WorkerActor.options(num_gpus=num_gpus).remote()]
+            tp = cfg.parallel.tensor_parallel_size
+            self.workers = [WorkerActor.options(num_gpus=num_gpus).remote() for _ in range(tp)]
             addresses = ray.get([w.address.remote() for w in self.workers], timeout=timeout)
-            replica = ReplicaSpec(worker_addresses=tuple(addresses), model_path=self.model_path)
+            master_port = ray.get(self.workers[0].free_port.remote(), timeout=timeout)
+            replica = ReplicaSpec(
+                worker_addresses=tuple(addresses),
+                model_path=self.model_path,
+                tokenizer_path=self.tokenizer_path,
+                master_addr=addresses[0].rsplit(":", 1)[0],
+                master_port=master_port,
+            )
             self.scheduler = SchedulerActor.remote(
                 replica, cfg.model, cfg.cache, cfg.scheduler, cfg.server, cfg.model.model
             )

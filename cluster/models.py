@@ -23,14 +23,28 @@ NAMED_MODELS: dict[str, Callable[[], str]] = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def resolve_model(model: str) -> str:
-    """A named model, a .gguf file or an HF directory -> its absolute path."""
+def resolve_model(model: str, load_format: str = "auto") -> str:
+    """A named model, a .gguf file or an HF directory -> its absolute path. With load_format
+    "dummy", any other name passes through: the worker knows its preset shapes."""
     if model.lower() in NAMED_MODELS:
         return NAMED_MODELS[model.lower()]()
     path = Path(model).expanduser()
     if path.exists():
         return str(path.resolve())
+    if load_format == "dummy":
+        return model
     raise ValueError(
         f"model {model!r} is neither a known name ({', '.join(sorted(NAMED_MODELS))}) "
         "nor an existing .gguf file or HF directory"
     )
+
+
+def resolve_tokenizer(tokenizer: str | None, model: str, load_format: str) -> str:
+    """The tokenizer's path: the configured one, else the model's own; a dummy preset, which
+    has none, borrows the embedded default's."""
+    if tokenizer is not None:
+        return resolve_model(tokenizer)
+    resolved = resolve_model(model, load_format)
+    if load_format == "dummy" and not Path(resolved).exists():
+        return resolve_model(DEFAULT_MODEL)
+    return resolved

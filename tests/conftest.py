@@ -7,6 +7,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,3 +74,60 @@ def local_cluster():
     cluster.start()
     yield cluster
     cluster.shutdown()
+
+
+def tiny_hf_config(arch: str):
+    """A tiny random config of each supported architecture (vocab 256, 2 layers)."""
+    import transformers as tf
+
+    common = {"vocab_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 256}
+    llama_like = {**common, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    if arch == "llama":  # GQA 4:2, untied
+        return tf.LlamaConfig(**llama_like, num_key_value_heads=2, tie_word_embeddings=False)
+    if arch == "llama3":  # Llama-3 rope scaling, tied
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return tf.LlamaConfig(
+            **llama_like, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=rope
+        )
+    if arch == "mistral":  # one KV head: fewer KV heads than tensor-parallel ranks
+        return tf.MistralConfig(**llama_like, num_key_value_heads=1, sliding_window=None)
+    if arch == "qwen2":  # QKV bias, tied
+        return tf.Qwen2Config(**llama_like, num_key_value_heads=2, tie_word_embeddings=True)
+    if arch == "opt":  # the embedding narrower than the hidden size: project_in / project_out
+        return tf.OPTConfig(
+            vocab_size=256,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=32,
+        )
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    raise ValueError(arch)
+
+
+TINY_ARCHS = ["llama", "llama3", "mistral", "qwen2", "opt", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """arch -> (directory saved by HF transformers, the HF model itself)."""
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+    for arch in TINY_ARCHS:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_hf_config(arch)).eval()
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(path)
+        models[arch] = (path, model)
+    return models

@@ -1,4 +1,5 @@
-"""Builds a model and loads its weights: GGUF (dequantized), HF safetensors directories, or dummy.
+"""Builds a model and loads this rank's shard of its weights: GGUF (dequantized), HF
+directories (safetensors or .bin), or dummy (random weights of a real shape).
 
 The model is built on the meta device and materialized on the target device, so no weight is
 held twice; every parameter must be filled by the checkpoint (a missing one is an error).
@@ -11,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from worker.layers.rotary import RotaryEmbedding
-from worker.models import ARCHITECTURES, LlamaConfig
+from worker.models import ARCHITECTURES, CausalLM
+from worker.models.presets import PRESETS
 
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -44,34 +45,39 @@ def detect_format(path: str, load_format: str) -> str:
     raise ValueError(f"model path {path!r} is neither a .gguf file nor an HF directory")
 
 
+def read_hf_config(path: str) -> dict[str, Any]:
+    """The HF config of a preset name, a .gguf file, an HF directory or a config.json file."""
+    if path.lower() in PRESETS:
+        return PRESETS[path.lower()]
+    if path.endswith(".gguf"):
+        return gguf_hf_config(path)
+    config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    return json.loads(config_path.read_text())
+
+
 def load_model(
     path: str, load_format: str, dtype: torch.dtype, device: torch.device, seed: int
-) -> nn.Module:
+) -> CausalLM:
     """Returns the model in eval mode on device, weights in dtype."""
     fmt = detect_format(path, load_format)
-    if fmt == "dummy":
-        hf_config = _read_hf_config(path)
-    elif fmt == "gguf":
-        hf_config = gguf_hf_config(path)
-    elif fmt == "safetensors":
-        hf_config = _read_hf_config(path)
-    else:
+    if fmt not in ("gguf", "safetensors", "dummy"):
         raise ValueError(f"load_format {load_format!r}: expected auto, gguf, safetensors or dummy")
+    hf_config = read_hf_config(path)
     arch = hf_config["architectures"][0]
     if arch not in ARCHITECTURES:
-        raise ValueError(f"architecture {arch} is not supported (have {sorted(ARCHITECTURES)})")
-    cfg = LlamaConfig.from_hf(hf_config)
+        raise ValueError(f"architecture {arch} is not supported (have {', '.join(ARCHITECTURES)})")
     with torch.device("meta"):
-        model = ARCHITECTURES[arch](cfg)
+        model = ARCHITECTURES[arch](hf_config)
+    before = dict(model.named_parameters(remove_duplicate=False))
     model.to_empty(device=device)
     model.to(dtype)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    _restore_parameters(model, before)
     if fmt == "dummy":
         _fill_dummy(model, seed)
+    elif fmt == "gguf":
+        model.load_weights(_gguf_weights(path, hf_config))
     else:
-        weights = _gguf_weights(path, cfg) if fmt == "gguf" else _safetensors_weights(path)
-        _load_named(model, weights)
+        model.load_weights(_hf_dir_weights(path))
     # Buffers were materialized empty: compute the rotary tables on the device.
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
@@ -79,52 +85,48 @@ def load_model(
     return model.eval()
 
 
-def _load_named(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    params = dict(model.named_parameters())
-    loaded = set()
-    for name, tensor in weights:
-        if name not in params:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            raise ValueError(f"checkpoint tensor {name} has no parameter in the model")
-        param = params[name]
-        if param.shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model {param.shape}")
-        with torch.no_grad():
-            param.copy_(tensor)
-        loaded.add(name)
-    missing = set(params) - loaded
-    if missing:
-        raise ValueError(f"checkpoint lacks {sorted(missing)[:5]} ({len(missing)} in all)")
+def _restore_parameters(model: CausalLM, before: dict[str, torch.nn.Parameter]) -> None:
+    """to_empty() makes new parameters: restore the sharing (tied embeddings) and the
+    weight_loader attributes that the meta model's parameters had."""
+    first_of: dict[int, str] = {}
+    for name, old in before.items():
+        owner = first_of.setdefault(id(old), name)
+        if owner != name:
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
+        elif hasattr(old, "weight_loader"):
+            model.get_parameter(name).weight_loader = old.weight_loader
 
 
-def _fill_dummy(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
+def _fill_dummy(model: CausalLM, seed: int) -> None:
+    """Seeded random weights (std 0.02), norms 1: every rank fills only its own shard."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if "norm" in name and name.endswith("weight"):
                 param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
             else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+                param.copy_(values)
 
 
-def _read_hf_config(path: str) -> dict[str, Any]:
-    if path.endswith(".gguf"):
-        return gguf_hf_config(path)
-    config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-    return json.loads(config_path.read_text())
-
-
-def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def _hf_dir_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors files in {path}")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        return
+    bins = sorted(Path(path).glob("*.bin"))
+    if not bins:
+        raise ValueError(f"no *.safetensors or *.bin weights in {path}")
+    for file in bins:
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
 
 
 def gguf_hf_config(path: str) -> dict[str, Any]:
@@ -166,10 +168,11 @@ def _gguf_field(reader: Any, key: str, default: Any = ...) -> Any:
     return field.contents()
 
 
-def _gguf_weights(path: str, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(path: str, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     for tensor in GGUFReader(path).tensors:
         name = _gguf_to_hf_name(tensor.name)
         if name is None:
@@ -177,9 +180,9 @@ def _gguf_weights(path: str, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tens
         # ggml lists dimensions innermost first: reverse for torch's [out, in].
         array = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape)))
         if ".q_proj." in name:
-            array = _unpermute_rotary(array, cfg.num_attention_heads)
+            array = _unpermute_rotary(array, heads)
         elif ".k_proj." in name:
-            array = _unpermute_rotary(array, cfg.num_key_value_heads)
+            array = _unpermute_rotary(array, kv_heads)
         yield name, torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from protos import worker_pb2
+from worker import distributed
 from worker.layers.attention import AttentionMetadata
 from worker.sampler import SamplingBatch, sample
 
@@ -39,14 +40,14 @@ class ModelRunner:
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
 
     def bytes_per_block(self, block_size: int) -> int:
-        cfg = self.model.config
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        num_layers, kv_heads, head_dim = self.model.kv_cache_spec()
+        per_token = 2 * num_layers * kv_heads * head_dim
         return per_token * block_size * torch.tensor([], dtype=self.dtype).element_size()
 
     def init_cache(self, num_blocks: int, block_size: int) -> None:
-        """Allocates per layer K and V: [num_blocks, block_size, num_kv_heads, head_dim]."""
-        cfg = self.model.config
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        """Allocates per layer K and V: [num_blocks, block_size, num_kv_heads_local, head_dim]."""
+        _, kv_heads, head_dim = self.model.kv_cache_spec()
+        shape = (num_blocks, block_size, kv_heads, head_dim)
         for attn in self.model.attention_layers():
             attn.key_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.value_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -133,14 +134,19 @@ class ModelRunner:
             state.num_computed_tokens += n
         if not samplers:
             return [], []
+        # Rank 0 gathers the logits and samples; every rank then appends the same tokens.
         logits = self.model.compute_logits(hidden[tensor(sample_rows, torch.int64)])
-        batch = SamplingBatch(
-            temperatures=tensor([s.temperature for _, s in samplers], torch.float32),
-            top_ps=tensor([s.top_p for _, s in samplers], torch.float32),
-            top_ks=tensor([s.top_k for _, s in samplers], torch.int64),
-            generators=[s.generator for _, s in samplers],
-        )
-        tokens = sample(logits, batch, self.shared_generator).tolist()
+        if logits is None:
+            sampled = torch.empty(len(samplers), dtype=torch.int64, device=self.device)
+        else:
+            batch = SamplingBatch(
+                temperatures=tensor([s.temperature for _, s in samplers], torch.float32),
+                top_ps=tensor([s.top_p for _, s in samplers], torch.float32),
+                top_ks=tensor([s.top_k for _, s in samplers], torch.int64),
+                generators=[s.generator for _, s in samplers],
+            )
+            sampled = sample(logits, batch, self.shared_generator)
+        tokens = distributed.broadcast_from_rank0(sampled).tolist()
         for (_, state), token in zip(samplers, tokens, strict=True):
             state.token_ids.append(token)
         return [rid for rid, _ in samplers], tokens

@@ -13,9 +13,9 @@ from concurrent import futures
 
 import grpc
 import torch
-import torch.distributed as dist
 
 from protos import worker_pb2, worker_pb2_grpc
+from worker import distributed
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
 
@@ -51,14 +51,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def InitDistributed(self, request, context):
         self.rank, self.world_size = request.rank, request.world_size
-        if request.world_size > 1:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(
-                backend,
-                init_method=f"tcp://{request.master_addr}:{request.master_port}",
-                rank=request.rank,
-                world_size=request.world_size,
-            )
+        # Ray shows each GPU worker its own card only (CUDA_VISIBLE_DEVICES): NCCL if present.
+        distributed.init(request.rank, request.world_size, request.master_addr, request.master_port)
         return worker_pb2.Empty()
 
     def LoadModel(self, request, context):
@@ -72,14 +66,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except (ValueError, FileNotFoundError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.runner = ModelRunner(model, self.device, dtype, request.seed)
-        cfg = model.config
+        num_layers, kv_heads, head_dim = model.kv_cache_spec()
         return worker_pb2.ModelInfo(
             architecture=type(model).__name__,
-            vocab_size=cfg.vocab_size,
-            num_layers=cfg.num_hidden_layers,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim,
-            max_position_embeddings=cfg.max_position_embeddings,
+            vocab_size=model.vocab_size,
+            num_layers=num_layers,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=model.max_positions,
             device=str(self.device),
             dtype=str(dtype).removeprefix("torch."),
         )
@@ -176,5 +170,4 @@ class WorkerServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait(timeout=grace + 5)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.destroy()

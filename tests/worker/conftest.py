@@ -1,31 +1,12 @@
 import pytest
-import torch
 
 from protos import worker_pb2
 from worker.model_runner import ModelRunner
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A tiny random Llama (GQA 4:2) saved by HF transformers as config.json + safetensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path, model
+def tiny_llama_dir(tiny_models):
+    return tiny_models["llama"]
 
 
 def greedy_plan_runner(runner: ModelRunner, prompts, max_new_tokens, chunk=None, block_size=4):

@@ -25,12 +25,14 @@ class AttentionMetadata:
 class PagedAttention(nn.Module):
     """Writes this step's K/V into the layer's cache, then attends over each sequence's pages."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         # [num_blocks, block_size, num_kv_heads, head_dim] each; set by the model runner.
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)

@@ -1,3 +1,6 @@
+import math
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -6,11 +9,19 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the "rotate half" layout of HF checkpoints.
 
     cos/sin are precomputed once for every position: cache [max_positions, head_dim].
+    scaling: HF's rope parameters; "default" and Llama 3's "llama3" are supported.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, base: float) -> None:
+    def __init__(
+        self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.base = head_dim, max_positions, base
+        self.scaling = scaling or {}
+        rope_type = self.scaling.get("rope_type", self.scaling.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope type {rope_type!r} is not supported (have default, llama3)")
+        self.rope_type = rope_type
         self.register_buffer("cos_cache", torch.empty(0), persistent=False)
         self.register_buffer("sin_cache", torch.empty(0), persistent=False)
         self.build_cache(torch.device("cpu"))
@@ -20,6 +31,8 @@ class RotaryEmbedding(nn.Module):
         cpu = torch.device("cpu")  # computed on the CPU whatever the target, so every device agrees
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=cpu).float()
         inv_freq = 1.0 / (self.base ** (exponents / self.head_dim))  # [head_dim / 2]
+        if self.rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, self.scaling)
         freqs = torch.outer(torch.arange(self.max_positions, device=cpu).float(), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.cos_cache = emb.cos().to(device)
@@ -37,3 +50,17 @@ class RotaryEmbedding(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent stretch: long wavelengths / factor, short ones kept,
+    a smooth blend between."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)

@@ -1,7 +1,9 @@
-"""The Llama architecture (SmolLM2, Llama 2, Mistral-style GQA), read top to bottom.
+"""The Llama architecture and its close kin (SmolLM2, Llama 2/3, Mistral, Qwen2 / Qwen2.5),
+read top to bottom. Tensor-parallel: merged QKV and gate-up projections are column-parallel,
+o_proj and down_proj row-parallel, one all-reduce each per layer.
 
-Parameter names follow HF checkpoints (model.layers.N.self_attn.q_proj.weight ...), so an HF
-state dict loads by name. Activations are flat over the batch: [num_tokens, hidden_size].
+Parameter names follow HF checkpoints (model.layers.N.self_attn.qkv_proj.weight holds q_proj,
+k_proj and v_proj). Activations are flat over the batch: [num_tokens, hidden_size].
 """
 
 from dataclasses import dataclass
@@ -12,8 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.layers.attention import AttentionMetadata, PagedAttention
+from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from worker.layers.norm import RMSNorm
 from worker.layers.rotary import RotaryEmbedding
+from worker.models.base import CausalLM
 
 
 @dataclass(frozen=True)
@@ -27,24 +32,21 @@ class LlamaConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
+    rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-
-    def __post_init__(self) -> None:
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
+    qkv_bias: bool  # Qwen2: biases on q, k and v (not o)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
-        """From an HF config.json dict."""
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or rope
-        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-            raise ValueError(f"rope scaling {scaling} is not supported yet")
+        """From an HF config.json dict (old rope_theta / rope_scaling or new rope_parameters)."""
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         heads = hf["num_attention_heads"]
+        qwen = hf["architectures"][0].startswith("Qwen2")
+        max_positions = hf.get("max_position_embeddings", 2048)
+        if hf["architectures"][0] == "MistralForCausalLM" and hf.get("sliding_window"):
+            # Full attention equals sliding-window attention up to the window: cap the context.
+            max_positions = min(max_positions, hf["sliding_window"])
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -55,46 +57,58 @@ class LlamaConfig:
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope_scaling=rope or None,
+            max_position_embeddings=max_positions,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=qwen or hf.get("attention_bias", False),
         )
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            bias=cfg.qkv_bias,
+        )
+        self.num_heads = self.qkv_proj.num_heads_local
+        self.num_kv_heads = self.qkv_proj.num_kv_heads_local
         self.head_dim = cfg.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_size, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=False)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False
+        )
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads, head_dim]
+        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads_local, head_dim]
         return self.o_proj(out.reshape(n, -1))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias=False)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -115,7 +129,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -128,24 +142,38 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+class LlamaForCausalLM(CausalLM):
+    packed = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
+        cfg = LlamaConfig.from_hf(hf_config)
         self.config = cfg
+        self.vocab_size = cfg.vocab_size
+        self.max_positions = cfg.max_position_embeddings
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+            self.tied = ("lm_head.weight",)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """Returns the final hidden states [num_tokens, hidden_size]."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [num_sampled, hidden_size] -> logits [num_sampled, vocab_size] in float32."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head.compute_logits(hidden)
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+    def checkpoint_name(self, name: str) -> str | None:
+        return None if "rotary_emb.inv_freq" in name else name
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: Llama with biases on q, k and v."""

@@ -1,7 +1,9 @@
-"""Our Llama on the paged cache against HF transformers' Llama, same weights, fp32 CPU."""
+"""Every architecture on the paged cache against HF transformers, same weights, fp32 CPU."""
 
+import pytest
 import torch
 
+from tests.conftest import TINY_ARCHS
 from tests.worker.conftest import greedy_plan_runner
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
@@ -30,8 +32,9 @@ def _hf_greedy(model, prompt, n):
     return out[0, len(prompt) :].tolist()
 
 
-def test_batched_greedy_matches_hf(tiny_llama_dir):
-    path, hf = tiny_llama_dir
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_batched_greedy_matches_hf(tiny_models, arch):
+    path, hf = tiny_models[arch]
     got = greedy_plan_runner(_runner(path), PROMPTS, max_new_tokens=12)
     assert got == [_hf_greedy(hf, p, 12) for p in PROMPTS]
 

@@ -1,0 +1,50 @@
+"""Vocab-parallel embedding and LM head: rank r holds rows [r * shard, (r + 1) * shard) of the
+vocabulary (shard = ceil(vocab / tp), the last shard padded with zero rows)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker import distributed
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, embedding_dim: int) -> None:
+        super().__init__()
+        tp = distributed.tp_size()
+        self.vocab_size = vocab_size
+        self.shard = -(-vocab_size // tp)
+        self.start = distributed.tp_rank() * self.shard
+        self.weight = nn.Parameter(torch.empty(self.shard, embedding_dim))
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        rows = max(min(self.shard, self.vocab_size - self.start), 0)
+        param.data.zero_()
+        param.data[:rows].copy_(loaded.narrow(0, self.start, rows))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if distributed.tp_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.shard)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return distributed.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, embedding_dim: int, bias: bool = False) -> None:
+        super().__init__(vocab_size, embedding_dim)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.shard))
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [num_rows, dim] -> float32 logits [num_rows, vocab] on rank 0, None elsewhere."""
+        logits = distributed.gather_to_rank0(F.linear(hidden, self.weight, self.bias))
+        return None if logits is None else logits[:, : self.vocab_size].float()
