@@ -1,4 +1,8 @@
-"""Vectorized sampling over the batch: greedy, temperature, top-k and top-p.
+"""Vectorized sampling over the batch, vLLM's semantics, on the logits' device.
+
+Order: min_tokens suppression -> repetition / frequency / presence penalties -> greedy rows take
+the argmax -> temperature -> min-p -> top-k -> top-p -> draw. Logprobs describe the model's raw
+distribution (log-softmax of the logits before any of these steps).
 
 Random draws use the exponential trick: argmax(p / q) with q ~ Exp(1) samples from p. A request
 with a seed draws its q from its own generator, so its tokens do not depend on its batch.
@@ -12,6 +16,17 @@ _GREEDY_EPS = 1e-5
 
 
 @dataclass
+class Penalties:
+    """Only built when some row asks for a penalty (otherwise the batch skips this work)."""
+
+    presence: torch.Tensor  # [num_rows] float32; 0 = off
+    frequency: torch.Tensor  # [num_rows] float32; 0 = off
+    repetition: torch.Tensor  # [num_rows] float32; 1 = off
+    output_counts: torch.Tensor  # [num_rows, vocab] float32: occurrences in the output so far
+    prompt_mask: torch.Tensor  # [num_rows, vocab] bool: tokens present in the prompt
+
+
+@dataclass
 class SamplingBatch:
     """Per-row parameters, on the logits' device."""
 
@@ -19,20 +34,70 @@ class SamplingBatch:
     top_ps: torch.Tensor  # [num_rows] float32; 1 = off
     top_ks: torch.Tensor  # [num_rows] int64; 0 = off
     generators: list[torch.Generator | None]  # per row; None = the shared generator
+    min_ps: torch.Tensor | None = None  # [num_rows] float32; 0 = off
+    penalties: Penalties | None = None
+    suppressed: torch.Tensor | None = None  # [num_rows, vocab] bool: banned now (min_tokens)
+    num_logprobs: int = -1  # top logprobs to return per row; -1 = none
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator) -> torch.Tensor:
-    """logits [num_rows, vocab] float32 -> token ids [num_rows] int64."""
+@dataclass
+class SampleOutput:
+    token_ids: torch.Tensor  # [num_rows] int64
+    # When logprobs were asked: the sampled token's logprob [num_rows], and the top
+    # num_logprobs ids and logprobs [num_rows, num_logprobs].
+    sampled_logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator) -> SampleOutput:
+    """logits [num_rows, vocab] float32 -> the sampled tokens (and their logprobs)."""
+    raw = logits
+    if batch.suppressed is not None:
+        logits = logits.masked_fill(batch.suppressed, float("-inf"))
+    if batch.penalties is not None:
+        logits = apply_penalties(logits, batch.penalties)
+    tokens = _choose(logits, batch, shared)
+    if batch.num_logprobs < 0:
+        return SampleOutput(tokens)
+    logprobs = torch.log_softmax(raw, dim=-1)
+    top_lp, top_ids = logprobs.topk(batch.num_logprobs, dim=-1)
+    return SampleOutput(tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), top_ids, top_lp)
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """Repetition (prompt and output tokens: positive logits / r, negative * r), then
+    frequency (- f * count) and presence (- p * seen) over the output tokens, as vLLM does."""
+    seen_output = p.output_counts > 0
+    seen = seen_output | p.prompt_mask
+    rep = p.repetition[:, None].expand_as(logits)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - p.frequency[:, None] * p.output_counts
+    return logits - p.presence[:, None] * seen_output.float()
+
+
+def _choose(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator) -> torch.Tensor:
     greedy_ids = logits.argmax(dim=-1)
     greedy = batch.temperatures < _GREEDY_EPS
     if bool(greedy.all()):
         return greedy_ids
     temps = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)
-    logits = _mask_top_k_top_p(logits / temps[:, None], batch.top_ks, batch.top_ps)
+    logits = logits / temps[:, None]
+    if batch.min_ps is not None:
+        logits = _mask_min_p(logits, batch.min_ps)
+    logits = _mask_top_k_top_p(logits, batch.top_ks, batch.top_ps)
     probs = torch.softmax(logits, dim=-1)
     noise = _exponential_noise(probs, batch.generators, shared)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(greedy, greedy_ids, sampled)
+
+
+def _mask_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """Drops tokens whose probability is below min_p times the top token's."""
+    probs = torch.softmax(logits, dim=-1)
+    floor = min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
 def _mask_top_k_top_p(

@@ -40,6 +40,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, on_shutdown: threading.Event) -> None:
         self.rank = 0
@@ -74,7 +80,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             max_position_embeddings=model.max_positions,
-            device=str(self.device),
+            device=_device_name(self.device),
             dtype=str(dtype).removeprefix("torch."),
         )
 
@@ -120,7 +126,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return peak - num_blocks * runner.bytes_per_block(block_size)
 
     def InitCache(self, request, context):
-        self._runner(context).init_cache(request.num_blocks, request.block_size)
+        self._runner(context).init_cache(
+            request.num_blocks, request.block_size, request.num_cpu_blocks
+        )
         self._ready = True
         return worker_pb2.Empty()
 

@@ -1,49 +1,108 @@
 """Sampling against a direct torch computation of the distribution."""
 
+import pytest
 import torch
 
-from worker.sampler import SamplingBatch, sample
+from worker.sampler import Penalties, SamplingBatch, apply_penalties, sample
+
+VOCAB = 6
+LOGITS = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])  # sorted descending
 
 
-def _batch(n, temperature=1.0, top_p=1.0, top_k=0, generators=None):
+def _batch(n, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, generators=None, **extra):
     return SamplingBatch(
         temperatures=torch.full((n,), temperature),
         top_ps=torch.full((n,), top_p),
         top_ks=torch.full((n,), top_k, dtype=torch.int64),
+        min_ps=torch.full((n,), min_p),
         generators=generators or [None] * n,
+        **extra,
     )
 
 
-def _histogram(logits, batch_kwargs, draws=4000):
+def _histogram(logits, draws=4000, **kwargs):
     gen = torch.Generator().manual_seed(0)
     rows = logits.expand(draws, -1).contiguous()
-    tokens = sample(rows, _batch(draws, **batch_kwargs), gen)
+    extra = {k: v for k, v in kwargs.items() if k in ("suppressed", "penalties")}
+    if "suppressed" in extra:
+        extra["suppressed"] = extra["suppressed"].expand(draws, -1)
+    params = {k: v for k, v in kwargs.items() if k not in extra}
+    tokens = sample(rows, _batch(draws, **params, **extra), gen).token_ids
     return torch.bincount(tokens, minlength=logits.shape[-1]).float() / draws
+
+
+def _expected(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The target distribution, computed step by step over the sorted logits."""
+    probs = torch.softmax(logits[0] / temperature, -1)
+    keep = torch.ones(VOCAB, dtype=torch.bool)
+    keep &= probs >= min_p * probs.max()
+    if top_k:
+        keep[top_k:] = False
+    p = torch.where(keep, probs, 0)
+    p = p / p.sum()
+    keep &= (p.cumsum(-1) - p) < top_p
+    out = torch.where(keep, probs, 0)
+    return out / out.sum(), keep
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
-    out = sample(logits, _batch(5, temperature=0.0), torch.Generator())
+    out = sample(logits, _batch(5, temperature=0.0), torch.Generator()).token_ids
     assert torch.equal(out, logits.argmax(-1))
 
 
-def test_temperature_top_k_top_p_follow_the_distribution():
-    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
-    for kwargs in ({"temperature": 0.7}, {"top_k": 3}, {"top_p": 0.8}, {"top_k": 4, "top_p": 0.9}):
-        t = kwargs.get("temperature", 1.0)
-        probs = torch.softmax(logits[0] / t, -1)
-        keep = torch.ones_like(probs, dtype=torch.bool)
-        if kwargs.get("top_k"):
-            keep[kwargs["top_k"] :] = False  # logits are sorted descending
-        p = torch.where(keep, probs, 0) / torch.where(keep, probs, 0).sum()
-        if "top_p" in kwargs:
-            before = p.cumsum(-1) - p
-            keep &= before < kwargs["top_p"]
-        expected = torch.where(keep, probs, 0)
-        expected /= expected.sum()
-        got = _histogram(logits, kwargs)
-        assert torch.all(got[~keep] == 0), kwargs
-        torch.testing.assert_close(got, expected, atol=0.03, rtol=0)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": 0.7},
+        {"top_k": 3},
+        {"top_p": 0.8},
+        {"top_k": 4, "top_p": 0.9},
+        {"min_p": 0.3},
+        {"temperature": 1.5, "min_p": 0.1, "top_p": 0.95},
+    ],
+)
+def test_sampling_follows_the_distribution(kwargs):
+    expected, keep = _expected(LOGITS, **kwargs)
+    got = _histogram(LOGITS, **kwargs)
+    assert torch.all(got[~keep] == 0), kwargs
+    torch.testing.assert_close(got, expected, atol=0.03, rtol=0)
+
+
+def test_penalties_match_their_definition():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    counts = torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    prompt = torch.tensor([[False, False, False, True], [True, False, False, False]])
+    p = Penalties(
+        presence=torch.tensor([0.5, 0.0]),
+        frequency=torch.tensor([0.25, 0.1]),
+        repetition=torch.tensor([2.0, 1.5]),
+        output_counts=counts,
+        prompt_mask=prompt,
+    )
+    got = apply_penalties(logits, p)
+    expected = torch.tensor(
+        [
+            [2.0 / 2 - 0.25 * 2 - 0.5, -1.0 * 2 - 0.25 - 0.5, 0.5, 3.0 / 2],
+            [1.0 / 1.5, 1.0, 1.0 / 1.5 - 0.1 * 3, 1.0],
+        ]
+    )
+    torch.testing.assert_close(got, expected)
+
+
+def test_min_tokens_suppression_and_penalized_greedy():
+    suppressed = torch.tensor([[True, False, False, False, False, False]])
+    got = _histogram(LOGITS, suppressed=suppressed, temperature=0.0)
+    assert got[0] == 0 and got[1] == 1.0
+
+
+def test_logprobs_are_the_raw_distribution():
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(3))
+    out = sample(logits, _batch(3, temperature=0.0, num_logprobs=4), torch.Generator())
+    expected = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(out.top_logprobs, expected.topk(4, -1).values)
+    assert torch.equal(out.top_ids, expected.topk(4, -1).indices)
+    torch.testing.assert_close(out.sampled_logprobs, expected.max(-1).values)
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
@@ -52,8 +111,8 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     def seeded():
         return torch.Generator().manual_seed(1234)
 
-    alone = sample(logits[:1], _batch(1, generators=[seeded()]), torch.Generator())
+    alone = sample(logits[:1], _batch(1, generators=[seeded()]), torch.Generator()).token_ids
     batched = sample(
         logits, _batch(4, generators=[seeded(), None, None, None]), torch.Generator().manual_seed(9)
-    )
+    ).token_ids
     assert alone[0] == batched[0]
