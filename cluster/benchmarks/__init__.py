@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a markdown table naming the hardware and its baseline."""
