@@ -1,15 +1,42 @@
 """Attention kernels: the one dispatch point the model layers call.
 
 Each kernel has a plain-torch reference beside it. The references run everywhere (the CPU path,
-and the ground truth for the Triton kernels' tests); Triton implementations plug in here for
-CUDA tensors as they land.
+and the ground truth for the Triton kernels' tests); CUDA tensors go to the Triton kernels:
+
+    paged_attention   every sequence has one new token (num_tokens == num_seqs and
+                      max_query_len == 1)  -> kernels.triton_decode_attention (split-K decode)
+                      otherwise            -> kernels.triton_prefill_attention (prefill / extend,
+                                              mixed batches)
+    write_kv_cache    -> kernels.triton_kv_cache
+    copy_blocks       -> kernels.triton_copy_blocks
+
+Triton is imported lazily, on the first CUDA call: a CPU process never imports it (and the CPU
+tests can turn on TRITON_INTERPRET before anything does).
 """
+
+import functools
+from types import SimpleNamespace
 
 import torch
 
 from kernels.copy_blocks import copy_blocks_ref
 from kernels.kv_cache import write_kv_cache_ref
 from kernels.paged_attention import paged_attention_ref
+
+
+@functools.cache
+def _triton() -> SimpleNamespace:
+    from kernels.triton_copy_blocks import copy_blocks as copy_blocks_triton
+    from kernels.triton_decode_attention import decode_attention
+    from kernels.triton_kv_cache import write_kv_cache as write_kv_cache_triton
+    from kernels.triton_prefill_attention import prefill_attention
+
+    return SimpleNamespace(
+        decode_attention=decode_attention,
+        prefill_attention=prefill_attention,
+        write_kv_cache=write_kv_cache_triton,
+        copy_blocks=copy_blocks_triton,
+    )
 
 
 def write_kv_cache(
@@ -20,7 +47,10 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Stores this step's K/V [num_tokens, num_kv_heads, head_dim] at slot_mapping (-1 skips)."""
-    write_kv_cache_ref(key, value, key_cache, value_cache, slot_mapping)
+    if key_cache.is_cuda:
+        _triton().write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        write_kv_cache_ref(key, value, key_cache, value_cache, slot_mapping)
 
 
 def paged_attention(
@@ -38,8 +68,27 @@ def paged_attention(
     """Causal attention of each sequence's new tokens over its paged context.
 
     max_query_len / max_seq_len are host-side bounds of the batch (the caller knows them), so
-    no kernel launch needs to read a device tensor back.
+    no kernel launch needs to read a device tensor back. On CUDA the decode kernel runs when
+    every sequence has exactly one new token (then query row s is sequence s's token and
+    query_start_loc is not read); its launch depends on shapes only, so it can be captured in a
+    CUDA graph. max_seq_len is not needed by either kernel's grid.
     """
+    if query.is_cuda:
+        triton_ops = _triton()
+        if query.shape[0] == seq_lens.shape[0] and max_query_len == 1:
+            return triton_ops.decode_attention(
+                query, key_cache, value_cache, block_tables, seq_lens, scale
+            )
+        return triton_ops.prefill_attention(
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            scale,
+            max_query_len=max_query_len,
+        )
     return paged_attention_ref(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale
     )
@@ -49,7 +98,10 @@ def copy_blocks(
     key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
 ) -> None:
     """Copies blocks (src, dst) = block_mapping[i] in every layer's K and V cache."""
-    copy_blocks_ref(key_caches, value_caches, block_mapping)
+    if key_caches and key_caches[0].is_cuda:
+        _triton().copy_blocks(key_caches, value_caches, block_mapping)
+    else:
+        copy_blocks_ref(key_caches, value_caches, block_mapping)
 
 
 __all__ = ["copy_blocks", "paged_attention", "write_kv_cache"]
