@@ -3,7 +3,6 @@
 Ray places and supervises them; everything else travels over gRPC.
 """
 
-import dataclasses
 import logging
 import os
 import socket
@@ -15,10 +14,10 @@ import ray
 class WorkerActor:
     """One rank: hosts a Worker gRPC server on this node's address."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_level: str = "INFO") -> None:
         from worker.worker import WorkerServer
 
-        logging.basicConfig(level=logging.INFO)
+        logging.basicConfig(level=log_level)
         self._server = WorkerServer(host=ray.util.get_node_ip_address())
 
     def address(self) -> str:
@@ -44,11 +43,13 @@ class WorkerActor:
 class SchedulerActor:
     """The central scheduler: hosts the Serving gRPC server and drives the workers."""
 
-    def __init__(self, replica, model, cache, scheduler, server, model_name: str) -> None:
+    def __init__(
+        self, replicas, model, cache, scheduler, server, model_name: str, log_level: str = "INFO"
+    ) -> None:
         from scheduler.serving import ServingServer
 
-        logging.basicConfig(level=logging.INFO)
-        self._server = ServingServer(replica, model, cache, scheduler, server, model_name)
+        logging.basicConfig(level=log_level)
+        self._server = ServingServer(replicas, model, cache, scheduler, server, model_name)
 
     def address(self) -> str:
         return self._server.address
@@ -57,7 +58,7 @@ class SchedulerActor:
         return os.getpid()
 
     def step_records(self) -> list[dict]:
-        return [dataclasses.asdict(r) for r in self._server.engine.step_records]
+        return self._server.step_records()
 
     def stop(self) -> None:
         self._server.stop()

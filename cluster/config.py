@@ -1,12 +1,14 @@
 """The YAML config: frozen sections, checked on load. An unknown key, a wrong type or a bad value
 is an error naming the file and the key.
 
-    cluster:    address (null = embedded local Ray), namespace, num_cpus, startup_timeout_s
-    parallel:   tensor_parallel_size
+    cluster:    address (null = embedded local Ray), namespace, num_cpus, placement_strategy,
+                startup_timeout_s
+    parallel:   tensor_parallel_size, replicas
     model:      scheduler.config.ModelConfig
     cache:      scheduler.config.CacheConfig
     scheduler:  scheduler.config.SchedulerConfig
     server:     scheduler.config.ServerConfig
+    logging:    level
 """
 
 import dataclasses
@@ -20,15 +22,25 @@ import yaml
 
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 @dataclass(frozen=True)
 class ClusterSection:
     address: str | None = None  # a Ray address ("auto", "ray://host:10001"); None = embedded
     namespace: str = "pagedserve"
     num_cpus: int | None = None  # CPUs of an embedded Ray; None = Ray's own count
+    # How a replica's workers are placed: STRICT_PACK keeps them on one node, PACK prefers to.
+    placement_strategy: str = "STRICT_PACK"
     startup_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"cluster.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                f"got {self.placement_strategy!r}"
+            )
         if not self.startup_timeout_s > 0:
             raise ValueError(f"cluster.startup_timeout_s must be > 0, got {self.startup_timeout_s}")
 
@@ -36,11 +48,25 @@ class ClusterSection:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1  # ranks (GPUs) of one replica
+    replicas: int = 1  # tensor-parallel groups, each with its own KV cache, one scheduler
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(
                 f"parallel.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.replicas < 1:
+            raise ValueError(f"parallel.replicas must be >= 1, got {self.replicas}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"  # of the driver and of every actor
+
+    def __post_init__(self) -> None:
+        if self.level not in LOG_LEVELS:
+            raise ValueError(
+                f"logging.level must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}"
             )
 
 
@@ -52,6 +78,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 class ConfigError(ValueError):

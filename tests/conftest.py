@@ -96,6 +96,10 @@ def tiny_hf_config(arch: str):
         return tf.LlamaConfig(
             **llama_like, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=rope
         )
+    if arch == "llama_uneven":  # 9 query / 3 KV heads, as SmolLM2: 2 ranks hold 1 + 2 KV heads
+        return tf.LlamaConfig(
+            **{**llama_like, "hidden_size": 72, "num_attention_heads": 9}, num_key_value_heads=3
+        )
     if arch == "mistral":  # one KV head: fewer KV heads than tensor-parallel ranks
         return tf.MistralConfig(**llama_like, num_key_value_heads=1, sliding_window=None)
     if arch == "qwen2":  # QKV bias, tied
@@ -115,7 +119,7 @@ def tiny_hf_config(arch: str):
     raise ValueError(arch)
 
 
-TINY_ARCHS = ["llama", "llama3", "mistral", "qwen2", "opt", "gpt2"]
+TINY_ARCHS = ["llama", "llama3", "llama_uneven", "mistral", "qwen2", "opt", "gpt2"]
 
 
 @pytest.fixture(scope="session")

@@ -62,10 +62,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, rank * rows, rows))
 
 
-class QKVParallelLinear(ColumnParallelLinear):
-    """Q, K and V in one matmul. Each rank holds num_heads / tp query heads and
-    max(1, num_kv_heads / tp) KV heads; when tp > num_kv_heads, KV heads are replicated:
-    rank r holds KV head r * num_kv_heads // tp.
+class QKVParallelLinear(nn.Module):
+    """Q, K and V in one matmul, split by KV head groups (a query head stays with its KV head).
+
+    With tp <= num_kv_heads, rank r holds the contiguous KV heads
+    [r * K // tp, (r + 1) * K // tp) and their query heads, so head counts need not divide:
+    9 query / 3 KV heads over 2 ranks gives ranks 3 + 6 query heads, 1 + 2 KV heads. With
+    tp > num_kv_heads (a multiple of it), each KV head is replicated on tp / K ranks, which
+    share its query heads evenly.
 
     Local output: [q heads | k heads | v heads], each head head_dim wide.
     """
@@ -73,21 +77,32 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
     ) -> None:
-        tp = distributed.tp_size()
-        self.head_dim = head_dim
-        self.num_heads_local = _shard_size(num_heads, "num_attention_heads")
-        if tp >= num_kv_heads:
-            if tp % num_kv_heads:
-                raise ValueError(
-                    f"tensor_parallel_size={tp} is not a multiple of num_key_value_heads="
-                    f"{num_kv_heads}"
-                )
-            self.num_kv_heads_local = 1
+        super().__init__()
+        tp, rank = distributed.tp_size(), distributed.tp_rank()
+        group = num_heads // num_kv_heads
+        if tp <= num_kv_heads:
+            kv_start, kv_end = rank * num_kv_heads // tp, (rank + 1) * num_kv_heads // tp
+            self.q_start, self.num_heads_local = kv_start * group, (kv_end - kv_start) * group
+            self.kv_start, self.num_kv_heads_local = kv_start, kv_end - kv_start
         else:
-            self.num_kv_heads_local = _shard_size(num_kv_heads, "num_key_value_heads")
-        self.num_kv_heads = num_kv_heads
+            replicas = tp // num_kv_heads
+            if tp % num_kv_heads or group % replicas:
+                raise ValueError(
+                    f"tensor_parallel_size={tp} cannot split {num_heads} query heads over "
+                    f"{num_kv_heads} KV heads"
+                )
+            self.kv_start, self.num_kv_heads_local = rank // replicas, 1
+            self.num_heads_local = group // replicas
+            self.q_start = self.kv_start * group + (rank % replicas) * self.num_heads_local
+        self.head_dim = head_dim
         local = (self.num_heads_local + 2 * self.num_kv_heads_local) * head_dim
-        super().__init__(hidden_size, local * tp, bias)
+        self.weight = nn.Parameter(torch.empty(local, hidden_size))
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(local))
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
 
     @property
     def q_size(self) -> int:
@@ -97,23 +112,41 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads_local * self.head_dim
 
+    @property
+    def q_shard(self) -> tuple[int, int]:
+        """(offset, size) of this rank's query heads in the full attention output."""
+        return self.q_start * self.head_dim, self.q_size
+
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
     ) -> None:
-        tp, rank = distributed.tp_size(), distributed.tp_rank()
         if shard_id == "q":
-            offset, rows, start = 0, self.q_size, rank * self.q_size
+            offset, rows, start = 0, self.q_size, self.q_start * self.head_dim
         else:
-            kv_head = rank * self.num_kv_heads // tp if tp >= self.num_kv_heads else rank
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            rows, start = self.kv_size, kv_head * self.kv_size
+            rows, start = self.kv_size, self.kv_start * self.head_dim
         param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, start, rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    """input_shard: (offset, size) of this rank's input columns when they are not an even split
+    (attention's output projection follows the query heads of QKVParallelLinear.q_shard)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        input_shard: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
-        self.in_local = _shard_size(in_features, "input size")
+        if input_shard is None:
+            size = _shard_size(in_features, "input size")
+            input_shard = (distributed.tp_rank() * size, size)
+        self.in_offset, self.in_local = input_shard
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -125,8 +158,7 @@ class RowParallelLinear(nn.Module):
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
     ) -> None:
-        cols = self.in_local
-        param.data.copy_(loaded.narrow(1, distributed.tp_rank() * cols, cols))
+        param.data.copy_(loaded.narrow(1, self.in_offset, self.in_local))
 
     @staticmethod
     def bias_loader(

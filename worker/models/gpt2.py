@@ -24,7 +24,9 @@ class GPT2Attention(nn.Module):
         self.head_dim = hidden // heads
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=True)
         self.num_heads = self.qkv_proj.num_heads_local
-        self.c_proj = RowParallelLinear(hidden, hidden, bias=True)
+        self.c_proj = RowParallelLinear(
+            hidden, hidden, bias=True, input_shard=self.qkv_proj.q_shard
+        )
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

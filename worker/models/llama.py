@@ -78,7 +78,10 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads_local
         self.head_dim = cfg.head_dim
         self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.hidden_size,
+            bias=False,
+            input_shard=self.qkv_proj.q_shard,
         )
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling

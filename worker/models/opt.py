@@ -25,7 +25,9 @@ class OPTAttention(nn.Module):
         self.head_dim = hidden // heads
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias)
         self.num_heads = self.qkv_proj.num_heads_local
-        self.out_proj = RowParallelLinear(hidden, hidden, bias=bias)
+        self.out_proj = RowParallelLinear(
+            hidden, hidden, bias=bias, input_shard=self.qkv_proj.q_shard
+        )
         self.scaling = self.head_dim**-0.5
         # HF scales q before the product (then attends with scale 1): the same rounding here.
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=1.0)
