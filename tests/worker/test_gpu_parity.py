@@ -95,8 +95,12 @@ def test_smollm2_bf16_agrees_with_hf(smollm2_path, hf_smollm2):
     ours = load_model(smollm2_path, "gguf", torch.bfloat16, torch.device("cuda"), seed=0)
     prompts = [tokenizer.encode(p) for p in PARITY_PROMPTS]
     rate, prefix = _agreement(ours, hf, prompts)
-    print(f"SmolLM2 bf16: {rate:.2%} of greedy tokens agree; first disagreement at {prefix}")
-    assert rate >= 0.99
+    floor, _ = _agreement(_HFAlong(hf), hf, prompts)
+    print(
+        f"SmolLM2 bf16: {rate:.2%} of greedy tokens agree with HF generate (first disagreement "
+        f"at {prefix}); HF's own full forward agrees with HF generate on {floor:.2%}"
+    )
+    assert rate >= 0.99 or rate >= floor - 0.01
     hf.to("cpu", torch.float32)
 
 
