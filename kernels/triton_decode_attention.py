@@ -16,7 +16,8 @@ row finds its page through the block table), or part of one page when they are l
 
 Split-K (flash-decoding). num_seqs * num_kv_heads programs cannot fill a card with a small batch,
 so each sequence's context is cut into NUM_SPLITS contiguous ranges of whole tiles, one program
-each; a second kernel merges their partial softmax states:
+each. The programs of one (sequence, KV head) store their partial softmax states, and the last of
+them to finish merges them, in the same launch (no second kernel):
 
     seq s, kv head h, seq_len = 10 tiles, NUM_SPLITS = 4 -> ceil(10 / 4) = 3 tiles per split
 
@@ -25,17 +26,27 @@ each; a second kernel merges their partial softmax states:
                  |        |        |        |       each: online softmax over its own tiles
                  v        v        v        v
     workspace (m0,l0,a0) (m1,l1,a1) (m2,l2,a2) (m3,l3,a3)    per query head of the group:
-                 \________\___ merge ___/________/             m = running max (log2 domain)
-                              |                                l = sum of exp2(score - m)
-                M = max_i m_i, w_i = exp2(m_i - M)             a = sum of exp2(score - m) * v
-                out = sum_i w_i a_i / sum_i w_i l_i           (a split with no tiles: m = -inf,
-                                                                l = 0, a = 0, so w_i = 0)
+                 |        |        |        |                m = running max (log2 domain)
+                 v        v        v        v                l = sum of exp2(score - m)
+    ticket    atomic_add(counter[s, h], 1) -> 0, 1, 2, 3     a = sum of exp2(score - m) * v
+              in whatever order the programs finish          (a split with no tiles: m = -inf,
+                                                              l = 0, a = 0, so w_i = 0)
+    the program that draws ticket NUM_SPLITS - 1 (all others have stored) merges:
+                M = max_i m_i, w_i = exp2(m_i - M)
+                out = sum_i w_i a_i / sum_i w_i l_i
+              and sets counter[s, h] back to 0 for the next call (or CUDA-graph replay).
+
+The counters are one int32 per (sequence, KV head) in a zeroed buffer that stays allocated per
+device (_ticket_counters); every launch leaves them at 0. Ordering: each program stores its
+partials, a barrier makes every thread's stores precede the ticket, and the ticket atomic is
+acq_rel at GPU scope, so the last program's reads, ordered after its own ticket, see every other
+program's stores (the merge reads them through L2, .cg, besides).
 
 Each split program reads seq_lens on the device and derives its own tile range, so the launch
 (grid, NUM_SPLITS, warps) depends only on batch size, head counts, head_dim, dtype and the SM
 count, never on the sequence lengths, and nothing syncs with the host: decode can be captured in
-a CUDA graph. With NUM_SPLITS == 1 the split kernel normalises and writes the output itself and
-the merge kernel is not launched.
+a CUDA graph. With NUM_SPLITS == 1 the program normalises and writes the output itself, with no
+workspace and no ticket.
 """
 
 import functools
@@ -53,11 +64,13 @@ LOG2E = 1.4426950408889634
 _TILE_BYTES = 16 * 1024  # one K (or V) tile: BLOCK_N * head_dim_pad * itemsize
 _PROGRAMS_PER_SM = 2  # split until num_seqs * num_kv_heads * splits >= this many per SM
 _MAX_SPLITS = 64
+_MERGE_ELEMENTS_PER_THREAD = 64  # fp32 workspace values one merge step loads per thread
+_MIN_TICKETS = 4096  # (sequence, KV head) counters allocated at least (16 KiB per device)
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    num_splits: int  # context ranges per (sequence, KV head); 1 = no merge kernel
+    num_splits: int  # context ranges per (sequence, KV head); 1 = no workspace, no merge
     block_n: int  # tokens per K/V tile (a power of two >= 16)
     num_warps: int
     num_stages: int  # K/V tiles in flight + 1
@@ -97,8 +110,9 @@ def _decode_split_kernel(
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
-    out_ptr,  # [num_seqs, num_heads, head_dim], written only when DIRECT_OUTPUT
+    out_ptr,  # [num_seqs, num_heads, head_dim]
     ws_ptr,  # [num_seqs, num_heads, num_splits, head_dim + 2] fp32: acc, m, l (not DIRECT)
+    counters_ptr,  # [>= num_seqs * num_kv_heads] int32, all 0 between launches (not DIRECT)
     qk_scale,  # softmax scale * log2(e): scores live in the log2 domain
     num_splits,
     stride_qs,
@@ -120,6 +134,8 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per page
     BLOCK_N: tl.constexpr,  # tokens per K/V tile
     DIRECT_OUTPUT: tl.constexpr,  # num_splits == 1: normalise and write out_ptr here
+    GROUP_P2: tl.constexpr,  # GROUP rounded up to a power of two (merge tile rows)
+    SPLIT_CHUNK: tl.constexpr,  # splits the merge loads per step (a power of two)
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -196,44 +212,109 @@ def _decode_split_kernel(
         tl.store(row[:, None] + offs_d[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
         tl.store(row + HEAD_DIM, m_i, mask=mask_g)
         tl.store(row + HEAD_DIM + 1, l_i, mask=mask_g)
+        # The ticket: every thread of this program has stored before it is drawn (barrier),
+        # and the acq_rel atomic releases those stores and, for the last program, acquires
+        # the other programs' (each released with its own ticket).
+        tl.debug_barrier()
+        counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_splits - 1:  # every other split of (seq, kv_head) has stored
+            _merge_splits(
+                ws_ptr,
+                out_ptr,
+                seq,
+                kv_head,
+                num_splits,
+                stride_os,
+                stride_oh,
+                NUM_HEADS,
+                GROUP,
+                GROUP_P2,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                SPLIT_CHUNK,
+            )
+            tl.store(counter, 0)  # no program of this launch touches it again
 
 
 @triton.jit
-def _decode_merge_kernel(
-    ws_ptr,  # [num_seqs, num_heads, num_splits, head_dim + 2] fp32
-    out_ptr,  # [num_seqs, num_heads, head_dim]
+def _merge_splits(
+    ws_ptr,
+    out_ptr,
+    seq,
+    kv_head,
     num_splits,
     stride_os,
     stride_oh,
     NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # num_splits rounded up to a power of two
+    SPLIT_CHUNK: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_PAD)
+    """out for the GROUP query heads of (seq, kv_head) from the partial states of all splits,
+    SPLIT_CHUNK splits a step (an online merge: a running max, sum and accumulator per head)."""
+    offs_g = tl.arange(0, GROUP_P2)
+    offs_c = tl.arange(0, SPLIT_CHUNK)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_s = offs_s < num_splits
+    heads = kv_head * GROUP + offs_g
+    mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
+    first_row = (seq * NUM_HEADS + heads) * num_splits  # [GROUP_P2] each head's split 0
 
-    rows = ws_ptr + ((seq * NUM_HEADS + head) * num_splits + offs_s) * (HEAD_DIM + 2)
-    m = tl.load(rows + HEAD_DIM, mask=mask_s, other=float("-inf"))  # [SPLITS_PAD]
-    sums = tl.load(rows + HEAD_DIM + 1, mask=mask_s, other=0.0)  # [SPLITS_PAD]
-    acc = tl.load(
-        rows[:, None] + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0
-    )  # [SPLITS_PAD, HEAD_DIM_PAD]
+    m_run = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([GROUP_P2], dtype=tl.float32)
+    acc = tl.zeros([GROUP_P2, HEAD_DIM_PAD], dtype=tl.float32)
+    for chunk in range(0, num_splits, SPLIT_CHUNK):
+        splits = chunk + offs_c
+        mask_gc = mask_g[:, None] & (splits < num_splits)[None, :]
+        rows = ws_ptr + (first_row[:, None] + splits[None, :]) * (HEAD_DIM + 2)  # [G, C]
+        # .cg: read through L2, where the other programs' stores are
+        m = tl.load(rows + HEAD_DIM, mask=mask_gc, other=float("-inf"), cache_modifier=".cg")
+        sums = tl.load(rows + HEAD_DIM + 1, mask=mask_gc, other=0.0, cache_modifier=".cg")
+        parts = tl.load(
+            rows[:, :, None] + offs_d[None, None, :],
+            mask=mask_gc[:, :, None] & mask_d[None, None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )  # [GROUP_P2, SPLIT_CHUNK, HEAD_DIM_PAD]
+        m_new = tl.maximum(m_run, tl.max(m, 1))
+        # all splits so far empty (seq_len == 0, or padding rows): -inf -> 0, so every
+        # weight below is exp2(-inf) = 0, never NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_ref)
+        w = tl.exp2(m - m_ref[:, None])  # [GROUP_P2, SPLIT_CHUNK]; empty splits: 0
+        l_run = l_run * alpha + tl.sum(w * sums, 1)
+        acc = acc * alpha[:, None] + tl.sum(parts * w[:, :, None], 1)
+        m_run = m_new
 
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: seq_len == 0
-    w = tl.exp2(m - m_max)  # empty splits: exp2(-inf) = 0
-    denom = tl.sum(w * sums, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    out = acc / tl.where(l_run > 0.0, l_run, 1.0)[:, None]
     tl.store(
-        out_ptr + seq * stride_os + head * stride_oh + offs_d,
+        out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=mask_d,
+        mask=mask_g[:, None] & mask_d[None, :],
     )
+
+
+# device -> the ticket counters, newest (largest) last; older ones stay alive, since a captured
+# CUDA graph may hold their address.
+_TICKETS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _ticket_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` int32 counters, all 0 between launches (each launch resets those it
+    used). Allocated once per device and kept, so a CUDA graph can capture their address; grown
+    (rarely: _MIN_TICKETS covers any split launch of decode_config) only outside a capture."""
+    buffers = _TICKETS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "decode_attention: run it once outside CUDA-graph capture first (it allocates "
+                f"its {count} split counters then)"
+            )
+        buffers.append(torch.zeros(max(count, _MIN_TICKETS), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def decode_attention(
@@ -257,6 +338,8 @@ def decode_attention(
 
     config overrides the launch heuristic (tests, benchmark sweeps); workspace is an optional
     [num_seqs, num_heads, num_splits, head_dim + 2] fp32 buffer for the partial results.
+    Split launches on one device share its ticket counters: they must not run concurrently
+    (on two streams at once).
     """
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
@@ -280,13 +363,23 @@ def decode_attention(
         )
     splits = config.num_splits
     direct = splits == 1
-    if direct:
-        workspace = out  # unused by the kernel; any pointer will do
-    elif workspace is None:
-        workspace = torch.empty(
-            (num_seqs, num_heads, splits, head_dim + 2), dtype=torch.float32, device=query.device
-        )
     group = num_heads // num_kv_heads
+    head_dim_pad = dot_pad(head_dim)
+    if direct:
+        workspace = counters = out  # unused by the kernel; any pointer will do
+        split_chunk = 1
+    else:
+        if workspace is None:
+            workspace = torch.empty(
+                (num_seqs, num_heads, splits, head_dim + 2),
+                dtype=torch.float32,
+                device=query.device,
+            )
+        counters = _ticket_counters(query.device, num_seqs * num_kv_heads)
+        merge_elements = _MERGE_ELEMENTS_PER_THREAD * 32 * config.num_warps
+        split_chunk = max(
+            1, min(next_pow2(splits), merge_elements // (next_pow2(group) * head_dim_pad))
+        )
     _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
         query,
         key_cache,
@@ -295,6 +388,7 @@ def decode_attention(
         seq_lens,
         out,
         workspace,
+        counters,
         scale * LOG2E,
         splits,
         query.stride(0),
@@ -312,25 +406,14 @@ def decode_attention(
         GROUP=group,
         GROUP_PAD=dot_pad(group),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=dot_pad(head_dim),
+        HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         DIRECT_OUTPUT=direct,
+        GROUP_P2=next_pow2(group),
+        SPLIT_CHUNK=split_chunk,
         DOT_PRECISION=dot_precision(key_cache.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if not direct:
-        _decode_merge_kernel[(num_seqs, num_heads)](
-            workspace,
-            out,
-            splits,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=next_pow2(head_dim),
-            SPLITS_PAD=next_pow2(splits),
-            num_warps=4,
-        )
     return out

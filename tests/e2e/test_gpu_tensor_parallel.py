@@ -1,9 +1,10 @@
-"""On two GPUs: a TP=2 replica (NCCL) agrees with a TP=1 replica on a ~1B Llama (random
-weights saved as an HF checkpoint, bf16), through the whole cluster path.
+"""On two GPUs: a TP=2 replica (NCCL) agrees with a TP=1 replica, on SmolLM2 (9 query / 3 KV
+heads: uneven shards) and on a ~1B Llama (random weights saved as an HF checkpoint), bf16,
+through the whole cluster path.
 
 TP=1 generates 8 x 128 greedy tokens; TP=2 then predicts every next token teacher-forced (one
-request per prefix, max_tokens=1), and must agree on at least 99% of them: the all-reduce sums
-bf16 partial products in another order, so exact free-running equality is not expected.
+request per prefix, max_tokens=1): the all-reduce sums bf16 partial products in another order,
+so exact free-running equality is not expected.
 """
 
 import pytest
@@ -13,6 +14,7 @@ from cluster.client import Client
 from cluster.config import Config
 from cluster.launcher import Cluster, replace_sections
 from scheduler.sampling_params import SamplingParams
+from tests.conftest import PARITY_PROMPTS
 from worker.models.presets import PRESETS
 
 pytestmark = pytest.mark.gpu
@@ -43,32 +45,55 @@ def _serve(path, smollm2_path, tp):
     return Cluster(config)
 
 
-def test_tp2_agrees_with_tp1(llama_1b_dir, smollm2_path):
+def _teacher_forced(cluster, prompts, refs) -> float:
+    """Fraction of positions where the cluster's greedy next token equals refs'."""
+    step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    with Client(cluster.address) as client:
+        streams = [
+            (ref[j], client.generate(p + ref[:j], step, timeout=600))
+            for p, ref in zip(prompts, refs, strict=True)
+            for j in range(len(ref))
+        ]
+        agree = sum(expected == next(iter(s)).token_ids[0] for expected, s in streams)
+    return agree / len(streams)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "llama-1b-random"])
+def test_tp2_agrees_with_tp1(model, llama_1b_dir, smollm2_path, hf_smollm2):
+    """TP=1 generates 8 x 128 tokens; then TP=1 itself (the floor: prefill instead of decode)
+    and TP=2 predict each next token teacher-forced. TP=2 must agree on 99%, or on as many as
+    TP=1 agrees with itself, less one point."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 128256, (16 + 8 * i,), generator=gen).tolist() for i in range(8)]
+    if model == "smollm2":
+        path = smollm2_path
+        _, tokenizer = hf_smollm2
+        prompts = [tokenizer.encode(p) for p in PARITY_PROMPTS]
+    else:
+        path = llama_1b_dir
+        gen = torch.Generator().manual_seed(1)
+        prompts = [
+            torch.randint(0, 128256, (16 + 8 * i,), generator=gen).tolist() for i in range(8)
+        ]
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    one = _serve(llama_1b_dir, smollm2_path, 1)
+    one = _serve(path, smollm2_path, 1)
     try:
         with Client(one.start()) as client:
             streams = [client.generate(p, greedy, timeout=600) for p in prompts]
             refs = [[t for d in s for t in d.token_ids] for s in streams]
+        floor = _teacher_forced(one, prompts, refs)
     finally:
         one.shutdown()
-    two = _serve(llama_1b_dir, smollm2_path, 2)
-    step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    two = _serve(path, smollm2_path, 2)
     try:
-        with Client(two.start()) as client:
+        two.start()
+        with Client(two.address) as client:
             assert len(client.server_info().replicas[0].workers) == 2
-            streams = [
-                (ref[j], client.generate(p + ref[:j], step, timeout=600))
-                for p, ref in zip(prompts, refs, strict=True)
-                for j in range(NEW_TOKENS)
-            ]
-            agree = sum(expected == next(iter(s)).token_ids[0] for expected, s in streams)
+        rate = _teacher_forced(two, prompts, refs)
     finally:
         two.shutdown()
-    rate = agree / len(streams)
-    print(f"TP=2 vs TP=1 (Llama-1B random, bf16): {rate:.2%} of {len(streams)} tokens agree")
-    assert rate >= 0.99
+    print(
+        f"TP=2 vs TP=1 ({model}, bf16): {rate:.2%} of {8 * NEW_TOKENS} tokens agree; "
+        f"TP=1 teacher-forced vs its own generation: {floor:.2%}"
+    )
+    assert rate >= 0.99 or rate >= floor - 0.01

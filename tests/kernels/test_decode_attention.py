@@ -126,6 +126,32 @@ def test_decode_query_view_of_fused_qkv(device):
     torch.testing.assert_close(got, _expected(batch, 0.25), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("merge_elements_per_thread", [64, 1])
+def test_decode_fused_merge_repeats_and_resets_counters(
+    device, monkeypatch, merge_elements_per_thread
+):
+    """The last split program of each (sequence, KV head) merges and resets its ticket counter:
+    a second call (as a CUDA-graph replay would be) gives the same result, and every counter is
+    back at 0. Splits beyond a short sequence's tiles are empty; a tiny merge tile makes the
+    merge take several (ragged) chunks of splits."""
+    from kernels import triton_decode_attention as tda
+
+    monkeypatch.setattr(tda, "_MERGE_ELEMENTS_PER_THREAD", merge_elements_per_thread)
+    batch = make_batch(
+        [(45, 1), (0, 1), (1, 1), (100, 1)], 8, 8, 2, HEAD_DIM, device=device, seed=11
+    )
+    config = tda.DecodeConfig(num_splits=7, block_n=16, num_warps=4, num_stages=2)
+    scale = HEAD_DIM**-0.5
+    expected = _expected(batch, scale)
+    first = _run_decode(batch, scale, config)
+    second = _run_decode(batch, scale, config)
+    torch.testing.assert_close(first, expected, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    assert second[1].abs().sum() == 0
+    counters = tda._ticket_counters(batch.query.device, 1)
+    assert counters.numel() >= 4 * 2 and not counters.any()
+
+
 def test_decode_config_depends_on_shapes_only():
     from kernels.triton_decode_attention import decode_config
 
@@ -133,8 +159,8 @@ def test_decode_config_depends_on_shapes_only():
     # One sequence of Llama-3-8B on an H100 (132 SMs): split until the card is busy.
     small = decode_config(1, 32, 8, 128, 16, bf16, 132)
     assert small.num_splits > 1 and 8 * small.num_splits >= 2 * 132
-    assert small.block_n == 64 and small.num_stages >= 3
-    # A batch that fills the card on its own runs unsplit (no merge kernel).
+    assert small.block_n == 64 and small.num_stages == 2
+    # A batch that fills the card on its own runs unsplit (no workspace, no merge).
     assert decode_config(256, 32, 8, 128, 16, bf16, 132).num_splits == 1
     # Never more splits than the cap; tile height follows the dtype.
     assert decode_config(1, 8, 1, 128, 16, bf16, 1000).num_splits <= 64
