@@ -18,11 +18,13 @@ Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat mess
 
 
 def make_request(
-    prompt: Prompt, params: SamplingParams | None = None, request_id: str = ""
+    prompt: Prompt, params: SamplingParams | None = None, request_id: str = "", priority: int = 0
 ) -> serving_pb2.GenerateRequest:
     """Text, token ids or chat messages ([{"role": ..., "content": ...}]) -> GenerateRequest."""
     params = params or SamplingParams()
-    msg = serving_pb2.GenerateRequest(request_id=request_id, params=to_proto_params(params))
+    msg = serving_pb2.GenerateRequest(
+        request_id=request_id, params=to_proto_params(params), priority=priority
+    )
     if isinstance(prompt, str):
         msg.prompt = prompt
     elif prompt and isinstance(prompt[0], dict):
@@ -48,6 +50,8 @@ def to_proto_params(p: SamplingParams) -> serving_pb2.SamplingParams:
         out.max_tokens = p.max_tokens
     if p.seed is not None:
         out.seed = p.seed
+    if p.n != 1:
+        out.n = p.n
     return out
 
 
@@ -64,9 +68,12 @@ class Client:
         params: SamplingParams | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        priority: int = 0,
     ) -> Iterator[serving_pb2.GenerateResponse]:
-        """Streams the deltas; the last one carries finish_reason and usage."""
-        return self._stub.Generate(make_request(prompt, params, request_id), timeout=timeout)
+        """Streams the deltas of the n completions (each names its index); a completion's last
+        one carries its finish_reason and usage."""
+        msg = make_request(prompt, params, request_id, priority)
+        return self._stub.Generate(msg, timeout=timeout)
 
     def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         return self._stub.Abort(
@@ -110,8 +117,10 @@ class AsyncClient:
         params: SamplingParams | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
-        call = self._stub.Generate(make_request(prompt, params, request_id), timeout=timeout)
+        msg = make_request(prompt, params, request_id, priority)
+        call = self._stub.Generate(msg, timeout=timeout)
         async for delta in call:
             yield delta
 

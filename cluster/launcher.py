@@ -45,7 +45,7 @@ class Cluster:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if not ray.is_initialized():
             ray.init(
-                address=cfg.cluster.address,
+                address=cfg.cluster.address or "local",  # never join a stray local head
                 namespace=cfg.cluster.namespace,
                 num_cpus=cfg.cluster.num_cpus if cfg.cluster.address is None else None,
                 include_dashboard=False,

@@ -12,7 +12,6 @@ from typing import Any
 
 from cluster.client import AsyncClient, Prompt
 from cluster.config import Config, load_config
-from cluster.launcher import Cluster, replace_sections
 from scheduler.sampling_params import SamplingParams
 
 
@@ -38,8 +37,15 @@ class RequestOutput:
 
 PromptInput = str | dict[str, Any]  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
 
-_MODEL_KEYS = ("dtype", "max_model_len", "seed", "load_format", "device")
-_CACHE_KEYS = ("gpu_memory_utilization", "block_size", "cpu_cache_gb", "num_blocks")
+_MODEL_KEYS = ("tokenizer", "dtype", "max_model_len", "seed", "load_format", "device")
+_PARALLEL_KEYS = ("tensor_parallel_size",)
+_CACHE_KEYS = (
+    "gpu_memory_utilization",
+    "block_size",
+    "cpu_cache_gb",
+    "num_blocks",
+    "enable_prefix_caching",
+)
 _SCHEDULER_KEYS = ("max_num_seqs", "max_num_batched_tokens")
 
 
@@ -49,7 +55,9 @@ class LLM:
     max_num_seqs, max_num_batched_tokens, ...); config= starts from a YAML file instead."""
 
     def __init__(self, model: str | None = None, config: str | None = None, **kwargs: Any) -> None:
-        unknown = set(kwargs) - {*_MODEL_KEYS, *_CACHE_KEYS, *_SCHEDULER_KEYS}
+        from cluster.launcher import Cluster, replace_sections  # Ray loads with the first LLM
+
+        unknown = set(kwargs) - {*_MODEL_KEYS, *_PARALLEL_KEYS, *_CACHE_KEYS, *_SCHEDULER_KEYS}
         if unknown:
             raise TypeError(f"LLM() got unknown arguments: {', '.join(sorted(unknown))}")
         base = load_config(config) if config else Config()
@@ -60,6 +68,7 @@ class LLM:
         self.config = replace_sections(
             base,
             model=model_values,
+            parallel={k: kwargs[k] for k in _PARALLEL_KEYS if k in kwargs},
             cache={k: kwargs[k] for k in _CACHE_KEYS if k in kwargs},
             scheduler={k: kwargs[k] for k in _SCHEDULER_KEYS if k in kwargs},
             server={"port": 0},
@@ -73,8 +82,10 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generates for every prompt; outputs come back in input order."""
+        """Generates for every prompt; outputs come back in input order, each with its n
+        completions in index order. priority: one per prompt, for the "priority" policy."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         prompts = list(prompts)
@@ -86,7 +97,10 @@ class LLM:
                 raise ValueError(
                     f"sampling_params has {len(params)} entries for {len(prompts)} prompts"
                 )
-        return asyncio.run(self._generate_all(prompts, params))
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
+        return asyncio.run(self._generate_all(prompts, params, priorities))
 
     def chat(
         self,
@@ -96,18 +110,19 @@ class LLM:
         """Generates a reply to each conversation, rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         params = [sampling_params or SamplingParams()] * len(conversations)
-        return asyncio.run(self._generate_all(list(conversations), params, chat=True))
+        priorities = [0] * len(conversations)
+        return asyncio.run(self._generate_all(list(conversations), params, priorities, chat=True))
 
     async def _generate_all(
-        self, prompts: list, params: list[SamplingParams], chat: bool = False
+        self, prompts: list, params: list[SamplingParams], priorities: list[int], chat: bool = False
     ) -> list[RequestOutput]:
         client = AsyncClient(self.address)
         try:
             return list(
                 await asyncio.gather(
                     *(
-                        self._generate_one(client, prompt, p, chat)
-                        for prompt, p in zip(prompts, params, strict=True)
+                        self._generate_one(client, prompt, p, priority, chat)
+                        for prompt, p, priority in zip(prompts, params, priorities, strict=True)
                     )
                 )
             )
@@ -116,7 +131,7 @@ class LLM:
 
     @staticmethod
     async def _generate_one(
-        client: AsyncClient, prompt: Any, params: SamplingParams, chat: bool
+        client: AsyncClient, prompt: Any, params: SamplingParams, priority: int, chat: bool
     ) -> RequestOutput:
         text_prompt: str | None = None
         wire: Prompt
@@ -130,23 +145,20 @@ class LLM:
             wire = text_prompt = prompt["prompt"]
         else:
             raise ValueError(f"prompt {prompt!r}: expected a string, prompt or prompt_token_ids")
-        text, token_ids = [], []
-        async for delta in client.generate(wire, params):
-            text.append(delta.text)
-            token_ids.extend(delta.token_ids)
-        # The stream ends with the message that carries finish_reason (or raises).
+        outputs = [CompletionOutput(index=i, text="", token_ids=[]) for i in range(params.n)]
+        async for delta in client.generate(wire, params, priority=priority):
+            out = outputs[delta.index]
+            out.text += delta.text
+            out.token_ids.extend(delta.token_ids)
+            if delta.finish_reason:  # a completion's last message
+                out.finish_reason = delta.finish_reason
+                prompt_token_ids = list(delta.prompt_token_ids)
+        # The stream ends when every completion has finished (or raises).
         return RequestOutput(
             request_id=delta.request_id,
             prompt=text_prompt,
-            prompt_token_ids=list(delta.prompt_token_ids),
-            outputs=[
-                CompletionOutput(
-                    index=0,
-                    text="".join(text),
-                    token_ids=token_ids,
-                    finish_reason=delta.finish_reason,
-                )
-            ],
+            prompt_token_ids=prompt_token_ids,
+            outputs=outputs,
         )
 
     def shutdown(self) -> None:

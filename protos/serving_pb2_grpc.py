@@ -60,7 +60,8 @@ class ServingServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams deltas; the last message carries finish_reason and usage.
+        """Streams deltas, each naming its completion (index < n); the last message of a completion
+        carries its finish_reason and usage; the stream ends when all n have finished.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

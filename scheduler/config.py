@@ -18,6 +18,7 @@ def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = "smollm2-135m-instruct"  # a named model, a .gguf file or an HF directory
+    tokenizer: str | None = None  # a named model, .gguf or HF directory; None = the model's
     load_format: str = "auto"
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
@@ -38,6 +39,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card for weights + activations + KV
     cpu_cache_gb: float = 1.0  # CPU: KV cache size
     num_blocks: int | None = None  # overrides the profiled figure
+    enable_prefix_caching: bool = True  # full blocks are shared by hash and kept after use
+    swap_space_gb: float = 0.0  # host memory per rank for preempted requests' blocks; 0 = off
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -52,14 +55,29 @@ class CacheConfig:
             raise ValueError(f"cache.cpu_cache_gb must be > 0, got {self.cpu_cache_gb}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"cache.num_blocks must be >= 1, got {self.num_blocks}")
+        if not self.swap_space_gb >= 0:
+            raise ValueError(f"cache.swap_space_gb must be >= 0, got {self.swap_space_gb}")
+
+
+POLICIES = ("fcfs", "priority", "cache_aware")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256  # requests in one step
     max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
+    # Which waiting request goes first: fcfs (arrival), priority (the request's priority, lower
+    # first, then arrival) or cache_aware (longest cached prefix, then arrival).
+    policy: str = "fcfs"
+    # cache_aware: a request passed over in this many steps by later arrivals goes first.
+    max_steps_passed_over: int = 16
 
     def __post_init__(self) -> None:
+        _check_choice("scheduler.policy", self.policy, POLICIES)
+        if self.max_steps_passed_over < 0:
+            raise ValueError(
+                f"scheduler.max_steps_passed_over must be >= 0, got {self.max_steps_passed_over}"
+            )
         if self.max_num_seqs < 1:
             raise ValueError(f"scheduler.max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -30,15 +30,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Delta:
-    """What one request gained in one step; the last one has finish_reason set."""
+    """What one completion of a client request gained in one step; the completion's last delta
+    has finish_reason set."""
 
-    request_id: str
+    request_id: str  # the client's request id
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
     prompt_token_ids: list[int] = field(default_factory=list)  # on the last delta
     num_output_tokens: int = 0
     error: str | None = None  # the engine failed; the request is lost to it
+    index: int = 0  # which of the request's n completions
 
 
 Sink = Callable[[Delta], None]
@@ -97,29 +99,41 @@ class Engine:
         self.num_generated_tokens = 0
         self.error: str | None = None
         self._streams = [WorkerStream(address) for address in worker_addresses]
-        self._sinks: dict[str, tuple[Sink, IncrementalDetokenizer]] = {}
+        self._sinks: dict[str, Sink] = {}  # client request id -> its sink
+        self._detoks: dict[str, IncrementalDetokenizer] = {}  # completion id -> its detokenizer
         self._cond = threading.Condition()
+        self.lock = self._cond  # held to read the scheduler's state from another thread
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
     def add_request(self, request: Request, sink: Sink) -> None:
-        """Queues a request; sink receives its deltas on the engine thread."""
-        detok = IncrementalDetokenizer(self.tokenizer, request.sampling_params.skip_special_tokens)
+        """Queues a request; sink receives the deltas of its n completions on the engine thread.
+
+        Raises RuntimeError if the engine has failed, and what Scheduler.add_request raises.
+        """
+        skip_special = request.sampling_params.skip_special_tokens
         with self._cond:
             if self.error is not None:
                 raise RuntimeError(f"the engine has failed: {self.error}")
-            self.scheduler.add_request(request)
-            self._sinks[request.request_id] = (sink, detok)
+            for completion in self.scheduler.add_request(request):
+                self._detoks[completion.request_id] = IncrementalDetokenizer(
+                    self.tokenizer, skip_special
+                )
+            self._sinks[request.request_id] = sink
             self._cond.notify()
 
     def abort(self, request_id: str) -> bool:
+        """Aborts a client request's unfinished completions; each gets its final delta."""
         with self._cond:
-            request = self.scheduler.abort_request(request_id)
-            entry = self._sinks.pop(request_id, None)
-        if request is None or entry is None:
+            aborted = self.scheduler.abort_request(request_id)
+            sink = self._sinks.pop(request_id, None)
+            detoks = [self._detoks.pop(r.request_id) for r in aborted]
+        if not aborted or sink is None:
             return False
-        entry[0](self._final_delta(request, entry[1], []))
+        self.num_finished += 1
+        for request, detok in zip(aborted, detoks, strict=True):
+            sink(self._final_delta(request, detok, []))
         return True
 
     def stop(self) -> None:
@@ -147,16 +161,17 @@ class Engine:
                         list(result.request_ids), list(result.token_ids)
                     )
                     deliveries = [
-                        (request, token, self._sinks.get(request.request_id))
+                        (request, token, self._sinks.get(request.group_id), self._detok(request))
                         for request, token in updates
                     ]
-                    for request, _, _ in deliveries:
-                        if request.status.finished:
-                            self._sinks.pop(request.request_id, None)
+                    for request, _, _, _ in deliveries:  # drop the sinks of ended requests
+                        group = request.group_id
+                        if group not in self.scheduler.groups and self._sinks.pop(group, None):
+                            self.num_finished += 1
                 self._record(plan, start, num_waiting)
-                for request, token, entry in deliveries:
-                    if entry is not None:
-                        entry[0](self._delta(request, entry[1], token))
+                for request, token, sink, detok in deliveries:
+                    if sink is not None and detok is not None:
+                        sink(self._delta(request, detok, token))
         except Exception as e:  # a worker failed: every request still held is lost to it
             log.exception("engine step failed")
             self._fail(f"{type(e).__name__}: {e}")
@@ -175,7 +190,8 @@ class Engine:
 
     def _record(self, plan: worker_pb2.StepPlan, start: float, num_waiting: int) -> None:
         scheduled = {r.request_id: r.num_scheduled_tokens for r in plan.new_requests}
-        scheduled.update({r.request_id: r.num_scheduled_tokens for r in plan.cached_requests})
+        cached = plan.cached_requests
+        scheduled.update(zip(cached.request_ids, cached.num_scheduled_tokens, strict=True))
         self.num_steps += 1
         self.step_records.append(
             StepRecord(
@@ -188,24 +204,29 @@ class Engine:
             )
         )
 
+    def _detok(self, request: Request) -> IncrementalDetokenizer | None:
+        """The completion's detokenizer; dropped with its last token (under the lock)."""
+        if request.status.finished:
+            return self._detoks.pop(request.request_id, None)
+        return self._detoks.get(request.request_id)
+
     def _delta(self, request: Request, detok: IncrementalDetokenizer, token: int) -> Delta:
         self.num_generated_tokens += 1
         if request.status.finished:
             return self._final_delta(request, detok, [token])
-        return Delta(request.request_id, [token], detok.add([token]))
+        return Delta(request.group_id, [token], detok.add([token]), index=request.index)
 
-    def _final_delta(
-        self, request: Request, detok: IncrementalDetokenizer, tokens: list[int]
-    ) -> Delta:
-        self.num_finished += 1
+    @staticmethod
+    def _final_delta(request: Request, detok: IncrementalDetokenizer, tokens: list[int]) -> Delta:
         text = detok.add(tokens) + detok.flush()
         return Delta(
-            request.request_id,
+            request.group_id,
             tokens,
             text,
             finish_reason=request.finish_reason,
             prompt_token_ids=request.prompt_token_ids,
             num_output_tokens=len(request.output_token_ids),
+            index=request.index,
         )
 
     def _fail(self, error: str) -> None:
@@ -213,9 +234,10 @@ class Engine:
             self.error = error
             sinks = list(self._sinks.items())
             self._sinks.clear()
+            self._detoks.clear()
             for rid, _ in sinks:
                 self.scheduler.abort_request(rid)
-        for rid, (sink, _) in sinks:
+        for rid, sink in sinks:
             sink(
                 Delta(rid, [], "", finish_reason=RequestStatus.FINISHED_ABORTED.value, error=error)
             )

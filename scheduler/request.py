@@ -1,3 +1,4 @@
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
@@ -6,8 +7,9 @@ from scheduler.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
+    WAITING = "waiting"  # queued: no blocks, or preempted to be recomputed
+    RUNNING = "running"  # holds a block table on the device
+    SWAPPED = "swapped"  # preempted: its blocks wait in host memory
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -21,12 +23,14 @@ class RequestStatus(enum.Enum):
         )
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request is one object, found in queues by `is`
 class Request:
-    """One request's state as counters. Its computed tokens catch up with its total tokens:
+    """One completion's state as counters. Its computed tokens catch up with its total tokens:
     prefill, chunked prefill and decode are all "schedule num_tokens - num_computed_tokens".
 
     The scheduler keeps every token it has learned, so the request can always be recomputed.
+    A client request with n > 1 is n of these: the one the client named (index 0) and n - 1
+    completions forked from it (parent_id set) that share its prompt's blocks.
     """
 
     request_id: str
@@ -34,11 +38,23 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int]
     max_model_len: int
+    priority: int = 0  # the "priority" policy serves lower values first
+    cache_salt: str = ""  # requests share cached prefixes only with the same salt
+    parent_id: str | None = None  # the request this completion was forked from
+    index: int = 0  # which of the client request's n completions
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    num_steps_passed_over: int = 0  # steps in which a later arrival was admitted first
+    # Chained hashes of the full blocks of all_token_ids, computed as far as the page table asked.
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
     status: RequestStatus = RequestStatus.WAITING
+
+    @property
+    def group_id(self) -> str:
+        """The client's request id, shared by all n completions."""
+        return self.parent_id or self.request_id
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -53,8 +69,25 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def max_num_tokens(self) -> int:
+        """The most tokens this request can reach: its prompt plus every output it may sample."""
+        max_tokens = self.sampling_params.max_tokens
+        if max_tokens is None:
+            return self.max_model_len
+        return min(self.num_prompt_tokens + max_tokens, self.max_model_len)
+
+    @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end], without building all_token_ids."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
     def append_token(self, token_id: int) -> None:
         """Records a sampled token and finishes the request if a stop condition holds."""
@@ -68,3 +101,21 @@ class Request:
             params.max_tokens is not None and len(self.output_token_ids) >= params.max_tokens
         ) or self.num_tokens >= self.max_model_len:
             self.status = RequestStatus.FINISHED_LENGTH
+
+    def fork(self, index: int) -> "Request":
+        """Completion `index` of this request, id "<request_id>#<index>": the same prompt,
+        sampled on its own (seed + index when seeded), before any output."""
+        params = self.sampling_params
+        seed = None if params.seed is None else (params.seed + index) % 2**64
+        return Request(
+            request_id=f"{self.request_id}#{index}",
+            prompt_token_ids=self.prompt_token_ids,
+            sampling_params=dataclasses.replace(params, n=1, seed=seed),
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+            priority=self.priority,
+            cache_salt=self.cache_salt,
+            parent_id=self.request_id,
+            index=index,
+            arrival_time=self.arrival_time,
+        )

@@ -16,6 +16,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    n: int = 1  # completions of the prompt; completion i samples with seed + i when seeded
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -33,6 +34,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
 
     @property
     def greedy(self) -> bool:

@@ -1,170 +1,329 @@
 """The scheduling policy of one replica: continuous batching under a token budget.
 
-Each step spends max_num_batched_tokens on running requests first (oldest first), then on
-waiting ones (first come, first served). A request is given num_tokens - num_computed_tokens,
-capped by what is left of the budget, so a long prompt is prefilled in chunks across steps and a
-decode is the one-token case. When the page table runs out of blocks, the latest running request
-is preempted (its blocks freed; it is recomputed later from the tokens the scheduler keeps).
+Each step spends max_num_batched_tokens (and at most max_num_seqs requests), in this order:
+
+1. Running requests, in policy rank order. Each gets num_tokens - num_computed_tokens, capped by
+   what is left of the budget, so a long prompt is prefilled in chunks across steps while decodes
+   (the one-token case) keep going. When blocks run out, the running request that ranks last is
+   preempted: swapped to host memory if recomputing it would take more than a step's budget and
+   the swap space has room, else recomputed later from the tokens the scheduler keeps.
+2. Swapped requests, in rank order, when their blocks fit again.
+3. Waiting requests, in the policy's order, each starting after its longest cached prefix.
+   Nothing is admitted in a step that preempted: blocks are short.
+
+A client request with n > 1 enters as its first completion; once its prompt is computed (its
+first token learned), the other n - 1 fork from it, sharing the prompt's blocks, and each
+recomputes the last prompt token to sample its own first token.
 
 The plan sent to the workers is a diff: a request's tokens, sampling options and block table
-once (NewRequest); afterwards only its new blocks and token counts (CachedRequest).
+once (NewRequest); afterwards only its new blocks and token counts (CachedRequests, parallel
+arrays over the requests); plus the ids finished, preempted or swapped since the last plan, and
+the step's block copies and swaps.
 """
 
-from collections import deque
+from bisect import insort
 
 from protos import worker_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.page_table import PageTableManager
+from scheduler.page_table import BlockPairs, PageTableManager
+from scheduler.policy import make_policy
 from scheduler.request import Request, RequestStatus
+from scheduler.stats import SchedulerStats
+
+
+class RequestRefused(ValueError):
+    """The request can never run on this replica; it is refused at once, never left waiting."""
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, page_table: PageTableManager) -> None:
         self.config = config
         self.page_table = page_table
-        self.requests: dict[str, Request] = {}  # every unfinished request
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.num_preemptions = 0
+        self.policy = make_policy(config)
+        self.stats = SchedulerStats()
+        self.requests: dict[str, Request] = {}  # every unfinished completion, by its own id
+        self.groups: dict[str, list[Request]] = {}  # client request id -> unfinished completions
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []  # in policy rank order
+        self.swapped: list[Request] = []  # in policy rank order
+        self._unforked: dict[str, list[Request]] = {}  # parent id -> completions still to fork
         self._step_id = 0
-        self._on_workers: set[str] = set()  # requests whose state the workers hold
+        self._num_blocks_sent: dict[str, int] = {}  # requests the workers hold -> table length
         self._dropped: list[str] = []  # finished or aborted since the last plan
-        self._preempted: list[str] = []  # preempted since the last plan
+        self._preempted: list[str] = []  # preempted (to recompute) since the last plan
+        self._swapped_ids: list[str] = []  # swapped out since the last plan
 
-    def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
+    def add_request(self, request: Request) -> list[Request]:
+        """Queues a client request; returns its n completions (the request itself first).
+
+        Raises ValueError if an id is in use, RequestRefused if it can never fit this replica.
+        """
+        params = request.sampling_params
+        completions = [request] + [request.fork(i) for i in range(1, params.n)]
+        if request.request_id in self.groups or any(
+            c.request_id in self.requests for c in completions
+        ):
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        self.requests[request.request_id] = request
+        pt = self.page_table
+        num_blocks = pt.blocks_for(request.max_num_tokens - 1)  # the last token is never computed
+        if num_blocks > pt.num_blocks:
+            raise RequestRefused(
+                f"the request needs up to {num_blocks} KV cache blocks ({request.max_num_tokens} "
+                f"tokens: its prompt plus max_tokens) but the cache holds {pt.num_blocks}; "
+                "lower max_tokens or shorten the prompt"
+            )
+        if params.n > self.config.max_num_seqs:
+            raise RequestRefused(
+                f"n={params.n} completions exceed scheduler.max_num_seqs="
+                f"{self.config.max_num_seqs}, the requests one step can hold"
+            )
+        for completion in completions:
+            self.requests[completion.request_id] = completion
+        self.groups[request.request_id] = list(completions)
+        if params.n > 1:
+            self._unforked[request.request_id] = completions[1:]
         self.waiting.append(request)
+        return completions
 
-    def abort_request(self, request_id: str) -> Request | None:
-        request = self.requests.get(request_id)
-        if request is not None:
+    def abort_request(self, request_id: str) -> list[Request]:
+        """Aborts every unfinished completion of a client request; returns them."""
+        aborted = list(self.groups.get(request_id, ()))
+        for request in aborted:
             self._finish(request, RequestStatus.FINISHED_ABORTED)
-        return request
+        return aborted
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> worker_pb2.StepPlan:
-        """Plans one step; advances num_computed_tokens of every scheduled request."""
+        """Plans one step; advances num_computed_tokens of every scheduled request.
+
+        Every running request has a token to compute: the rest of its prompt, or the token
+        it sampled last step (update() came in between).
+        """
         budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int, list[int]]] = []
-        preempted = False
+        scheduled: list[tuple[Request, int]] = []
+        num_preemptions = self.stats.num_preemptions
+        running, allocate = self.running, self.page_table.allocate
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        while i < len(running) and budget > 0:
+            request = running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            new_blocks = self.page_table.allocate(
-                request.request_id, request.num_computed_tokens + n
-            )
-            while new_blocks is None:
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is request:
-                    break
-                new_blocks = self.page_table.allocate(
-                    request.request_id, request.num_computed_tokens + n
-                )
-            if new_blocks is None:
+            if not allocate(request, n) and not self._preempt_to_allocate(request, n):
                 break
-            scheduled.append((request, n, new_blocks))
+            scheduled.append((request, n))
             budget -= n
             i += 1
-        while (
-            self.waiting
-            and not preempted
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
-            request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            new_blocks = self.page_table.allocate(
-                request.request_id, request.num_computed_tokens + n
-            )
-            if new_blocks is None:
-                break
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled.append((request, n, new_blocks))
-            budget -= n
+        if self.stats.num_preemptions == num_preemptions:
+            budget = self._resume_swapped(budget, scheduled)
+            self._admit_waiting(budget, scheduled)
         return self._make_plan(scheduled)
 
     def update(self, request_ids: list[str], token_ids: list[int]) -> list[tuple[Request, int]]:
-        """Learns the tokens of a step; returns (request, token) for each live request, and
-        finishes those that hit a stop condition."""
+        """Learns the tokens of a step; returns (request, token) for each live request, forks
+        the completions of a request that learned its first token, and finishes those that hit
+        a stop condition."""
         updates = []
         for rid, token in zip(request_ids, token_ids, strict=True):
             request = self.requests.get(rid)
             if request is None:  # aborted while the step ran: its token is discarded
                 continue
             request.append_token(token)
+            if rid in self._unforked:
+                self._fork(request)
             if request.status.finished:
                 self._finish(request, request.status)
             updates.append((request, token))
         return updates
 
-    def _make_plan(self, scheduled: list[tuple[Request, int, list[int]]]) -> worker_pb2.StepPlan:
+    def preempt(self, request: Request) -> None:
+        """Takes a running request off the device: to host memory when recomputing it would
+        take more than one step's token budget and the swap space has room, else back to the
+        waiting queue to be recomputed from its tokens."""
+        self.running.remove(request)
+        self.stats.num_preemptions += 1
+        request.num_preemptions += 1
+        rid = request.request_id
+        worth_swapping = request.num_computed_tokens > self.config.max_num_batched_tokens
+        if worth_swapping and rid in self._num_blocks_sent and self.page_table.swap_out(request):
+            self.stats.num_swapped_out += 1
+            request.status = RequestStatus.SWAPPED
+            insort(self.swapped, request, key=self.policy.rank)
+            self._swapped_ids.append(rid)
+            return
+        self.page_table.free(rid)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        if self._num_blocks_sent.pop(rid, None) is not None:
+            self._preempted.append(rid)
+
+    def _preempt_to_allocate(self, request: Request, num_tokens: int) -> bool:
+        """Preempts the last-ranked running requests until the request's next tokens fit;
+        False if it had to preempt the request itself."""
+        while True:
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is request:
+                return False
+            if self.page_table.allocate(request, num_tokens):
+                return True
+
+    def _seats_taken(self) -> int:
+        """Running requests, plus the completions still to fork from running ones."""
+        return len(self.running) + sum(
+            len(children)
+            for parent_id, children in self._unforked.items()
+            if self.requests[parent_id].status is RequestStatus.RUNNING
+        )
+
+    def _seats_needed(self, request: Request) -> int:
+        """The request, and the completions that will fork from it."""
+        return 1 + len(self._unforked.get(request.request_id, ()))
+
+    def _resume_swapped(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
+        seats = self.config.max_num_seqs - self._seats_taken()
+        while self.swapped and budget > 0:
+            request = self.swapped[0]
+            needs = self._seats_needed(request)
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if needs > seats or not self.page_table.swap_in(request, n):
+                break
+            del self.swapped[0]
+            request.status = RequestStatus.RUNNING
+            insort(self.running, request, key=self.policy.rank)
+            scheduled.append((request, n))
+            budget -= n
+            seats -= needs
+        return budget
+
+    def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> None:
+        if not self.waiting:
+            return
+        pt = self.page_table
+        seats = self.config.max_num_seqs - self._seats_taken()
+        admitted = []
+        for request in self.policy.waiting_order(
+            self.waiting, lambda r: len(pt.cached_prefix(r)) * pt.block_size
+        ):
+            needs = self._seats_needed(request)
+            if budget <= 0 or needs > seats:
+                break
+            cached = pt.cached_prefix(request)
+            num_cached = len(cached) * pt.block_size
+            n = min(request.num_tokens - num_cached, budget)
+            if not pt.allocate(request, n, cached):
+                break
+            self.waiting.remove(request)
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            insort(self.running, request, key=self.policy.rank)
+            self.stats.prefix_cache_queries += request.num_tokens
+            self.stats.prefix_cache_hits += num_cached
+            scheduled.append((request, n))
+            admitted.append(request)
+            budget -= n
+            seats -= needs
+        if admitted:  # the cache_aware policy bounds how often a request is passed over
+            latest = max(r.arrival_time for r in admitted)
+            for request in self.waiting:
+                if request.arrival_time < latest:
+                    request.num_steps_passed_over += 1
+
+    def _fork(self, parent: Request) -> None:
+        """The parent's prompt is computed: its other completions share its blocks and run."""
+        for child in self._unforked.pop(parent.request_id):
+            self.page_table.fork(parent, child)
+            # Its first token is sampled from the last prompt token's logits: compute that again.
+            child.num_computed_tokens = child.num_prompt_tokens - 1
+            child.status = RequestStatus.RUNNING
+            insort(self.running, child, key=self.policy.rank)
+
+    def _make_plan(self, scheduled: list[tuple[Request, int]]) -> worker_pb2.StepPlan:
         self._step_id += 1
+        ops = self.page_table.take_block_ops()
+        tables, sent, stats = self.page_table.block_tables, self._num_blocks_sent, self.stats
+        new_requests = []
+        ids, computed, num_scheduled, num_new, new_blocks, replaced = [], [], [], [], [], []
+        for request, n in scheduled:
+            rid = request.request_id
+            start = request.num_computed_tokens
+            table = tables[rid]
+            num_sent = sent.get(rid)
+            if num_sent is None:
+                new_requests.append(_new_request(request, table, n))
+            else:
+                replace = rid in ops.rewritten
+                blocks = table if replace else table[num_sent:]
+                ids.append(rid)
+                computed.append(start)
+                num_scheduled.append(n)
+                num_new.append(len(blocks))
+                new_blocks += blocks
+                replaced.append(replace)
+            sent[rid] = len(table)
+            num_prompt = len(request.prompt_token_ids)
+            if start < num_prompt:
+                stats.num_prompt_tokens_computed += min(start + n, num_prompt) - start
+            request.num_computed_tokens = start + n
         plan = worker_pb2.StepPlan(
             step_id=self._step_id,
+            new_requests=new_requests,
+            cached_requests=worker_pb2.CachedRequests(
+                request_ids=ids,
+                num_computed_tokens=computed,
+                num_scheduled_tokens=num_scheduled,
+                num_new_blocks=num_new,
+                new_block_ids=new_blocks,
+                replace_block_table=replaced,
+            ),
             finished_request_ids=self._dropped,
             preempted_request_ids=self._preempted,
+            swapped_request_ids=self._swapped_ids,
+            swap_out=_block_copies(ops.swap_out),
+            swap_in=_block_copies(ops.swap_in),
+            block_copies=_block_copies(ops.copies),
         )
-        self._dropped, self._preempted = [], []
-        for request, n, new_blocks in scheduled:
-            rid = request.request_id
-            if rid in self._on_workers:
-                plan.cached_requests.append(
-                    worker_pb2.CachedRequest(
-                        request_id=rid,
-                        new_block_ids=new_blocks,
-                        num_computed_tokens=request.num_computed_tokens,
-                        num_scheduled_tokens=n,
-                    )
-                )
-            else:
-                params = request.sampling_params
-                plan.new_requests.append(
-                    worker_pb2.NewRequest(
-                        request_id=rid,
-                        token_ids=request.all_token_ids,
-                        sampling=worker_pb2.SamplingOptions(
-                            temperature=params.temperature,
-                            top_p=params.top_p,
-                            top_k=params.top_k,
-                            seed=params.seed,
-                        ),
-                        block_ids=self.page_table.block_tables[rid],
-                        num_computed_tokens=request.num_computed_tokens,
-                        num_scheduled_tokens=n,
-                    )
-                )
-                self._on_workers.add(rid)
-            request.num_computed_tokens += n
+        self._dropped, self._preempted, self._swapped_ids = [], [], []
         return plan
-
-    def _preempt(self, request: Request) -> None:
-        self.page_table.free(request.request_id)
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
-        self.num_preemptions += 1
-        if request.request_id in self._on_workers:
-            self._on_workers.discard(request.request_id)
-            self._preempted.append(request.request_id)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        del self.requests[request.request_id]
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
-        self.page_table.free(request.request_id)
-        if request.request_id in self._on_workers:
-            self._on_workers.discard(request.request_id)
-            self._dropped.append(request.request_id)
+        rid = request.request_id
+        del self.requests[rid]
+        group = self.groups[request.group_id]
+        group.remove(request)
+        if not group:
+            del self.groups[request.group_id]
+        self._unforked.pop(rid, None)  # aborted before its prompt was computed
+        for queue in (self.running, self.waiting, self.swapped):
+            if request in queue:
+                queue.remove(request)
+                break
+        self.page_table.free(rid)
+        if self._num_blocks_sent.pop(rid, None) is not None:
+            self._dropped.append(rid)
+            if rid in self._swapped_ids:  # swapped out and gone since the last plan
+                self._swapped_ids.remove(rid)
+
+
+def _new_request(request: Request, table: list[int], n: int) -> worker_pb2.NewRequest:
+    """Everything the workers need of a request they do not hold."""
+    params = request.sampling_params
+    return worker_pb2.NewRequest(
+        request_id=request.request_id,
+        token_ids=request.all_token_ids,
+        sampling=worker_pb2.SamplingOptions(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+        ),
+        block_ids=table,
+        num_computed_tokens=request.num_computed_tokens,
+        num_scheduled_tokens=n,
+    )
+
+
+def _block_copies(pairs: BlockPairs) -> list[worker_pb2.BlockCopy]:
+    return [worker_pb2.BlockCopy(src=src, dst=dst) for src, dst in pairs]

@@ -1,15 +1,18 @@
-"""The Serving gRPC service (protos/serving.proto) and the server that owns one replica.
+"""The Serving gRPC service (protos/serving.proto) and the server that owns the replicas.
 
-ServingServer brings the replica's workers up over gRPC (InitDistributed, LoadModel,
-ProfileMemory, InitCache), sizes the page table from their reports, starts the engine loop and
-serves clients on an asyncio gRPC server with grpc.health.v1 and reflection. The cluster runs it
-inside the scheduler's Ray actor.
+ServingServer brings each replica's workers up over gRPC (InitDistributed, LoadModel,
+ProfileMemory, InitCache), sizes its page table from their reports, starts one engine loop per
+replica and serves clients on an asyncio gRPC server with grpc.health.v1 and reflection. A new
+request goes to the replica the global page table picks (longest cached prefix, then load). The
+cluster runs it inside the scheduler's Ray actor.
 """
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -20,10 +23,11 @@ from grpc_reflection.v1alpha import reflection
 from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from scheduler.engine import Delta, Engine
+from scheduler.global_page_table import GlobalPageTable
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request
 from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import Scheduler
+from scheduler.scheduler import RequestRefused, Scheduler
 from scheduler.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,46 +42,68 @@ class ReplicaSpec:
 
     worker_addresses: tuple[str, ...]
     model_path: str
+    tokenizer_path: str
     master_addr: str = "127.0.0.1"
     master_port: int = 0
+
+
+@dataclass
+class Replica:
+    """One replica as the server drives it: its workers and its engine loop (which owns the
+    scheduler and the page table)."""
+
+    spec: ReplicaSpec
+    model_info: worker_pb2.ModelInfo
+    engine: Engine
 
 
 class ServingServer:
     def __init__(
         self,
-        replica: ReplicaSpec,
+        replicas: Sequence[ReplicaSpec],
         model: ModelConfig,
         cache: CacheConfig,
         scheduler: SchedulerConfig,
         server: ServerConfig,
         model_name: str,
     ) -> None:
+        if not replicas:
+            raise ValueError("a server needs at least one replica")
         self.model_name = model_name
-        self.replica = replica
-        stubs = [
-            worker_pb2_grpc.WorkerStub(grpc.insecure_channel(a)) for a in replica.worker_addresses
-        ]
-        with futures.ThreadPoolExecutor(max_workers=len(stubs) + 1) as pool:
-            tokenizer_future = pool.submit(Tokenizer, replica.model_path)
-            self.model_info, num_blocks = _bring_up_workers(stubs, replica, model, cache, scheduler)
+        with futures.ThreadPoolExecutor(max_workers=1) as pool:
+            tokenizer_future = pool.submit(Tokenizer, replicas[0].tokenizer_path)
+            brought_up = [_bring_up_workers(spec, model, cache, scheduler) for spec in replicas]
             self.tokenizer = tokenizer_future.result()
+        self.model_info = brought_up[0][0]
         limit = self.model_info.max_position_embeddings
         self.max_model_len = model.max_model_len or limit
-        capacity = num_blocks * cache.block_size
-        if self.max_model_len > capacity:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} tokens does not fit the KV cache of "
-                f"{num_blocks} blocks x {cache.block_size} = {capacity} tokens; lower "
-                "model.max_model_len or give the cache more memory"
+        self.replicas: list[Replica] = []
+        for spec, (info, num_blocks, num_cpu_blocks) in zip(replicas, brought_up, strict=True):
+            capacity = num_blocks * cache.block_size
+            if self.max_model_len > capacity:
+                raise ValueError(
+                    f"max_model_len={self.max_model_len} tokens does not fit the KV cache of "
+                    f"{num_blocks} blocks x {cache.block_size} = {capacity} tokens; lower "
+                    "model.max_model_len or give the cache more memory"
+                )
+            for address in spec.worker_addresses:
+                worker_pb2_grpc.WorkerStub(grpc.insecure_channel(address)).InitCache(
+                    worker_pb2.InitCacheRequest(
+                        num_blocks=num_blocks,
+                        block_size=cache.block_size,
+                        num_cpu_blocks=num_cpu_blocks,
+                    ),
+                    timeout=_WORKER_RPC_TIMEOUT_S,
+                )
+            page_table = PageTableManager(
+                num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks
             )
-        self.page_table = PageTableManager(num_blocks, cache.block_size)
-        for stub in stubs:
-            stub.InitCache(
-                worker_pb2.InitCacheRequest(num_blocks=num_blocks, block_size=cache.block_size),
-                timeout=_WORKER_RPC_TIMEOUT_S,
+            engine = Engine(
+                Scheduler(scheduler, page_table), self.tokenizer, list(spec.worker_addresses)
             )
-        self.engine = Engine(
-            Scheduler(scheduler, self.page_table), self.tokenizer, list(replica.worker_addresses)
+            self.replicas.append(Replica(spec, info, engine))
+        self.router = GlobalPageTable(
+            [r.engine.scheduler for r in self.replicas], [r.engine.lock for r in self.replicas]
         )
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -128,29 +154,61 @@ class ServingServer:
             asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
-        self.engine.stop()
+        for replica in self.replicas:
+            replica.engine.stop()
+
+    def route(self, request: Request) -> Engine:
+        """The engine of the replica that should serve a new request."""
+        return self.replicas[self.router.route(request)].engine
+
+    def abort(self, request_id: str) -> bool:
+        return any(replica.engine.abort(request_id) for replica in self.replicas)
+
+    def step_records(self) -> list[dict]:
+        """Every replica's recent steps, as dicts (replica by replica)."""
+        return [
+            dataclasses.asdict(record)
+            for replica in self.replicas
+            for record in list(replica.engine.step_records)
+        ]
 
     def server_info(self) -> serving_pb2.ServerInfoResponse:
-        sched = self.engine.scheduler
-        replica = serving_pb2.ReplicaInfo(
-            replica_id=0,
-            workers=[
-                serving_pb2.WorkerInfo(rank=rank, address=address, device=self.model_info.device)
-                for rank, address in enumerate(self.replica.worker_addresses)
-            ],
-            num_blocks=self.page_table.num_blocks,
-            num_free_blocks=self.page_table.num_free_blocks,
-            block_size=self.page_table.block_size,
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
-        )
+        engines = [replica.engine for replica in self.replicas]
         return serving_pb2.ServerInfoResponse(
             model=self.model_name,
-            replicas=[replica],
-            num_steps=self.engine.num_steps,
-            num_finished_requests=self.engine.num_finished,
-            num_generated_tokens=self.engine.num_generated_tokens,
+            replicas=[self._replica_info(i, replica) for i, replica in enumerate(self.replicas)],
+            num_steps=sum(e.num_steps for e in engines),
+            num_finished_requests=sum(e.num_finished for e in engines),
+            num_generated_tokens=sum(e.num_generated_tokens for e in engines),
         )
+
+    @staticmethod
+    def _replica_info(replica_id: int, replica: Replica) -> serving_pb2.ReplicaInfo:
+        sched = replica.engine.scheduler
+        pt, stats = sched.page_table, sched.stats
+        workers = [
+            serving_pb2.WorkerInfo(rank=rank, address=address, device=replica.model_info.device)
+            for rank, address in enumerate(replica.spec.worker_addresses)
+        ]
+        with replica.engine.lock:
+            return serving_pb2.ReplicaInfo(
+                replica_id=replica_id,
+                workers=workers,
+                num_blocks=pt.num_blocks,
+                num_free_blocks=pt.num_free_blocks,
+                block_size=pt.block_size,
+                num_running=len(sched.running),
+                num_waiting=len(sched.waiting),
+                num_swapped=len(sched.swapped),
+                kv_usage=pt.usage,
+                num_cpu_blocks=pt.num_host_blocks,
+                num_free_cpu_blocks=pt.num_free_host_blocks,
+                num_preemptions=stats.num_preemptions,
+                num_swapped_out=stats.num_swapped_out,
+                prefix_cache_queries=stats.prefix_cache_queries,
+                prefix_cache_hits=stats.prefix_cache_hits,
+                num_prompt_tokens_computed=stats.num_prompt_tokens_computed,
+            )
 
     def build_request(self, msg: serving_pb2.GenerateRequest) -> Request:
         """Validates and tokenizes; raises ValueError with a sentence naming the bad field."""
@@ -193,6 +251,7 @@ class ServingServer:
             skip_special_tokens=p.skip_special_tokens
             if p.HasField("skip_special_tokens")
             else True,
+            n=p.n if p.HasField("n") else 1,
         )
         return Request(
             request_id=msg.request_id or uuid.uuid4().hex,
@@ -200,18 +259,18 @@ class ServingServer:
             sampling_params=params,
             eos_token_ids=self.tokenizer.eos_token_ids,
             max_model_len=self.max_model_len,
+            priority=msg.priority,
+            cache_salt=msg.cache_salt,
         )
 
 
 def _bring_up_workers(
-    stubs: list[worker_pb2_grpc.WorkerStub],
-    replica: ReplicaSpec,
-    model: ModelConfig,
-    cache: CacheConfig,
-    scheduler: SchedulerConfig,
-) -> tuple[worker_pb2.ModelInfo, int]:
+    replica: ReplicaSpec, model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig
+) -> tuple[worker_pb2.ModelInfo, int, int]:
     """Runs each bring-up RPC on every rank at once (collectives need all ranks); returns
-    rank 0's model info and the number of blocks every rank can hold."""
+    rank 0's model info, the number of blocks every rank can hold, and the number of host
+    blocks for swapping that fit cache.swap_space_gb on every rank."""
+    stubs = [worker_pb2_grpc.WorkerStub(grpc.insecure_channel(a)) for a in replica.worker_addresses]
 
     def on_all(method: str, request) -> list:
         calls = [
@@ -246,8 +305,8 @@ def _bring_up_workers(
             seed=model.seed,
         ),
     )
-    if cache.num_blocks is not None:
-        return infos[0], cache.num_blocks
+    if cache.num_blocks is not None and cache.swap_space_gb == 0:
+        return infos[0], cache.num_blocks, 0
     reports = on_all(
         "ProfileMemory",
         worker_pb2.ProfileMemoryRequest(
@@ -257,13 +316,14 @@ def _bring_up_workers(
             cpu_cache_gb=cache.cpu_cache_gb,
         ),
     )
-    num_blocks = min(r.num_blocks for r in reports)
+    num_blocks = cache.num_blocks or min(r.num_blocks for r in reports)
     if num_blocks < 1:
         raise ValueError(
             f"no KV cache block fits: the workers report {[r.num_blocks for r in reports]} "
             "blocks; raise cache.gpu_memory_utilization or cache.cpu_cache_gb"
         )
-    return infos[0], num_blocks
+    bytes_per_block = max(r.bytes_per_block for r in reports)
+    return infos[0], num_blocks, int(cache.swap_space_gb * (1 << 30)) // bytes_per_block
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
@@ -277,39 +337,41 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        engine = await loop.run_in_executor(None, self.server.route, req)
         try:
-            self.server.engine.add_request(
-                req, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
-            )
+            engine.add_request(req, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
+        except RequestRefused as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except RuntimeError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        finished = False
+        unfinished = req.sampling_params.n  # completions; the stream ends when all have finished
         try:
-            while True:
+            while unfinished:
                 delta = await deltas.get()
                 if delta.error is not None:
-                    finished = True
+                    unfinished = 0
                     await context.abort(grpc.StatusCode.UNAVAILABLE, delta.error)
                 response = serving_pb2.GenerateResponse(
-                    request_id=req.request_id, token_ids=delta.token_ids, text=delta.text
+                    request_id=req.request_id,
+                    token_ids=delta.token_ids,
+                    text=delta.text,
+                    index=delta.index,
                 )
                 if delta.finish_reason is not None:
-                    finished = True
+                    unfinished -= 1
                     response.finish_reason = delta.finish_reason
                     response.usage.prompt_tokens = len(delta.prompt_token_ids)
                     response.prompt_token_ids.extend(delta.prompt_token_ids)
                     response.usage.completion_tokens = delta.num_output_tokens
                 yield response
-                if finished:
-                    return
         finally:
-            if not finished:  # the client cancelled or its deadline passed
-                self.server.engine.abort(req.request_id)
+            if unfinished:  # the client cancelled or its deadline passed
+                engine.abort(req.request_id)
 
     async def Abort(self, request, context):
-        return serving_pb2.AbortResponse(found=self.server.engine.abort(request.request_id))
+        return serving_pb2.AbortResponse(found=self.server.abort(request.request_id))
 
     async def GetModelInfo(self, request, context):
         s = self.server

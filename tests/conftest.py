@@ -60,20 +60,39 @@ def hf_smollm2(smollm2_path):
     return model.eval(), tokenizer
 
 
-@pytest.fixture(scope="session")
-def local_cluster():
-    """The embedded default (configs/local.yaml) on a local Ray, any free port."""
+def _cluster(overrides: list[str]):
+    """configs/local.yaml with overrides, started on a local Ray (any free port), then stopped."""
     from cluster.config import load_config
     from cluster.launcher import Cluster
 
     config = load_config(
         os.path.join(REPO, "configs", "local.yaml"),
-        ["server.port=0", "cluster.num_cpus=2", "cache.cpu_cache_gb=0.5"],
+        ["server.port=0", "cluster.num_cpus=2", *overrides],
     )
     cluster = Cluster(config)
     cluster.start()
     yield cluster
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    """The embedded default (configs/local.yaml) on a local Ray, any free port."""
+    yield from _cluster(["cache.cpu_cache_gb=0.5"])
+
+
+@pytest.fixture(scope="session")
+def small_cluster():
+    """The embedded default squeezed, for preemption, swapping and chunked prefill: a KV cache
+    of 20 blocks (320 tokens), 32 tokens a step, and swap space for 29 blocks."""
+    yield from _cluster(
+        [
+            "cache.num_blocks=20",
+            "model.max_model_len=320",
+            "scheduler.max_num_batched_tokens=32",
+            "cache.swap_space_gb=0.02",
+        ]
+    )
 
 
 def tiny_hf_config(arch: str):

@@ -1,5 +1,6 @@
-"""Runs one StepPlan on this rank: keeps each request's tokens and block table, builds the
-flat batch, runs the model over the paged KV cache and samples.
+"""Runs one StepPlan on this rank: keeps each request's tokens and block table, applies the
+plan's block swaps and copies, builds the flat batch, runs the model over the paged KV cache and
+samples.
 
 A request samples a token when its computed tokens catch up with its total (the end of a
 prefill, or every decode step); a partial prefill chunk only fills the cache.
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import copy_blocks
 from protos import worker_pb2
 from worker import distributed
 from worker.layers.attention import AttentionMetadata
@@ -38,41 +40,104 @@ class ModelRunner:
         self.block_size = 0
         self.requests: dict[str, RequestState] = {}
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
+        # Swap space: per layer K and V in host memory (pinned for CUDA), like the device cache.
+        self.cpu_key_caches: list[torch.Tensor] = []
+        self.cpu_value_caches: list[torch.Tensor] = []
 
     def bytes_per_block(self, block_size: int) -> int:
         num_layers, kv_heads, head_dim = self.model.kv_cache_spec()
         per_token = 2 * num_layers * kv_heads * head_dim
         return per_token * block_size * torch.tensor([], dtype=self.dtype).element_size()
 
-    def init_cache(self, num_blocks: int, block_size: int) -> None:
-        """Allocates per layer K and V: [num_blocks, block_size, num_kv_heads_local, head_dim]."""
+    def init_cache(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0) -> None:
+        """Allocates per layer K and V: [num_blocks, block_size, num_kv_heads_local, head_dim],
+        and the same with num_cpu_blocks in host memory for swapped-out requests."""
         _, kv_heads, head_dim = self.model.kv_cache_spec()
         shape = (num_blocks, block_size, kv_heads, head_dim)
+        cpu_shape = (num_cpu_blocks, block_size, kv_heads, head_dim)
+        pin = self.device.type == "cuda"
+        self.cpu_key_caches, self.cpu_value_caches = [], []
         for attn in self.model.attention_layers():
             attn.key_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.value_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if num_cpu_blocks:
+                self.cpu_key_caches.append(torch.zeros(cpu_shape, dtype=self.dtype, pin_memory=pin))
+                self.cpu_value_caches.append(
+                    torch.zeros(cpu_shape, dtype=self.dtype, pin_memory=pin)
+                )
         self.block_size = block_size
         self.requests.clear()
+
+    def _device_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        layers = self.model.attention_layers()
+        return [a.key_cache for a in layers], [a.value_cache for a in layers]
+
+    def _device_and_host_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device cache, host cache) of every layer's K, then of every layer's V."""
+        keys, values = self._device_caches()
+        host = [*self.cpu_key_caches, *self.cpu_value_caches]
+        return list(zip([*keys, *values], host, strict=True))
+
+    def _swap_out(self, pairs: list[worker_pb2.BlockCopy]) -> None:
+        """Device block src -> host block dst, every layer's K and V."""
+        src = torch.tensor([p.src for p in pairs], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([p.dst for p in pairs], dtype=torch.int64)
+        for device_cache, host_cache in self._device_and_host_caches():
+            host_cache[dst] = device_cache[src].cpu()
+
+    def _swap_in(self, pairs: list[worker_pb2.BlockCopy]) -> None:
+        """Host block src -> device block dst, every layer's K and V."""
+        src = torch.tensor([p.src for p in pairs], dtype=torch.int64)
+        dst = torch.tensor([p.dst for p in pairs], dtype=torch.int64, device=self.device)
+        for device_cache, host_cache in self._device_and_host_caches():
+            device_cache[dst] = host_cache[src].to(self.device, non_blocking=True)
+
+    def _copy_blocks(self, pairs: list[worker_pb2.BlockCopy]) -> None:
+        """Device block src -> device block dst (copy-on-write), every layer's K and V."""
+        mapping = torch.tensor([(p.src, p.dst) for p in pairs], dtype=torch.int64)
+        copy_blocks(*self._device_caches(), mapping.to(self.device))
 
     @torch.inference_mode()
     def execute(self, plan: worker_pb2.StepPlan) -> tuple[list[str], list[int]]:
         """Applies the plan's diff, runs the step; returns the ids and tokens it sampled."""
         for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
             self.requests.pop(rid, None)
+        for rid in plan.swapped_request_ids:  # its blocks moved to host memory
+            self.requests[rid].block_ids = []
+        # Before the forward pass, in this order (see scheduler/page_table.py for why).
+        if plan.swap_out:
+            self._swap_out(plan.swap_out)
+        if plan.swap_in:
+            self._swap_in(plan.swap_in)
+        if plan.block_copies:
+            self._copy_blocks(plan.block_copies)
         scheduled: list[tuple[str, RequestState, int]] = []
         for new in plan.new_requests:
             state = self._new_state(new)
             self.requests[new.request_id] = state
             scheduled.append((new.request_id, state, new.num_scheduled_tokens))
-        for cached in plan.cached_requests:
-            state = self.requests[cached.request_id]
-            if state.num_computed_tokens != cached.num_computed_tokens:
+        cached = plan.cached_requests
+        new_blocks = iter(cached.new_block_ids)
+        for rid, num_computed, n, num_new, replace in zip(
+            cached.request_ids,
+            cached.num_computed_tokens,
+            cached.num_scheduled_tokens,
+            cached.num_new_blocks,
+            cached.replace_block_table,
+            strict=True,
+        ):
+            state = self.requests[rid]
+            if state.num_computed_tokens != num_computed:
                 raise RuntimeError(
-                    f"request {cached.request_id}: worker computed {state.num_computed_tokens} "
-                    f"tokens, plan says {cached.num_computed_tokens}"
+                    f"request {rid}: worker computed {state.num_computed_tokens} "
+                    f"tokens, plan says {num_computed}"
                 )
-            state.block_ids.extend(cached.new_block_ids)
-            scheduled.append((cached.request_id, state, cached.num_scheduled_tokens))
+            blocks = [next(new_blocks) for _ in range(num_new)]
+            if replace:
+                state.block_ids = blocks
+            else:
+                state.block_ids.extend(blocks)
+            scheduled.append((rid, state, n))
         if not scheduled:
             return [], []
         return self._run(scheduled)
@@ -145,7 +210,7 @@ class ModelRunner:
                 top_ks=tensor([s.top_k for _, s in samplers], torch.int64),
                 generators=[s.generator for _, s in samplers],
             )
-            sampled = sample(logits, batch, self.shared_generator)
+            sampled = sample(logits, batch, self.shared_generator).token_ids
         tokens = distributed.broadcast_from_rank0(sampled).tolist()
         for (_, state), token in zip(samplers, tokens, strict=True):
             state.token_ids.append(token)

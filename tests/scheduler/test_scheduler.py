@@ -1,180 +1,400 @@
-"""The policy, driven without workers: the tests play the workers' part (one token per
-request whose computed tokens reached its total)."""
+"""The policy, driven without a model: FakeWorker plays the workers, applying every plan to a
+simulated KV cache of token ids and checking each request's context after every step."""
 
+import zlib
+
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
-from scheduler.config import SchedulerConfig
+from scheduler.config import POLICIES, SchedulerConfig
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import Scheduler
+from scheduler.scheduler import RequestRefused, Scheduler
+from tests.scheduler.fake_worker import FakeWorker, cached_requests
 
 EOS = 2
 
 
-def make_request(rid, prompt_len, max_tokens=4, **params):
+def make_request(rid, prompt, max_tokens=4, priority=0, **params):
+    """prompt: a length (tokens 10, 11, ...) or the token ids."""
+    tokens = list(range(10, 10 + prompt)) if isinstance(prompt, int) else list(prompt)
     return Request(
         request_id=rid,
-        prompt_token_ids=list(range(10, 10 + prompt_len)),
+        prompt_token_ids=tokens,
         sampling_params=SamplingParams(temperature=0, max_tokens=max_tokens, **params),
         eos_token_ids=frozenset([EOS]),
         max_model_len=1024,
+        priority=priority,
     )
 
 
-def run_step(sched, token=7):
-    """Schedules a step and answers it like rank 0 would."""
-    plan = sched.schedule()
-    ids, tokens = [], []
-    for r in (*plan.new_requests, *plan.cached_requests):
-        req = sched.requests[r.request_id]
-        if req.num_computed_tokens == req.num_tokens:
-            ids.append(r.request_id)
-            tokens.append(token)
-    sched.update(ids, tokens)
-    return plan
+class Harness:
+    """A scheduler over a page table, and a FakeWorker that runs its plans."""
+
+    def __init__(
+        self,
+        num_blocks=64,
+        block_size=4,
+        max_tokens=64,
+        max_seqs=8,
+        policy="fcfs",
+        caching=True,
+        host_blocks=0,
+        max_steps_passed_over=16,
+    ):
+        self.pt = PageTableManager(num_blocks, block_size, caching, host_blocks)
+        config = SchedulerConfig(max_seqs, max_tokens, policy, max_steps_passed_over)
+        self.sched = Scheduler(config, self.pt)
+        self.worker = FakeWorker(num_blocks, block_size, host_blocks)
+
+    def step(self, token=lambda rid, num_tokens: 7):
+        """Schedules a step, runs it on the fake worker and answers its tokens like rank 0."""
+        plan = self.sched.schedule()
+        ids = self.worker.execute(plan)
+        tokens = []
+        for rid in ids:
+            tokens.append(token(rid, len(self.worker.tokens[rid])))
+            self.worker.learn(rid, tokens[-1])
+        self.sched.update(ids, tokens)
+        return plan
+
+    def run(self, max_steps=500, **kwargs):
+        for _ in range(max_steps):
+            if not self.sched.has_work():
+                return
+            self.step(**kwargs)
+        raise AssertionError("the scheduler did not finish its requests")
 
 
 def scheduled(plan):
     out = {r.request_id: r.num_scheduled_tokens for r in plan.new_requests}
-    out.update({r.request_id: r.num_scheduled_tokens for r in plan.cached_requests})
+    out.update({r.request_id: r.num_scheduled_tokens for r in cached_requests(plan)})
     return out
 
 
-def new_scheduler(num_blocks=64, block_size=4, max_tokens=64, max_seqs=8):
-    pt = PageTableManager(num_blocks, block_size)
-    return Scheduler(SchedulerConfig(max_seqs, max_tokens), pt), pt
+def distinct(rid, num_tokens):
+    """A token that differs between requests and positions."""
+    return 100 + zlib.crc32(f"{rid}:{num_tokens}".encode()) % 1000
 
 
 def test_plan_is_a_diff():
-    sched, _ = new_scheduler()
-    sched.add_request(make_request("a", 6, max_tokens=8))
-    first = run_step(sched)
+    h = Harness()
+    h.sched.add_request(make_request("a", 6, max_tokens=8))
+    first = h.step()
     assert [r.request_id for r in first.new_requests] == ["a"]
     assert list(first.new_requests[0].token_ids) == list(range(10, 16))
-    second = run_step(sched)
+    second = h.step()
     assert not second.new_requests
-    (cached,) = second.cached_requests
+    (cached,) = cached_requests(second)
     assert (cached.num_computed_tokens, cached.num_scheduled_tokens) == (6, 1)
-    assert list(cached.new_block_ids) == []  # position 6 is still in block 1
-    run_step(sched)  # position 7
-    fourth = run_step(sched)
-    assert len(fourth.cached_requests[0].new_block_ids) == 1  # position 8 opens block 2
+    assert list(cached.new_block_ids) == [] and not cached.replace_block_table
+    h.step()  # position 7
+    fourth = h.step()
+    assert len(cached_requests(fourth)[0].new_block_ids) == 1  # position 8 opens block 2
 
 
 def test_new_requests_join_running_ones_and_finished_ones_are_dropped():
-    sched, pt = new_scheduler()
-    sched.add_request(make_request("a", 3, max_tokens=4))
-    run_step(sched)
-    sched.add_request(make_request("b", 5, max_tokens=1))
-    plan = run_step(sched)
-    assert scheduled(plan) == {"a": 1, "b": 5}
-    assert "b" not in sched.requests  # max_tokens=1: finished after its prefill
-    plan = run_step(sched)
-    assert list(plan.finished_request_ids) == ["b"]
-    run_step(sched)
-    assert not sched.has_work()  # a: 4 tokens
-    assert pt.num_free_blocks == pt.num_blocks
+    h = Harness()
+    h.sched.add_request(make_request("a", 3, max_tokens=4))
+    h.step()
+    h.sched.add_request(make_request("b", 5, max_tokens=1))
+    assert scheduled(h.step()) == {"a": 1, "b": 5}
+    assert "b" not in h.sched.requests  # max_tokens=1: finished after its prefill
+    assert list(h.step().finished_request_ids) == ["b"]
+    h.step()
+    assert not h.sched.has_work()  # a: 4 tokens
+    assert h.pt.num_free_blocks == h.pt.num_blocks
 
 
 def test_chunked_prefill_spends_the_budget_after_decodes():
-    sched, _ = new_scheduler(max_tokens=8)
-    sched.add_request(make_request("a", 2, max_tokens=10))
-    run_step(sched)
-    sched.add_request(make_request("long", 20, max_tokens=2))
-    plans = [run_step(sched) for _ in range(3)]
+    h = Harness(max_tokens=8)
+    h.sched.add_request(make_request("a", 2, max_tokens=10))
+    h.step()
+    h.sched.add_request(make_request("long", 20, max_tokens=2))
+    plans = [h.step() for _ in range(3)]
     assert [scheduled(p) for p in plans] == [
         {"a": 1, "long": 7},
         {"a": 1, "long": 7},
         {"a": 1, "long": 6},
     ]
-    assert sched.requests["long"].output_token_ids == [7]  # sampled only after the last chunk
+    assert h.sched.requests["long"].output_token_ids == [7]  # sampled only after the last chunk
 
 
 def test_preemption_recomputes_the_latest_request():
-    sched, pt = new_scheduler(num_blocks=4, block_size=4)
-    sched.add_request(make_request("a", 4, max_tokens=8))
-    sched.add_request(make_request("b", 4, max_tokens=8))
-    run_step(sched)  # a: blocks 0, b: block 1 ... both prefilled
+    h = Harness(num_blocks=4, block_size=4, caching=False)
+    h.sched.add_request(make_request("a", 4, max_tokens=8))
+    h.sched.add_request(make_request("b", 4, max_tokens=8))
+    h.step()  # a: block 0, b: block 1
     for _ in range(5):
-        run_step(sched)
-    assert sched.num_preemptions >= 1
-    assert sched.requests["b"].num_preemptions >= 1 or "b" not in sched.requests
-    while sched.has_work():
-        plan = run_step(sched)
-        for new in plan.new_requests:  # a resumed request brings every token it had
-            req = sched.requests.get(new.request_id)
-            if req is not None and req.output_token_ids:
-                assert len(new.token_ids) >= req.num_prompt_tokens
-    pt.check_invariants()
-    assert pt.num_free_blocks == pt.num_blocks
+        h.step()
+    assert h.sched.stats.num_preemptions >= 1 and h.sched.stats.num_swapped_out == 0
+    assert h.sched.requests["a"].num_preemptions == 0  # the earlier request keeps its blocks
+    resumed = []
+    while h.sched.has_work():
+        plan = h.step()
+        resumed += [r for r in plan.new_requests if r.request_id == "b"]
+    # b comes back with every token it had (prompt and outputs) and recomputes them.
+    assert resumed and len(resumed[0].token_ids) > 4 and resumed[0].num_computed_tokens == 0
+    h.pt.check_invariants()
+    assert h.pt.num_free_blocks == h.pt.num_blocks
 
 
 def test_eos_and_stop_token_ids_finish():
-    sched, _ = new_scheduler()
-    sched.add_request(make_request("a", 3, max_tokens=10))
-    sched.add_request(make_request("b", 3, max_tokens=10, stop_token_ids=[9]))
-    sched.add_request(make_request("c", 3, max_tokens=2, ignore_eos=True))
-    run_step(sched, token=EOS)
-    assert "a" not in sched.requests  # eos
-    assert "c" in sched.requests  # ignores eos
-    run_step(sched, token=9)
-    assert "b" not in sched.requests and "c" not in sched.requests
+    h = Harness()
+    h.sched.add_request(make_request("a", 3, max_tokens=10))
+    h.sched.add_request(make_request("b", 3, max_tokens=10, stop_token_ids=[9]))
+    h.sched.add_request(make_request("c", 3, max_tokens=2, ignore_eos=True))
+    h.step(token=lambda rid, n: EOS)
+    assert "a" not in h.sched.requests  # eos
+    assert "c" in h.sched.requests  # ignores eos
+    h.step(token=lambda rid, n: 9)
+    assert "b" not in h.sched.requests and "c" not in h.sched.requests
+
+
+def test_a_cached_prefix_is_not_computed_again():
+    h = Harness(block_size=4)
+    h.sched.add_request(make_request("a", range(10, 20), max_tokens=2))
+    h.run()
+    h.sched.add_request(make_request("b", [*range(10, 18), 5, 6, 7], max_tokens=2))
+    first = h.step()
+    (new,) = first.new_requests
+    assert (new.num_computed_tokens, new.num_scheduled_tokens) == (8, 3)  # blocks 0 and 1 hit
+    h.run()
+    stats = h.sched.stats
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (10 + 11, 8)
+    assert stats.num_prompt_tokens_computed == 10 + 3
+
+
+def test_a_repeated_prompt_still_computes_its_last_token():
+    h = Harness(block_size=4)
+    h.sched.add_request(make_request("a", 8, max_tokens=1))
+    h.run()
+    h.sched.add_request(make_request("b", 8, max_tokens=1))
+    (new,) = h.step().new_requests
+    assert (new.num_computed_tokens, new.num_scheduled_tokens) == (4, 4)
+    assert h.sched.stats.prefix_cache_hits == 4
+
+
+def test_requests_admitted_together_share_the_prefix_the_first_computes():
+    h = Harness(block_size=4)
+    for rid in "abc":
+        h.sched.add_request(make_request(rid, [*range(10, 22), ord(rid)], max_tokens=2))
+    plan = h.step()
+    assert scheduled(plan) == {"a": 13, "b": 1, "c": 1}
+    h.run()
+    assert h.sched.stats.num_prompt_tokens_computed == 15
+
+
+def test_parallel_sampling_forks_after_the_prompt_and_copies_on_write():
+    h = Harness(block_size=4)
+    h.sched.add_request(make_request("p", 6, max_tokens=3, n=3, seed=40, ignore_eos=True))
+    first = h.step(token=distinct)
+    assert scheduled(first) == {"p": 6}
+    second = h.step(token=distinct)
+    # The children enter with the prompt's blocks and recompute its last token.
+    assert scheduled(second) == {"p": 1, "p#1": 1, "p#2": 1}
+    children = {r.request_id: r for r in second.new_requests}
+    assert {r.num_computed_tokens for r in children.values()} == {5}
+    assert [r.sampling.seed for r in (children["p#1"], children["p#2"])] == [41, 42]
+    # Block 1 holds positions 4-7, shared by three: two writers copy it, the last writes in place.
+    assert len(second.block_copies) == 2 and {c.src for c in second.block_copies} == {1}
+    (parent,) = cached_requests(second)
+    assert parent.replace_block_table and list(parent.new_block_ids)[0] == 0
+    h.run(token=distinct)
+    assert not h.sched.has_work() and h.pt.num_free_blocks == h.pt.num_blocks
+
+
+def test_a_parallel_request_that_finishes_at_once_still_forks():
+    h = Harness()
+    completions = h.sched.add_request(make_request("p", 5, max_tokens=1, n=2))
+    h.step()
+    assert completions[0].status is RequestStatus.FINISHED_LENGTH
+    assert completions[1].status is RequestStatus.RUNNING
+    h.run()
+    assert completions[1].output_token_ids == [7]
+
+
+def test_abort_takes_every_completion():
+    h = Harness()
+    h.sched.add_request(make_request("p", 5, max_tokens=8, n=3))
+    h.step()
+    h.step()
+    aborted = h.sched.abort_request("p")
+    assert sorted(r.request_id for r in aborted) == ["p", "p#1", "p#2"]
+    assert all(r.status is RequestStatus.FINISHED_ABORTED for r in aborted)
+    assert sorted(h.sched.schedule().finished_request_ids) == ["p", "p#1", "p#2"]
+    assert h.pt.num_free_blocks == h.pt.num_blocks and not h.sched.groups
+
+
+def test_ids_in_use_and_requests_that_never_fit_are_refused():
+    h = Harness(num_blocks=4, block_size=4, max_seqs=2)
+    h.sched.add_request(make_request("a", 3))
+    with pytest.raises(ValueError, match="already in use"):
+        h.sched.add_request(make_request("a", 3))
+    with pytest.raises(RequestRefused, match="cache holds 4"):
+        h.sched.add_request(make_request("b", 10, max_tokens=8))  # 17 tokens to compute
+    h.sched.add_request(make_request("c", 10, max_tokens=7))  # 16: fits exactly
+    with pytest.raises(RequestRefused, match="max_num_seqs"):
+        h.sched.add_request(make_request("d", 3, n=3))
+    assert set(h.sched.requests) == {"a", "c"}
+
+
+def test_priority_policy_admits_lower_values_first():
+    h = Harness(max_seqs=2, policy="priority")
+    h.sched.add_request(make_request("low", 4, priority=5))
+    h.sched.add_request(make_request("high", 4, priority=-1))
+    h.sched.add_request(make_request("mid", 4, priority=0))
+    assert set(scheduled(h.step())) == {"high", "mid"}
+    h.run()
+    fcfs = Harness(max_seqs=2)
+    for rid in ("low", "high", "mid"):
+        fcfs.sched.add_request(make_request(rid, 4))
+    assert set(scheduled(fcfs.step())) == {"low", "high"}
+
+
+def test_priority_policy_preempts_the_lowest_priority_first():
+    h = Harness(num_blocks=5, block_size=4, policy="priority", caching=False)
+    x, y, z = (
+        make_request(r, 4, max_tokens=9, priority=p) for r, p in (("x", 1), ("y", 0), ("z", 2))
+    )
+    for request in (x, y, z):
+        h.sched.add_request(request)
+    preempted = []
+    while h.sched.has_work():
+        preempted += h.step().preempted_request_ids
+    assert preempted[0] == "z" and y.num_preemptions == 0
+
+
+def test_cache_aware_policy_prefers_cached_prefixes_but_bounds_the_wait():
+    h = Harness(max_tokens=16, max_seqs=1, policy="cache_aware", max_steps_passed_over=2)
+    shared = list(range(50, 58))
+    h.sched.add_request(make_request("seed", [*shared, 1], max_tokens=1))
+    h.run()
+    h.sched.add_request(make_request("cold", [3, 4, 5, 6, 7], max_tokens=1))
+    for i in range(5):
+        h.sched.add_request(make_request(f"warm{i}", [*shared, i], max_tokens=1))
+    order = []
+    while h.sched.has_work():
+        order += [r.request_id for r in h.step().new_requests]
+    # Later arrivals with a cached prefix pass cold over, two steps at most.
+    assert order == ["warm0", "warm1", "cold", "warm2", "warm3", "warm4"]
+
+
+def test_swapping_keeps_the_kv_of_a_long_request_and_resumes_it():
+    h = Harness(num_blocks=6, block_size=4, max_tokens=8, caching=False, host_blocks=8)
+    h.sched.add_request(make_request("short", 4, max_tokens=10, ignore_eos=True))
+    h.sched.add_request(make_request("long", 12, max_tokens=6, ignore_eos=True))
+    plans = []
+    while h.sched.has_work():
+        plans.append(h.step(token=distinct))
+    # long ranks last when blocks run out, with 14 tokens computed: more than the step budget
+    # of 8, so it goes to host memory and comes back with its KV instead of recomputing it.
+    (out,) = [p for p in plans if p.swapped_request_ids]
+    assert list(out.swapped_request_ids) == ["long"] and len(out.swap_out) == 4
+    (back,) = [p for p in plans if p.swap_in]
+    (resumed,) = [r for r in cached_requests(back) if r.request_id == "long"]
+    assert resumed.replace_block_table and resumed.num_computed_tokens == 14
+    assert [r.request_id for p in plans for r in p.new_requests] == ["short", "long"]
+    assert h.sched.stats.num_swapped_out == 1
+    assert h.pt.num_free_host_blocks == 8 and h.pt.num_free_blocks == 6
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random add / step / abort under a tight cache: the page table stays consistent, every
-    request ends, and nothing leaks."""
+    """Random add (n completions, priorities, shared prefixes), step (tokens, some stopping),
+    abort and preempt under a tight cache with swap space and a small token budget, for every
+    policy: the page table stays consistent, the fake worker always finds each request's context
+    in its blocks, every request ends, and nothing leaks."""
 
-    def __init__(self):
-        super().__init__()
-        self.sched, self.pt = new_scheduler(num_blocks=10, block_size=4, max_tokens=12, max_seqs=4)
+    @initialize(
+        policy=st.sampled_from(POLICIES), caching=st.booleans(), host=st.sampled_from([0, 6])
+    )
+    def setup(self, policy, caching, host):
+        self.h = Harness(
+            num_blocks=12,
+            block_size=4,
+            max_tokens=6,
+            max_seqs=4,
+            policy=policy,
+            caching=caching,
+            host_blocks=host,
+            max_steps_passed_over=3,
+        )
+        self.sched, self.pt = self.h.sched, self.h.pt
         self.next_id = 0
-        self.ended: dict[str, Request] = {}
+        self.ended: list[Request] = []
 
-    @rule(prompt_len=st.integers(1, 20), max_tokens=st.integers(1, 12))
-    def add(self, prompt_len, max_tokens):
-        req = make_request(f"r{self.next_id}", prompt_len, max_tokens=max_tokens, ignore_eos=True)
+    @rule(
+        prompt=st.lists(st.sampled_from([1, 3]), min_size=1, max_size=20),
+        max_tokens=st.integers(1, 10),
+        n=st.integers(1, 3),
+        priority=st.integers(0, 2),
+    )
+    def add(self, prompt, max_tokens, n, priority):
+        req = make_request(
+            f"r{self.next_id}", prompt, max_tokens, priority, n=n, stop_token_ids=[9]
+        )
         self.next_id += 1
-        self.sched.add_request(req)
-        self.ended[req.request_id] = req
+        self.ended += self.sched.add_request(req)
 
     @precondition(lambda self: self.sched.has_work())
-    @rule()
-    def step(self):
-        plan = run_step(self.sched)
-        for rid, n in scheduled(plan).items():
-            assert n >= 1
-            assert rid in self.sched.requests or self.ended[rid].status.finished
+    @rule(stops=st.sets(st.integers(0, 40)))
+    def step(self, stops):
+        def token(rid, num_tokens):
+            stop = zlib.crc32(f"{rid}:{num_tokens}".encode()) % 41 in stops
+            return 9 if stop else 4 + num_tokens % 3
 
-    @precondition(lambda self: self.sched.requests)
+        plan = self.h.step(token=token)
+        assert len(scheduled(plan)) <= 4
+        assert sum(scheduled(plan).values()) <= 6
+
+    @precondition(lambda self: self.sched.groups)
     @rule(data=st.data())
     def abort(self, data):
-        rid = data.draw(st.sampled_from(sorted(self.sched.requests)))
-        assert self.sched.abort_request(rid).status is RequestStatus.FINISHED_ABORTED
+        group = data.draw(st.sampled_from(sorted(self.sched.groups)))
+        for req in self.sched.abort_request(group):
+            assert req.status is RequestStatus.FINISHED_ABORTED
+
+    @precondition(lambda self: self.sched.running)
+    @rule(data=st.data())
+    def preempt(self, data):
+        request = data.draw(st.sampled_from(self.sched.running))
+        self.sched.preempt(request)
+        assert request.status in (RequestStatus.WAITING, RequestStatus.SWAPPED)
 
     @invariant()
     def consistent(self):
-        self.pt.check_invariants()
-        tables = set(self.pt.block_tables)
-        assert tables <= set(self.sched.requests)
-        for req in self.sched.running:
-            assert req.request_id in tables
+        pt, sched = self.pt, self.sched
+        pt.check_invariants()
+        assert set(pt.block_tables) == {r.request_id for r in sched.running}
+        assert set(pt.host_tables) == {r.request_id for r in sched.swapped}
+        for req in sched.running:
+            assert len(pt.block_tables[req.request_id]) >= pt.blocks_for(req.num_computed_tokens)
+        for req in sched.waiting:
+            assert req.num_computed_tokens == 0
+        live = {r.request_id for group in sched.groups.values() for r in group}
+        assert live == set(sched.requests)
 
     def teardown(self):
-        for _ in range(500):
-            if not self.sched.has_work():
-                break
-            run_step(self.sched)
-        assert not self.sched.has_work()
-        assert all(r.status.finished for r in self.ended.values())
-        for r in self.ended.values():
+        self.h.run()
+        assert all(r.status.finished for r in self.ended)
+        for r in self.ended:
             if r.status is RequestStatus.FINISHED_LENGTH:
                 assert len(r.output_token_ids) == r.sampling_params.max_tokens
+        self.h.step()  # an empty plan tells the workers the last finished ids
+        assert not self.h.worker.tables, "the workers still hold requests"
         assert self.pt.num_free_blocks == self.pt.num_blocks
+        assert self.pt.num_free_host_blocks == self.pt.num_host_blocks
+        assert not self.sched.groups and not self.sched.requests
 
 
 TestScheduler = SchedulerMachine.TestCase
-TestScheduler.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestScheduler.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

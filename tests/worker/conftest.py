@@ -42,16 +42,15 @@ def greedy_plan_runner(runner: ModelRunner, prompts, max_new_tokens, chunk=None,
                     )
                 )
             else:
-                plan.cached_requests.append(
-                    worker_pb2.CachedRequest(
-                        request_id=rid,
-                        new_block_ids=new_blocks,
-                        num_computed_tokens=computed,
-                        num_scheduled_tokens=n,
-                    )
-                )
+                cached = plan.cached_requests
+                cached.request_ids.append(rid)
+                cached.num_computed_tokens.append(computed)
+                cached.num_scheduled_tokens.append(n)
+                cached.num_new_blocks.append(len(new_blocks))
+                cached.new_block_ids.extend(new_blocks)
+                cached.replace_block_table.append(False)
             state[rid] = computed + n
-        if not plan.new_requests and not plan.cached_requests:
+        if not plan.new_requests and not plan.cached_requests.request_ids:
             return [outputs[str(i)] for i in range(len(prompts))]
         for rid, token in zip(*runner.execute(plan), strict=True):
             outputs[rid].append(token)

@@ -1,0 +1,107 @@
+"""A worker without a model, for driving the scheduler in tests.
+
+It applies each StepPlan the way worker/model_runner.py does (the diff of request state, then
+swap out, swap in, copy, then the step) to a simulated KV cache whose slots hold token ids
+instead of K/V vectors. After the step's writes it checks that every scheduled request finds its
+whole context (every token before its last scheduled one) in its block table: a block handed to
+two requests, a missed copy-on-write, a wrong prefix-cache hit or a lost swap shows up as a
+wrong token in some slot.
+"""
+
+from dataclasses import dataclass
+
+from protos import worker_pb2
+
+
+@dataclass
+class Cached:
+    """One entry of a plan's CachedRequests arrays."""
+
+    request_id: str
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    new_block_ids: list[int]
+    replace_block_table: bool
+
+
+def cached_requests(plan: worker_pb2.StepPlan) -> list[Cached]:
+    """The plan's cached requests, one object each."""
+    c = plan.cached_requests
+    blocks = iter(c.new_block_ids)
+    return [
+        Cached(rid, computed, n, [next(blocks) for _ in range(num_new)], replace)
+        for rid, computed, n, num_new, replace in zip(
+            c.request_ids,
+            c.num_computed_tokens,
+            c.num_scheduled_tokens,
+            c.num_new_blocks,
+            c.replace_block_table,
+            strict=True,
+        )
+    ]
+
+
+class FakeWorker:
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
+        self.block_size = block_size
+        self.device: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.host: list[list[int | None]] = [[None] * block_size for _ in range(num_host_blocks)]
+        self.tables: dict[str, list[int]] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+
+    def execute(self, plan: worker_pb2.StepPlan) -> list[str]:
+        """Runs the plan; returns the ids of the requests that sample a token this step."""
+        for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
+            self.tables.pop(rid, None)
+            self.tokens.pop(rid, None)
+            self.computed.pop(rid, None)
+        for rid in plan.swapped_request_ids:
+            self.tables[rid] = []
+        _apply(plan.swap_out, self.device, self.host)
+        _apply(plan.swap_in, self.host, self.device)
+        copy_srcs = {p.src for p in plan.block_copies}
+        assert not copy_srcs & {p.dst for p in plan.block_copies}, "a copy reads a copy's target"
+        _apply(plan.block_copies, self.device, self.device)
+        scheduled = []
+        for new in plan.new_requests:
+            assert new.request_id not in self.tables, f"{new.request_id} sent twice"
+            self.tables[new.request_id] = list(new.block_ids)
+            self.tokens[new.request_id] = list(new.token_ids)
+            self.computed[new.request_id] = new.num_computed_tokens
+            scheduled.append((new.request_id, new.num_scheduled_tokens))
+        for cached in cached_requests(plan):
+            rid = cached.request_id
+            assert self.computed[rid] == cached.num_computed_tokens, f"{rid}: counts differ"
+            if cached.replace_block_table:
+                self.tables[rid] = list(cached.new_block_ids)
+            else:
+                self.tables[rid].extend(cached.new_block_ids)
+            scheduled.append((rid, cached.num_scheduled_tokens))
+        for rid, n in scheduled:  # the forward pass writes every new token first ...
+            start = self.computed[rid]
+            assert n >= 1 and start + n <= len(self.tokens[rid]), f"{rid}: {n} tokens past its end"
+            for pos in range(start, start + n):
+                self._slot(rid, pos)[pos % self.block_size] = self.tokens[rid][pos]
+        for rid, n in scheduled:  # ... then each token attends over its whole context
+            end = self.computed[rid] + n
+            context = [self._slot(rid, pos)[pos % self.block_size] for pos in range(end)]
+            assert context == self.tokens[rid][:end], f"{rid}: its KV cache holds other tokens"
+            self.computed[rid] = end
+        return [rid for rid, _ in scheduled if self.computed[rid] == len(self.tokens[rid])]
+
+    def learn(self, request_id: str, token: int) -> None:
+        """Rank 0 sampled token for the request; every rank appends it."""
+        self.tokens[request_id].append(token)
+
+    def _slot(self, request_id: str, pos: int) -> list[int | None]:
+        return self.device[self.tables[request_id][pos // self.block_size]]
+
+
+def _apply(pairs, source: list[list[int | None]], target: list[list[int | None]]) -> None:
+    """target[dst] = source[src] for every pair at once, as torch's indexed copy does."""
+    dsts = [p.dst for p in pairs]
+    assert len(set(dsts)) == len(dsts), "two operations write one block"
+    values = [list(source[p.src]) for p in pairs]
+    for dst, value in zip(dsts, values, strict=True):
+        target[dst] = value

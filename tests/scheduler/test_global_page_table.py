@@ -1,0 +1,67 @@
+"""Routing over several replicas' page tables."""
+
+import threading
+
+import pytest
+
+from scheduler.config import SchedulerConfig
+from scheduler.global_page_table import GlobalPageTable
+from scheduler.page_table import PageTableManager
+from scheduler.scheduler import Scheduler
+from tests.scheduler.test_scheduler import make_request
+
+
+def replicas(count, block_size=4):
+    return [Scheduler(SchedulerConfig(), PageTableManager(32, block_size)) for _ in range(count)]
+
+
+def cache_prompt(scheduler, tokens):
+    """Runs a request through the replica's page table so its full blocks stay cached."""
+    request = make_request("warm", tokens)
+    assert scheduler.page_table.allocate(request, len(tokens))
+    scheduler.page_table.free(request.request_id)
+
+
+def test_a_request_goes_to_the_replica_with_its_longest_cached_prefix():
+    schedulers = replicas(3)
+    shared = list(range(100, 112))
+    cache_prompt(schedulers[1], shared[:4] + [1] * 8)  # one block of the prefix
+    cache_prompt(schedulers[2], shared + [2])  # three blocks
+    table = GlobalPageTable(schedulers)
+    request = make_request("r", shared + [7, 7])
+    assert table.cached_tokens(request) == [0, 4, 12]
+    assert table.route(request) == 2
+
+
+def test_ties_go_to_the_least_loaded_replica_then_the_first():
+    schedulers = replicas(3)
+    table = GlobalPageTable(schedulers)
+    assert table.route(make_request("a", 5)) == 0
+    schedulers[0].add_request(make_request("busy0", 5))
+    schedulers[1].add_request(make_request("busy1", 5, n=2))  # two completions
+    assert table.route(make_request("b", 5)) == 2
+    schedulers[2].add_request(make_request("busy2", 5))
+    assert table.route(make_request("c", 5)) == 0
+    # A cached prefix outweighs load.
+    cache_prompt(schedulers[1], list(range(10, 15)))
+    assert table.route(make_request("d", 6)) == 1
+
+
+def test_routing_reads_each_replica_under_its_lock():
+    schedulers = replicas(2)
+    locks = [threading.Lock(), threading.Lock()]
+    table = GlobalPageTable(schedulers, locks)
+    with locks[1]:
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (table.route(make_request("a", 5)), done.set()))
+        worker.start()
+        assert not done.wait(0.2)  # blocked on replica 1's lock
+    worker.join(5)
+    assert done.is_set()
+
+
+def test_replicas_must_share_a_block_size():
+    with pytest.raises(ValueError, match="block size"):
+        GlobalPageTable([*replicas(1, block_size=4), *replicas(1, block_size=8)])
+    with pytest.raises(ValueError, match="at least one"):
+        GlobalPageTable([])
