@@ -45,6 +45,11 @@ def to_proto_params(p: SamplingParams) -> serving_pb2.SamplingParams:
         stop_token_ids=p.stop_token_ids,
         ignore_eos=p.ignore_eos,
         skip_special_tokens=p.skip_special_tokens,
+        min_p=p.min_p,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        min_tokens=p.min_tokens,
     )
     if p.max_tokens is not None:
         out.max_tokens = p.max_tokens

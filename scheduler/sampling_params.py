@@ -17,6 +17,11 @@ class SamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     n: int = 1  # completions of the prompt; completion i samples with seed + i when seeded
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
+    presence_penalty: float = 0.0  # - p for each token already in the output
+    frequency_penalty: float = 0.0  # - f x its count in the output
+    repetition_penalty: float = 1.0  # prompt and output tokens: logit / r if > 0, else x r
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -36,6 +41,19 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0 or (
+            self.max_tokens is not None and self.min_tokens > self.max_tokens
+        ):
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -318,6 +318,17 @@ def _new_request(request: Request, table: list[int], n: int) -> worker_pb2.NewRe
             top_p=params.top_p,
             top_k=params.top_k,
             seed=params.seed,
+            min_p=params.min_p,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            min_tokens=params.min_tokens,
+            banned_until_min_tokens=(
+                sorted({*params.stop_token_ids, *request.eos_token_ids})
+                if params.min_tokens
+                else []
+            ),
+            prompt_len=request.num_prompt_tokens,
         ),
         block_ids=table,
         num_computed_tokens=request.num_computed_tokens,

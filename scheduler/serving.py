@@ -252,6 +252,11 @@ class ServingServer:
             if p.HasField("skip_special_tokens")
             else True,
             n=p.n if p.HasField("n") else 1,
+            min_p=p.min_p,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+            min_tokens=p.min_tokens,
         )
         return Request(
             request_id=msg.request_id or uuid.uuid4().hex,

@@ -14,7 +14,7 @@ from kernels import copy_blocks
 from protos import worker_pb2
 from worker import distributed
 from worker.layers.attention import AttentionMetadata
-from worker.sampler import SamplingBatch, sample
+from worker.sampler import Penalties, SamplingBatch, sample
 
 
 @dataclass
@@ -24,10 +24,19 @@ class RequestState:
     token_ids: list[int]
     block_ids: list[int]
     num_computed_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
+    sampling: worker_pb2.SamplingOptions
     generator: torch.Generator | None = field(default=None, repr=False)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.sampling.prompt_len
+
+    @property
+    def penalized(self) -> bool:
+        s = self.sampling
+        return bool(
+            s.presence_penalty or s.frequency_penalty or s.repetition_penalty not in (0.0, 1.0)
+        )
 
 
 class ModelRunner:
@@ -151,11 +160,47 @@ class ModelRunner:
             token_ids=list(new.token_ids),
             block_ids=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            top_k=opts.top_k,
+            sampling=opts,
             generator=gen,
         )
+
+    def _sampling_batch(self, states: list[RequestState], vocab: int, tensor) -> SamplingBatch:
+        """Per-row parameters; penalty and min_tokens tensors only when some row needs them."""
+        opts = [s.sampling for s in states]
+        batch = SamplingBatch(
+            temperatures=tensor([o.temperature for o in opts], torch.float32),
+            top_ps=tensor([o.top_p for o in opts], torch.float32),
+            top_ks=tensor([o.top_k for o in opts], torch.int64),
+            generators=[s.generator for s in states],
+        )
+        if any(o.min_p for o in opts):
+            batch.min_ps = tensor([o.min_p for o in opts], torch.float32)
+        banned = [
+            (row, list(s.sampling.banned_until_min_tokens))
+            for row, s in enumerate(states)
+            if s.num_output_tokens < s.sampling.min_tokens
+        ]
+        if banned:
+            suppressed = torch.zeros(len(states), vocab, dtype=torch.bool)
+            for row, ids in banned:
+                suppressed[row, [i for i in ids if i < vocab]] = True
+            batch.suppressed = suppressed.to(self.device)
+        if any(s.penalized for s in states):
+            counts = torch.zeros(len(states), vocab)
+            prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool)
+            for row, s in enumerate(states):
+                prompt_len = s.sampling.prompt_len
+                output = torch.tensor(s.token_ids[prompt_len:], dtype=torch.int64)
+                counts[row].index_add_(0, output, torch.ones(len(output)))
+                prompt_mask[row, torch.tensor(s.token_ids[:prompt_len], dtype=torch.int64)] = True
+            batch.penalties = Penalties(
+                presence=tensor([o.presence_penalty for o in opts], torch.float32),
+                frequency=tensor([o.frequency_penalty for o in opts], torch.float32),
+                repetition=tensor([o.repetition_penalty or 1.0 for o in opts], torch.float32),
+                output_counts=counts.to(self.device),
+                prompt_mask=prompt_mask.to(self.device),
+            )
+        return batch
 
     def _run(self, scheduled: list[tuple[str, RequestState, int]]) -> tuple[list[str], list[int]]:
         bs = self.block_size
@@ -204,12 +249,7 @@ class ModelRunner:
         if logits is None:
             sampled = torch.empty(len(samplers), dtype=torch.int64, device=self.device)
         else:
-            batch = SamplingBatch(
-                temperatures=tensor([s.temperature for _, s in samplers], torch.float32),
-                top_ps=tensor([s.top_p for _, s in samplers], torch.float32),
-                top_ks=tensor([s.top_k for _, s in samplers], torch.int64),
-                generators=[s.generator for _, s in samplers],
-            )
+            batch = self._sampling_batch([s for _, s in samplers], logits.shape[-1], tensor)
             sampled = sample(logits, batch, self.shared_generator).token_ids
         tokens = distributed.broadcast_from_rank0(sampled).tolist()
         for (_, state), token in zip(samplers, tokens, strict=True):

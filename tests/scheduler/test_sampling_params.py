@@ -13,6 +13,11 @@ from scheduler.sampling_params import SamplingParams
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"seed": -1}, "seed"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
     ],
 )
 def test_bad_values_name_their_field(kwargs, field):
