@@ -154,3 +154,19 @@ def tiny_models(tmp_path_factory):
         model.save_pretrained(path)
         models[arch] = (path, model)
     return models
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """HF transformers' own greedy continuation: exactly n tokens, every prompt token attended
+    (an explicit mask: HF would mask tokens equal to its pad token)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()

@@ -4,29 +4,14 @@ one worker, which tests/worker checks against HF too), batched, including a mode
 KV heads than ranks."""
 
 import pytest
-import torch
 
 from cluster.client import Client
 from cluster.config import Config
 from cluster.launcher import Cluster, replace_sections
 from scheduler.sampling_params import SamplingParams
-from tests.conftest import TINY_ARCHS
+from tests.conftest import TINY_ARCHS, hf_greedy
 
 PROMPTS = [[5, 17, 99, 3], [42] * 9, list(range(30, 53)), [7], [200, 1, 2, 3, 4, 5]]
-
-
-def _hf_greedy(model, prompt, n):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -49,4 +34,4 @@ def test_tp2_matches_hf(local_cluster, tiny_models, smollm2_path, arch):
             got = [[t for d in s for t in d.token_ids] for s in streams]
     finally:
         cluster.shutdown()
-    assert got == [_hf_greedy(hf, p, 10) for p in PROMPTS]
+    assert got == [hf_greedy(hf, p, 10) for p in PROMPTS]

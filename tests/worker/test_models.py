@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import TINY_ARCHS
+from tests.conftest import TINY_ARCHS, hf_greedy
 from tests.worker.conftest import greedy_plan_runner
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
@@ -18,25 +18,11 @@ def _runner(path):
     return runner
 
 
-def _hf_greedy(model, prompt, n):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_batched_greedy_matches_hf(tiny_models, arch):
     path, hf = tiny_models[arch]
     got = greedy_plan_runner(_runner(path), PROMPTS, max_new_tokens=12)
-    assert got == [_hf_greedy(hf, p, 12) for p in PROMPTS]
+    assert got == [hf_greedy(hf, p, 12) for p in PROMPTS]
 
 
 def test_chunked_prefill_equals_whole_prefill(tiny_llama_dir):
