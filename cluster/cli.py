@@ -108,10 +108,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for r in info.replicas:
             used = r.num_blocks - r.num_free_blocks
+            hits = 100 * r.prefix_cache_hits / max(r.prefix_cache_queries, 1)
             print(
                 f"replica {r.replica_id}: KV {used}/{r.num_blocks} blocks of {r.block_size} "
                 f"({100 * used / max(r.num_blocks, 1):.1f}%), running {r.num_running}, "
-                f"waiting {r.num_waiting}"
+                f"waiting {r.num_waiting}, swapped {r.num_swapped}; prefix cache hits "
+                f"{hits:.1f}% of {r.prefix_cache_queries} tokens; {r.num_preemptions} "
+                f"preemptions ({r.num_swapped_out} by swap)"
             )
             for w in r.workers:
                 print(f"  rank {w.rank}: {w.address} ({w.device})")

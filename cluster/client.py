@@ -5,6 +5,7 @@ for delta in client.generate("Hello", SamplingParams(max_tokens=32)):
     print(delta.text, end="")
 """
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -15,6 +16,30 @@ from protos import serving_pb2, serving_pb2_grpc
 from scheduler.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
+
+# gRPC retries a call that fails UNAVAILABLE (server restarting, connection refused) with
+# backoff; a stream is retried only before its first message, so no delta is ever repeated.
+_RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": "pagedserve.serving.Serving"},
+                {"service": "grpc.health.v1.Health"},
+            ],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "3s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(_RETRY_POLICY)),
+]
 
 
 def make_request(
@@ -63,7 +88,7 @@ def to_proto_params(p: SamplingParams) -> serving_pb2.SamplingParams:
 class Client:
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address)
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -113,7 +138,7 @@ class AsyncClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
 
     async def generate(
