@@ -40,6 +40,10 @@ class Delta:
     prompt_token_ids: list[int] = field(default_factory=list)  # on the last delta
     num_output_tokens: int = 0
     error: str | None = None  # the engine failed; the request is lost to it
+    num_cached_tokens: int = 0  # on the last delta, as are the timings (milliseconds)
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
     index: int = 0  # which of the request's n completions
 
 
@@ -226,6 +230,10 @@ class Engine:
             finish_reason=request.finish_reason,
             prompt_token_ids=request.prompt_token_ids,
             num_output_tokens=len(request.output_token_ids),
+            num_cached_tokens=request.num_cached_tokens,
+            queue_ms=_since(request.arrival_time, request.first_scheduled_time),
+            ttft_ms=_since(request.arrival_time, request.first_token_time),
+            total_ms=_since(request.arrival_time, time.monotonic()),
             index=request.index,
         )
 
@@ -241,3 +249,8 @@ class Engine:
             sink(
                 Delta(rid, [], "", finish_reason=RequestStatus.FINISHED_ABORTED.value, error=error)
             )
+
+
+def _since(start: float, end: float | None) -> float:
+    """Milliseconds from start to end (0 when end never came: an abort before it)."""
+    return 0.0 if end is None else (end - start) * 1e3

@@ -43,6 +43,9 @@ class Request:
     parent_id: str | None = None  # the request this completion was forked from
     index: int = 0  # which of the client request's n completions
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # first admitted to a step: queue time ends
+    first_token_time: float | None = None  # first token learned: time to first token
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
@@ -92,6 +95,8 @@ class Request:
     def append_token(self, token_id: int) -> None:
         """Records a sampled token and finishes the request if a stop condition holds."""
         self.output_token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
         params = self.sampling_params
         if token_id in params.stop_token_ids or (
             not params.ignore_eos and token_id in self.eos_token_ids

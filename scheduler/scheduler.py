@@ -21,6 +21,7 @@ arrays over the requests); plus the ids finished, preempted or swapped since the
 the step's block copies and swaps.
 """
 
+import time
 from bisect import insort
 
 from protos import worker_pb2
@@ -215,6 +216,9 @@ class Scheduler:
             if not pt.allocate(request, n, cached):
                 break
             self.waiting.remove(request)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             insort(self.running, request, key=self.policy.rank)

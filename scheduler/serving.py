@@ -370,6 +370,10 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                     response.usage.prompt_tokens = len(delta.prompt_token_ids)
                     response.prompt_token_ids.extend(delta.prompt_token_ids)
                     response.usage.completion_tokens = delta.num_output_tokens
+                    response.usage.cached_tokens = delta.num_cached_tokens
+                    response.timings.queue_ms = delta.queue_ms
+                    response.timings.time_to_first_token_ms = delta.ttft_ms
+                    response.timings.total_ms = delta.total_ms
                 yield response
         finally:
             if unfinished:  # the client cancelled or its deadline passed
