@@ -70,6 +70,34 @@ class ServingServer:
         if not replicas:
             raise ValueError("a server needs at least one replica")
         self.model_name = model_name
+        self.ready = False  # until the workers are up and their caches allocated
+        self.replicas: list[Replica] = []
+        # Serve from the start, NOT_SERVING while the model loads, so clients can watch it.
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, args=(server,), name="serving", daemon=True
+        )
+        self._thread.start()
+        if not self._started.wait(timeout=30):
+            raise RuntimeError("the Serving gRPC server did not start within 30 s")
+        if self._start_error is not None:
+            raise self._start_error
+        try:
+            self._bring_up(replicas, model, cache, scheduler)
+        except BaseException:
+            self.stop()
+            raise
+        asyncio.run_coroutine_threadsafe(self._set_health(True), self._loop).result(timeout=10)
+        self.ready = True
+
+    def _bring_up(
+        self,
+        replicas: Sequence[ReplicaSpec],
+        model: ModelConfig,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+    ) -> None:
         with futures.ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer_future = pool.submit(Tokenizer, replicas[0].tokenizer_path)
             brought_up = [_bring_up_workers(spec, model, cache, scheduler) for spec in replicas]
@@ -77,7 +105,6 @@ class ServingServer:
         self.model_info = brought_up[0][0]
         limit = self.model_info.max_position_embeddings
         self.max_model_len = model.max_model_len or limit
-        self.replicas: list[Replica] = []
         for spec, (info, num_blocks, num_cpu_blocks) in zip(replicas, brought_up, strict=True):
             capacity = num_blocks * cache.block_size
             if self.max_model_len > capacity:
@@ -105,16 +132,6 @@ class ServingServer:
         self.router = GlobalPageTable(
             [r.engine.scheduler for r in self.replicas], [r.engine.lock for r in self.replicas]
         )
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(
-            target=self._serve, args=(server,), name="serving", daemon=True
-        )
-        self._thread.start()
-        if not self._started.wait(timeout=30):
-            raise RuntimeError("the Serving gRPC server did not start within 30 s")
-        if self._start_error is not None:
-            raise self._start_error
 
     def _serve(self, server_cfg: ServerConfig) -> None:
         asyncio.set_event_loop(self._loop)
@@ -141,9 +158,12 @@ class ServingServer:
             raise RuntimeError(f"cannot listen on {server_cfg.host}:{server_cfg.port}")
         self.address = f"{server_cfg.host}:{port}"
         await self._server.start()
-        # The model is loaded and the cache allocated by now: only now is the server SERVING.
+        await self._set_health(False)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, status.SERVING if serving else status.NOT_SERVING)
 
     def stop(self) -> None:
         async def _stop() -> None:
@@ -335,7 +355,14 @@ class ServingService(serving_pb2_grpc.ServingServicer):
     def __init__(self, server: ServingServer) -> None:
         self.server = server
 
+    async def _require_ready(self, context) -> None:
+        if not self.server.ready:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly"
+            )
+
     async def Generate(self, request, context):
+        await self._require_ready(context)
         loop = asyncio.get_running_loop()
         try:
             req = await loop.run_in_executor(None, self.server.build_request, request)
@@ -380,9 +407,11 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                 engine.abort(req.request_id)
 
     async def Abort(self, request, context):
+        await self._require_ready(context)
         return serving_pb2.AbortResponse(found=self.server.abort(request.request_id))
 
     async def GetModelInfo(self, request, context):
+        await self._require_ready(context)
         s = self.server
         return serving_pb2.ModelInfoResponse(
             model=s.model_name,
@@ -393,4 +422,5 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         )
 
     async def GetServerInfo(self, request, context):
+        await self._require_ready(context)
         return self.server.server_info()

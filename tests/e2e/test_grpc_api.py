@@ -46,3 +46,66 @@ def test_the_last_message_carries_usage_and_timings(local_cluster):
     t = last.timings
     assert 0 <= t.queue_ms <= t.time_to_first_token_ms <= t.total_ms
     assert t.time_to_first_token_ms > 0
+
+
+def test_health_turns_serving_only_once_the_model_is_loaded(
+    local_cluster, tiny_models, smollm2_path
+):
+    """While the workers load, the server already answers: NOT_SERVING, and Generate is
+    UNAVAILABLE with a reason; then SERVING."""
+    import socket
+    import threading
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from cluster.config import Config
+    from cluster.launcher import Cluster, replace_sections
+    from protos import serving_pb2, serving_pb2_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path, _ = tiny_models["llama"]
+    config = replace_sections(
+        Config(),
+        model={"model": str(path), "tokenizer": smollm2_path, "max_model_len": 256},
+        cache={"num_blocks": 64, "block_size": 8},
+        server={"port": port},
+    )
+    cluster = Cluster(config)
+    starter = threading.Thread(target=cluster.start)
+    starter.start()
+    seen, refused_while_loading = [], None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            generate = serving_pb2_grpc.ServingStub(channel).Generate
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                try:
+                    status = check(
+                        health_pb2.HealthCheckRequest(service="pagedserve.serving.Serving"),
+                        timeout=5,
+                    ).status
+                except grpc.RpcError:  # the actor has not opened its port yet
+                    time.sleep(0.05)
+                    continue
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                if not seen or seen[-1] != name:
+                    seen.append(name)
+                if name == "NOT_SERVING" and refused_while_loading is None:
+                    try:
+                        list(generate(serving_pb2.GenerateRequest(prompt="hi"), timeout=5))
+                    except grpc.RpcError as e:
+                        refused_while_loading = e
+                if name == "SERVING":
+                    break
+                time.sleep(0.05)
+    finally:
+        starter.join(timeout=300)
+        cluster.shutdown()
+    assert seen == ["NOT_SERVING", "SERVING"]
+    assert refused_while_loading is not None
+    assert refused_while_loading.code() == grpc.StatusCode.UNAVAILABLE
+    assert "loading" in refused_while_loading.details()
