@@ -75,6 +75,9 @@ def to_proto_params(p: SamplingParams) -> serving_pb2.SamplingParams:
         frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty,
         min_tokens=p.min_tokens,
+        stop=p.stop,
+        include_stop_str_in_output=p.include_stop_str_in_output,
+        logprobs=p.logprobs,
     )
     if p.max_tokens is not None:
         out.max_tokens = p.max_tokens

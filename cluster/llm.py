@@ -12,6 +12,8 @@ from typing import Any
 
 from cluster.client import AsyncClient, Prompt
 from cluster.config import Config, load_config
+from protos import serving_pb2
+from scheduler.logprobs import Logprob, PositionLogprobs
 from scheduler.sampling_params import SamplingParams
 
 
@@ -20,8 +22,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float | None = None
-    logprobs: list | None = None
+    cumulative_logprob: float | None = None  # when logprobs were asked
+    logprobs: list[PositionLogprobs] | None = None  # per token: the sampled one's, then the top k
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None
 
@@ -150,8 +152,13 @@ class LLM:
             out = outputs[delta.index]
             out.text += delta.text
             out.token_ids.extend(delta.token_ids)
+            if params.logprobs is not None:
+                out.logprobs = out.logprobs or []
+                out.logprobs.extend(_position(p) for p in delta.logprobs)
+                out.cumulative_logprob = delta.cumulative_logprob
             if delta.finish_reason:  # a completion's last message
                 out.finish_reason = delta.finish_reason
+                out.stop_reason = _stop_reason(delta)
                 prompt_token_ids = list(delta.prompt_token_ids)
         # The stream ends when every completion has finished (or raises).
         return RequestOutput(
@@ -165,3 +172,12 @@ class LLM:
         if self._cluster is not None:
             self._cluster.shutdown()
             self._cluster = None
+
+
+def _position(msg: serving_pb2.TokenLogprobs) -> PositionLogprobs:
+    return {e.token_id: Logprob(e.logprob, e.rank, e.decoded_token) for e in msg.entries}
+
+
+def _stop_reason(msg: serving_pb2.GenerateResponse) -> int | str | None:
+    kind = msg.WhichOneof("stop_reason")
+    return None if kind is None else getattr(msg, kind)

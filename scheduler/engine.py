@@ -4,10 +4,14 @@
             |                                    plan = scheduler.schedule()
             v                                    send plan to every rank's Execute stream
       Scheduler, under the lock  <-------------  read StepResults (rank 0 carries the tokens)
-                                                 scheduler.update(); detokenize; sink(delta)
+                                                 scheduler.update()
+                                                 detokenize, match stop strings (no lock)
+                                                 stop those that matched; sink(delta)
 
 Each rank holds one long-lived bidirectional Execute stream. The loop keeps one step in flight
-(synchronous scheduling); the plan never carries back a token the workers produced.
+(synchronous scheduling); the plan never carries back a token the workers produced. The engine
+thread alone touches a completion's text while a step is in flight; an abort that lands then is
+answered at the end of the step.
 """
 
 import logging
@@ -21,9 +25,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from scheduler.completion_text import CompletionText
+from scheduler.logprobs import Logprob, PositionLogprobs, unpack_logprobs
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler
-from scheduler.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,10 @@ class Delta:
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     index: int = 0  # which of the request's n completions
+    # When logprobs were asked: one entry per token of token_ids, and the running sum.
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None  # on the last delta: the stop token id or string
 
 
 Sink = Callable[[Delta], None]
@@ -58,6 +68,7 @@ class StepRecord:
     scheduled: dict[str, int]  # request id -> tokens computed in this step
     new_request_ids: list[str] = field(default_factory=list)
     num_waiting: int = 0
+    num_generated_tokens: int = 0  # tokens the engine generated since the previous record
 
 
 class WorkerStream:
@@ -101,10 +112,13 @@ class Engine:
         self.num_steps = 0
         self.num_finished = 0
         self.num_generated_tokens = 0
+        self._recorded_tokens = 0  # num_generated_tokens when the last step record was written
         self.error: str | None = None
         self._streams = [WorkerStream(address) for address in worker_addresses]
         self._sinks: dict[str, Sink] = {}  # client request id -> its sink
-        self._detoks: dict[str, IncrementalDetokenizer] = {}  # completion id -> its detokenizer
+        self._texts: dict[str, CompletionText] = {}  # completion id -> its text
+        self._in_step = False  # a step's tokens are being turned into text (engine thread)
+        self._aborted: list[tuple[list[Request], Sink]] = []  # answered at the step's end
         self._cond = threading.Condition()
         self.lock = self._cond  # held to read the scheduler's state from another thread
         self._stopped = False
@@ -116,13 +130,12 @@ class Engine:
 
         Raises RuntimeError if the engine has failed, and what Scheduler.add_request raises.
         """
-        skip_special = request.sampling_params.skip_special_tokens
         with self._cond:
             if self.error is not None:
                 raise RuntimeError(f"the engine has failed: {self.error}")
             for completion in self.scheduler.add_request(request):
-                self._detoks[completion.request_id] = IncrementalDetokenizer(
-                    self.tokenizer, skip_special
+                self._texts[completion.request_id] = CompletionText(
+                    self.tokenizer, request.sampling_params
                 )
             self._sinks[request.request_id] = sink
             self._cond.notify()
@@ -132,13 +145,32 @@ class Engine:
         with self._cond:
             aborted = self.scheduler.abort_request(request_id)
             sink = self._sinks.pop(request_id, None)
-            detoks = [self._detoks.pop(r.request_id) for r in aborted]
-        if not aborted or sink is None:
-            return False
-        self.num_finished += 1
-        for request, detok in zip(aborted, detoks, strict=True):
-            sink(self._final_delta(request, detok, []))
+            if not aborted or sink is None:
+                return False
+            self.num_finished += 1
+            if self._in_step:  # the engine thread owns the texts until the step's end
+                self._aborted.append((aborted, sink))
+            else:
+                self._answer_aborted(aborted, sink)
         return True
+
+    def _answer_aborted(self, aborted: list[Request], sink: Sink) -> None:
+        for request in aborted:
+            text = self._texts.pop(request.request_id)
+            text.finish()
+            sink(self._final_delta(request, text, []))
+
+    def num_unfinished(self) -> int:
+        """Client requests still to be answered (a draining replica stops at 0)."""
+        with self._cond:
+            return len(self._sinks)
+
+    def generated_tokens_per_s(self, window_s: float) -> float:
+        """Tokens generated by the steps that started in the last window_s seconds, per second
+        of the window (from the step records)."""
+        since = time.monotonic() - window_s
+        records = list(self.step_records)  # a snapshot: the engine thread appends
+        return sum(r.num_generated_tokens for r in records if r.start >= since) / window_s
 
     def stop(self) -> None:
         with self._cond:
@@ -159,26 +191,51 @@ class Engine:
                     start = time.monotonic()
                     plan = self.scheduler.schedule()
                     num_waiting = len(self.scheduler.waiting)
+                    self._in_step = True
                 result = self._execute(plan)
-                with self._cond:
-                    updates = self.scheduler.update(
-                        list(result.request_ids), list(result.token_ids)
-                    )
-                    deliveries = [
-                        (request, token, self._sinks.get(request.group_id), self._detok(request))
-                        for request, token in updates
-                    ]
-                    for request, _, _, _ in deliveries:  # drop the sinks of ended requests
-                        group = request.group_id
-                        if group not in self.scheduler.groups and self._sinks.pop(group, None):
-                            self.num_finished += 1
+                self._learn(result)
                 self._record(plan, start, num_waiting)
-                for request, token, sink, detok in deliveries:
-                    if sink is not None and detok is not None:
-                        sink(self._delta(request, detok, token))
         except Exception as e:  # a worker failed: every request still held is lost to it
             log.exception("engine step failed")
             self._fail(f"{type(e).__name__}: {e}")
+
+    def _learn(self, result: worker_pb2.StepResult) -> None:
+        """Appends a step's tokens, turns them into text, stops the completions whose text
+        reached a stop string, and sends every live completion its delta."""
+        logprobs = unpack_logprobs(result)
+        with self._cond:
+            updates = self.scheduler.update(
+                list(result.request_ids), list(result.token_ids), logprobs
+            )
+            texts = [self._texts.get(request.request_id) for request, _ in updates]
+        # Detokenizing is the slow part: outside the lock (add_request and abort go on).
+        stops: list[str | None] = []
+        decoded: list[PositionLogprobs | None] = []
+        for (request, token), text in zip(updates, texts, strict=True):
+            stop = text.add([token]) if text is not None else None
+            if text is not None and (request.status.finished or stop is not None):
+                text.finish()
+            stops.append(stop)
+            decoded.append(self._decoded_logprobs(request))
+        with self._cond:
+            self._in_step = False
+            learned = zip(updates, texts, stops, decoded, strict=True)
+            for (request, token), text, stop, lp in learned:
+                if stop is not None:
+                    self.scheduler.stop_request(request, stop)
+                if text is None or request.status is RequestStatus.FINISHED_ABORTED:
+                    continue  # aborted while the step ran: answered below
+                sink = self._sinks.get(request.group_id)
+                if request.status.finished:
+                    del self._texts[request.request_id]
+                    if request.group_id not in self.scheduler.groups and sink is not None:
+                        del self._sinks[request.group_id]  # its last completion ended
+                        self.num_finished += 1
+                if sink is not None:
+                    sink(self._delta(request, text, token, lp))
+            for aborted, sink in self._aborted:
+                self._answer_aborted(aborted, sink)
+            self._aborted.clear()
 
     def _execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
         for stream in self._streams:
@@ -205,28 +262,30 @@ class Engine:
                 scheduled=scheduled,
                 new_request_ids=[r.request_id for r in plan.new_requests],
                 num_waiting=num_waiting,
+                num_generated_tokens=self.num_generated_tokens - self._recorded_tokens,
             )
         )
+        self._recorded_tokens = self.num_generated_tokens
 
-    def _detok(self, request: Request) -> IncrementalDetokenizer | None:
-        """The completion's detokenizer; dropped with its last token (under the lock)."""
-        if request.status.finished:
-            return self._detoks.pop(request.request_id, None)
-        return self._detoks.get(request.request_id)
-
-    def _delta(self, request: Request, detok: IncrementalDetokenizer, token: int) -> Delta:
+    def _delta(
+        self, request: Request, text: CompletionText, token: int, logprobs: PositionLogprobs | None
+    ) -> Delta:
         self.num_generated_tokens += 1
         if request.status.finished:
-            return self._final_delta(request, detok, [token])
-        return Delta(request.group_id, [token], detok.add([token]), index=request.index)
+            delta = self._final_delta(request, text, [token])
+        else:
+            delta = Delta(request.group_id, [token], text.take(False), index=request.index)
+        if logprobs is not None:
+            delta.logprobs = [logprobs]
+            delta.cumulative_logprob = request.cumulative_logprob
+        return delta
 
     @staticmethod
-    def _final_delta(request: Request, detok: IncrementalDetokenizer, tokens: list[int]) -> Delta:
-        text = detok.add(tokens) + detok.flush()
+    def _final_delta(request: Request, text: CompletionText, tokens: list[int]) -> Delta:
         return Delta(
             request.group_id,
             tokens,
-            text,
+            text.take(True),
             finish_reason=request.finish_reason,
             prompt_token_ids=request.prompt_token_ids,
             num_output_tokens=len(request.output_token_ids),
@@ -235,14 +294,27 @@ class Engine:
             ttft_ms=_since(request.arrival_time, request.first_token_time),
             total_ms=_since(request.arrival_time, time.monotonic()),
             index=request.index,
+            stop_reason=request.stop_reason,
         )
+
+    def _decoded_logprobs(self, request: Request) -> PositionLogprobs | None:
+        """The newest token's logprobs, each with its token's text; None when not asked."""
+        if request.sampling_params.logprobs is None or not request.output_logprobs:
+            return None
+        decode = self.tokenizer.decode
+        return {
+            token: Logprob(lp.logprob, lp.rank, decode([token], False))
+            for token, lp in request.output_logprobs[-1].items()
+        }
 
     def _fail(self, error: str) -> None:
         with self._cond:
             self.error = error
             sinks = list(self._sinks.items())
             self._sinks.clear()
-            self._detoks.clear()
+            self._texts.clear()
+            self._aborted.clear()
+            self._in_step = False
             for rid, _ in sinks:
                 self.scheduler.abort_request(rid)
         for rid, sink in sinks:

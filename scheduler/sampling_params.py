@@ -1,5 +1,7 @@
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+
 
 @dataclass
 class SamplingParams:
@@ -22,11 +24,23 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # - f x its count in the output
     repetition_penalty: float = 1.0  # prompt and output tokens: logit / r if > 0, else x r
     min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens
+    # Stop strings: the text ends before the first one found (matched across token boundaries;
+    # checked once min_tokens are out); include_stop_str_in_output keeps it in the text.
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None = none; k = the sampled token's logprob and the top k
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
             self.top_k = 0
         self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        if any(not s for s in self.stop):
+            raise ValueError("stop must not contain an empty string")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -26,6 +26,7 @@ from bisect import insort
 
 from protos import worker_pb2
 from scheduler.config import SchedulerConfig
+from scheduler.logprobs import PositionLogprobs
 from scheduler.page_table import BlockPairs, PageTableManager
 from scheduler.policy import make_policy
 from scheduler.request import Request, RequestStatus
@@ -86,6 +87,18 @@ class Scheduler:
         self.waiting.append(request)
         return completions
 
+    def stop_request(self, request: Request, stop_reason: str) -> None:
+        """Finishes a completion whose text reached a stop string. One that ended on the same
+        token (its length, EOS) is relabeled "stop" with this reason, as vLLM does; an aborted
+        one stays aborted."""
+        if request.status is RequestStatus.FINISHED_ABORTED:
+            return
+        request.stop_reason = stop_reason
+        if self.requests.get(request.request_id) is request:
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+        else:
+            request.status = RequestStatus.FINISHED_STOPPED
+
     def abort_request(self, request_id: str) -> list[Request]:
         """Aborts every unfinished completion of a client request; returns them."""
         aborted = list(self.groups.get(request_id, ()))
@@ -120,16 +133,22 @@ class Scheduler:
             self._admit_waiting(budget, scheduled)
         return self._make_plan(scheduled)
 
-    def update(self, request_ids: list[str], token_ids: list[int]) -> list[tuple[Request, int]]:
-        """Learns the tokens of a step; returns (request, token) for each live request, forks
-        the completions of a request that learned its first token, and finishes those that hit
-        a stop condition."""
+    def update(
+        self,
+        request_ids: list[str],
+        token_ids: list[int],
+        logprobs: list[PositionLogprobs | None] | None = None,
+    ) -> list[tuple[Request, int]]:
+        """Learns the tokens of a step (and their logprobs, where asked); returns (request,
+        token) for each live request, forks the completions of a request that learned its first
+        token, and finishes those that hit a stop condition."""
         updates = []
-        for rid, token in zip(request_ids, token_ids, strict=True):
+        logprobs = logprobs or [None] * len(token_ids)
+        for rid, token, lp in zip(request_ids, token_ids, logprobs, strict=True):
             request = self.requests.get(rid)
             if request is None:  # aborted while the step ran: its token is discarded
                 continue
-            request.append_token(token)
+            request.append_token(token, lp)
             if rid in self._unforked:
                 self._fork(request)
             if request.status.finished:
@@ -333,6 +352,7 @@ def _new_request(request: Request, table: list[int], n: int) -> worker_pb2.NewRe
                 else []
             ),
             prompt_len=request.num_prompt_tokens,
+            logprobs=params.logprobs,
         ),
         block_ids=table,
         num_computed_tokens=request.num_computed_tokens,

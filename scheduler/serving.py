@@ -24,6 +24,7 @@ from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from scheduler.engine import Delta, Engine
 from scheduler.global_page_table import GlobalPageTable
+from scheduler.logprobs import PositionLogprobs
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request
 from scheduler.sampling_params import SamplingParams
@@ -277,6 +278,9 @@ class ServingServer:
             frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
             min_tokens=p.min_tokens,
+            stop=list(p.stop),
+            include_stop_str_in_output=p.include_stop_str_in_output,
+            logprobs=p.logprobs if p.HasField("logprobs") else None,
         )
         return Request(
             request_id=msg.request_id or uuid.uuid4().hex,
@@ -390,6 +394,8 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                     token_ids=delta.token_ids,
                     text=delta.text,
                     index=delta.index,
+                    logprobs=_logprobs_to_proto(delta.logprobs),
+                    cumulative_logprob=delta.cumulative_logprob,
                 )
                 if delta.finish_reason is not None:
                     unfinished -= 1
@@ -401,6 +407,10 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                     response.timings.queue_ms = delta.queue_ms
                     response.timings.time_to_first_token_ms = delta.ttft_ms
                     response.timings.total_ms = delta.total_ms
+                    if isinstance(delta.stop_reason, str):
+                        response.stop_str = delta.stop_reason
+                    elif delta.stop_reason is not None:
+                        response.stop_token_id = delta.stop_reason
                 yield response
         finally:
             if unfinished:  # the client cancelled or its deadline passed
@@ -424,3 +434,22 @@ class ServingService(serving_pb2_grpc.ServingServicer):
     async def GetServerInfo(self, request, context):
         await self._require_ready(context)
         return self.server.server_info()
+
+
+def _logprobs_to_proto(
+    logprobs: list[PositionLogprobs] | None,
+) -> list[serving_pb2.TokenLogprobs]:
+    return [
+        serving_pb2.TokenLogprobs(
+            entries=[
+                serving_pb2.Logprob(
+                    token_id=token,
+                    logprob=lp.logprob,
+                    rank=lp.rank,
+                    decoded_token=lp.decoded_token or "",
+                )
+                for token, lp in position.items()
+            ]
+        )
+        for position in logprobs or ()
+    ]

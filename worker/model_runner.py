@@ -14,7 +14,7 @@ from kernels import copy_blocks
 from protos import worker_pb2
 from worker import distributed
 from worker.layers.attention import AttentionMetadata
-from worker.sampler import Penalties, SamplingBatch, sample
+from worker.sampler import Penalties, SampleOutput, SamplingBatch, sample
 
 
 @dataclass
@@ -107,8 +107,9 @@ class ModelRunner:
         copy_blocks(*self._device_caches(), mapping.to(self.device))
 
     @torch.inference_mode()
-    def execute(self, plan: worker_pb2.StepPlan) -> tuple[list[str], list[int]]:
-        """Applies the plan's diff, runs the step; returns the ids and tokens it sampled."""
+    def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        """Applies the plan's diff, runs the step; returns the ids and tokens it sampled (and
+        their logprobs, on rank 0, when asked) as a StepResult without step_id."""
         for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
             self.requests.pop(rid, None)
         for rid in plan.swapped_request_ids:  # its blocks moved to host memory
@@ -148,7 +149,7 @@ class ModelRunner:
                 state.block_ids.extend(blocks)
             scheduled.append((rid, state, n))
         if not scheduled:
-            return [], []
+            return worker_pb2.StepResult()
         return self._run(scheduled)
 
     def _new_state(self, new: worker_pb2.NewRequest) -> RequestState:
@@ -173,6 +174,9 @@ class ModelRunner:
             top_ks=tensor([o.top_k for o in opts], torch.int64),
             generators=[s.generator for s in states],
         )
+        asked = [o.logprobs for o in opts if o.HasField("logprobs")]
+        if asked:
+            batch.num_logprobs = max(asked)
         if any(o.min_p for o in opts):
             batch.min_ps = tensor([o.min_p for o in opts], torch.float32)
         banned = [
@@ -202,7 +206,7 @@ class ModelRunner:
             )
         return batch
 
-    def _run(self, scheduled: list[tuple[str, RequestState, int]]) -> tuple[list[str], list[int]]:
+    def _run(self, scheduled: list[tuple[str, RequestState, int]]) -> worker_pb2.StepResult:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -243,15 +247,34 @@ class ModelRunner:
         for _, state, n in scheduled:
             state.num_computed_tokens += n
         if not samplers:
-            return [], []
+            return worker_pb2.StepResult()
         # Rank 0 gathers the logits and samples; every rank then appends the same tokens.
         logits = self.model.compute_logits(hidden[tensor(sample_rows, torch.int64)])
+        out = None
         if logits is None:
             sampled = torch.empty(len(samplers), dtype=torch.int64, device=self.device)
         else:
             batch = self._sampling_batch([s for _, s in samplers], logits.shape[-1], tensor)
-            sampled = sample(logits, batch, self.shared_generator).token_ids
+            out = sample(logits, batch, self.shared_generator)
+            sampled = out.token_ids
         tokens = distributed.broadcast_from_rank0(sampled).tolist()
         for (_, state), token in zip(samplers, tokens, strict=True):
             state.token_ids.append(token)
-        return [rid for rid, _ in samplers], tokens
+        result = worker_pb2.StepResult(request_ids=[rid for rid, _ in samplers], token_ids=tokens)
+        if out is not None and out.sampled_logprobs is not None:
+            _add_logprobs(result, [s.sampling for _, s in samplers], out)
+        return result
+
+
+def _add_logprobs(
+    result: worker_pb2.StepResult, opts: list[worker_pb2.SamplingOptions], out: SampleOutput
+) -> None:
+    """Packs each row's logprobs: its sampled token's, then as many top ones as it asked."""
+    result.sampled_logprobs.extend(out.sampled_logprobs.tolist())
+    result.sampled_ranks.extend(out.sampled_ranks.tolist())
+    top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
+    for row, o in enumerate(opts):
+        k = o.logprobs if o.HasField("logprobs") else -1  # -1: this row asked for none
+        result.num_top_logprobs.append(k)
+        result.top_token_ids.extend(top_ids[row][: max(k, 0)])
+        result.top_logprobs.extend(top_logprobs[row][: max(k, 0)])

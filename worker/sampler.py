@@ -43,9 +43,10 @@ class SamplingBatch:
 @dataclass
 class SampleOutput:
     token_ids: torch.Tensor  # [num_rows] int64
-    # When logprobs were asked: the sampled token's logprob [num_rows], and the top
-    # num_logprobs ids and logprobs [num_rows, num_logprobs].
+    # When logprobs were asked: the sampled token's logprob and rank (1 = most likely)
+    # [num_rows], and the top num_logprobs ids and logprobs [num_rows, num_logprobs].
     sampled_logprobs: torch.Tensor | None = None
+    sampled_ranks: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
 
@@ -60,9 +61,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator) 
     tokens = _choose(logits, batch, shared)
     if batch.num_logprobs < 0:
         return SampleOutput(tokens)
-    logprobs = torch.log_softmax(raw, dim=-1)
+    logprobs = torch.log_softmax(raw, dim=-1)  # [num_rows, vocab]
     top_lp, top_ids = logprobs.topk(batch.num_logprobs, dim=-1)
-    return SampleOutput(tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), top_ids, top_lp)
+    sampled_lp = logprobs.gather(-1, tokens[:, None])  # [num_rows, 1]
+    ranks = (logprobs > sampled_lp).sum(dim=-1) + 1
+    return SampleOutput(tokens, sampled_lp.squeeze(-1), ranks, top_ids, top_lp)
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:

@@ -136,15 +136,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         runner = self._runner(context)
         for plan in request_iterator:
             start = time.perf_counter()
-            request_ids, token_ids = runner.execute(plan)
-            if self.rank != 0:
-                request_ids, token_ids = [], []
-            yield worker_pb2.StepResult(
-                step_id=plan.step_id,
-                request_ids=request_ids,
-                token_ids=token_ids,
-                execute_ms=(time.perf_counter() - start) * 1e3,
-            )
+            result = runner.execute(plan)
+            if self.rank != 0:  # rank 0 alone answers the tokens
+                result = worker_pb2.StepResult()
+            result.step_id = plan.step_id
+            result.execute_ms = (time.perf_counter() - start) * 1e3
+            yield result
 
     def Health(self, request, context):
         return worker_pb2.HealthResponse(

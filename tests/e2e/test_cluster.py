@@ -115,6 +115,9 @@ def test_new_requests_join_running_ones(local_cluster):
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
         ({"prompt": [70000]}, "prompt_token_ids"),
+        ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+        ({"prompt": "hi", "logprobs": -1}, "logprobs"),
+        ({"prompt": "hi", "stop": ["ok", ""]}, "stop"),
     ],
 )
 def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(
@@ -126,9 +129,10 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(
     prompt = request_kwargs["prompt"]
     msg = make_request(prompt, request_kwargs.get("params", SamplingParams(max_tokens=2)))
     # Raw wire values, as a non-Python client could send them (SamplingParams would refuse).
-    for key in ("temperature", "top_p", "max_tokens"):
+    for key in ("temperature", "top_p", "max_tokens", "logprobs"):
         if key in request_kwargs:
             setattr(msg.params, key, request_kwargs[key])
+    msg.params.stop.extend(request_kwargs.get("stop", []))
     with grpc.insecure_channel(local_cluster.address) as channel:
         stub = serving_pb2_grpc.ServingStub(channel)
         if field is None:

@@ -38,3 +38,20 @@ def test_seeded_sampling_reproduces(llm):
     first = llm.generate(["Once upon a time"], params)[0].outputs[0].token_ids
     batch = llm.generate(["Once upon a time", "Hello there", "Numbers: 1, 2,"], params)
     assert batch[0].outputs[0].token_ids == first
+
+
+def test_logprobs_and_stop_reason_reach_the_outputs(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, ignore_eos=True)
+    out = llm.generate("The capital of France is", params)[0].outputs[0]
+    assert len(out.logprobs) == len(out.token_ids) == 6
+    assert [next(iter(p)) for p in out.logprobs] == out.token_ids  # the sampled token first
+    pairs = list(zip(out.logprobs, out.token_ids, strict=True))
+    assert all(len(p) == 2 and p[t].rank == 1 for p, t in pairs)  # greedy: the top token
+    total = sum(p[t].logprob for p, t in pairs)
+    assert out.cumulative_logprob == pytest.approx(total, abs=1e-4)
+    stop = out.token_ids[2]
+    params = SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[stop], ignore_eos=True)
+    stopped = llm.generate("The capital of France is", params)[0].outputs[0]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop)
+    assert stopped.token_ids == out.token_ids[: out.token_ids.index(stop) + 1]
+    assert stopped.logprobs is None and stopped.cumulative_logprob is None

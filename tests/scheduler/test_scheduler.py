@@ -151,13 +151,31 @@ def test_preemption_recomputes_the_latest_request():
 def test_eos_and_stop_token_ids_finish():
     h = Harness()
     h.sched.add_request(make_request("a", 3, max_tokens=10))
-    h.sched.add_request(make_request("b", 3, max_tokens=10, stop_token_ids=[9]))
+    h.sched.add_request(make_request("b", 3, max_tokens=10, stop_token_ids=[9], ignore_eos=True))
     h.sched.add_request(make_request("c", 3, max_tokens=2, ignore_eos=True))
+    a, b, c = (h.sched.requests[rid] for rid in "abc")
     h.step(token=lambda rid, n: EOS)
     assert "a" not in h.sched.requests  # eos
     assert "c" in h.sched.requests  # ignores eos
     h.step(token=lambda rid, n: 9)
     assert "b" not in h.sched.requests and "c" not in h.sched.requests
+    assert (a.finish_reason, a.stop_reason) == ("stop", None)  # EOS names no reason
+    assert (b.finish_reason, b.stop_reason) == ("stop", 9)
+    assert (c.finish_reason, c.stop_reason) == ("length", None)
+
+
+def test_a_stop_string_finishes_and_frees_like_a_stop_token():
+    h = Harness()
+    h.sched.add_request(make_request("a", 3, max_tokens=10))
+    h.sched.add_request(make_request("b", 3, max_tokens=1))
+    a, b = h.sched.requests["a"], h.sched.requests["b"]
+    h.step()
+    h.sched.stop_request(a, "\n\n")
+    h.sched.stop_request(b, "!")  # ended by its length on the token that completed the string
+    assert "a" not in h.sched.requests and h.pt.num_free_blocks == h.pt.num_blocks
+    assert (a.finish_reason, a.stop_reason) == ("stop", "\n\n")
+    assert (b.finish_reason, b.stop_reason) == ("stop", "!")
+    assert set(h.sched.schedule().finished_request_ids) == {"a", "b"}
 
 
 def test_a_cached_prefix_is_not_computed_again():

@@ -52,5 +52,6 @@ def greedy_plan_runner(runner: ModelRunner, prompts, max_new_tokens, chunk=None,
             state[rid] = computed + n
         if not plan.new_requests and not plan.cached_requests.request_ids:
             return [outputs[str(i)] for i in range(len(prompts))]
-        for rid, token in zip(*runner.execute(plan), strict=True):
+        result = runner.execute(plan)
+        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
             outputs[rid].append(token)

@@ -48,8 +48,8 @@ def decode(rid, computed, new_blocks=(), replace=False):
 
 
 def step(runner, **plan):
-    ids, tokens = runner.execute(worker_pb2.StepPlan(**plan))
-    return dict(zip(ids, tokens, strict=True))
+    result = runner.execute(worker_pb2.StepPlan(**plan))
+    return dict(zip(result.request_ids, result.token_ids, strict=True))
 
 
 def reference(runner, num_tokens):
