@@ -23,14 +23,14 @@ def _decode_shapes(block_size: int) -> list[tuple[int, int]]:
 
 
 def _run_decode(batch, scale, config=None, workspace_poison=True):
-    from kernels.triton_decode_attention import decode_attention
+    from kernels.triton_decode_attention import decode_attention, workspace_numel
 
     out = torch.full_like(batch.query, float("nan"))  # poisoned: an unwritten row fails
     workspace = None
     if config is not None and config.num_splits > 1 and workspace_poison:
         num_seqs, num_heads, head_dim = batch.query.shape
         workspace = torch.full(
-            (num_seqs, num_heads, config.num_splits, head_dim + 2),
+            (workspace_numel(num_seqs, num_heads, head_dim, config.num_splits),),
             float("nan"),
             device=batch.query.device,
         )
@@ -96,6 +96,36 @@ def test_decode_default_config_and_padding_entries(device):
     assert got[0].abs().sum() == 0 and got[3].abs().sum() == 0
 
 
+def test_decode_split_padded_group_and_head_dim(device):
+    """A split launch whose GQA group (3) and head_dim (24) are both padded inside: the partial
+    states and the merge must ignore the padding rows and columns (the workspace is NaN)."""
+    from kernels.triton_decode_attention import DecodeConfig
+
+    shapes = [(70, 1), (16, 1), (0, 1), (3, 1), (33, 1)]
+    batch = make_batch(shapes, 8, 6, 2, 24, device=device, seed=5)
+    config = DecodeConfig(num_splits=3, block_n=16, num_warps=4, num_stages=2)
+    got = _run_decode(batch, 0.3, config)
+    expected = reference_attention(batch, 0.3, dtype=torch.float32)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+    assert got[2].abs().sum() == 0
+
+
+def test_decode_rejects_value_cache_with_other_strides(device):
+    """One row offset per token addresses both caches, so their strides must match."""
+    from kernels.triton_decode_attention import decode_attention
+
+    batch = make_batch([(20, 1)], 8, 4, 2, HEAD_DIM, device=device)
+    num_blocks, block_size, num_kv_heads, head_dim = batch.key_cache.shape
+    value_cache = torch.empty(
+        num_blocks, num_kv_heads, block_size, head_dim, device=device
+    ).transpose(1, 2)  # same shape, head_dim still contiguous, other strides
+    value_cache.copy_(batch.value_cache)
+    with pytest.raises(ValueError, match="same shape and strides"):
+        decode_attention(
+            batch.query, batch.key_cache, value_cache, batch.block_tables, batch.seq_lens, 0.25
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_half_precision(device, dtype):
     from kernels.triton_decode_attention import DecodeConfig
@@ -130,10 +160,11 @@ def test_decode_query_view_of_fused_qkv(device):
 def test_decode_fused_merge_repeats_and_resets_counters(
     device, monkeypatch, merge_elements_per_thread
 ):
-    """The last split program of each (sequence, KV head) merges and resets its ticket counter:
-    a second call (as a CUDA-graph replay would be) gives the same result, and every counter is
-    back at 0. Splits beyond a short sequence's tiles are empty; a tiny merge tile makes the
-    merge take several (ragged) chunks of splits."""
+    """The last active split program of each (sequence, KV head) merges and resets its ticket
+    counter: a second call (as a CUDA-graph replay would be) gives the same result, and every
+    counter is back at 0. Sequences use as many splits as they have tiles (3, 1, 1 and 7 of
+    the 7 here: the one-split ones write their output directly, and the idle programs take no
+    ticket); a tiny merge tile makes the merge take several (ragged) chunks of splits."""
     from kernels import triton_decode_attention as tda
 
     monkeypatch.setattr(tda, "_MERGE_ELEMENTS_PER_THREAD", merge_elements_per_thread)
@@ -156,14 +187,16 @@ def test_decode_config_depends_on_shapes_only():
     from kernels.triton_decode_attention import decode_config
 
     bf16 = torch.bfloat16
-    # One sequence of Llama-3-8B on an H100 (132 SMs): split until the card is busy.
+    # One sequence of Llama-3-8B on an H100 (132 SMs): split up to the cap, one program per SM
+    # with two tiles in flight; 16 sequences: one wave of 3 programs per SM, one tile each.
     small = decode_config(1, 32, 8, 128, 16, bf16, 132)
-    assert small.num_splits > 1 and 8 * small.num_splits >= 2 * 132
-    assert small.block_n == 64 and small.num_stages == 2
+    assert small.num_splits == 16 and small.block_n == 64 and small.num_stages == 3
+    medium = decode_config(16, 32, 8, 128, 16, bf16, 132)
+    assert medium.num_splits == 3 and medium.num_stages == 2
     # A batch that fills the card on its own runs unsplit (no workspace, no merge).
     assert decode_config(256, 32, 8, 128, 16, bf16, 132).num_splits == 1
     # Never more splits than the cap; tile height follows the dtype.
-    assert decode_config(1, 8, 1, 128, 16, bf16, 1000).num_splits <= 64
+    assert decode_config(1, 8, 1, 128, 16, bf16, 1000).num_splits <= 16
     assert decode_config(4, 32, 8, 128, 16, torch.float32, 132).block_n == 32
     for bs in (8, 16, 32, 64, 128):  # block_size does not change the launch
         assert decode_config(16, 32, 8, 128, bs, bf16, 132) == decode_config(
