@@ -6,8 +6,11 @@ Ray places and supervises them; everything else travels over gRPC.
 import logging
 import os
 import socket
+import sys
 
 import ray
+
+from cluster.config import Config
 
 
 @ray.remote(num_cpus=0)
@@ -41,15 +44,35 @@ class WorkerActor:
 
 @ray.remote(num_cpus=0)
 class SchedulerActor:
-    """The central scheduler: hosts the Serving gRPC server and drives the workers."""
+    """The central scheduler: places every replica's workers (a RayPlacer, at start and on
+    Scale), hosts the Serving gRPC server and drives them. What it places fate-shares with it."""
 
     def __init__(
-        self, replicas, model, cache, scheduler, server, model_name: str, log_level: str = "INFO"
+        self, config: Config, model_path: str, tokenizer_path: str, gpus_per_worker: float
     ) -> None:
+        from cluster.placement import RayPlacer
         from scheduler.serving import ServingServer
 
-        logging.basicConfig(level=log_level)
-        self._server = ServingServer(replicas, model, cache, scheduler, server, model_name)
+        logging.basicConfig(level=config.logging.level)
+        # Each replica's engine thread wakes when its workers answer a step; with Python's
+        # default 5 ms switch interval, the event loop thread streaming tokens to clients would
+        # hold the GIL for up to 5 ms first, stalling every step of every replica.
+        sys.setswitchinterval(0.0005)
+        self._placer = RayPlacer(config, model_path, tokenizer_path, gpus_per_worker)
+        try:
+            replicas = [self._placer.place(r) for r in range(config.parallel.replicas)]
+            self._server = ServingServer(
+                replicas,
+                config.model,
+                config.cache,
+                config.scheduler,
+                config.server,
+                config.model.model,
+                placer=self._placer,
+            )
+        except BaseException:
+            self._placer.release_all()
+            raise
 
     def address(self) -> str:
         return self._server.address
@@ -57,8 +80,14 @@ class SchedulerActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def workers(self) -> list:
+        """Every replica's worker actors, replica by replica, in rank order."""
+        return self._placer.workers()
+
     def step_records(self) -> list[dict]:
         return self._server.step_records()
 
     def stop(self) -> None:
+        """Stops serving, then every worker, and removes the placement groups."""
         self._server.stop()
+        self._placer.release_all()

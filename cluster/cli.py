@@ -3,6 +3,7 @@
 pagedserve up -c configs/local.yaml [--set section.key=value ...]   serve until Ctrl-C / down
 pagedserve generate "What is the capital of France?" [--stream]
 pagedserve status
+pagedserve scale --replicas N
 pagedserve down
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from cluster.client import Client
+from cluster.client import Client, Credentials
 from cluster.config import ConfigError, load_config
 from scheduler.sampling_params import SamplingParams
 
@@ -36,13 +37,21 @@ def _read_state() -> dict | None:
         return None
 
 
-def _address(args: argparse.Namespace) -> str:
-    if args.address:
-        return args.address
-    state = _read_state()
-    if state is None:
+def _connect(args: argparse.Namespace) -> Client:
+    """A client of --address, or of the cluster `up` recorded (TLS verified against the
+    server's own certificate, when it is self-signed and no --tls-ca is given)."""
+    state = _read_state() or {}
+    address = args.address or state.get("address")
+    if address is None:
         sys.exit("no running cluster recorded; start one with `pagedserve up` or pass --address")
-    return state["address"]
+    ca = args.tls_ca or (state.get("tls_cert_file") if not args.address else None)
+    credentials = Credentials(
+        token=args.token or os.environ.get("PAGEDSERVE_TOKEN") or None,
+        tls_ca_file=ca,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+    )
+    return Client(address, credentials)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -58,7 +67,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
         path = state_file()
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"pid": os.getpid(), "address": address}))
+        state = {"pid": os.getpid(), "address": address}
+        if config.server.tls_cert_file is not None:
+            state["tls_cert_file"] = os.path.abspath(config.server.tls_cert_file)
+        path.write_text(json.dumps(state))
         print(f"pagedserve is serving {config.model.model} on {address}", flush=True)
         while not stop.wait(timeout=1.0):
             pass
@@ -76,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
     )
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-    with Client(_address(args)) as client:
+    with _connect(args) as client:
         last = None
         for delta in client.generate(prompt, params):
             if args.stream:
@@ -100,24 +112,47 @@ def _merge(acc, delta):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(_address(args)) as client:
+    with _connect(args) as client:
         info = client.server_info()
-        print(
-            f"model {info.model}: {info.num_steps} steps, {info.num_finished_requests} "
-            f"requests finished, {info.num_generated_tokens} tokens generated"
+    print(
+        f"model {info.model}: {info.num_steps} steps, {info.num_finished_requests} "
+        f"requests finished, {info.num_generated_tokens} tokens generated; "
+        f"{info.generated_tokens_per_s:.1f} tokens/s over the last "
+        f"{info.throughput_window_s:g} s"
+    )
+    for n in info.nodes:
+        resources = ", ".join(
+            f"{k} {v:g}" for k, v in sorted(n.resources.items()) if not k.startswith("node:")
         )
-        for r in info.replicas:
-            used = r.num_blocks - r.num_free_blocks
-            hits = 100 * r.prefix_cache_hits / max(r.prefix_cache_queries, 1)
-            print(
-                f"replica {r.replica_id}: KV {used}/{r.num_blocks} blocks of {r.block_size} "
-                f"({100 * used / max(r.num_blocks, 1):.1f}%), running {r.num_running}, "
-                f"waiting {r.num_waiting}, swapped {r.num_swapped}; prefix cache hits "
-                f"{hits:.1f}% of {r.prefix_cache_queries} tokens; {r.num_preemptions} "
-                f"preemptions ({r.num_swapped_out} by swap)"
-            )
-            for w in r.workers:
-                print(f"  rank {w.rank}: {w.address} ({w.device})")
+        print(f"node {n.node_id} {n.address} {'alive' if n.alive else 'dead'}: {resources}")
+    for r in info.replicas:
+        used = r.num_blocks - r.num_free_blocks
+        hits = 100 * r.prefix_cache_hits / max(r.prefix_cache_queries, 1)
+        print(
+            f"replica {r.replica_id} ({r.state}): KV {used}/{r.num_blocks} blocks of "
+            f"{r.block_size} ({100 * used / max(r.num_blocks, 1):.1f}%), running "
+            f"{r.num_running}, waiting {r.num_waiting}, swapped {r.num_swapped}; "
+            f"{r.generated_tokens_per_s:.1f} tokens/s; prefix cache hits {hits:.1f}% of "
+            f"{r.prefix_cache_queries} tokens; {r.num_preemptions} preemptions "
+            f"({r.num_swapped_out} by swap)"
+        )
+        for w in r.workers:
+            node = f" on node {w.node_id}" if w.node_id else ""
+            print(f"  rank {w.rank}: {w.address} ({w.device}){node}")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        reply = client.scale(args.replicas, timeout=args.timeout)
+    print(f"serving replicas: {', '.join(map(str, reply.serving))}")
+    if reply.added:
+        print(f"added: {', '.join(map(str, reply.added))}")
+    if reply.draining:
+        print(
+            f"draining: {', '.join(map(str, reply.draining))} (they finish their "
+            f"{reply.num_draining_requests} requests, then stop; see `pagedserve status`)"
+        )
     return 0
 
 
@@ -161,13 +196,18 @@ def _running(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    connect = argparse.ArgumentParser(add_help=False)  # how generate/status/scale connect
+    connect.add_argument("--address", default=None, help="host:port (default: the one `up` ran)")
+    connect.add_argument("--token", default=None, help="auth token (default: $PAGEDSERVE_TOKEN)")
+    connect.add_argument("--tls-ca", default=None, help="PEM roots that sign the server's cert")
+    connect.add_argument("--tls-cert", default=None, help="client certificate (mTLS)")
+    connect.add_argument("--tls-key", default=None, help="client private key (mTLS)")
     up = sub.add_parser("up", help="start a cluster and serve until Ctrl-C or `down`")
     up.add_argument("-c", "--config", default=None, help="YAML config (default: built-in)")
     up.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     up.set_defaults(func=cmd_up)
-    gen = sub.add_parser("generate", help="send one prompt")
+    gen = sub.add_parser("generate", help="send one prompt", parents=[connect])
     gen.add_argument("prompt")
-    gen.add_argument("--address", default=None)
     gen.add_argument("--stream", action="store_true", help="print text as it arrives")
     gen.add_argument("--raw", action="store_true", help="send the prompt without chat template")
     gen.add_argument("--max-tokens", type=int, default=256)
@@ -175,9 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
-    status = sub.add_parser("status", help="show replicas, workers, KV usage and queues")
-    status.add_argument("--address", default=None)
+    status = sub.add_parser(
+        "status",
+        help="show nodes, replicas, workers, KV usage, queues and throughput",
+        parents=[connect],
+    )
     status.set_defaults(func=cmd_status)
+    scale = sub.add_parser(
+        "scale", help="add replicas, or drain and remove some", parents=[connect]
+    )
+    scale.add_argument("--replicas", type=int, required=True, help="how many should serve")
+    scale.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds to wait for new replicas"
+    )
+    scale.set_defaults(func=cmd_scale)
     down = sub.add_parser("down", help="stop the cluster that `up` started")
     down.add_argument("--timeout", type=float, default=60.0)
     down.set_defaults(func=cmd_down)

@@ -7,6 +7,7 @@ for delta in client.generate("Hello", SamplingParams(max_tokens=32)):
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -88,10 +89,51 @@ def to_proto_params(p: SamplingParams) -> serving_pb2.SamplingParams:
     return out
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """How a client proves itself and checks the server. token: sent as "authorization: Bearer
+    <token>" on every call. tls_ca_file: PEM roots that sign the server's certificate (setting
+    it turns TLS on); tls_cert_file and tls_key_file: this client's certificate, for mTLS."""
+
+    token: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials, or None for a plaintext channel."""
+        if self.tls_ca_file is None:
+            if self.tls_cert_file or self.tls_key_file:
+                raise ValueError("a client certificate needs tls_ca_file (TLS) as well")
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca_file),
+            private_key=_read(self.tls_key_file),
+            certificate_chain=_read(self.tls_cert_file),
+        )
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class Client:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = credentials or Credentials()
+        tls = credentials.channel_credentials()
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(address, tls, options=CHANNEL_OPTIONS)
+        self._metadata = credentials.metadata
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -106,18 +148,31 @@ class Client:
         """Streams the deltas of the n completions (each names its index); a completion's last
         one carries its finish_reason and usage."""
         msg = make_request(prompt, params, request_id, priority)
-        return self._stub.Generate(msg, timeout=timeout)
+        return self._stub.Generate(msg, timeout=timeout, metadata=self._metadata)
 
     def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         return self._stub.Abort(
-            serving_pb2.AbortRequest(request_id=request_id), timeout=timeout
+            serving_pb2.AbortRequest(request_id=request_id),
+            timeout=timeout,
+            metadata=self._metadata,
         ).found
 
     def model_info(self, timeout: float = 10.0) -> serving_pb2.ModelInfoResponse:
-        return self._stub.GetModelInfo(serving_pb2.ModelInfoRequest(), timeout=timeout)
+        return self._stub.GetModelInfo(
+            serving_pb2.ModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
 
     def server_info(self, timeout: float = 10.0) -> serving_pb2.ServerInfoResponse:
-        return self._stub.GetServerInfo(serving_pb2.ServerInfoRequest(), timeout=timeout)
+        return self._stub.GetServerInfo(
+            serving_pb2.ServerInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
+
+    def scale(self, replicas: int, timeout: float = 1800.0) -> serving_pb2.ScaleResponse:
+        """Asks for `replicas` serving replicas: new ones are placed and loaded before this
+        returns; surplus ones drain (finish their requests) and then stop."""
+        return self._stub.Scale(
+            serving_pb2.ScaleRequest(replicas=replicas), timeout=timeout, metadata=self._metadata
+        )
 
     def health(self, timeout: float = 10.0) -> str:
         """ "SERVING", "NOT_SERVING", ... for the Serving service."""
@@ -139,9 +194,15 @@ class Client:
 class AsyncClient:
     """The asyncio twin of Client; create it inside the event loop that uses it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = credentials or Credentials()
+        tls = credentials.channel_credentials()
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(address, tls, options=CHANNEL_OPTIONS)
+        self._metadata = credentials.metadata
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
 
     async def generate(
@@ -153,13 +214,15 @@ class AsyncClient:
         priority: int = 0,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         msg = make_request(prompt, params, request_id, priority)
-        call = self._stub.Generate(msg, timeout=timeout)
+        call = self._stub.Generate(msg, timeout=timeout, metadata=self._metadata)
         async for delta in call:
             yield delta
 
     async def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         reply = await self._stub.Abort(
-            serving_pb2.AbortRequest(request_id=request_id), timeout=timeout
+            serving_pb2.AbortRequest(request_id=request_id),
+            timeout=timeout,
+            metadata=self._metadata,
         )
         return reply.found
 

@@ -146,6 +146,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return any(_type_ok(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
+    if typing.get_origin(hint) is tuple:  # tuple[T, ...]: a YAML list of T
+        item = typing.get_args(hint)[0]
+        return isinstance(value, list | tuple) and all(_type_ok(v, item) for v in value)
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if hint is int:
@@ -156,4 +159,6 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     if isinstance(hint, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
     return "null" if hint is type(None) else hint.__name__

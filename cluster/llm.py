@@ -6,6 +6,7 @@ gRPC client concurrently, so continuous batching serves them together.
 
 import asyncio
 import atexit
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from cluster.client import AsyncClient, Prompt
 from cluster.config import Config, load_config
 from protos import serving_pb2
+from scheduler.config import ServerConfig
 from scheduler.logprobs import Logprob, PositionLogprobs
 from scheduler.sampling_params import SamplingParams
 
@@ -66,15 +68,16 @@ class LLM:
         model_values = {k: kwargs[k] for k in _MODEL_KEYS if k in kwargs}
         if model is not None:
             model_values["model"] = model
-        # The offline engine serves this process only: any free port.
-        self.config = replace_sections(
+        config = replace_sections(
             base,
             model=model_values,
             parallel={k: kwargs[k] for k in _PARALLEL_KEYS if k in kwargs},
             cache={k: kwargs[k] for k in _CACHE_KEYS if k in kwargs},
             scheduler={k: kwargs[k] for k in _SCHEDULER_KEYS if k in kwargs},
-            server={"port": 0},
         )
+        # The offline engine serves this process only: loopback, any free port, no TLS, tokens
+        # or limits.
+        self.config = dataclasses.replace(config, server=ServerConfig(port=0))
         self._cluster = Cluster(self.config)
         self.address = self._cluster.start()
         atexit.register(self.shutdown)

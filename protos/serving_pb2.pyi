@@ -183,17 +183,19 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("rank", "address", "device")
+    __slots__ = ("rank", "address", "device", "node_id")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     address: str
     device: str
-    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    node_id: str
+    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
-    __slots__ = ("replica_id", "workers", "num_blocks", "num_free_blocks", "block_size", "num_running", "num_waiting", "num_swapped", "kv_usage", "num_cpu_blocks", "num_free_cpu_blocks", "num_preemptions", "num_swapped_out", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed")
+    __slots__ = ("replica_id", "workers", "num_blocks", "num_free_blocks", "block_size", "num_running", "num_waiting", "num_swapped", "kv_usage", "num_cpu_blocks", "num_free_cpu_blocks", "num_preemptions", "num_swapped_out", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "state", "generated_tokens_per_s")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +212,8 @@ class ReplicaInfo(_message.Message):
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     replica_id: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     num_blocks: int
@@ -226,18 +230,63 @@ class ReplicaInfo(_message.Message):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_prompt_tokens_computed: int
-    def __init__(self, replica_id: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_cpu_blocks: _Optional[int] = ..., num_free_cpu_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_swapped_out: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ...) -> None: ...
+    state: str
+    generated_tokens_per_s: float
+    def __init__(self, replica_id: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_cpu_blocks: _Optional[int] = ..., num_free_cpu_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_swapped_out: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., state: _Optional[str] = ..., generated_tokens_per_s: _Optional[float] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "address", "alive", "resources")
+    class ResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    alive: bool
+    resources: _containers.ScalarMap[str, float]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., resources: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens")
+    __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens", "nodes", "generated_tokens_per_s", "throughput_window_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
     num_steps: int
     num_finished_requests: int
     num_generated_tokens: int
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., num_steps: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ...) -> None: ...
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    generated_tokens_per_s: float
+    throughput_window_s: float
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., num_steps: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., generated_tokens_per_s: _Optional[float] = ..., throughput_window_s: _Optional[float] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: int
+    def __init__(self, replicas: _Optional[int] = ...) -> None: ...
+
+class ScaleResponse(_message.Message):
+    __slots__ = ("serving", "added", "draining", "num_draining_requests")
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAINING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    serving: _containers.RepeatedScalarFieldContainer[int]
+    added: _containers.RepeatedScalarFieldContainer[int]
+    draining: _containers.RepeatedScalarFieldContainer[int]
+    num_draining_requests: int
+    def __init__(self, serving: _Optional[_Iterable[int]] = ..., added: _Optional[_Iterable[int]] = ..., draining: _Optional[_Iterable[int]] = ..., num_draining_requests: _Optional[int] = ...) -> None: ...

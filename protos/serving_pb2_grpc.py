@@ -54,6 +54,11 @@ class ServingStub:
                 request_serializer=protos_dot_serving__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_serving__pb2.ServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/pagedserve.serving.Serving/Scale',
+                request_serializer=protos_dot_serving__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=protos_dot_serving__pb2.ScaleResponse.FromString,
+                _registered_method=True)
 
 
 class ServingServicer:
@@ -85,6 +90,15 @@ class ServingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scale(self, request, context):
+        """Sets how many replicas serve. New ones are placed on any node Ray has (one placement group
+        each); removed ones drain: they take no new request, finish what they hold, then stop. The
+        answer comes once the new replicas serve; draining goes on after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +121,11 @@ def add_ServingServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=protos_dot_serving__pb2.ServerInfoRequest.FromString,
                     response_serializer=protos_dot_serving__pb2.ServerInfoResponse.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=protos_dot_serving__pb2.ScaleRequest.FromString,
+                    response_serializer=protos_dot_serving__pb2.ScaleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +236,33 @@ class Serving:
             '/pagedserve.serving.Serving/GetServerInfo',
             protos_dot_serving__pb2.ServerInfoRequest.SerializeToString,
             protos_dot_serving__pb2.ServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.serving.Serving/Scale',
+            protos_dot_serving__pb2.ScaleRequest.SerializeToString,
+            protos_dot_serving__pb2.ScaleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,7 @@
 cluster/config.py composes these with the cluster-only sections and loads them from YAML.
 """
 
+import os
 from dataclasses import dataclass
 
 _LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
@@ -88,9 +89,59 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """The Serving endpoint. Files are read where the scheduler runs (the head node)."""
+
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
+    # TLS: the server's certificate chain and private key (PEM), both or neither. With
+    # tls_client_ca_file, clients must also present a certificate signed by that CA (mTLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    # Bearer tokens: when any is set, every call but the health check must carry the metadata
+    # "authorization: Bearer <token>", or is refused UNAUTHENTICATED.
+    auth_tokens: tuple[str, ...] = ()
+    auth_tokens_file: str | None = None  # one token per line, added to auth_tokens
+    # Limits: Generate calls served at once (RESOURCE_EXHAUSTED beyond; 0 = no limit) and the
+    # largest request message accepted, in bytes.
+    max_concurrent_requests: int = 0
+    max_request_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens))
         if not 0 <= self.port < 65536:
             raise ValueError(f"server.port must be in [0, 65535], got {self.port}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("server.tls_client_ca_file needs server.tls_cert_file (TLS)")
+        for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+            path = getattr(self, key)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"server.{key}: no such file {path!r}")
+        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
+            raise ValueError("server.auth_tokens must be non-empty strings without whitespace")
+        if self.max_concurrent_requests < 0:
+            raise ValueError(
+                f"server.max_concurrent_requests must be >= 0, got {self.max_concurrent_requests}"
+            )
+        if self.max_request_bytes < 1024:
+            raise ValueError(
+                f"server.max_request_bytes must be >= 1024, got {self.max_request_bytes}"
+            )
+
+    def tokens(self) -> frozenset[str]:
+        """Every accepted token: auth_tokens and the lines of auth_tokens_file."""
+        tokens = set(self.auth_tokens)
+        if self.auth_tokens_file is not None:
+            with open(self.auth_tokens_file) as f:
+                tokens.update(line.strip() for line in f if line.strip())
+        return frozenset(tokens)
+
+    def read(self, key: str) -> bytes | None:
+        """The bytes of a file setting (tls_cert_file, ...), or None when unset."""
+        path = getattr(self, key)
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()

@@ -14,6 +14,7 @@ thread alone touches a completion's text while a step is in flight; an abort tha
 answered at the end of the step.
 """
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -55,6 +56,18 @@ class Delta:
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float | None = None
     stop_reason: int | str | None = None  # on the last delta: the stop token id or string
+
+    def then(self, later: "Delta") -> "Delta":
+        """This delta and a later one of the same completion, as one."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return dataclasses.replace(
+            later,
+            token_ids=self.token_ids + later.token_ids,
+            text=self.text + later.text,
+            logprobs=logprobs,
+        )
 
 
 Sink = Callable[[Delta], None]
@@ -219,18 +232,20 @@ class Engine:
             decoded.append(self._decoded_logprobs(request))
         with self._cond:
             self._in_step = False
-            learned = zip(updates, texts, stops, decoded, strict=True)
-            for (request, token), text, stop, lp in learned:
+            for (request, _), stop in zip(updates, stops, strict=True):
                 if stop is not None:
                     self.scheduler.stop_request(request, stop)
+            # Taken before any is dropped: the n completions of a request share one sink.
+            sinks = [self._sinks.get(request.group_id) for request, _ in updates]
+            learned = zip(updates, texts, decoded, sinks, strict=True)
+            for (request, token), text, lp, sink in learned:
                 if text is None or request.status is RequestStatus.FINISHED_ABORTED:
                     continue  # aborted while the step ran: answered below
-                sink = self._sinks.get(request.group_id)
                 if request.status.finished:
                     del self._texts[request.request_id]
-                    if request.group_id not in self.scheduler.groups and sink is not None:
-                        del self._sinks[request.group_id]  # its last completion ended
-                        self.num_finished += 1
+                    group = request.group_id
+                    if group not in self.scheduler.groups and self._sinks.pop(group, None):
+                        self.num_finished += 1  # its last completion ended
                 if sink is not None:
                     sink(self._delta(request, text, token, lp))
             for aborted, sink in self._aborted:

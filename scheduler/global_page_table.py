@@ -1,9 +1,11 @@
-"""The global page table: every replica's page table seen at once, to route new requests.
+"""The global page table: every serving replica's page table seen at once, to route new requests.
 
 A new request goes to the replica that caches its longest prefix (the fewest tokens left to
-prefill); ties go to the replica with the fewest unfinished requests, then to the first.
+prefill); ties go to the replica with the fewest unfinished requests, then to the lowest id.
+Replicas join (scale-up) and leave (a draining replica takes no new request) while it routes.
 """
 
+import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
@@ -13,7 +15,8 @@ from scheduler.scheduler import Scheduler
 
 class GlobalPageTable:
     """schedulers[i] is replica i's (its page_table is the replica's pool); locks[i], if given,
-    is held while reading replica i's state (its engine thread changes it)."""
+    is held while reading replica i's state (its engine thread changes it). Replicas added later
+    bring their own id."""
 
     def __init__(
         self,
@@ -22,26 +25,55 @@ class GlobalPageTable:
     ) -> None:
         if not schedulers:
             raise ValueError("a global page table needs at least one replica")
-        block_sizes = {s.page_table.block_size for s in schedulers}
-        if len(block_sizes) > 1:  # a request's block hashes are computed for one block size
-            raise ValueError(f"replicas must share one block size, got {sorted(block_sizes)}")
-        self.schedulers = list(schedulers)
-        self._locks = list(locks) if locks is not None else [nullcontext()] * len(schedulers)
+        self._members: dict[int, tuple[Scheduler, AbstractContextManager]] = {}
+        self._membership = threading.Lock()
+        locks = list(locks) if locks is not None else [nullcontext()] * len(schedulers)
+        for replica_id, (scheduler, lock) in enumerate(zip(schedulers, locks, strict=True)):
+            self.add(replica_id, scheduler, lock)
 
-    def cached_tokens(self, request: Request) -> list[int]:
-        """Per replica, how many of the request's tokens its prefix cache holds."""
-        counts = []
-        for scheduler, lock in zip(self.schedulers, self._locks, strict=True):
-            pt = scheduler.page_table
-            with lock:
-                counts.append(len(pt.cached_prefix(request)) * pt.block_size)
-        return counts
+    def add(
+        self, replica_id: int, scheduler: Scheduler, lock: AbstractContextManager | None = None
+    ) -> None:
+        """Routes new requests to this replica too."""
+        with self._membership:
+            if replica_id in self._members:
+                raise ValueError(f"replica {replica_id} is already routed to")
+            block_sizes = {s.page_table.block_size for s, _ in self._members.values()}
+            block_sizes.add(scheduler.page_table.block_size)
+            if len(block_sizes) > 1:  # a request's block hashes are computed for one block size
+                raise ValueError(f"replicas must share one block size, got {sorted(block_sizes)}")
+            self._members = {**self._members, replica_id: (scheduler, lock or nullcontext())}
+
+    def remove(self, replica_id: int) -> None:
+        """Routes no new request to this replica (it drains); the last one cannot leave."""
+        with self._membership:
+            if replica_id not in self._members:
+                raise ValueError(f"replica {replica_id} is not routed to")
+            if len(self._members) == 1:
+                raise ValueError("the last replica that takes requests cannot be removed")
+            self._members = {i: m for i, m in self._members.items() if i != replica_id}
+
+    def cached_tokens(self, request: Request) -> dict[int, int]:
+        """Per replica id, how many of the request's tokens its prefix cache holds."""
+        return self._cached_tokens(self._members, request)
 
     def route(self, request: Request) -> int:
-        """The replica for a new request: longest cached prefix, then least loaded."""
-        loads = []
-        for scheduler, lock in zip(self.schedulers, self._locks, strict=True):
+        """The id of the replica for a new request: longest cached prefix, then least loaded."""
+        members = self._members  # replaced, never changed: a consistent snapshot
+        loads = {}
+        for replica_id, (scheduler, lock) in members.items():
             with lock:
-                loads.append(len(scheduler.requests))
-        cached = self.cached_tokens(request)
-        return max(range(len(self.schedulers)), key=lambda i: (cached[i], -loads[i], -i))
+                loads[replica_id] = len(scheduler.requests)
+        cached = self._cached_tokens(members, request)
+        return max(members, key=lambda i: (cached[i], -loads[i], -i))
+
+    @staticmethod
+    def _cached_tokens(
+        members: dict[int, tuple[Scheduler, AbstractContextManager]], request: Request
+    ) -> dict[int, int]:
+        counts = {}
+        for replica_id, (scheduler, lock) in members.items():
+            pt = scheduler.page_table
+            with lock:
+                counts[replica_id] = len(pt.cached_prefix(request)) * pt.block_size
+        return counts

@@ -3,8 +3,11 @@
 ServingServer brings each replica's workers up over gRPC (InitDistributed, LoadModel,
 ProfileMemory, InitCache), sizes its page table from their reports, starts one engine loop per
 replica and serves clients on an asyncio gRPC server with grpc.health.v1 and reflection. A new
-request goes to the replica the global page table picks (longest cached prefix, then load). The
-cluster runs it inside the scheduler's Ray actor.
+request goes to the replica the global page table picks (longest cached prefix, then load).
+Given a Placer (the cluster's places workers with Ray), Scale changes the number of replicas:
+new ones are placed and brought up the same way; removed ones drain (they take no new request,
+answer what they hold, then their workers stop). The cluster runs it inside the scheduler's Ray
+actor.
 """
 
 import asyncio
@@ -12,19 +15,23 @@ import dataclasses
 import logging
 import threading
 import uuid
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
+from scheduler.auth import TokenAuthInterceptor
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
-from scheduler.engine import Delta, Engine
+from scheduler.engine import Delta, Engine, Sink
 from scheduler.global_page_table import GlobalPageTable
 from scheduler.logprobs import PositionLogprobs
+from scheduler.outbox import Outbox
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request
 from scheduler.sampling_params import SamplingParams
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
 _WORKER_RPC_TIMEOUT_S = 600.0
+_DRAIN_POLL_S = 0.05  # how often a draining replica is checked for its last request
+THROUGHPUT_WINDOW_S = 10.0  # GetServerInfo's generated tokens per second are over this window
 
 
 @dataclass(frozen=True)
@@ -46,16 +55,37 @@ class ReplicaSpec:
     tokenizer_path: str
     master_addr: str = "127.0.0.1"
     master_port: int = 0
+    worker_node_ids: tuple[str, ...] = ()  # each rank's cluster node, where the placer knows it
+
+
+class Placer(Protocol):
+    """Starts and stops replicas' workers on the cluster's machines (cluster/ does it with Ray).
+    A server given one can scale."""
+
+    def place(self, replica_id: int) -> ReplicaSpec:
+        """Starts the workers of a new replica; raises RuntimeError, with a sentence, when the
+        cluster has no room for them (and then holds nothing for it)."""
+        ...
+
+    def release(self, replica_id: int) -> None:
+        """Stops a replica's workers and frees the resources they held."""
+        ...
+
+    def nodes(self) -> list[serving_pb2.NodeInfo]:
+        """The cluster's nodes, for GetServerInfo."""
+        ...
 
 
 @dataclass
 class Replica:
     """One replica as the server drives it: its workers and its engine loop (which owns the
-    scheduler and the page table)."""
+    scheduler and the page table). A draining replica takes no new request."""
 
+    replica_id: int
     spec: ReplicaSpec
     model_info: worker_pb2.ModelInfo
     engine: Engine
+    draining: bool = False
 
 
 class ServingServer:
@@ -67,12 +97,23 @@ class ServingServer:
         scheduler: SchedulerConfig,
         server: ServerConfig,
         model_name: str,
+        placer: Placer | None = None,
     ) -> None:
         if not replicas:
             raise ValueError("a server needs at least one replica")
         self.model_name = model_name
+        self.placer = placer
         self.ready = False  # until the workers are up and their caches allocated
+        # Replaced, never changed in place (readers take a snapshot), under _membership, which
+        # also makes routing a request and enqueueing it one step that draining cannot split.
         self.replicas: list[Replica] = []
+        self._membership = threading.Lock()
+        self._scaling = threading.Lock()  # one Scale at a time
+        self._configs = (model, cache, scheduler)
+        self._next_replica_id = len(replicas)
+        self._drains: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self._retired: Counter[str] = Counter()  # drained replicas' totals (replaced, as above)
         # Serve from the start, NOT_SERVING while the model loads, so clients can watch it.
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -106,33 +147,42 @@ class ServingServer:
         self.model_info = brought_up[0][0]
         limit = self.model_info.max_position_embeddings
         self.max_model_len = model.max_model_len or limit
-        for spec, (info, num_blocks, num_cpu_blocks) in zip(replicas, brought_up, strict=True):
-            capacity = num_blocks * cache.block_size
-            if self.max_model_len > capacity:
-                raise ValueError(
-                    f"max_model_len={self.max_model_len} tokens does not fit the KV cache of "
-                    f"{num_blocks} blocks x {cache.block_size} = {capacity} tokens; lower "
-                    "model.max_model_len or give the cache more memory"
-                )
-            for address in spec.worker_addresses:
-                worker_pb2_grpc.WorkerStub(grpc.insecure_channel(address)).InitCache(
-                    worker_pb2.InitCacheRequest(
-                        num_blocks=num_blocks,
-                        block_size=cache.block_size,
-                        num_cpu_blocks=num_cpu_blocks,
-                    ),
-                    timeout=_WORKER_RPC_TIMEOUT_S,
-                )
-            page_table = PageTableManager(
-                num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks
-            )
-            engine = Engine(
-                Scheduler(scheduler, page_table), self.tokenizer, list(spec.worker_addresses)
-            )
-            self.replicas.append(Replica(spec, info, engine))
+        for replica_id, (spec, sizes) in enumerate(zip(replicas, brought_up, strict=True)):
+            self.replicas.append(self._start_engine(replica_id, spec, sizes))
         self.router = GlobalPageTable(
             [r.engine.scheduler for r in self.replicas], [r.engine.lock for r in self.replicas]
         )
+
+    def _start_engine(
+        self, replica_id: int, spec: ReplicaSpec, sizes: tuple[worker_pb2.ModelInfo, int, int]
+    ) -> Replica:
+        """Allocates the KV cache of a replica whose workers have loaded the model (sizes are
+        _bring_up_workers' answer) and starts its engine loop."""
+        info, num_blocks, num_cpu_blocks = sizes
+        cache, scheduler = self._configs[1:]
+        capacity = num_blocks * cache.block_size
+        if self.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} tokens does not fit the KV cache of "
+                f"{num_blocks} blocks x {cache.block_size} = {capacity} tokens; lower "
+                "model.max_model_len or give the cache more memory"
+            )
+        for address in spec.worker_addresses:
+            worker_pb2_grpc.WorkerStub(grpc.insecure_channel(address)).InitCache(
+                worker_pb2.InitCacheRequest(
+                    num_blocks=num_blocks,
+                    block_size=cache.block_size,
+                    num_cpu_blocks=num_cpu_blocks,
+                ),
+                timeout=_WORKER_RPC_TIMEOUT_S,
+            )
+        page_table = PageTableManager(
+            num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks
+        )
+        engine = Engine(
+            Scheduler(scheduler, page_table), self.tokenizer, list(spec.worker_addresses)
+        )
+        return Replica(replica_id, spec, info, engine)
 
     def _serve(self, server_cfg: ServerConfig) -> None:
         asyncio.set_event_loop(self._loop)
@@ -147,14 +197,29 @@ class ServingServer:
         self._loop.run_forever()
 
     async def _start(self, server_cfg: ServerConfig) -> None:
-        self._server = grpc.aio.server()
-        serving_pb2_grpc.add_ServingServicer_to_server(ServingService(self), self._server)
+        tokens = server_cfg.tokens()
+        self._server = grpc.aio.server(
+            interceptors=[TokenAuthInterceptor(tokens)] if tokens else None,
+            options=[("grpc.max_receive_message_length", server_cfg.max_request_bytes)],
+        )
+        service = ServingService(self, server_cfg.max_concurrent_requests)
+        serving_pb2_grpc.add_ServingServicer_to_server(service, self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        port = self._server.add_insecure_port(f"{server_cfg.host}:{server_cfg.port}")
+        address = f"{server_cfg.host}:{server_cfg.port}"
+        if server_cfg.tls_cert_file is None:
+            port = self._server.add_insecure_port(address)
+        else:
+            client_ca = server_cfg.read("tls_client_ca_file")
+            credentials = grpc.ssl_server_credentials(
+                [(server_cfg.read("tls_key_file"), server_cfg.read("tls_cert_file"))],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = self._server.add_secure_port(address, credentials)
         if port == 0:
             raise RuntimeError(f"cannot listen on {server_cfg.host}:{server_cfg.port}")
         self.address = f"{server_cfg.host}:{port}"
@@ -175,12 +240,85 @@ class ServingServer:
             asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._closed.set()
+        for drain in self._drains:
+            drain.join(timeout=10)
         for replica in self.replicas:
             replica.engine.stop()
 
-    def route(self, request: Request) -> Engine:
-        """The engine of the replica that should serve a new request."""
-        return self.replicas[self.router.route(request)].engine
+    def submit(self, request: Request, sink: Sink) -> Engine:
+        """Routes a new request to a serving replica and enqueues it there (what
+        Engine.add_request raises, it raises); returns that replica's engine."""
+        with self._membership:
+            replica_id = self.router.route(request)
+            engine = next(r.engine for r in self.replicas if r.replica_id == replica_id)
+            engine.add_request(request, sink)
+        return engine
+
+    def scale(self, num_replicas: int) -> serving_pb2.ScaleResponse:
+        """Brings the number of serving replicas to num_replicas (>= 1; needs a placer): places
+        and brings up new ones, or sets the newest draining; answers once the new ones serve.
+        Raises RuntimeError when a new replica cannot be placed (those placed before it serve)."""
+        with self._scaling:
+            serving = [r for r in self.replicas if not r.draining]
+            added = [self._add_replica() for _ in range(num_replicas - len(serving))]
+            with self._membership:
+                draining = sorted(serving, key=lambda r: r.replica_id)[num_replicas:]
+                for replica in draining:
+                    self.router.remove(replica.replica_id)
+                    replica.draining = True
+                held = {r.replica_id: r.engine.num_unfinished() for r in draining}
+            for replica in draining:
+                log.info(
+                    "replica %d drains %d requests", replica.replica_id, held[replica.replica_id]
+                )
+                drain = threading.Thread(
+                    target=self._retire, args=(replica,), name="drain", daemon=True
+                )
+                drain.start()
+                self._drains.append(drain)
+            return serving_pb2.ScaleResponse(
+                serving=[r.replica_id for r in self.replicas if not r.draining],
+                added=added,
+                draining=[r.replica_id for r in draining],
+                num_draining_requests=sum(held.values()),
+            )
+
+    def _add_replica(self) -> int:
+        """Places a new replica, brings it up and routes requests to it; returns its id."""
+        replica_id = self._next_replica_id
+        self._next_replica_id += 1
+        model, cache, scheduler = self._configs
+        spec = self.placer.place(replica_id)
+        try:
+            sizes = _bring_up_workers(spec, model, cache, scheduler)
+            replica = self._start_engine(replica_id, spec, sizes)
+        except BaseException:
+            self.placer.release(replica_id)
+            raise
+        with self._membership:
+            self.replicas = [*self.replicas, replica]
+            self.router.add(replica_id, replica.engine.scheduler, replica.engine.lock)
+        log.info("replica %d serves on %s", replica_id, ", ".join(spec.worker_addresses))
+        return replica_id
+
+    def _retire(self, replica: Replica) -> None:
+        """Waits until a draining replica has answered every request it holds, then stops its
+        engine and its workers (unless the whole server stops first: stop() takes it down)."""
+        while replica.engine.num_unfinished():
+            if self._closed.wait(_DRAIN_POLL_S):
+                return
+        engine = replica.engine
+        engine.stop()
+        with self._membership:
+            self.replicas = [r for r in self.replicas if r is not replica]
+            self._retired = self._retired + Counter(
+                steps=engine.num_steps,
+                finished=engine.num_finished,
+                generated=engine.num_generated_tokens,
+            )
+        self.placer.release(replica.replica_id)
+        log.info("replica %d drained and stopped", replica.replica_id)
 
     def abort(self, request_id: str) -> bool:
         return any(replica.engine.abort(request_id) for replica in self.replicas)
@@ -194,26 +332,41 @@ class ServingServer:
         ]
 
     def server_info(self) -> serving_pb2.ServerInfoResponse:
-        engines = [replica.engine for replica in self.replicas]
+        replicas, retired = self.replicas, self._retired  # snapshots
+        engines = [replica.engine for replica in replicas]
+        infos = [self._replica_info(replica) for replica in replicas]
         return serving_pb2.ServerInfoResponse(
             model=self.model_name,
-            replicas=[self._replica_info(i, replica) for i, replica in enumerate(self.replicas)],
-            num_steps=sum(e.num_steps for e in engines),
-            num_finished_requests=sum(e.num_finished for e in engines),
-            num_generated_tokens=sum(e.num_generated_tokens for e in engines),
+            replicas=infos,
+            num_steps=retired["steps"] + sum(e.num_steps for e in engines),
+            num_finished_requests=retired["finished"] + sum(e.num_finished for e in engines),
+            num_generated_tokens=retired["generated"]
+            + sum(e.num_generated_tokens for e in engines),
+            nodes=self.placer.nodes() if self.placer is not None else [],
+            generated_tokens_per_s=sum(info.generated_tokens_per_s for info in infos),
+            throughput_window_s=THROUGHPUT_WINDOW_S,
         )
 
     @staticmethod
-    def _replica_info(replica_id: int, replica: Replica) -> serving_pb2.ReplicaInfo:
+    def _replica_info(replica: Replica) -> serving_pb2.ReplicaInfo:
         sched = replica.engine.scheduler
         pt, stats = sched.page_table, sched.stats
+        spec = replica.spec
+        node_ids = spec.worker_node_ids or ("",) * len(spec.worker_addresses)
         workers = [
-            serving_pb2.WorkerInfo(rank=rank, address=address, device=replica.model_info.device)
-            for rank, address in enumerate(replica.spec.worker_addresses)
+            serving_pb2.WorkerInfo(
+                rank=rank, address=address, device=replica.model_info.device, node_id=node_id
+            )
+            for rank, (address, node_id) in enumerate(
+                zip(spec.worker_addresses, node_ids, strict=True)
+            )
         ]
+        throughput = replica.engine.generated_tokens_per_s(THROUGHPUT_WINDOW_S)
         with replica.engine.lock:
             return serving_pb2.ReplicaInfo(
-                replica_id=replica_id,
+                replica_id=replica.replica_id,
+                state="draining" if replica.draining else "serving",
+                generated_tokens_per_s=throughput,
                 workers=workers,
                 num_blocks=pt.num_blocks,
                 num_free_blocks=pt.num_free_blocks,
@@ -255,6 +408,12 @@ class ServingServer:
             token_ids = self.tokenizer.apply_chat_template(messages)
         if not token_ids:
             raise ValueError(f"{kind} must not be empty")
+        vocab = self.model_info.vocab_size
+        if kind != "prompt_token_ids" and max(token_ids) >= vocab:
+            raise ValueError(
+                f"{kind}: the tokenizer gave token id {max(token_ids)}, outside the model's "
+                f"vocabulary [0, {vocab}); model.tokenizer does not match the model"
+            )
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"{kind} is {len(token_ids)} tokens long; it must be shorter than "
@@ -356,8 +515,11 @@ def _bring_up_workers(
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, server: ServingServer) -> None:
+    def __init__(self, server: ServingServer, max_concurrent_requests: int = 0) -> None:
         self.server = server
+        self._outbox: Outbox | None = None  # made on the event loop, by the first Generate
+        self.max_concurrent_requests = max_concurrent_requests  # 0 = no limit
+        self.num_in_flight = 0  # Generate calls being served (on the event loop: no lock)
 
     async def _require_ready(self, context) -> None:
         if not self.server.ready:
@@ -367,15 +529,34 @@ class ServingService(serving_pb2_grpc.ServingServicer):
 
     async def Generate(self, request, context):
         await self._require_ready(context)
+        limit = self.max_concurrent_requests
+        if limit and self.num_in_flight >= limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server.max_concurrent_requests={limit} requests are in flight; retry later",
+            )
+        self.num_in_flight += 1
+        responses = self._generate(request, context)
+        try:
+            async for response in responses:
+                yield response
+        finally:  # closed at once, so a cancelled call aborts its request now, not at GC
+            await responses.aclose()
+            self.num_in_flight -= 1
+
+    async def _generate(self, request, context):
         loop = asyncio.get_running_loop()
         try:
             req = await loop.run_in_executor(None, self.server.build_request, request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         deltas: asyncio.Queue[Delta] = asyncio.Queue()
-        engine = await loop.run_in_executor(None, self.server.route, req)
+        if self._outbox is None:
+            self._outbox = Outbox(loop)
         try:
-            engine.add_request(req, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
+            engine = await loop.run_in_executor(
+                None, self.server.submit, req, self._outbox.sink(deltas)
+            )
         except RequestRefused as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ValueError as e:
@@ -383,9 +564,15 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         except RuntimeError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         unfinished = req.sampling_params.n  # completions; the stream ends when all have finished
+        held: deque[Delta] = deque()  # taken from the queue, not sent yet
         try:
             while unfinished:
-                delta = await deltas.get()
+                delta = held.popleft() if held else await deltas.get()
+                # A client that fell behind gets what piled up for a completion in one message.
+                while not deltas.empty():
+                    held.append(deltas.get_nowait())
+                while held and _joinable(delta, held[0]):
+                    delta = delta.then(held.popleft())
                 if delta.error is not None:
                     unfinished = 0
                     await context.abort(grpc.StatusCode.UNAVAILABLE, delta.error)
@@ -433,7 +620,35 @@ class ServingService(serving_pb2_grpc.ServingServicer):
 
     async def GetServerInfo(self, request, context):
         await self._require_ready(context)
-        return self.server.server_info()
+        return await asyncio.get_running_loop().run_in_executor(None, self.server.server_info)
+
+    async def Scale(self, request, context):
+        await self._require_ready(context)
+        if request.replicas < 1:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"replicas must be >= 1, got {request.replicas}"
+            )
+        if self.server.placer is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server cannot scale: it was started without a placer to start and stop "
+                "workers (a cluster started by `pagedserve up` has one)",
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, self.server.scale, request.replicas)
+        except RuntimeError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+
+def _joinable(delta: Delta, later: Delta) -> bool:
+    """Whether later may be sent in one message with delta: the same completion, still open."""
+    return (
+        later.index == delta.index
+        and delta.finish_reason is None
+        and delta.error is None
+        and later.error is None
+    )
 
 
 def _logprobs_to_proto(

@@ -40,3 +40,27 @@ def test_overrides_apply_over_the_file():
     assert cfg.scheduler.max_num_seqs == 7
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["max_num_seqs=7"])
+
+
+def test_server_security_settings_are_checked_naming_the_key(tmp_path):
+    cert = tmp_path / "server.pem"
+    cert.write_text("not checked until the server reads it")
+    path = tmp_path / "server.yaml"
+    cases = {
+        f"tls_cert_file: {cert}": "server.tls_cert_file and server.tls_key_file go together",
+        f"tls_cert_file: {cert}\n  tls_key_file: /nope.key": "server.tls_key_file: no such file",
+        "auth_tokens: [ok, 3]": r"server\.auth_tokens must be a list of str",
+        "auth_tokens: secret": r"server\.auth_tokens must be a list of str",
+        "auth_tokens: ['has space']": "server.auth_tokens must be non-empty strings",
+        "max_concurrent_requests: -1": "server.max_concurrent_requests must be >= 0",
+    }
+    for body, message in cases.items():
+        path.write_text(f"server:\n  {body}\n")
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(path)
+        assert str(path) in str(err.value)
+    path.write_text(
+        f"server:\n  tls_cert_file: {cert}\n  tls_key_file: {cert}\n  auth_tokens: [a]\n"
+    )
+    server = load_config(path).server
+    assert server.auth_tokens == ("a",) and server.tokens() == frozenset({"a"})

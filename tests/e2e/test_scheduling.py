@@ -95,10 +95,16 @@ def test_requests_sharing_a_system_prompt_compute_it_once(local_cluster, tokeniz
     computed = after.num_prompt_tokens_computed - before.num_prompt_tokens_computed
     assert computed == 512 + sum(len(q) for q in questions)  # the prefix once, then suffixes
     assert after.prefix_cache_hits - before.prefix_cache_hits == 31 * 512
-    # Every prompt again, each with its own cache salt: nothing shared, all computed.
+    # Every prompt again, each with its own cache salt: nothing shared, all computed. In two
+    # halves, as 32 unshared prompts would not fit the cache together (no preemption here).
     salts = [f"uncached-{i}" for i in range(len(prompts))]
-    uncached = generate_all(local_cluster.address, prompts, params, salts)
+    uncached = [
+        tokens
+        for half in (slice(0, 16), slice(16, 32))
+        for tokens in generate_all(local_cluster.address, prompts[half], params, salts[half])
+    ]
     final = replica_info(local_cluster)
+    assert final.num_preemptions == before.num_preemptions
     computed = final.num_prompt_tokens_computed - after.num_prompt_tokens_computed
     assert computed == sum(len(p) for p in prompts)
     assert uncached == cached

@@ -29,7 +29,7 @@ def test_a_request_goes_to_the_replica_with_its_longest_cached_prefix():
     cache_prompt(schedulers[2], shared + [2])  # three blocks
     table = GlobalPageTable(schedulers)
     request = make_request("r", shared + [7, 7])
-    assert table.cached_tokens(request) == [0, 4, 12]
+    assert table.cached_tokens(request) == {0: 0, 1: 4, 2: 12}
     assert table.route(request) == 2
 
 
@@ -65,3 +65,24 @@ def test_replicas_must_share_a_block_size():
         GlobalPageTable([*replicas(1, block_size=4), *replicas(1, block_size=8)])
     with pytest.raises(ValueError, match="at least one"):
         GlobalPageTable([])
+
+
+def test_a_removed_replica_gets_no_new_request_and_an_added_one_does():
+    schedulers = replicas(3)
+    shared = list(range(100, 112))
+    cache_prompt(schedulers[2], shared + [2])
+    table = GlobalPageTable(schedulers[:2])
+    table.add(7, schedulers[2])
+    request = make_request("r", shared + [7, 7])
+    assert table.route(request) == 7  # the added replica caches the prefix
+    table.remove(7)  # draining: its cache no longer attracts anything
+    assert table.cached_tokens(request) == {0: 0, 1: 0}
+    assert table.route(request) == 0
+    table.remove(0)
+    assert table.route(request) == 1
+    with pytest.raises(ValueError, match="last replica"):
+        table.remove(1)
+    with pytest.raises(ValueError, match="already"):
+        table.add(1, schedulers[1])
+    with pytest.raises(ValueError, match="block size"):
+        table.add(8, *replicas(1, block_size=8))

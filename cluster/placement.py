@@ -1,0 +1,141 @@
+"""Replicas on Ray: each replica's workers in a placement group of their own (STRICT_PACK: one
+node; PACK: preferably one), rank 0 first, on whatever nodes the cluster has when it is asked,
+a node that joined later included.
+
+The scheduler actor holds one RayPlacer for the replicas it starts with and for those that
+Scale adds, so every worker and placement group it creates fate-shares with it.
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import WorkerActor
+from cluster.config import Config
+from protos import serving_pb2
+from scheduler.serving import ReplicaSpec
+
+log = logging.getLogger(__name__)
+
+_CPU_WORKER_SHARE = 0.01  # of a CPU, per CPU worker: placement bundles cannot be empty
+_STOP_TIMEOUT_S = 15.0
+
+
+def gpus_per_worker(device: str) -> float:
+    """1 when the workers run on GPUs (model.device cuda, or auto and Ray has a GPU), else 0."""
+    if device == "cpu":
+        return 0
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    if device == "cuda" and not has_gpu:
+        raise ValueError("model.device is cuda, but the Ray cluster has no GPU")
+    return 1 if has_gpu else 0
+
+
+@dataclass
+class _Placed:
+    group: PlacementGroup
+    workers: list  # WorkerActor handles, rank order
+
+
+class RayPlacer:
+    """The Placer of scheduler.serving on the Ray cluster this process is connected to."""
+
+    def __init__(
+        self, config: Config, model_path: str, tokenizer_path: str, num_gpus: float
+    ) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.tokenizer_path = tokenizer_path
+        self.num_gpus = num_gpus  # per worker, decided once so that all replicas are alike
+        self._placed: dict[int, _Placed] = {}
+        self._lock = threading.Lock()
+
+    def place(self, replica_id: int) -> ReplicaSpec:
+        """T worker actors in one placement group, rank 0 first; raises RuntimeError when Ray
+        cannot place them within cluster.startup_timeout_s."""
+        cfg = self.config
+        tp, timeout = cfg.parallel.tensor_parallel_size, cfg.cluster.startup_timeout_s
+        strategy = cfg.cluster.placement_strategy
+        # A bundle must hold some resource: a CPU worker reserves a token sliver of a CPU.
+        bundle = {"GPU": self.num_gpus} if self.num_gpus else {"CPU": _CPU_WORKER_SHARE}
+        placed = _Placed(placement_group([bundle] * tp, strategy=strategy), [])
+        try:
+            try:
+                ray.get(placed.group.ready(), timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"replica {replica_id}: Ray could not place {tp} workers of {bundle} with "
+                    f"{strategy} within {timeout} s "
+                    f"(available: {ray.available_resources()} of {ray.cluster_resources()})"
+                ) from None
+            placed.workers = [
+                WorkerActor.options(
+                    num_gpus=self.num_gpus,
+                    num_cpus=0 if self.num_gpus else _CPU_WORKER_SHARE,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placed.group, placement_group_bundle_index=rank
+                    ),
+                ).remote(cfg.logging.level)
+                for rank in range(tp)
+            ]
+            addresses = ray.get([w.address.remote() for w in placed.workers], timeout=timeout)
+            node_ids = ray.get([w.node_id.remote() for w in placed.workers], timeout=timeout)
+            master_port = ray.get(placed.workers[0].free_port.remote(), timeout=timeout)
+        except BaseException:
+            _free(placed)
+            raise
+        with self._lock:
+            self._placed[replica_id] = placed
+        return ReplicaSpec(
+            worker_addresses=tuple(addresses),
+            model_path=self.model_path,
+            tokenizer_path=self.tokenizer_path,
+            master_addr=addresses[0].rsplit(":", 1)[0],
+            master_port=master_port,
+            worker_node_ids=tuple(node_ids),
+        )
+
+    def release(self, replica_id: int) -> None:
+        """Stops the replica's workers and removes its placement group."""
+        with self._lock:
+            placed = self._placed.pop(replica_id, None)
+        if placed is not None:
+            _free(placed)
+
+    def release_all(self) -> None:
+        """Releases every replica placed and not yet released."""
+        with self._lock:
+            placed, self._placed = list(self._placed.values()), {}
+        for one in placed:
+            _free(one)
+
+    def workers(self) -> list:
+        """Every placed replica's worker actors, replica by replica, in rank order."""
+        with self._lock:
+            return [w for placed in self._placed.values() for w in placed.workers]
+
+    def nodes(self) -> list[serving_pb2.NodeInfo]:
+        """Ray's nodes, dead ones included (alive false)."""
+        return [
+            serving_pb2.NodeInfo(
+                node_id=node["NodeID"],
+                address=node["NodeManagerAddress"],
+                alive=node["Alive"],
+                resources=node["Resources"],
+            )
+            for node in ray.nodes()
+        ]
+
+
+def _free(placed: _Placed) -> None:
+    for actor in placed.workers:
+        try:
+            ray.get(actor.stop.remote(), timeout=_STOP_TIMEOUT_S)
+        except Exception as e:  # already dead or unreachable: kill it regardless
+            log.warning("stopping %s: %s", actor, e)
+        ray.kill(actor)
+    remove_placement_group(placed.group)
