@@ -325,6 +325,8 @@ class Engine:
     def _fail(self, error: str) -> None:
         with self._cond:
             self.error = error
+            for aborted, sink in self._aborted:  # aborted while the failed step ran
+                self._answer_aborted(aborted, sink)
             sinks = list(self._sinks.items())
             self._sinks.clear()
             self._texts.clear()
