@@ -82,6 +82,7 @@ class StepRecord:
     new_request_ids: list[str] = field(default_factory=list)
     num_waiting: int = 0
     num_generated_tokens: int = 0  # tokens the engine generated since the previous record
+    dropped_request_ids: list[str] = field(default_factory=list)  # finished or aborted before
 
 
 class WorkerStream:
@@ -278,6 +279,7 @@ class Engine:
                 new_request_ids=[r.request_id for r in plan.new_requests],
                 num_waiting=num_waiting,
                 num_generated_tokens=self.num_generated_tokens - self._recorded_tokens,
+                dropped_request_ids=list(plan.finished_request_ids),
             )
         )
         self._recorded_tokens = self.num_generated_tokens
