@@ -8,6 +8,7 @@ own forward pass's agreement less one point (the floor, measured in the same run
 free-running common prefix is reported too.
 """
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -21,12 +22,13 @@ from worker.models.presets import PRESETS
 pytestmark = pytest.mark.gpu
 
 NEW_TOKENS = 128
+DEVICE = "cuda"
 
 
-def _hf_trajectories(hf, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
+def _hf_trajectories(hf, prompts: list[list[int]]) -> list[list[int]]:
     out = []
     for ids in prompts:
-        x = torch.tensor([ids], device="cuda")
+        x = torch.tensor([ids], device=DEVICE)
         with torch.no_grad():
             gen = hf.generate(
                 x,
@@ -49,19 +51,19 @@ def _greedy_along(model, tokens: list[int], block_size: int = 16) -> list[int]:
     dtype = next(model.parameters()).dtype
     for attn in model.attention_layers():
         attn.key_cache = torch.zeros(
-            num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device="cuda"
+            num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=DEVICE
         )
         attn.value_cache = torch.zeros_like(attn.key_cache)
     meta = AttentionMetadata(
-        slot_mapping=torch.arange(n, device="cuda"),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device="cuda")[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32, device="cuda"),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device="cuda"),
+        slot_mapping=torch.arange(n, device=DEVICE),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=DEVICE)[None],
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=DEVICE),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=DEVICE),
         max_query_len=n,
         max_seq_len=n,
     )
-    ids = torch.tensor(tokens, device="cuda")
-    hidden = model(ids, torch.arange(n, device="cuda"), meta)
+    ids = torch.tensor(tokens, device=DEVICE)
+    hidden = model(ids, torch.arange(n, device=DEVICE), meta)
     return model.compute_logits(hidden).argmax(-1).tolist()
 
 
@@ -75,7 +77,7 @@ class _HFAlong:
 @torch.inference_mode()
 def _along(model, tokens: list[int]) -> list[int]:
     if isinstance(model, _HFAlong):
-        return model.hf(torch.tensor([tokens], device="cuda")).logits[0].argmax(-1).tolist()
+        return model.hf(torch.tensor([tokens], device=DEVICE)).logits[0].argmax(-1).tolist()
     return _greedy_along(model, tokens)
 
 
@@ -85,42 +87,62 @@ class Agreement:
     vs_generate: float  # ours vs the tokens HF generate chose
     floor: float  # HF's full forward vs HF's generate: the noise of the order of work alone
     prefix: int  # the shortest free-running common prefix with HF generate
+    # Against the same model in float32 (HF's forward): how often each bf16 implementation
+    # makes the float32 choice.
+    ours_vs_fp32: float
+    hf_vs_fp32: float
 
     def __str__(self) -> str:
         return (
             f"{self.vs_forward:.2%} of greedy tokens agree with HF's forward pass on the same "
             f"tokens, {self.vs_generate:.2%} with HF generate (first disagreement at "
-            f"{self.prefix}); HF's own forward agrees with HF generate on {self.floor:.2%}"
+            f"{self.prefix}); HF's own forward agrees with HF generate on {self.floor:.2%}; "
+            f"against float32, ours {self.ours_vs_fp32:.2%}, HF bf16 {self.hf_vs_fp32:.2%}"
         )
 
 
-def _agreement(ours, hf, prompts) -> Agreement:
+def _agreement(ours, hf, hf_fp32, prompts) -> Agreement:
     refs = _hf_trajectories(hf, prompts)
-    same_forward = same_generate = same_floor = total = 0
+    same_forward = same_generate = same_floor = same_ours_fp32 = same_hf_fp32 = total = 0
     prefix = []
     for ids, ref in zip(prompts, refs, strict=True):
         choices = _along(ours, ids + ref)[len(ids) - 1 : -1]
         hf_choices = _along(_HFAlong(hf), ids + ref)[len(ids) - 1 : -1]
-        same_forward += sum(a == b for a, b in zip(choices, hf_choices, strict=True))
-        same_generate += sum(a == b for a, b in zip(choices, ref, strict=True))
-        same_floor += sum(a == b for a, b in zip(hf_choices, ref, strict=True))
+        fp32_choices = _along(_HFAlong(hf_fp32), ids + ref)[len(ids) - 1 : -1]
+        same_forward += _same(choices, hf_choices)
+        same_generate += _same(choices, ref)
+        same_floor += _same(hf_choices, ref)
+        same_ours_fp32 += _same(choices, fp32_choices)
+        same_hf_fp32 += _same(hf_choices, fp32_choices)
         total += len(ref)
         prefix.append(
             next((i for i, (a, b) in enumerate(zip(choices, ref, strict=True)) if a != b), len(ref))
         )
-    return Agreement(same_forward / total, same_generate / total, same_floor / total, min(prefix))
+    return Agreement(
+        same_forward / total,
+        same_generate / total,
+        same_floor / total,
+        min(prefix),
+        same_ours_fp32 / total,
+        same_hf_fp32 / total,
+    )
+
+
+def _same(a: list[int], b: list[int]) -> int:
+    return sum(x == y for x, y in zip(a, b, strict=True))
 
 
 def test_smollm2_bf16_agrees_with_hf(smollm2_path, hf_smollm2):
-    hf, tokenizer = hf_smollm2
-    hf = hf.to("cuda", torch.bfloat16)
-    ours = load_model(smollm2_path, "gguf", torch.bfloat16, torch.device("cuda"), seed=0)
+    hf, tokenizer = hf_smollm2  # float32 on the CPU: copied, so the fixture stays as it is
+    hf_fp32 = copy.deepcopy(hf).to(DEVICE)
+    hf_bf16 = copy.deepcopy(hf).to(DEVICE, torch.bfloat16)
+    ours = load_model(smollm2_path, "gguf", torch.bfloat16, torch.device(DEVICE), seed=0)
     prompts = [tokenizer.encode(p) for p in PARITY_PROMPTS]
-    agreement = _agreement(ours, hf, prompts)
+    agreement = _agreement(ours, hf_bf16, hf_fp32, prompts)
     print(f"SmolLM2 bf16: {agreement}")
+    assert agreement.ours_vs_fp32 >= agreement.hf_vs_fp32 - 0.01  # as near float32 as HF
     assert agreement.vs_forward >= 0.99
     assert agreement.vs_generate >= min(0.99, agreement.floor - 0.01)
-    hf.to("cpu", torch.float32)
 
 
 def test_llama_1b_random_bf16_agrees_with_hf():
@@ -131,12 +153,13 @@ def test_llama_1b_random_bf16_agrees_with_hf():
     config = {k: v for k, v in PRESETS["llama-3.2-1b"].items() if k != "architectures"}
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=torch.bfloat16)
-    hf = hf.to("cuda").eval()
-    ours = load_model("llama-3.2-1b", "dummy", torch.bfloat16, torch.device("cuda"), seed=0)
+    hf = hf.to(DEVICE).eval()
+    ours = load_model("llama-3.2-1b", "dummy", torch.bfloat16, torch.device(DEVICE), seed=0)
     ours.load_weights((n, t) for n, t in hf.state_dict().items())
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128256, (16 + 8 * i,), generator=gen).tolist() for i in range(8)]
-    agreement = _agreement(ours, hf, prompts)
+    agreement = _agreement(ours, hf, copy.deepcopy(hf).float(), prompts)
     print(f"Llama-1B random bf16: {agreement}")
+    assert agreement.ours_vs_fp32 >= agreement.hf_vs_fp32 - 0.01  # as near float32 as HF
     assert agreement.vs_forward >= 0.99
     assert agreement.vs_generate >= min(0.99, agreement.floor - 0.01)
