@@ -49,7 +49,7 @@ def make_request(
     """Text, token ids or chat messages ([{"role": ..., "content": ...}]) -> GenerateRequest."""
     params = params or SamplingParams()
     msg = serving_pb2.GenerateRequest(
-        request_id=request_id, params=to_proto_params(params), priority=priority
+        request_id=request_id, params=params.to_proto(), priority=priority
     )
     if isinstance(prompt, str):
         msg.prompt = prompt
@@ -61,32 +61,6 @@ def make_request(
         msg.prompt_token_ids.ids.extend(prompt)
         msg.prompt_token_ids.SetInParent()
     return msg
-
-
-def to_proto_params(p: SamplingParams) -> serving_pb2.SamplingParams:
-    out = serving_pb2.SamplingParams(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        stop_token_ids=p.stop_token_ids,
-        ignore_eos=p.ignore_eos,
-        skip_special_tokens=p.skip_special_tokens,
-        min_p=p.min_p,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty,
-        min_tokens=p.min_tokens,
-        stop=p.stop,
-        include_stop_str_in_output=p.include_stop_str_in_output,
-        logprobs=p.logprobs,
-    )
-    if p.max_tokens is not None:
-        out.max_tokens = p.max_tokens
-    if p.seed is not None:
-        out.seed = p.seed
-    if p.n != 1:
-        out.n = p.n
-    return out
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 from dataclasses import dataclass, field
 
+from protos import serving_pb2
+
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 
 
@@ -72,3 +74,47 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    def to_proto(self) -> serving_pb2.SamplingParams:
+        """The wire form; fields left unset where the value is None."""
+        msg = serving_pb2.SamplingParams()
+        for name in _WIRE_OPTIONAL:
+            if (value := getattr(self, name)) is not None:
+                setattr(msg, name, value)
+        for name in _WIRE_PLAIN:
+            setattr(msg, name, getattr(self, name))
+        for name in _WIRE_REPEATED:
+            getattr(msg, name).extend(getattr(self, name))
+        return msg
+
+    @classmethod
+    def from_proto(cls, msg: serving_pb2.SamplingParams) -> "SamplingParams":
+        """Checked like any construction: unset optional fields take this class's defaults."""
+        values = {name: getattr(msg, name) for name in _WIRE_OPTIONAL if msg.HasField(name)}
+        values.update((name, getattr(msg, name)) for name in _WIRE_PLAIN)
+        values.update((name, list(getattr(msg, name))) for name in _WIRE_REPEATED)
+        return cls(**values)
+
+
+# Every field, by how serving.proto carries it: `optional` (unset = the default), a plain proto3
+# scalar (whose zero is the default), or repeated.
+_WIRE_OPTIONAL = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "seed",
+    "skip_special_tokens",
+    "n",
+    "repetition_penalty",
+    "logprobs",
+)
+_WIRE_PLAIN = (
+    "ignore_eos",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "include_stop_str_in_output",
+)
+_WIRE_REPEATED = ("stop_token_ids", "stop")

@@ -419,28 +419,7 @@ class ServingServer:
                 f"{kind} is {len(token_ids)} tokens long; it must be shorter than "
                 f"max_model_len={self.max_model_len}"
             )
-        p = msg.params
-        params = SamplingParams(
-            temperature=p.temperature if p.HasField("temperature") else 1.0,
-            top_p=p.top_p if p.HasField("top_p") else 1.0,
-            top_k=p.top_k if p.HasField("top_k") else 0,
-            max_tokens=p.max_tokens if p.HasField("max_tokens") else 16,
-            stop_token_ids=list(p.stop_token_ids),
-            ignore_eos=p.ignore_eos,
-            seed=p.seed if p.HasField("seed") else None,
-            skip_special_tokens=p.skip_special_tokens
-            if p.HasField("skip_special_tokens")
-            else True,
-            n=p.n if p.HasField("n") else 1,
-            min_p=p.min_p,
-            presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty,
-            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
-            min_tokens=p.min_tokens,
-            stop=list(p.stop),
-            include_stop_str_in_output=p.include_stop_str_in_output,
-            logprobs=p.logprobs if p.HasField("logprobs") else None,
-        )
+        params = SamplingParams.from_proto(msg.params)
         return Request(
             request_id=msg.request_id or uuid.uuid4().hex,
             prompt_token_ids=token_ids,

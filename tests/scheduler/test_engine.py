@@ -51,15 +51,18 @@ class FakeRank(worker_pb2_grpc.WorkerServicer):
 
 
 @pytest.fixture
-def engine():
-    rank = FakeRank()
+def rank():
+    return FakeRank()
+
+
+@pytest.fixture
+def engine(rank):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     worker_pb2_grpc.add_WorkerServicer_to_server(rank, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     scheduler = Scheduler(SchedulerConfig(8, 64), PageTableManager(64, 4, True))
     engine = Engine(scheduler, PieceTokenizer(), [f"127.0.0.1:{port}"])
-    engine.rank = rank
     yield engine
     engine.stop()
     server.stop(grace=None)
@@ -109,8 +112,7 @@ def test_n_completions_finishing_in_one_step_each_get_their_last_delta(engine):
     assert finals == [0, 1, 2]
 
 
-def test_an_abort_during_a_step_is_answered_last_at_the_step_s_end(engine):
-    rank = engine.rank
+def test_an_abort_during_a_step_is_answered_last_at_the_step_s_end(engine, rank):
     deltas = submit(engine, "a", max_tokens=50)
     assert deltas.get(timeout=TIMEOUT).token_ids == [2]  # the prefill step's token
     rank.hold = True
