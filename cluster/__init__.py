@@ -2,6 +2,6 @@
 and the `pagedserve` CLI."""
 
 from cluster.llm import LLM, CompletionOutput, RequestOutput
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "RequestOutputKind", "SamplingParams"]

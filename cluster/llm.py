@@ -16,7 +16,7 @@ from cluster.config import Config, load_config
 from protos import serving_pb2
 from scheduler.config import ServerConfig
 from scheduler.logprobs import Logprob, PositionLogprobs
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass
@@ -151,6 +151,8 @@ class LLM:
         else:
             raise ValueError(f"prompt {prompt!r}: expected a string, prompt or prompt_token_ids")
         outputs = [CompletionOutput(index=i, text="", token_ids=[]) for i in range(params.n)]
+        # Offline, nothing reads a completion before it ends: one message each (as vLLM's LLM).
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
         async for delta in client.generate(wire, params, priority=priority):
             out = outputs[delta.index]
             out.text += delta.text

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/serving.proto\x12\x12pagedserve.serving\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"A\n\x0c\x43hatMessages\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.pagedserve.serving.ChatMessage\"\x9c\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\x05H\x06\x88\x01\x01\x12\r\n\x05min_p\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0e \x01(\x05\x12\x0c\n\x04stop\x18\x0f \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x15\n\x08logprobs\x18\x11 \x01(\x05H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x16\n\x14_skip_special_tokensB\x04\n\x02_nB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\x8a\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x1c.pagedserve.serving.TokenIdsH\x00\x12\x34\n\x08messages\x18\x04 \x01(\x0b\x32 .pagedserve.serving.ChatMessagesH\x00\x12\x32\n\x06params\x18\x05 \x01(\x0b\x32\".pagedserve.serving.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncache_salt\x18\x07 \x01(\tB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x02\x12\x10\n\x08total_ms\x18\x03 \x01(\x02\"Q\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rdecoded_token\x18\x04 \x01(\t\"=\n\rTokenLogprobs\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.pagedserve.serving.Logprob\"\x88\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.pagedserve.serving.Usage\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\r\n\x05index\x18\x07 \x01(\x05\x12,\n\x07timings\x18\x08 \x01(\x0b\x32\x1b.pagedserve.serving.Timings\x12\x33\n\x08logprobs\x18\t \x03(\x0b\x32!.pagedserve.serving.TokenLogprobs\x12\x1f\n\x12\x63umulative_logprob\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x08stop_str\x18\x0b \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x0c \x01(\x05H\x00\x42\r\n\x0bstop_reasonB\x15\n\x13_cumulative_logprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"z\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\"\x13\n\x11ServerInfoRequest\"L\n\nWorkerInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"\xd7\x03\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\x05\x12/\n\x07workers\x18\x02 \x03(\x0b\x32\x1e.pagedserve.serving.WorkerInfo\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x13\n\x0bnum_running\x18\x06 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\x05\x12\x13\n\x0bnum_swapped\x18\x08 \x01(\x05\x12\x10\n\x08kv_usage\x18\t \x01(\x02\x12\x16\n\x0enum_cpu_blocks\x18\n \x01(\x05\x12\x1b\n\x13num_free_cpu_blocks\x18\x0b \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x0c \x01(\x04\x12\x17\n\x0fnum_swapped_out\x18\r \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x0e \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0f \x01(\x04\x12\"\n\x1anum_prompt_tokens_computed\x18\x10 \x01(\x04\x12\r\n\x05state\x18\x11 \x01(\t\x12\x1e\n\x16generated_tokens_per_s\x18\x12 \x01(\x02\"\xad\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12>\n\tresources\x18\x04 \x03(\x0b\x32+.pagedserve.serving.NodeInfo.ResourcesEntry\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x90\x02\n\x12ServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08replicas\x18\x02 \x03(\x0b\x32\x1f.pagedserve.serving.ReplicaInfo\x12\x11\n\tnum_steps\x18\x03 \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\x04 \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\x05 \x01(\x04\x12+\n\x05nodes\x18\x06 \x03(\x0b\x32\x1c.pagedserve.serving.NodeInfo\x12\x1e\n\x16generated_tokens_per_s\x18\x07 \x01(\x02\x12\x1b\n\x13throughput_window_s\x18\x08 \x01(\x02\" \n\x0cScaleRequest\x12\x10\n\x08replicas\x18\x01 \x01(\x05\"`\n\rScaleResponse\x12\x0f\n\x07serving\x18\x01 \x03(\x05\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\x05\x12\x10\n\x08\x64raining\x18\x03 \x03(\x05\x12\x1d\n\x15num_draining_requests\x18\x04 \x01(\x05\x32\xbb\x03\n\x07Serving\x12W\n\x08Generate\x12#.pagedserve.serving.GenerateRequest\x1a$.pagedserve.serving.GenerateResponse0\x01\x12L\n\x05\x41\x62ort\x12 .pagedserve.serving.AbortRequest\x1a!.pagedserve.serving.AbortResponse\x12[\n\x0cGetModelInfo\x12$.pagedserve.serving.ModelInfoRequest\x1a%.pagedserve.serving.ModelInfoResponse\x12^\n\rGetServerInfo\x12%.pagedserve.serving.ServerInfoRequest\x1a&.pagedserve.serving.ServerInfoResponse\x12L\n\x05Scale\x12 .pagedserve.serving.ScaleRequest\x1a!.pagedserve.serving.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/serving.proto\x12\x12pagedserve.serving\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"A\n\x0c\x43hatMessages\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.pagedserve.serving.ChatMessage\"\xd1\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\x05H\x06\x88\x01\x01\x12\r\n\x05min_p\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0e \x01(\x05\x12\x0c\n\x04stop\x18\x0f \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x15\n\x08logprobs\x18\x11 \x01(\x05H\x08\x88\x01\x01\x12\x33\n\x0boutput_kind\x18\x12 \x01(\x0e\x32\x1e.pagedserve.serving.OutputKindB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x16\n\x14_skip_special_tokensB\x04\n\x02_nB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\x8a\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x1c.pagedserve.serving.TokenIdsH\x00\x12\x34\n\x08messages\x18\x04 \x01(\x0b\x32 .pagedserve.serving.ChatMessagesH\x00\x12\x32\n\x06params\x18\x05 \x01(\x0b\x32\".pagedserve.serving.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncache_salt\x18\x07 \x01(\tB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x02\x12\x10\n\x08total_ms\x18\x03 \x01(\x02\"Q\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rdecoded_token\x18\x04 \x01(\t\"=\n\rTokenLogprobs\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.pagedserve.serving.Logprob\"\x88\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.pagedserve.serving.Usage\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\r\n\x05index\x18\x07 \x01(\x05\x12,\n\x07timings\x18\x08 \x01(\x0b\x32\x1b.pagedserve.serving.Timings\x12\x33\n\x08logprobs\x18\t \x03(\x0b\x32!.pagedserve.serving.TokenLogprobs\x12\x1f\n\x12\x63umulative_logprob\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x08stop_str\x18\x0b \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x0c \x01(\x05H\x00\x42\r\n\x0bstop_reasonB\x15\n\x13_cumulative_logprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"z\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\"\x13\n\x11ServerInfoRequest\"L\n\nWorkerInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"\xd7\x03\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\x05\x12/\n\x07workers\x18\x02 \x03(\x0b\x32\x1e.pagedserve.serving.WorkerInfo\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x13\n\x0bnum_running\x18\x06 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\x05\x12\x13\n\x0bnum_swapped\x18\x08 \x01(\x05\x12\x10\n\x08kv_usage\x18\t \x01(\x02\x12\x16\n\x0enum_cpu_blocks\x18\n \x01(\x05\x12\x1b\n\x13num_free_cpu_blocks\x18\x0b \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x0c \x01(\x04\x12\x17\n\x0fnum_swapped_out\x18\r \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x0e \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0f \x01(\x04\x12\"\n\x1anum_prompt_tokens_computed\x18\x10 \x01(\x04\x12\r\n\x05state\x18\x11 \x01(\t\x12\x1e\n\x16generated_tokens_per_s\x18\x12 \x01(\x02\"\xad\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12>\n\tresources\x18\x04 \x03(\x0b\x32+.pagedserve.serving.NodeInfo.ResourcesEntry\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x90\x02\n\x12ServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08replicas\x18\x02 \x03(\x0b\x32\x1f.pagedserve.serving.ReplicaInfo\x12\x11\n\tnum_steps\x18\x03 \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\x04 \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\x05 \x01(\x04\x12+\n\x05nodes\x18\x06 \x03(\x0b\x32\x1c.pagedserve.serving.NodeInfo\x12\x1e\n\x16generated_tokens_per_s\x18\x07 \x01(\x02\x12\x1b\n\x13throughput_window_s\x18\x08 \x01(\x02\" \n\x0cScaleRequest\x12\x10\n\x08replicas\x18\x01 \x01(\x05\"`\n\rScaleResponse\x12\x0f\n\x07serving\x18\x01 \x03(\x05\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\x05\x12\x10\n\x08\x64raining\x18\x03 \x03(\x05\x12\x1d\n\x15num_draining_requests\x18\x04 \x01(\x05*\'\n\nOutputKind\x12\t\n\x05\x44\x45LTA\x10\x00\x12\x0e\n\nFINAL_ONLY\x10\x01\x32\xbb\x03\n\x07Serving\x12W\n\x08Generate\x12#.pagedserve.serving.GenerateRequest\x1a$.pagedserve.serving.GenerateResponse0\x01\x12L\n\x05\x41\x62ort\x12 .pagedserve.serving.AbortRequest\x1a!.pagedserve.serving.AbortResponse\x12[\n\x0cGetModelInfo\x12$.pagedserve.serving.ModelInfoRequest\x1a%.pagedserve.serving.ModelInfoResponse\x12^\n\rGetServerInfo\x12%.pagedserve.serving.ServerInfoRequest\x1a&.pagedserve.serving.ServerInfoResponse\x12L\n\x05Scale\x12 .pagedserve.serving.ScaleRequest\x1a!.pagedserve.serving.ScaleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEINFO_RESOURCESENTRY']._loaded_options = None
   _globals['_NODEINFO_RESOURCESENTRY']._serialized_options = b'8\001'
+  _globals['_OUTPUTKIND']._serialized_start=3117
+  _globals['_OUTPUTKIND']._serialized_end=3156
   _globals['_TOKENIDS']._serialized_start=44
   _globals['_TOKENIDS']._serialized_end=67
   _globals['_CHATMESSAGE']._serialized_start=69
@@ -40,43 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=115
   _globals['_CHATMESSAGES']._serialized_end=180
   _globals['_SAMPLINGPARAMS']._serialized_start=183
-  _globals['_SAMPLINGPARAMS']._serialized_end=723
-  _globals['_GENERATEREQUEST']._serialized_start=726
-  _globals['_GENERATEREQUEST']._serialized_end=992
-  _globals['_USAGE']._serialized_start=994
-  _globals['_USAGE']._serialized_end=1074
-  _globals['_TIMINGS']._serialized_start=1076
-  _globals['_TIMINGS']._serialized_end=1153
-  _globals['_LOGPROB']._serialized_start=1155
-  _globals['_LOGPROB']._serialized_end=1236
-  _globals['_TOKENLOGPROBS']._serialized_start=1238
-  _globals['_TOKENLOGPROBS']._serialized_end=1299
-  _globals['_GENERATERESPONSE']._serialized_start=1302
-  _globals['_GENERATERESPONSE']._serialized_end=1694
-  _globals['_ABORTREQUEST']._serialized_start=1696
-  _globals['_ABORTREQUEST']._serialized_end=1730
-  _globals['_ABORTRESPONSE']._serialized_start=1732
-  _globals['_ABORTRESPONSE']._serialized_end=1762
-  _globals['_MODELINFOREQUEST']._serialized_start=1764
-  _globals['_MODELINFOREQUEST']._serialized_end=1782
-  _globals['_MODELINFORESPONSE']._serialized_start=1784
-  _globals['_MODELINFORESPONSE']._serialized_end=1906
-  _globals['_SERVERINFOREQUEST']._serialized_start=1908
-  _globals['_SERVERINFOREQUEST']._serialized_end=1927
-  _globals['_WORKERINFO']._serialized_start=1929
-  _globals['_WORKERINFO']._serialized_end=2005
-  _globals['_REPLICAINFO']._serialized_start=2008
-  _globals['_REPLICAINFO']._serialized_end=2479
-  _globals['_NODEINFO']._serialized_start=2482
-  _globals['_NODEINFO']._serialized_end=2655
-  _globals['_NODEINFO_RESOURCESENTRY']._serialized_start=2607
-  _globals['_NODEINFO_RESOURCESENTRY']._serialized_end=2655
-  _globals['_SERVERINFORESPONSE']._serialized_start=2658
-  _globals['_SERVERINFORESPONSE']._serialized_end=2930
-  _globals['_SCALEREQUEST']._serialized_start=2932
-  _globals['_SCALEREQUEST']._serialized_end=2964
-  _globals['_SCALERESPONSE']._serialized_start=2966
-  _globals['_SCALERESPONSE']._serialized_end=3062
-  _globals['_SERVING']._serialized_start=3065
-  _globals['_SERVING']._serialized_end=3508
+  _globals['_SAMPLINGPARAMS']._serialized_end=776
+  _globals['_GENERATEREQUEST']._serialized_start=779
+  _globals['_GENERATEREQUEST']._serialized_end=1045
+  _globals['_USAGE']._serialized_start=1047
+  _globals['_USAGE']._serialized_end=1127
+  _globals['_TIMINGS']._serialized_start=1129
+  _globals['_TIMINGS']._serialized_end=1206
+  _globals['_LOGPROB']._serialized_start=1208
+  _globals['_LOGPROB']._serialized_end=1289
+  _globals['_TOKENLOGPROBS']._serialized_start=1291
+  _globals['_TOKENLOGPROBS']._serialized_end=1352
+  _globals['_GENERATERESPONSE']._serialized_start=1355
+  _globals['_GENERATERESPONSE']._serialized_end=1747
+  _globals['_ABORTREQUEST']._serialized_start=1749
+  _globals['_ABORTREQUEST']._serialized_end=1783
+  _globals['_ABORTRESPONSE']._serialized_start=1785
+  _globals['_ABORTRESPONSE']._serialized_end=1815
+  _globals['_MODELINFOREQUEST']._serialized_start=1817
+  _globals['_MODELINFOREQUEST']._serialized_end=1835
+  _globals['_MODELINFORESPONSE']._serialized_start=1837
+  _globals['_MODELINFORESPONSE']._serialized_end=1959
+  _globals['_SERVERINFOREQUEST']._serialized_start=1961
+  _globals['_SERVERINFOREQUEST']._serialized_end=1980
+  _globals['_WORKERINFO']._serialized_start=1982
+  _globals['_WORKERINFO']._serialized_end=2058
+  _globals['_REPLICAINFO']._serialized_start=2061
+  _globals['_REPLICAINFO']._serialized_end=2532
+  _globals['_NODEINFO']._serialized_start=2535
+  _globals['_NODEINFO']._serialized_end=2708
+  _globals['_NODEINFO_RESOURCESENTRY']._serialized_start=2660
+  _globals['_NODEINFO_RESOURCESENTRY']._serialized_end=2708
+  _globals['_SERVERINFORESPONSE']._serialized_start=2711
+  _globals['_SERVERINFORESPONSE']._serialized_end=2983
+  _globals['_SCALEREQUEST']._serialized_start=2985
+  _globals['_SCALEREQUEST']._serialized_end=3017
+  _globals['_SCALERESPONSE']._serialized_start=3019
+  _globals['_SCALERESPONSE']._serialized_end=3115
+  _globals['_SERVING']._serialized_start=3159
+  _globals['_SERVING']._serialized_end=3602
 # @@protoc_insertion_point(module_scope)

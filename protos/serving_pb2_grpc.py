@@ -66,7 +66,8 @@ class ServingServicer:
 
     def Generate(self, request, context):
         """Streams deltas, each naming its completion (index < n); the last message of a completion
-        carries its finish_reason and usage; the stream ends when all n have finished.
+        carries its finish_reason and usage; the stream ends when all n have finished. With
+        params.output_kind FINAL_ONLY a completion's one message is its last.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

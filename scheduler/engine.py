@@ -8,6 +8,9 @@
                                                  detokenize, match stop strings (no lock)
                                                  stop those that matched; sink(delta)
 
+A completion's sink gets a delta per step (DELTA), or only its last one holding every token,
+the whole text and all logprobs (FINAL_ONLY: no per-step text or logprob decoding, no message).
+
 Each rank holds one long-lived bidirectional Execute stream. The loop keeps one step in flight
 (synchronous scheduling); the plan never carries back a token the workers produced. The engine
 thread alone touches a completion's text while a step is in flight; an abort that lands then is
@@ -29,6 +32,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from scheduler.completion_text import CompletionText
 from scheduler.logprobs import Logprob, PositionLogprobs, unpack_logprobs
 from scheduler.request import Request, RequestStatus
+from scheduler.sampling_params import RequestOutputKind
 from scheduler.scheduler import Scheduler
 from scheduler.tokenizer import Tokenizer
 
@@ -224,13 +228,14 @@ class Engine:
             texts = [self._texts.get(request.request_id) for request, _ in updates]
         # Detokenizing is the slow part: outside the lock (add_request and abort go on).
         stops: list[str | None] = []
-        decoded: list[PositionLogprobs | None] = []
+        decoded: list[list[PositionLogprobs] | None] = []
         for (request, token), text in zip(updates, texts, strict=True):
             stop = text.add([token]) if text is not None else None
-            if text is not None and (request.status.finished or stop is not None):
+            ended = request.status.finished or stop is not None
+            if text is not None and ended:
                 text.finish()
             stops.append(stop)
-            decoded.append(self._decoded_logprobs(request))
+            decoded.append(self._decoded_logprobs(request, ended))
         with self._cond:
             self._in_step = False
             for (request, _), stop in zip(updates, stops, strict=True):
@@ -247,8 +252,10 @@ class Engine:
                     group = request.group_id
                     if group not in self.scheduler.groups and self._sinks.pop(group, None):
                         self.num_finished += 1  # its last completion ended
-                if sink is not None:
-                    sink(self._delta(request, text, token, lp))
+                self.num_generated_tokens += 1
+                delta = self._delta(request, text, token, lp)
+                if sink is not None and delta is not None:
+                    sink(delta)
             for aborted, sink in self._aborted:
                 self._answer_aborted(aborted, sink)
             self._aborted.clear()
@@ -285,21 +292,38 @@ class Engine:
         self._recorded_tokens = self.num_generated_tokens
 
     def _delta(
-        self, request: Request, text: CompletionText, token: int, logprobs: PositionLogprobs | None
-    ) -> Delta:
-        self.num_generated_tokens += 1
+        self,
+        request: Request,
+        text: CompletionText,
+        token: int,
+        logprobs: list[PositionLogprobs] | None,
+    ) -> Delta | None:
+        """What the completion's sink gets for this step's token: None for an unfinished
+        FINAL_ONLY completion."""
         if request.status.finished:
-            delta = self._final_delta(request, text, [token])
-        else:
-            delta = Delta(request.group_id, [token], text.take(False), index=request.index)
+            return self._final_delta(request, text, [token], logprobs)
+        if _final_only(request):
+            return None
+        delta = Delta(request.group_id, [token], text.take(False), index=request.index)
         if logprobs is not None:
-            delta.logprobs = [logprobs]
+            delta.logprobs = logprobs
             delta.cumulative_logprob = request.cumulative_logprob
         return delta
 
-    @staticmethod
-    def _final_delta(request: Request, text: CompletionText, tokens: list[int]) -> Delta:
-        return Delta(
+    def _final_delta(
+        self,
+        request: Request,
+        text: CompletionText,
+        tokens: list[int],
+        logprobs: list[PositionLogprobs] | None = None,
+    ) -> Delta:
+        """A completion's last delta: its last step's tokens (DELTA), or all of them
+        (FINAL_ONLY), with what the client learns at the end."""
+        if _final_only(request):
+            tokens = list(request.output_token_ids)
+            if logprobs is None:  # an abort's: not decoded by the step
+                logprobs = self._decoded_logprobs(request, True)
+        delta = Delta(
             request.group_id,
             tokens,
             text.take(True),
@@ -313,16 +337,28 @@ class Engine:
             index=request.index,
             stop_reason=request.stop_reason,
         )
+        if logprobs is not None:
+            delta.logprobs = logprobs
+            delta.cumulative_logprob = request.cumulative_logprob
+        return delta
 
-    def _decoded_logprobs(self, request: Request) -> PositionLogprobs | None:
-        """The newest token's logprobs, each with its token's text; None when not asked."""
-        if request.sampling_params.logprobs is None or not request.output_logprobs:
+    def _decoded_logprobs(self, request: Request, ended: bool) -> list[PositionLogprobs] | None:
+        """The logprobs the completion's next delta carries, each token with its text: the
+        newest position's (DELTA), or all of them once it ended (FINAL_ONLY); None when not
+        asked or not sent yet."""
+        if request.sampling_params.logprobs is None:
             return None
+        if _final_only(request):
+            if not ended:
+                return None
+            positions = request.output_logprobs
+        else:
+            positions = request.output_logprobs[-1:]
         decode = self.tokenizer.decode
-        return {
-            token: Logprob(lp.logprob, lp.rank, decode([token], False))
-            for token, lp in request.output_logprobs[-1].items()
-        }
+        return [
+            {token: Logprob(lp.logprob, lp.rank, decode([token], False)) for token, lp in p.items()}
+            for p in positions
+        ]
 
     def _fail(self, error: str) -> None:
         with self._cond:
@@ -340,6 +376,10 @@ class Engine:
             sink(
                 Delta(rid, [], "", finish_reason=RequestStatus.FINISHED_ABORTED.value, error=error)
             )
+
+
+def _final_only(request: Request) -> bool:
+    return request.sampling_params.output_kind is RequestOutputKind.FINAL_ONLY
 
 
 def _since(start: float, end: float | None) -> float:

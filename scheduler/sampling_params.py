@@ -1,8 +1,16 @@
+import enum
 from dataclasses import dataclass, field
 
 from protos import serving_pb2
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What the client is sent of each completion (vLLM's names; values are serving.proto's)."""
+
+    DELTA = serving_pb2.DELTA  # after every step, what it added
+    FINAL_ONLY = serving_pb2.FINAL_ONLY  # once, at its end, everything (vLLM's offline LLM)
 
 
 @dataclass
@@ -31,8 +39,16 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None = none; k = the sampled token's logprob and the top k
+    output_kind: RequestOutputKind = RequestOutputKind.DELTA
 
     def __post_init__(self) -> None:
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise ValueError(
+                f"output_kind must be one of {[k.name for k in RequestOutputKind]}, "
+                f"got {self.output_kind!r}"
+            ) from None
         if self.top_k == -1:
             self.top_k = 0
         self.stop_token_ids = list(self.stop_token_ids)
@@ -116,5 +132,6 @@ _WIRE_PLAIN = (
     "frequency_penalty",
     "min_tokens",
     "include_stop_str_in_output",
+    "output_kind",
 )
 _WIRE_REPEATED = ("stop_token_ids", "stop")

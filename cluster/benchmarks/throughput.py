@@ -4,9 +4,12 @@ batched `generate` on the same prompts and card as the baseline.
     python -m cluster.benchmarks.throughput -c configs/local.yaml --num-requests 256 \
         --input-len 128 --output-len 128 [--hf-batch 64] [--set model.dtype=bfloat16]
 
-Every request generates exactly --output-len tokens (ignore_eos), greedy. The workload runs
-twice and the second pass is timed (the first compiles kernels). Prints a markdown table:
-requests, tokens, wall time, output tokens per second, time to first token.
+Every request generates exactly --output-len tokens (ignore_eos), greedy. Each completion comes
+back in one message (output_kind FINAL_ONLY, as vLLM's offline LLM and its throughput
+benchmark); --stream has every step's tokens streamed instead (DELTA, as a chat client). The
+workload runs twice and the second pass is timed (the first compiles kernels). Prints a markdown
+table: requests, tokens, wall time, output tokens per second, median time to first token (to the
+first message when streamed; otherwise the server's own figure, from the last message).
 """
 
 import argparse
@@ -18,7 +21,7 @@ import time
 from cluster.client import AsyncClient
 from cluster.config import load_config
 from cluster.launcher import Cluster
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
 
 def make_prompts(num: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -28,8 +31,13 @@ def make_prompts(num: int, input_len: int, vocab: int, seed: int = 0) -> list[li
     return [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(num)]
 
 
-async def run_workload(address: str, prompts: list[list[int]], output_len: int) -> dict:
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+async def run_workload(
+    address: str, prompts: list[list[int]], output_len: int, stream: bool
+) -> dict:
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    params = SamplingParams(
+        temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind=kind
+    )
     client = AsyncClient(address)
     ttfts: list[float] = []
 
@@ -37,8 +45,10 @@ async def run_workload(address: str, prompts: list[list[int]], output_len: int) 
         start = time.perf_counter()
         n = 0
         async for delta in client.generate(prompt, params, timeout=3600):
-            if n == 0:
+            if stream and n == 0:
                 ttfts.append(time.perf_counter() - start)
+            if delta.finish_reason and not stream:
+                ttfts.append(delta.timings.time_to_first_token_ms * 1e-3)
             n += len(delta.token_ids)
         return n
 
@@ -103,10 +113,14 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=0, help="also run HF generate (0 = skip)")
+    parser.add_argument(
+        "--stream", action="store_true", help="stream every step's tokens (output_kind DELTA)"
+    )
     args = parser.parse_args()
     config = load_config(args.config, [*args.set, "server.port=0"])
     cluster = Cluster(config)
     rows = []
+    steps: list[dict] = []
     try:
         address = cluster.start()
         from cluster.client import Client
@@ -118,8 +132,11 @@ def main() -> int:
         # A first pass of other random prompts (no prefix the timed pass could reuse) compiles
         # the Triton kernels for the batch shapes the workload meets; the second is timed.
         warm_up = make_prompts(args.num_requests, args.input_len, vocab, seed=1)
-        asyncio.run(run_workload(address, warm_up, args.output_len))
-        rows.append(("pagedserve", asyncio.run(run_workload(address, prompts, args.output_len))))
+        asyncio.run(run_workload(address, warm_up, args.output_len, args.stream))
+        since = time.monotonic()  # system-wide on Linux: comparable with the actor's records
+        timed = asyncio.run(run_workload(address, prompts, args.output_len, args.stream))
+        rows.append(("pagedserve (streamed)" if args.stream else "pagedserve", timed))
+        steps = [r for r in cluster.step_records() if r["start"] >= since]
     finally:
         cluster.shutdown()
     if args.hf_batch:
@@ -133,6 +150,12 @@ def main() -> int:
         f"\nmodel {config.model.model}, device {device}, {args.num_requests} requests x "
         f"{args.input_len} prompt + {args.output_len} output tokens\n"
     )
+    if steps:
+        print(
+            f"timed pass: {len(steps)} engine steps over all replicas, median "
+            f"{statistics.median(r['duration_ms'] for r in steps):.1f} ms, mean "
+            f"{statistics.mean(len(r['scheduled']) for r in steps):.0f} sequences per step\n"
+        )
     print("| engine | output tokens | wall (s) | output tok/s | median TTFT (ms) |")
     print("|---|---|---|---|---|")
     for name, r in rows:

@@ -48,6 +48,26 @@ def test_the_last_message_carries_usage_and_timings(local_cluster):
     assert t.time_to_first_token_ms > 0
 
 
+def test_final_only_is_one_message_per_completion_with_what_the_stream_carries(local_cluster):
+    from cluster.client import Client
+    from scheduler.sampling_params import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=12, n=2, logprobs=1)
+    final_only = SamplingParams(**{**vars(params), "output_kind": RequestOutputKind.FINAL_ONLY})
+    with Client(local_cluster.address) as client:
+        streamed = list(client.generate("Name three colours:", params, timeout=120))
+        finals = list(client.generate("Name three colours:", final_only, timeout=120))
+    assert sorted(r.index for r in finals) == [0, 1]
+    assert all(r.finish_reason == "length" for r in finals)
+    for final in finals:
+        mine = [r for r in streamed if r.index == final.index]
+        assert list(final.token_ids) == [t for r in mine for t in r.token_ids]
+        assert len(final.token_ids) == final.usage.completion_tokens == 12
+        assert final.text == "".join(r.text for r in mine)
+        assert list(final.logprobs) == [p for r in mine for p in r.logprobs]
+        assert final.cumulative_logprob == mine[-1].cumulative_logprob
+
+
 def test_health_turns_serving_only_once_the_model_is_loaded(
     local_cluster, tiny_models, smollm2_path
 ):

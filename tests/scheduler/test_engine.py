@@ -13,7 +13,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.engine import Delta, Engine
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
 from scheduler.scheduler import Scheduler
 from tests.scheduler.fake_worker import FakeWorker
 
@@ -30,11 +30,13 @@ class PieceTokenizer:
 
 class FakeRank(worker_pb2_grpc.WorkerServicer):
     """Answers each plan like rank 0, sampling the token after the request's last one (1, 2,
-    3, ...). With `hold` set, the next step waits for `release` (and sets `held` first)."""
+    3, ...). With `hold` set, the next step waits for `release` (and sets `held` first). With
+    `logprobs` set, every token comes with logprob -token / 10 and rank 1 (no top k)."""
 
     def __init__(self) -> None:
         self.worker = FakeWorker(num_blocks=64, block_size=4)
         self.hold = False
+        self.logprobs = False
         self.held = threading.Event()
         self.release = threading.Event()
 
@@ -47,7 +49,12 @@ class FakeRank(worker_pb2_grpc.WorkerServicer):
             tokens = [self.worker.tokens[rid][-1] % 9 + 1 for rid in ids]
             for rid, token in zip(ids, tokens, strict=True):
                 self.worker.learn(rid, token)
-            yield worker_pb2.StepResult(step_id=plan.step_id, request_ids=ids, token_ids=tokens)
+            result = worker_pb2.StepResult(step_id=plan.step_id, request_ids=ids, token_ids=tokens)
+            if self.logprobs:
+                result.sampled_logprobs.extend(-t / 10 for t in tokens)
+                result.sampled_ranks.extend([1] * len(tokens))
+                result.num_top_logprobs.extend([0] * len(tokens))
+            yield result
 
 
 @pytest.fixture
@@ -126,3 +133,43 @@ def test_an_abort_during_a_step_is_answered_last_at_the_step_s_end(engine, rank)
     assert all(d.finish_reason is None for d in got[:-1])
     with pytest.raises(queue.Empty):  # nothing after the final delta
         deltas.get(timeout=0.5)
+
+
+FINAL_ONLY = RequestOutputKind.FINAL_ONLY
+
+
+def test_final_only_is_one_delta_holding_what_the_streamed_deltas_hold(engine, rank):
+    rank.logprobs = True
+    streamed = until_final(submit(engine, "a", max_tokens=4, logprobs=0))
+    [final] = until_final(submit(engine, "b", max_tokens=4, logprobs=0, output_kind=FINAL_ONLY))
+    assert final.token_ids == [t for d in streamed for t in d.token_ids] == [2, 3, 4, 5]
+    assert final.text == "".join(d.text for d in streamed) == " cat sat on a"
+    assert final.logprobs == [p for d in streamed for p in d.logprobs]
+    assert [p[t].logprob for p, t in zip(final.logprobs, final.token_ids, strict=True)] == [
+        pytest.approx(-t / 10) for t in final.token_ids
+    ]
+    assert final.logprobs[0][2].decoded_token == " cat"
+    assert final.cumulative_logprob == pytest.approx(streamed[-1].cumulative_logprob)
+    assert (final.finish_reason, final.num_output_tokens) == ("length", 4)
+
+
+def test_final_only_with_a_stop_string_and_n_completions(engine):
+    got = until_final(
+        submit(engine, "a", max_tokens=20, stop=["t on"], n=2, output_kind=FINAL_ONLY), n=2
+    )
+    assert sorted(d.index for d in got) == [0, 1]
+    for d in got:
+        assert (d.token_ids, d.text, d.stop_reason) == ([2, 3, 4], " cat sa", "t on")
+
+
+def test_an_aborted_final_only_request_gets_every_token_it_generated(engine, rank):
+    deltas = submit(engine, "a", max_tokens=50, output_kind=FINAL_ONLY)
+    rank.hold = True
+    assert rank.held.wait(TIMEOUT)  # a step is in flight; nothing was sent yet
+    assert deltas.empty()
+    assert engine.abort("a")
+    rank.release.set()
+    [final] = until_final(deltas)
+    assert final.finish_reason == "abort"
+    assert final.token_ids == [2, 3, 4, 5, 6, 7, 8, 9, 1, 2][: len(final.token_ids)]
+    assert final.text == "".join(PIECES[t] for t in final.token_ids)
