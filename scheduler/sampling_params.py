@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from protos import serving_pb2
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+WIRE_NO_MAX_TOKENS = 0  # max_tokens on the wire for None: up to max_model_len (unset: 16)
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -101,6 +102,8 @@ class SamplingParams:
             setattr(msg, name, getattr(self, name))
         for name in _WIRE_REPEATED:
             getattr(msg, name).extend(getattr(self, name))
+        if self.max_tokens is None:
+            msg.max_tokens = WIRE_NO_MAX_TOKENS
         return msg
 
     @classmethod
@@ -109,6 +112,8 @@ class SamplingParams:
         values = {name: getattr(msg, name) for name in _WIRE_OPTIONAL if msg.HasField(name)}
         values.update((name, getattr(msg, name)) for name in _WIRE_PLAIN)
         values.update((name, list(getattr(msg, name))) for name in _WIRE_REPEATED)
+        if values.get("max_tokens") == WIRE_NO_MAX_TOKENS:
+            values["max_tokens"] = None
         return cls(**values)
 
 

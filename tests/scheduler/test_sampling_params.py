@@ -63,6 +63,12 @@ def test_every_field_crosses_the_wire_and_back():
     assert SamplingParams.from_proto(params.to_proto()) == params
 
 
+def test_no_max_tokens_crosses_the_wire_as_no_limit_not_the_default():
+    params = SamplingParams(max_tokens=None)
+    assert params.to_proto().HasField("max_tokens")
+    assert SamplingParams.from_proto(params.to_proto()).max_tokens is None
+
+
 def test_unset_wire_fields_take_the_defaults_and_bad_ones_name_the_field():
     from protos import serving_pb2
 
