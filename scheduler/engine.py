@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from scheduler.completion_text import CompletionText
+from scheduler.completion_text import CompletionText, add_all
 from scheduler.logprobs import Logprob, PositionLogprobs, unpack_logprobs
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import RequestOutputKind
@@ -226,15 +226,18 @@ class Engine:
                 list(result.request_ids), list(result.token_ids), logprobs
             )
             texts = [self._texts.get(request.request_id) for request, _ in updates]
-        # Detokenizing is the slow part: outside the lock (add_request and abort go on).
-        stops: list[str | None] = []
+        # Detokenizing is the slow part: outside the lock (add_request and abort go on), and
+        # the whole step's at once.
+        live = [k for k, text in enumerate(texts) if text is not None]
+        stops: list[str | None] = [None] * len(updates)
+        found = add_all([texts[k] for k in live], [[updates[k][1]] for k in live])
+        for k, stop in zip(live, found, strict=True):
+            stops[k] = stop
         decoded: list[list[PositionLogprobs] | None] = []
-        for (request, token), text in zip(updates, texts, strict=True):
-            stop = text.add([token]) if text is not None else None
+        for (request, _), text, stop in zip(updates, texts, stops, strict=True):
             ended = request.status.finished or stop is not None
             if text is not None and ended:
                 text.finish()
-            stops.append(stop)
             decoded.append(self._decoded_logprobs(request, ended))
         with self._cond:
             self._in_step = False

@@ -27,6 +27,9 @@ class PieceTokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(PIECES[i] for i in token_ids)
 
+    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = True):
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
 
 class FakeRank(worker_pb2_grpc.WorkerServicer):
     """Answers each plan like rank 0, sampling the token after the request's last one (1, 2,
