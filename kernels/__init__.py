@@ -1,4 +1,4 @@
-"""Attention kernels: the one dispatch point the model layers call.
+"""Kernels (attention, KV cache, norms): the one dispatch point the model layers call.
 
 Each kernel has a plain-torch reference beside it. The references run everywhere (the CPU path,
 and the ground truth for the Triton kernels' tests); CUDA tensors go to the Triton kernels:
@@ -9,6 +9,7 @@ and the ground truth for the Triton kernels' tests); CUDA tensors go to the Trit
                                               mixed batches)
     write_kv_cache    -> kernels.triton_kv_cache
     copy_blocks       -> kernels.triton_copy_blocks
+    rms_norm, fused_add_rms_norm -> kernels.triton_rms_norm (reference: kernels.rms_norm)
 
 Triton is imported lazily, on the first CUDA call: a CPU process never imports it (and the CPU
 tests can turn on TRITON_INTERPRET before anything does).
@@ -22,6 +23,7 @@ import torch
 from kernels.copy_blocks import copy_blocks_ref
 from kernels.kv_cache import write_kv_cache_ref
 from kernels.paged_attention import paged_attention_ref
+from kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 
 
 @functools.cache
@@ -30,12 +32,16 @@ def _triton() -> SimpleNamespace:
     from kernels.triton_decode_attention import decode_attention
     from kernels.triton_kv_cache import write_kv_cache as write_kv_cache_triton
     from kernels.triton_prefill_attention import prefill_attention
+    from kernels.triton_rms_norm import fused_add_rms_norm as fused_add_rms_norm_triton
+    from kernels.triton_rms_norm import rms_norm as rms_norm_triton
 
     return SimpleNamespace(
         decode_attention=decode_attention,
         prefill_attention=prefill_attention,
         write_kv_cache=write_kv_cache_triton,
         copy_blocks=copy_blocks_triton,
+        rms_norm=rms_norm_triton,
+        fused_add_rms_norm=fused_add_rms_norm_triton,
     )
 
 
@@ -104,4 +110,20 @@ def copy_blocks(
         copy_blocks_ref(key_caches, value_caches, block_mapping)
 
 
-__all__ = ["copy_blocks", "paged_attention", "write_kv_cache"]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm of x [..., hidden] times weight [hidden] (see kernels.rms_norm)."""
+    if x.is_cuda:
+        return _triton().rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), the add in x's dtype, in one pass on CUDA."""
+    if x.is_cuda:
+        return _triton().fused_add_rms_norm(x, residual, weight, eps)
+    return fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+__all__ = ["copy_blocks", "fused_add_rms_norm", "paged_attention", "rms_norm", "write_kv_cache"]
