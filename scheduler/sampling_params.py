@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from protos import serving_pb2
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
-WIRE_NO_MAX_TOKENS = 0  # max_tokens on the wire for None: up to max_model_len (unset: 16)
+WIRE_NO_MAX_TOKENS = -1  # max_tokens on the wire for None: up to max_model_len (unset: 16)
 
 
 class RequestOutputKind(enum.IntEnum):
