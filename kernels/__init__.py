@@ -1,4 +1,4 @@
-"""Kernels (attention, KV cache, norms): the one dispatch point the model layers call.
+"""Kernels (attention, KV cache, norms, rotary): the one dispatch point the model layers call.
 
 Each kernel has a plain-torch reference beside it. The references run everywhere (the CPU path,
 and the ground truth for the Triton kernels' tests); CUDA tensors go to the Triton kernels:
@@ -10,6 +10,7 @@ and the ground truth for the Triton kernels' tests); CUDA tensors go to the Trit
     write_kv_cache    -> kernels.triton_kv_cache
     copy_blocks       -> kernels.triton_copy_blocks
     rms_norm, fused_add_rms_norm -> kernels.triton_rms_norm (reference: kernels.rms_norm)
+    rotary            -> kernels.triton_rotary (reference: kernels.rotary)
 
 Triton is imported lazily, on the first CUDA call: a CPU process never imports it (and the CPU
 tests can turn on TRITON_INTERPRET before anything does).
@@ -24,6 +25,7 @@ from kernels.copy_blocks import copy_blocks_ref
 from kernels.kv_cache import write_kv_cache_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
+from kernels.rotary import rotary_ref
 
 
 @functools.cache
@@ -34,6 +36,7 @@ def _triton() -> SimpleNamespace:
     from kernels.triton_prefill_attention import prefill_attention
     from kernels.triton_rms_norm import fused_add_rms_norm as fused_add_rms_norm_triton
     from kernels.triton_rms_norm import rms_norm as rms_norm_triton
+    from kernels.triton_rotary import rotary as rotary_triton
 
     return SimpleNamespace(
         decode_attention=decode_attention,
@@ -42,6 +45,7 @@ def _triton() -> SimpleNamespace:
         copy_blocks=copy_blocks_triton,
         rms_norm=rms_norm_triton,
         fused_add_rms_norm=fused_add_rms_norm_triton,
+        rotary=rotary_triton,
     )
 
 
@@ -126,4 +130,27 @@ def fused_add_rms_norm(
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
-__all__ = ["copy_blocks", "fused_add_rms_norm", "paged_attention", "rms_norm", "write_kv_cache"]
+def rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding ("rotate half") of q [num_tokens, num_heads, head_dim] and k
+    [num_tokens, num_kv_heads, head_dim] at positions [num_tokens] (int64), with the rows of
+    cos_cache, sin_cache [max_positions, head_dim] (see kernels.rotary). Returns new (q, k);
+    on CUDA one launch for both, bit-identical to the reference."""
+    if q.is_cuda:
+        return _triton().rotary(positions, q, k, cos_cache, sin_cache)
+    return rotary_ref(positions, q, k, cos_cache, sin_cache)
+
+
+__all__ = [
+    "copy_blocks",
+    "fused_add_rms_norm",
+    "paged_attention",
+    "rms_norm",
+    "rotary",
+    "write_kv_cache",
+]

@@ -1,4 +1,4 @@
-"""Kernel benchmark on one GPU: `python -m kernels.benchmark [--sweep]`.
+"""Kernel benchmark on one GPU: `python -m kernels.benchmark [--sweep] [--only PART[,PART]]`.
 
 Measured in one run, so every figure has its baseline from the same card:
   (a) device-to-device copy bandwidth (a large torch copy_, bytes read + written / time): the
@@ -9,9 +9,11 @@ Measured in one run, so every figure has its baseline from the same card:
       baseline; the compiled kernels' registers, spills and shared memory;
   (c) paged prefill attention of one 4k-token prompt against torch SDPA's flash backend on the
       same dense causal problem: TFLOP/s of each and the ratio;
-  (d) the fused residual-add + RMSNorm kernel against the model's torch eager path.
+  (d) the fused residual-add + RMSNorm kernel against the model's torch eager path;
+  (e) the rotary embedding kernel (q and k in one launch) against the model's torch eager path.
 --sweep also times other launch configurations around the defaults (to retune the heuristics'
-constants; the defaults stay shape-derived, never a per-shape table).
+constants; the defaults stay shape-derived, never a per-shape table). --only (repeatable, or a
+comma list of decode, prefill, norm, rotary) runs those parts only; (a) always runs.
 
 Decode is timed three ways; the targets are judged on the third:
   plain call      triton.testing.do_bench (median), which zeroes a 256 MB buffer before every
@@ -28,8 +30,8 @@ one-call graph pays a whole graph launch (4.6 us of an empty kernel's replay on 
 serving pays once per step over all its layers, not once per layer. The layer graph keeps the
 kernel-to-kernel gaps inside a graph, which serving does pay per layer, and one graph launch per
 L calls.
-Other times (copy, prefill, RMSNorm) are medians of do_bench; the copy moves 2 GiB, far beyond
-the L2, so its flush hardly matters.
+Other times (copy, prefill, RMSNorm, rotary) are medians of do_bench; the copy moves 2 GiB, far
+beyond the L2, so its flush hardly matters.
 """
 
 import argparse
@@ -44,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import kernels
 from kernels.paged_attention import paged_attention_ref
 from kernels.rms_norm import fused_add_rms_norm_ref
+from kernels.rotary import rotary_ref
 from kernels.triton_decode_attention import (
     DecodeConfig,
     _decode_kernel,
@@ -72,6 +75,9 @@ L2_MULTIPLE, MIN_LAYERS = 3, 4
 # Events around REPLAYS back-to-back replays of the layer graph, REPEATS times; the median.
 REPLAYS, REPEATS = 20, 15
 RMS_NORM_TOKENS, RMS_NORM_HIDDEN, RMS_NORM_EPS = (256, 4096), 4096, 1e-5
+# Rotary: Llama-3-8B's rope base and context; positions drawn at random below it.
+ROTARY_TOKENS, ROTARY_BASE, ROTARY_MAX_POSITIONS = (256, 4096), 500000.0, 8192
+PARTS = ("decode", "prefill", "norm", "rotary")
 
 
 def _median_ms(fn) -> float:
@@ -416,10 +422,67 @@ def bench_rms_norm(bandwidth: float) -> list[str]:
     return rows
 
 
+def bench_rotary(bandwidth: float) -> list[str]:
+    """The Triton rotary embedding (q and k in one launch) against the model's torch eager path
+    (the reference: gathers, casts, products, rotate_half's neg and cat, sums, a kernel each),
+    bf16, q and k views of one merged QKV output as the model makes them."""
+    rows = [
+        "| tokens | Triton (us) | % of copy bw | torch eager (us) | eager / Triton "
+        "| max abs diff |",
+        "|---|---|---|---|---|---|",
+    ]
+    # The model's float32 caches [max_positions, head_dim] (kernels.rotary's layout).
+    inv_freq = 1.0 / ROTARY_BASE ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+    freqs = torch.outer(torch.arange(ROTARY_MAX_POSITIONS).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1).cuda()
+    cos_cache, sin_cache = emb.cos(), emb.sin()
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    q_size, kv_size = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
+    for tokens in ROTARY_TOKENS:
+        qkv = torch.randn(tokens, q_size + 2 * kv_size, device="cuda", generator=gen).to(DTYPE)
+        q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k = q.view(tokens, NUM_HEADS, HEAD_DIM), k.view(tokens, NUM_KV_HEADS, HEAD_DIM)
+        positions = torch.randint(
+            ROTARY_MAX_POSITIONS, (tokens,), device="cuda", generator=gen, dtype=torch.int64
+        )
+        fused = functools.partial(kernels.rotary, positions, q, k, cos_cache, sin_cache)
+        eager = functools.partial(rotary_ref, positions, q, k, cos_cache, sin_cache)
+        fused_ms, eager_ms = _median_ms(fused), _median_ms(eager)
+        # The floor's bytes: q and k read and written, each token's float32 cos and sin rows read.
+        moved = tokens * (2 * (NUM_HEADS + NUM_KV_HEADS) * DTYPE.itemsize + 2 * 4) * HEAD_DIM
+        diff = max(
+            (got.float() - expected.float()).abs().max().item()
+            for got, expected in zip(fused(), eager(), strict=True)
+        )
+        rows.append(
+            f"| {tokens} | {fused_ms * 1e3:.1f} "
+            f"| {100 * moved / (fused_ms * 1e-3) / bandwidth:.1f} | {eager_ms * 1e3:.1f} "
+            f"| {eager_ms / fused_ms:.2f}x | {diff:.1e} |"
+        )
+    return rows
+
+
+def _parts(value: str) -> list[str]:
+    """--only's argument: a comma list of PARTS."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(PARTS)}")
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs")
+    parser.add_argument(
+        "--only",
+        action="extend",
+        type=_parts,
+        metavar="PART[,PART]",
+        help=f"run these parts only (repeatable; of {', '.join(PARTS)}; default: all)",
+    )
     args = parser.parse_args()
+    parts = set(args.only or PARTS)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.benchmark needs a CUDA device")
     torch.manual_seed(0)
@@ -432,24 +495,36 @@ def main() -> None:
         f"{triton.__version__}; device-to-device copy {bandwidth / 1e12:.2f} TB/s "
         "(read + write, 1 GiB)"
     )
-    print()
-    print(
-        f"### Decode: {NUM_HEADS} q heads / {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, "
-        f"bf16, block_size {BLOCK_SIZE}"
-    )
-    print()
-    for row in bench_decode(bandwidth, args.sweep):
-        print(row)
-    print()
-    print(f"### Prefill: one {PREFILL_LEN}-token prompt, causal, same heads, bf16")
-    print()
-    for row in bench_prefill(args.sweep):
-        print(row)
-    print()
-    print(f"### Residual add + RMSNorm, hidden {RMS_NORM_HIDDEN}, bf16 (do_bench medians)")
-    print()
-    for row in bench_rms_norm(bandwidth):
-        print(row)
+    if "decode" in parts:
+        print()
+        print(
+            f"### Decode: {NUM_HEADS} q heads / {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}, "
+            f"bf16, block_size {BLOCK_SIZE}"
+        )
+        print()
+        for row in bench_decode(bandwidth, args.sweep):
+            print(row)
+    if "prefill" in parts:
+        print()
+        print(f"### Prefill: one {PREFILL_LEN}-token prompt, causal, same heads, bf16")
+        print()
+        for row in bench_prefill(args.sweep):
+            print(row)
+    if "norm" in parts:
+        print()
+        print(f"### Residual add + RMSNorm, hidden {RMS_NORM_HIDDEN}, bf16 (do_bench medians)")
+        print()
+        for row in bench_rms_norm(bandwidth):
+            print(row)
+    if "rotary" in parts:
+        print()
+        print(
+            f"### Rotary embedding, {NUM_HEADS} q heads / {NUM_KV_HEADS} KV heads, head_dim "
+            f"{HEAD_DIM}, bf16, q/k views of one QKV output (do_bench medians)"
+        )
+        print()
+        for row in bench_rotary(bandwidth):
+            print(row)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,17 @@ from typing import Any
 import torch
 from torch import nn
 
+import kernels
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the "rotate half" layout of HF checkpoints.
 
     cos/sin are precomputed once for every position: cache [max_positions, head_dim].
     scaling: HF's rope parameters; "default" and Llama 3's "llama3" are supported.
+
+    On CUDA q and k are rotated by one Triton kernel (kernels.triton_rotary); on the CPU by the
+    torch reference (kernels.rotary), the same operations as HF's apply_rotary_pos_emb.
     """
 
     def __init__(
@@ -41,15 +46,9 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, ..]."""
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim]
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        """positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, ..].
+        Returns new rotated (q, k); the inputs are not modified."""
+        return kernels.rotary(positions, q, k, self.cos_cache, self.sin_cache)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
