@@ -87,6 +87,7 @@ class StepRecord:
     num_waiting: int = 0
     num_generated_tokens: int = 0  # tokens the engine generated since the previous record
     dropped_request_ids: list[str] = field(default_factory=list)  # finished or aborted before
+    worker_ms: float = 0.0  # rank 0's time in Execute (the step's device work and its Python)
 
 
 class WorkerStream:
@@ -212,7 +213,7 @@ class Engine:
                     self._in_step = True
                 result = self._execute(plan)
                 self._learn(result)
-                self._record(plan, start, num_waiting)
+                self._record(plan, start, num_waiting, result.execute_ms)
         except Exception as e:  # a worker failed: every request still held is lost to it
             log.exception("engine step failed")
             self._fail(f"{type(e).__name__}: {e}")
@@ -275,7 +276,9 @@ class Engine:
                 )
         return results[0]
 
-    def _record(self, plan: worker_pb2.StepPlan, start: float, num_waiting: int) -> None:
+    def _record(
+        self, plan: worker_pb2.StepPlan, start: float, num_waiting: int, worker_ms: float
+    ) -> None:
         scheduled = {r.request_id: r.num_scheduled_tokens for r in plan.new_requests}
         cached = plan.cached_requests
         scheduled.update(zip(cached.request_ids, cached.num_scheduled_tokens, strict=True))
@@ -290,6 +293,7 @@ class Engine:
                 num_waiting=num_waiting,
                 num_generated_tokens=self.num_generated_tokens - self._recorded_tokens,
                 dropped_request_ids=list(plan.finished_request_ids),
+                worker_ms=worker_ms,
             )
         )
         self._recorded_tokens = self.num_generated_tokens

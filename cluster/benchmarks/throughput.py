@@ -153,7 +153,8 @@ def main() -> int:
     if steps:
         print(
             f"timed pass: {len(steps)} engine steps over all replicas, median "
-            f"{statistics.median(r['duration_ms'] for r in steps):.1f} ms, mean "
+            f"{statistics.median(r['duration_ms'] for r in steps):.1f} ms (the worker's "
+            f"Execute: {statistics.median(r['worker_ms'] for r in steps):.1f} ms), mean "
             f"{statistics.mean(len(r['scheduled']) for r in steps):.0f} sequences per step\n"
         )
     print("| engine | output tokens | wall (s) | output tok/s | median TTFT (ms) |")
