@@ -218,10 +218,10 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> None:
-        if not self.waiting:
-            return
         pt = self.page_table
         seats = self.config.max_num_seqs - self._seats_taken()
+        if not self.waiting or budget <= 0 or seats <= 0:
+            return  # nothing can be admitted: spare ordering a deep queue every step
         admitted = []
         for request in self.policy.waiting_order(
             self.waiting, lambda r: len(pt.cached_prefix(r)) * pt.block_size

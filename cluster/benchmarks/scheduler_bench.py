@@ -6,7 +6,8 @@ planning costs, and how much of the KV cache it allocates without using.
 1. Step cost: 256 running requests decoding over a 16k-block cache (block_size 16, prefix
    caching on): the time of Scheduler.schedule() per step, and of Scheduler.update() that
    learns the step's tokens, the workers played by an instant answer. Median over --repeats
-   runs of --steps steps each.
+   runs of --steps steps each; then the same with NUM_QUEUED more requests waiting behind the
+   full batch, under each policy (the queue must not make a step dearer while no seat is free).
 2. Unused KV slots: a ShareGPT-like workload (lognormal prompt and output lengths, means about
    202 and 179 tokens) run to completion; after every step, the slots of allocated blocks that
    hold no computed token, summed over the steps, as a fraction of the allocated slots summed
@@ -32,6 +33,7 @@ from scheduler.scheduler import Scheduler
 BLOCK_SIZE = 16
 NUM_BLOCKS = 16384
 NUM_RUNNING = 256
+NUM_QUEUED = 4096
 MEAN_PROMPT, MEAN_OUTPUT = 202, 179
 TOKEN = 7  # every "sampled" token
 
@@ -75,11 +77,14 @@ def answer(scheduler: Scheduler, plan) -> tuple[list[str], list[int]]:
     return ids, [TOKEN] * len(ids)
 
 
-def step_cost_ms(rng: random.Random, num_steps: int) -> tuple[float, float]:
-    """Mean ms per step of schedule() and of update(), with NUM_RUNNING requests decoding."""
+def step_cost_ms(
+    rng: random.Random, num_steps: int, num_queued: int = 0, policy: str = "fcfs"
+) -> tuple[float, float]:
+    """Mean ms per step of schedule() and of update(), with NUM_RUNNING requests decoding and
+    num_queued more waiting for a seat (which none frees while timed)."""
     page_table = PageTableManager(NUM_BLOCKS, BLOCK_SIZE)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=NUM_RUNNING), page_table)
-    prompts = lognormal_lengths(rng, NUM_RUNNING, MEAN_PROMPT)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=NUM_RUNNING, policy=policy), page_table)
+    prompts = lognormal_lengths(rng, NUM_RUNNING + num_queued, MEAN_PROMPT)
     for i, prompt_len in enumerate(prompts):  # long outputs: all keep decoding while timed
         scheduler.add_request(make_request(f"r{i}", rng, min(prompt_len, 1024), 100_000))
     while len(scheduler.running) < NUM_RUNNING or any(
@@ -124,6 +129,13 @@ def main() -> None:
     args = parser.parse_args()
 
     costs = [step_cost_ms(random.Random(seed), args.steps) for seed in range(args.repeats)]
+    queued_ms = {
+        policy: statistics.median(
+            step_cost_ms(random.Random(seed), args.steps, NUM_QUEUED, policy)[0]
+            for seed in range(args.repeats)
+        )
+        for policy in ("fcfs", "cache_aware")
+    }
     schedule_ms = statistics.median(c[0] for c in costs)
     update_ms = statistics.median(c[1] for c in costs)
     total_ms = statistics.median(c[0] + c[1] for c in costs)
@@ -149,6 +161,11 @@ def main() -> None:
         f"| the same step with update(), learning its {NUM_RUNNING} tokens "
         f"(stop checks, forks, finishes) | {total_ms:.3f} ms ({update_ms:.3f} for update) | |"
     )
+    for policy, ms in queued_ms.items():
+        print(
+            f"| schedule() of the same step with {NUM_QUEUED} more requests queued, policy "
+            f"{policy} | {ms:.3f} ms | as without the queue |"
+        )
     print(
         f"| KV slots allocated but unused, over all steps; {args.requests} requests, lognormal "
         f"lengths, mean prompt {prompt_mean:.0f} / output {output_mean:.0f} tokens "
