@@ -170,10 +170,11 @@ class ModelRunner:
         opts = [s.sampling for s in states]
         batch = SamplingBatch(
             temperatures=tensor([o.temperature for o in opts], torch.float32),
-            top_ps=tensor([o.top_p for o in opts], torch.float32),
-            top_ks=tensor([o.top_k for o in opts], torch.int64),
             generators=[s.generator for s in states],
         )
+        if any(o.top_k > 0 or o.top_p < 1 for o in opts):
+            batch.top_ps = tensor([o.top_p for o in opts], torch.float32)
+            batch.top_ks = tensor([o.top_k for o in opts], torch.int64)
         asked = [o.logprobs for o in opts if o.HasField("logprobs")]
         if asked:
             batch.num_logprobs = max(asked)

@@ -31,9 +31,10 @@ class SamplingBatch:
     """Per-row parameters, on the logits' device."""
 
     temperatures: torch.Tensor  # [num_rows] float32; 0 = greedy
-    top_ps: torch.Tensor  # [num_rows] float32; 1 = off
-    top_ks: torch.Tensor  # [num_rows] int64; 0 = off
     generators: list[torch.Generator | None]  # per row; None = the shared generator
+    # top_ps and top_ks come together, or neither when no row uses them (no sort of the vocab).
+    top_ps: torch.Tensor | None = None  # [num_rows] float32; 1 = off
+    top_ks: torch.Tensor | None = None  # [num_rows] int64; 0 = off
     min_ps: torch.Tensor | None = None  # [num_rows] float32; 0 = off
     penalties: Penalties | None = None
     suppressed: torch.Tensor | None = None  # [num_rows, vocab] bool: banned now (min_tokens)
@@ -89,7 +90,8 @@ def _choose(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator)
     logits = logits / temps[:, None]
     if batch.min_ps is not None:
         logits = _mask_min_p(logits, batch.min_ps)
-    logits = _mask_top_k_top_p(logits, batch.top_ks, batch.top_ps)
+    if batch.top_ks is not None and batch.top_ps is not None:
+        logits = _mask_top_k_top_p(logits, batch.top_ks, batch.top_ps)
     probs = torch.softmax(logits, dim=-1)
     noise = _exponential_noise(probs, batch.generators, shared)
     sampled = (probs / noise).argmax(dim=-1)

@@ -116,3 +116,18 @@ def test_seeded_rows_do_not_depend_on_the_batch():
         logits, _batch(4, generators=[seeded(), None, None, None]), torch.Generator().manual_seed(9)
     ).token_ids
     assert alone[0] == batched[0]
+
+
+def test_without_top_k_or_top_p_the_vocab_is_not_sorted_and_the_draws_are_the_same(monkeypatch):
+    import worker.sampler
+
+    rows = LOGITS.expand(4000, -1).contiguous()
+    masked = sample(rows, _batch(4000, temperature=0.7), torch.Generator().manual_seed(0))
+    plain = SamplingBatch(temperatures=torch.full((4000,), 0.7), generators=[None] * 4000)
+
+    def no_sort(*args):
+        raise AssertionError("the top-k / top-p mask ran for a batch that uses neither")
+
+    monkeypatch.setattr(worker.sampler, "_mask_top_k_top_p", no_sort)
+    unmasked = sample(rows, plain, torch.Generator().manual_seed(0))
+    assert torch.equal(masked.token_ids, unmasked.token_ids)
