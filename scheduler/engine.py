@@ -127,6 +127,8 @@ class Engine:
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        # token id -> its text alone (a logprob's decoded_token); at most the vocabulary.
+        self._token_texts: dict[int, str] = {}
         self.step_records: deque[StepRecord] = deque(maxlen=max_step_records)
         self.num_steps = 0
         self.num_finished = 0
@@ -361,11 +363,19 @@ class Engine:
             positions = request.output_logprobs
         else:
             positions = request.output_logprobs[-1:]
-        decode = self.tokenizer.decode
+        text = self._token_text
         return [
-            {token: Logprob(lp.logprob, lp.rank, decode([token], False)) for token, lp in p.items()}
+            {token: Logprob(lp.logprob, lp.rank, text(token)) for token, lp in p.items()}
             for p in positions
         ]
+
+    def _token_text(self, token: int) -> str:
+        """decode([token]) with special tokens kept, cached: with logprobs=20 a step of 256
+        completions names 5376 tokens, mostly the same few thousand."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token], False)
+        return text
 
     def _fail(self, error: str) -> None:
         with self._cond:
