@@ -21,7 +21,7 @@ import grpc
 
 from cluster.client import Client, Credentials
 from cluster.config import ConfigError, load_config
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
 
 def state_file() -> Path:
@@ -85,7 +85,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        # Printed at the end unless streamed: then one message is all the server need send.
+        output_kind=RequestOutputKind.DELTA if args.stream else RequestOutputKind.FINAL_ONLY,
     )
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     with _connect(args) as client:
