@@ -45,7 +45,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.requests: dict[str, Request] = {}  # every unfinished completion, by its own id
         self.groups: dict[str, list[Request]] = {}  # client request id -> unfinished completions
-        self.waiting: list[Request] = []
+        self.waiting: list[Request] = []  # in policy rank order
         self.running: list[Request] = []  # in policy rank order
         self.swapped: list[Request] = []  # in policy rank order
         self._unforked: dict[str, list[Request]] = {}  # parent id -> completions still to fork
@@ -84,7 +84,7 @@ class Scheduler:
         self.groups[request.request_id] = list(completions)
         if params.n > 1:
             self._unforked[request.request_id] = completions[1:]
-        self.waiting.append(request)
+        insort(self.waiting, request, key=self.policy.rank)
         return completions
 
     def stop_request(self, request: Request, stop_reason: str) -> None:
@@ -174,7 +174,7 @@ class Scheduler:
         self.page_table.free(rid)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        insort(self.waiting, request, key=self.policy.rank)
         if self._num_blocks_sent.pop(rid, None) is not None:
             self._preempted.append(rid)
 
@@ -223,6 +223,7 @@ class Scheduler:
         if not self.waiting or budget <= 0 or seats <= 0:
             return  # nothing can be admitted: spare ordering a deep queue every step
         admitted = []
+        # Not changed while its order is walked (may be self.waiting itself): admitted below.
         for request in self.policy.waiting_order(
             self.waiting, lambda r: len(pt.cached_prefix(r)) * pt.block_size
         ):
@@ -234,7 +235,6 @@ class Scheduler:
             n = min(request.num_tokens - num_cached, budget)
             if not pt.allocate(request, n, cached):
                 break
-            self.waiting.remove(request)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
                 request.num_cached_tokens = num_cached
@@ -247,11 +247,10 @@ class Scheduler:
             admitted.append(request)
             budget -= n
             seats -= needs
-        if admitted:  # the cache_aware policy bounds how often a request is passed over
-            latest = max(r.arrival_time for r in admitted)
-            for request in self.waiting:
-                if request.arrival_time < latest:
-                    request.num_steps_passed_over += 1
+        for request in admitted:
+            self.waiting.remove(request)
+        if admitted:
+            self.policy.admitted(self.waiting, admitted)
 
     def _fork(self, parent: Request) -> None:
         """The parent's prompt is computed: its other completions share its blocks and run."""
