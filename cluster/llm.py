@@ -41,7 +41,15 @@ class RequestOutput:
 
 PromptInput = str | dict[str, Any]  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
 
-_MODEL_KEYS = ("tokenizer", "dtype", "max_model_len", "seed", "load_format", "device")
+_MODEL_KEYS = (
+    "tokenizer",
+    "dtype",
+    "max_model_len",
+    "seed",
+    "load_format",
+    "device",
+    "enforce_eager",
+)
 _PARALLEL_KEYS = ("tensor_parallel_size",)
 _CACHE_KEYS = (
     "gpu_memory_utilization",

@@ -25,6 +25,7 @@ class ModelConfig:
     device: str = "auto"
     max_model_len: int | None = None  # None = the model's own context length
     seed: int = 0
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs, every step runs eagerly
 
     def __post_init__(self) -> None:
         _check_choice("model.load_format", self.load_format, _LOAD_FORMATS)

@@ -88,6 +88,8 @@ class StepRecord:
     num_generated_tokens: int = 0  # tokens the engine generated since the previous record
     dropped_request_ids: list[str] = field(default_factory=list)  # finished or aborted before
     worker_ms: float = 0.0  # rank 0's time in Execute (the step's device work and its Python)
+    worker_idle_ms: float = 0.0  # rank 0's host time before this step's launch (device idle)
+    cuda_graph: bool = False  # the step replayed a captured decode graph
 
 
 class WorkerStream:
@@ -215,7 +217,7 @@ class Engine:
                     self._in_step = True
                 result = self._execute(plan)
                 self._learn(result)
-                self._record(plan, start, num_waiting, result.execute_ms)
+                self._record(plan, start, num_waiting, result)
         except Exception as e:  # a worker failed: every request still held is lost to it
             log.exception("engine step failed")
             self._fail(f"{type(e).__name__}: {e}")
@@ -279,7 +281,11 @@ class Engine:
         return results[0]
 
     def _record(
-        self, plan: worker_pb2.StepPlan, start: float, num_waiting: int, worker_ms: float
+        self,
+        plan: worker_pb2.StepPlan,
+        start: float,
+        num_waiting: int,
+        result: worker_pb2.StepResult,
     ) -> None:
         scheduled = {r.request_id: r.num_scheduled_tokens for r in plan.new_requests}
         cached = plan.cached_requests
@@ -295,7 +301,9 @@ class Engine:
                 num_waiting=num_waiting,
                 num_generated_tokens=self.num_generated_tokens - self._recorded_tokens,
                 dropped_request_ids=list(plan.finished_request_ids),
-                worker_ms=worker_ms,
+                worker_ms=result.execute_ms,
+                worker_idle_ms=result.idle_ms,
+                cuda_graph=result.cuda_graph,
             )
         )
         self._recorded_tokens = self.num_generated_tokens

@@ -159,7 +159,7 @@ class ServingServer:
         """Allocates the KV cache of a replica whose workers have loaded the model (sizes are
         _bring_up_workers' answer) and starts its engine loop."""
         info, num_blocks, num_cpu_blocks = sizes
-        cache, scheduler = self._configs[1:]
+        model, cache, scheduler = self._configs
         capacity = num_blocks * cache.block_size
         if self.max_model_len > capacity:
             raise ValueError(
@@ -167,15 +167,29 @@ class ServingServer:
                 f"{num_blocks} blocks x {cache.block_size} = {capacity} tokens; lower "
                 "model.max_model_len or give the cache more memory"
             )
-        for address in spec.worker_addresses:
-            worker_pb2_grpc.WorkerStub(grpc.insecure_channel(address)).InitCache(
-                worker_pb2.InitCacheRequest(
-                    num_blocks=num_blocks,
-                    block_size=cache.block_size,
-                    num_cpu_blocks=num_cpu_blocks,
-                ),
-                timeout=_WORKER_RPC_TIMEOUT_S,
-            )
+        # Every rank at once: with tensor parallelism the ranks capture their CUDA graphs
+        # together (the collectives inside them pair up across ranks).
+        request = worker_pb2.InitCacheRequest(
+            num_blocks=num_blocks,
+            block_size=cache.block_size,
+            num_cpu_blocks=num_cpu_blocks,
+            max_num_seqs=scheduler.max_num_seqs,
+            max_model_len=self.max_model_len,
+            enforce_eager=model.enforce_eager,
+        )
+        channels = [grpc.insecure_channel(address) for address in spec.worker_addresses]
+        try:
+            calls = [
+                worker_pb2_grpc.WorkerStub(channel).InitCache.future(
+                    request, timeout=_WORKER_RPC_TIMEOUT_S
+                )
+                for channel in channels
+            ]
+            for call in calls:
+                call.result()
+        finally:
+            for channel in channels:
+                channel.close()
         page_table = PageTableManager(
             num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks
         )

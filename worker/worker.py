@@ -82,6 +82,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             max_position_embeddings=model.max_positions,
             device=_device_name(self.device),
             dtype=str(dtype).removeprefix("torch."),
+            weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         )
 
     def ProfileMemory(self, request, context):
