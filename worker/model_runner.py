@@ -4,25 +4,34 @@ samples.
 
 A request samples a token when its computed tokens catch up with its total (the end of a
 prefill, or every decode step); a partial prefill chunk only fills the cache.
+
+The batch is built with numpy from per-request counters and the host block tables
+(worker.block_table), never from lists of every token. On CUDA a step of decodes alone replays
+a captured graph (worker.cuda_graph); prefill and mixed steps run eagerly.
 """
 
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kernels import copy_blocks
 from protos import worker_pb2
 from worker import distributed
+from worker.block_table import BlockTables
+from worker.cuda_graph import DecodeGraphs
 from worker.layers.attention import AttentionMetadata
 from worker.sampler import Penalties, SampleOutput, SamplingBatch, sample
 
 
 @dataclass
 class RequestState:
-    """What this rank holds of one request. token_ids grows by the tokens rank 0 samples."""
+    """What this rank holds of one request. token_ids grows by the tokens rank 0 samples; its
+    block table is row `row` of the runner's BlockTables."""
 
     token_ids: list[int]
-    block_ids: list[int]
+    row: int
     num_computed_tokens: int
     sampling: worker_pb2.SamplingOptions
     generator: torch.Generator | None = field(default=None, repr=False)
@@ -48,6 +57,9 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = 0
         self.requests: dict[str, RequestState] = {}
+        self.block_tables = BlockTables(max_blocks=0)
+        self.graphs: DecodeGraphs | None = None
+        self._last_done = time.perf_counter()  # the previous step's tokens reached the host
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
         # Swap space: per layer K and V in host memory (pinned for CUDA), like the device cache.
         self.cpu_key_caches: list[torch.Tensor] = []
@@ -58,9 +70,20 @@ class ModelRunner:
         per_token = 2 * num_layers * kv_heads * head_dim
         return per_token * block_size * torch.tensor([], dtype=self.dtype).element_size()
 
-    def init_cache(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0) -> None:
+    def init_cache(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_cpu_blocks: int = 0,
+        max_num_seqs: int = 0,
+        max_model_len: int = 0,
+        enforce_eager: bool = True,
+    ) -> None:
         """Allocates per layer K and V: [num_blocks, block_size, num_kv_heads_local, head_dim],
-        and the same with num_cpu_blocks in host memory for swapped-out requests."""
+        and the same with num_cpu_blocks in host memory for swapped-out requests. On CUDA,
+        unless enforce_eager, then captures the decode graphs for up to max_num_seqs requests.
+
+        A request holds at most ceil(max_model_len / block_size) blocks (num_blocks if 0)."""
         _, kv_heads, head_dim = self.model.kv_cache_spec()
         shape = (num_blocks, block_size, kv_heads, head_dim)
         cpu_shape = (num_cpu_blocks, block_size, kv_heads, head_dim)
@@ -76,6 +99,12 @@ class ModelRunner:
                 )
         self.block_size = block_size
         self.requests.clear()
+        max_blocks = -(-max_model_len // block_size) if max_model_len else num_blocks
+        self.block_tables = BlockTables(max(max_blocks, 1))
+        self.graphs = None
+        if self.device.type == "cuda" and not enforce_eager and max_num_seqs and num_blocks:
+            self.graphs = DecodeGraphs(self.model, max_num_seqs, max(max_blocks, 1), self.device)
+            self.graphs.capture()
 
     def _device_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         layers = self.model.attention_layers()
@@ -110,10 +139,13 @@ class ModelRunner:
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
         """Applies the plan's diff, runs the step; returns the ids and tokens it sampled (and
         their logprobs, on rank 0, when asked) as a StepResult without step_id."""
+        tables = self.block_tables
         for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
-            self.requests.pop(rid, None)
+            state = self.requests.pop(rid, None)
+            if state is not None:
+                tables.release(state.row)
         for rid in plan.swapped_request_ids:  # its blocks moved to host memory
-            self.requests[rid].block_ids = []
+            tables.replace(self.requests[rid].row, [])
         # Before the forward pass, in this order (see scheduler/page_table.py for why).
         if plan.swap_out:
             self._swap_out(plan.swap_out)
@@ -123,6 +155,8 @@ class ModelRunner:
             self._copy_blocks(plan.block_copies)
         scheduled: list[tuple[str, RequestState, int]] = []
         for new in plan.new_requests:
+            if (old := self.requests.get(new.request_id)) is not None:
+                tables.release(old.row)
             state = self._new_state(new)
             self.requests[new.request_id] = state
             scheduled.append((new.request_id, state, new.num_scheduled_tokens))
@@ -144,9 +178,9 @@ class ModelRunner:
                 )
             blocks = [next(new_blocks) for _ in range(num_new)]
             if replace:
-                state.block_ids = blocks
-            else:
-                state.block_ids.extend(blocks)
+                tables.replace(state.row, blocks)
+            elif blocks:
+                tables.append(state.row, blocks)
             scheduled.append((rid, state, n))
         if not scheduled:
             return worker_pb2.StepResult()
@@ -159,7 +193,7 @@ class ModelRunner:
             gen = torch.Generator(device=self.device).manual_seed(opts.seed)
         return RequestState(
             token_ids=list(new.token_ids),
-            block_ids=list(new.block_ids),
+            row=self.block_tables.add(list(new.block_ids)),
             num_computed_tokens=new.num_computed_tokens,
             sampling=opts,
             generator=gen,
@@ -208,63 +242,112 @@ class ModelRunner:
         return batch
 
     def _run(self, scheduled: list[tuple[str, RequestState, int]]) -> worker_pb2.StepResult:
-        bs = self.block_size
+        bs, tables = self.block_size, self.block_tables
+        num_seqs = len(scheduled)
+        rows = np.empty(num_seqs, dtype=np.int64)
+        starts = np.empty(num_seqs, dtype=np.int64)  # computed tokens before this step
+        counts = np.empty(num_seqs, dtype=np.int64)  # tokens computed in this step
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_start_loc = [0]
-        sample_rows: list[int] = []  # row of each sampling request's last token
         samplers: list[tuple[str, RequestState]] = []
-        for rid, state, n in scheduled:
+        sample_seqs: list[int] = []  # which sequence each sampling request is
+        for i, (rid, state, n) in enumerate(scheduled):
             start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            if end > len(state.token_ids) or end > len(state.block_ids) * bs:
+            if end > len(state.token_ids) or end > tables.num_blocks(state.row) * bs:
                 raise RuntimeError(f"request {rid}: {n} tokens scheduled past its tokens or blocks")
+            rows[i], starts[i], counts[i] = state.row, start, n
             input_ids.extend(state.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(state.block_ids[p // bs] * bs + p % bs for p in range(start, end))
-            seq_lens.append(end)
-            query_start_loc.append(query_start_loc[-1] + n)
             if end == len(state.token_ids):
-                sample_rows.append(query_start_loc[-1] - 1)
                 samplers.append((rid, state))
-        max_blocks = max(len(state.block_ids) for _, state, _ in scheduled)
-        block_tables = [
-            state.block_ids + [0] * (max_blocks - len(state.block_ids)) for _, state, _ in scheduled
-        ]
+                sample_seqs.append(i)
+        ends = starts + counts  # [num_seqs] each sequence's context after this step
+        width = int(-(-ends.max() // bs))
+        max_query_len = int(counts.max())
+        graph_size = None
+        if self.graphs is not None and max_query_len == 1:
+            graph_size = self.graphs.size_for(num_seqs)
+        launch = time.perf_counter()
+        if graph_size is not None:
+            # Decodes alone: one token per sequence, at position starts[i].
+            slots = tables.table[rows, starts // bs] * bs + starts % bs
+            hidden = self.graphs.run(
+                graph_size, np.asarray(input_ids), starts, slots, tables.table[rows, :width]
+            )
+        else:
+            hidden = self._run_eager(input_ids, rows, starts, counts, width, max_query_len)
+        for _, state, n in scheduled:
+            state.num_computed_tokens += n
+        result = worker_pb2.StepResult(
+            cuda_graph=graph_size is not None, idle_ms=(launch - self._last_done) * 1e3
+        )
+        if samplers:
+            self._sample(hidden, np.cumsum(counts)[sample_seqs] - 1, samplers, result)
+        self._last_done = time.perf_counter()
+        return result
 
-        def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+    def _run_eager(
+        self,
+        input_ids: list[int],
+        rows: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        width: int,
+        max_query_len: int,
+    ) -> torch.Tensor:
+        """The forward pass over any batch: [num_tokens] flat, sequence i's tokens are rows
+        query_start_loc[i]:query_start_loc[i + 1]."""
+        bs = self.block_size
+        query_start_loc = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        # Token t of sequence i sits at position starts[i] + (t - query_start_loc[i]).
+        token_seq = np.repeat(np.arange(len(counts)), counts)  # [num_tokens]
+        positions = np.arange(query_start_loc[-1]) - query_start_loc[token_seq] + starts[token_seq]
+        table = self.block_tables.table
+        slots = table[rows[token_seq], positions // bs] * bs + positions % bs
+
+        def tensor(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(data).to(device=self.device, dtype=dtype, non_blocking=True)
 
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(block_tables, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
+            block_tables=tensor(table[rows, :width], torch.int32),
+            seq_lens=tensor(starts + counts, torch.int32),
             query_start_loc=tensor(query_start_loc, torch.int32),
-            max_query_len=max(n for _, _, n in scheduled),
-            max_seq_len=max(seq_lens),
+            max_query_len=max_query_len,
+            max_seq_len=int((starts + counts).max()),
         )
-        hidden = self.model(tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta)
-        for _, state, n in scheduled:
-            state.num_computed_tokens += n
-        if not samplers:
-            return worker_pb2.StepResult()
-        # Rank 0 gathers the logits and samples; every rank then appends the same tokens.
-        logits = self.model.compute_logits(hidden[tensor(sample_rows, torch.int64)])
+        ids = tensor(np.asarray(input_ids, dtype=np.int64), torch.int64)
+        return self.model(ids, tensor(positions, torch.int64), meta)
+
+    def _sample(
+        self,
+        hidden: torch.Tensor,
+        sample_rows: np.ndarray,
+        samplers: list[tuple[str, RequestState]],
+        result: worker_pb2.StepResult,
+    ) -> None:
+        """Rank 0 gathers the logits of each sampling request's last row and samples; every
+        rank then appends the same tokens. Fills result (its tokens, logprobs on rank 0)."""
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden[torch.from_numpy(sample_rows).to(self.device)]
+        logits = self.model.compute_logits(hidden)
         out = None
         if logits is None:
             sampled = torch.empty(len(samplers), dtype=torch.int64, device=self.device)
         else:
+
+            def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
+                return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
             batch = self._sampling_batch([s for _, s in samplers], logits.shape[-1], tensor)
             out = sample(logits, batch, self.shared_generator)
             sampled = out.token_ids
         tokens = distributed.broadcast_from_rank0(sampled).tolist()
         for (_, state), token in zip(samplers, tokens, strict=True):
             state.token_ids.append(token)
-        result = worker_pb2.StepResult(request_ids=[rid for rid, _ in samplers], token_ids=tokens)
+        result.request_ids.extend(rid for rid, _ in samplers)
+        result.token_ids.extend(tokens)
         if out is not None and out.sampled_logprobs is not None:
             _add_logprobs(result, [s.sampling for _, s in samplers], out)
-        return result
 
 
 def _add_logprobs(

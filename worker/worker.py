@@ -128,7 +128,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def InitCache(self, request, context):
         self._runner(context).init_cache(
-            request.num_blocks, request.block_size, request.num_cpu_blocks
+            request.num_blocks,
+            request.block_size,
+            request.num_cpu_blocks,
+            max_num_seqs=request.max_num_seqs,
+            max_model_len=request.max_model_len,
+            enforce_eager=request.enforce_eager,
         )
         self._ready = True
         return worker_pb2.Empty()
