@@ -187,7 +187,7 @@ def format_roofline(roofline: Roofline, measured_ms: float | None = None) -> lis
         f"{COPY_BYTES >> 30} GiB, bytes read + written, median of {COPY_REPEATS}, measured in this "
         f"run) = {roofline.ms:.3f} ms per decode step"
     )
-    if measured_ms is not None:
+    if measured_ms:
         lines.append(
             f"measured: {measured_ms:.3f} ms per decode step (the roofline is "
             f"{roofline_pct(roofline, measured_ms):.1f}% of it)"
