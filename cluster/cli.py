@@ -5,6 +5,8 @@ pagedserve generate "What is the capital of France?" [--stream]
 pagedserve status
 pagedserve scale --replicas N
 pagedserve down
+pagedserve bench latency -c configs/local.yaml [--batch-size 1 8 32] [--output-len 512]
+pagedserve bench throughput -c configs/local.yaml [--num-requests 256] [--hf-batch 64]
 """
 
 import argparse
@@ -198,6 +200,20 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _add_bench(sub) -> None:
+    """`pagedserve bench latency | throughput`: each verb's module has its arguments and run."""
+    from cluster.benchmarks import latency, throughput
+
+    bench = sub.add_parser(
+        "bench", help="start a cluster from a config and benchmark it: latency or throughput"
+    )
+    verbs = bench.add_subparsers(dest="verb", required=True)
+    for name, module in (("latency", latency), ("throughput", throughput)):
+        verb = verbs.add_parser(name, help=module.__doc__.splitlines()[0])
+        module.add_arguments(verb)
+        verb.set_defaults(func=module.run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     down = sub.add_parser("down", help="stop the cluster that `up` started")
     down.add_argument("--timeout", type=float, default=60.0)
     down.set_defaults(func=cmd_down)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:

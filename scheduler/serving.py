@@ -609,6 +609,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             vocab_size=s.model_info.vocab_size,
             max_model_len=s.max_model_len,
             eos_token_ids=sorted(s.tokenizer.eos_token_ids),
+            weight_bytes=s.model_info.weight_bytes,
         )
 
     async def GetServerInfo(self, request, context):

@@ -1,15 +1,20 @@
-"""Offline serving throughput: a fixed workload through a real cluster, and HF transformers'
-batched `generate` on the same prompts and card as the baseline.
+"""Offline serving throughput of a cluster started from a config, as `vllm bench throughput`.
 
-    python -m cluster.benchmarks.throughput -c configs/local.yaml --num-requests 256 \
-        --input-len 128 --output-len 128 [--hf-batch 64] [--set model.dtype=bfloat16]
+A fixed workload through a real cluster, and (--hf-batch) HF transformers' batched `generate`
+on the same prompts and card as the baseline.
 
-Every request generates exactly --output-len tokens (ignore_eos), greedy. Each completion comes
-back in one message (output_kind FINAL_ONLY, as vLLM's offline LLM and its throughput
-benchmark); --stream has every step's tokens streamed instead (DELTA, as a chat client). The
-workload runs twice and the second pass is timed (the first compiles kernels). Prints a markdown
-table: requests, tokens, wall time, output tokens per second, median time to first token (to the
-first message when streamed; otherwise the server's own figure, from the last message).
+    pagedserve bench throughput -c configs/local.yaml --num-requests 256 --input-len 128 \
+        --output-len 128 [--hf-batch 64] [--stream] [--set model.dtype=bfloat16]
+
+(`python -m cluster.benchmarks.throughput` takes the same arguments.) Every request generates
+exactly --output-len tokens (ignore_eos), greedy. Each completion comes back in one message
+(output_kind FINAL_ONLY, as vLLM's offline LLM and its throughput benchmark); --stream has every
+step's tokens streamed instead (DELTA, as a chat client). The workload runs twice and the second
+pass is timed (the first compiles kernels). Prints the card, the roofline of a decode step next
+to the timed pass's median decode step, the anatomy of the timed pass's steps, and last a
+markdown table: output tokens, wall time, output tokens per second, median time to first token
+(to the first message when streamed; otherwise the server's own figure, from the last message),
+median decode step and the roofline's share of it.
 """
 
 import argparse
@@ -18,51 +23,20 @@ import statistics
 import sys
 import time
 
-from cluster.client import AsyncClient
-from cluster.config import load_config
-from cluster.launcher import Cluster
-from scheduler.sampling_params import RequestOutputKind, SamplingParams
+from cluster.benchmarks.report import (
+    add_cluster_arguments,
+    bench_cluster,
+    fmt,
+    format_anatomy,
+    format_roofline,
+    make_prompts,
+    records_between,
+    roofline_pct,
+    run_workload,
+    step_anatomy,
+)
 
-
-def make_prompts(num: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    import random
-
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(num)]
-
-
-async def run_workload(
-    address: str, prompts: list[list[int]], output_len: int, stream: bool
-) -> dict:
-    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-    params = SamplingParams(
-        temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind=kind
-    )
-    client = AsyncClient(address)
-    ttfts: list[float] = []
-
-    async def one(prompt: list[int]) -> int:
-        start = time.perf_counter()
-        n = 0
-        async for delta in client.generate(prompt, params, timeout=3600):
-            if stream and n == 0:
-                ttfts.append(time.perf_counter() - start)
-            if delta.finish_reason and not stream:
-                ttfts.append(delta.timings.time_to_first_token_ms * 1e-3)
-            n += len(delta.token_ids)
-        return n
-
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(one(p) for p in prompts))
-    wall = time.perf_counter() - start
-    await client.close()
-    return {
-        "requests": len(prompts),
-        "output_tokens": sum(counts),
-        "wall_s": wall,
-        "tok_per_s": sum(counts) / wall,
-        "ttft_ms": statistics.median(ttfts) * 1e3,
-    }
+__all__ = ["add_arguments", "main", "make_prompts", "run", "run_hf", "run_workload"]
 
 
 def run_hf(model_path: str, prompts: list[list[int]], output_len: int, batch: int) -> dict:
@@ -105,10 +79,8 @@ def run_hf(model_path: str, prompts: list[list[int]], output_len: int, batch: in
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", default="configs/local.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_cluster_arguments(parser)
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -116,55 +88,58 @@ def main() -> int:
     parser.add_argument(
         "--stream", action="store_true", help="stream every step's tokens (output_kind DELTA)"
     )
-    args = parser.parse_args()
-    config = load_config(args.config, [*args.set, "server.port=0"])
-    cluster = Cluster(config)
-    rows = []
-    steps: list[dict] = []
-    try:
-        address = cluster.start()
-        from cluster.client import Client
 
-        with Client(address) as client:
-            vocab = client.model_info().vocab_size
-            device = client.server_info().replicas[0].workers[0].device
-        prompts = make_prompts(args.num_requests, args.input_len, vocab)
+
+def run(args: argparse.Namespace) -> int:
+    if min(args.num_requests, args.input_len, args.output_len) < 1:
+        raise ValueError("--num-requests, --input-len and --output-len must be >= 1")
+    rows = []
+    with bench_cluster(args.config, args.set) as bench:
+        prompts = make_prompts(args.num_requests, args.input_len, bench.vocab_size)
         # A first pass of other random prompts (no prefix the timed pass could reuse) compiles
         # the Triton kernels for the batch shapes the workload meets; the second is timed.
-        warm_up = make_prompts(args.num_requests, args.input_len, vocab, seed=1)
-        asyncio.run(run_workload(address, warm_up, args.output_len, args.stream))
+        warm_up = make_prompts(args.num_requests, args.input_len, bench.vocab_size, seed=1)
+        asyncio.run(run_workload(bench.address, warm_up, args.output_len, args.stream))
         since = time.monotonic()  # system-wide on Linux: comparable with the actor's records
-        timed = asyncio.run(run_workload(address, prompts, args.output_len, args.stream))
-        rows.append(("pagedserve (streamed)" if args.stream else "pagedserve", timed))
-        steps = [r for r in cluster.step_records() if r["start"] >= since]
-    finally:
-        cluster.shutdown()
+        timed = asyncio.run(run_workload(bench.address, prompts, args.output_len, args.stream))
+        steps = records_between(bench.step_records(), since, time.monotonic())
+    anatomy = step_anatomy(steps)
+    decode_ms = None if anatomy is None else anatomy.median_decode_step_ms
+    rows.append(("pagedserve (streamed)" if args.stream else "pagedserve", timed, decode_ms))
     if args.hf_batch:
-        rows.append(
-            (
-                f"HF generate (batch {args.hf_batch})",
-                run_hf(cluster.model_path, prompts, args.output_len, args.hf_batch),
-            )
-        )
+        hf = run_hf(bench.cluster.model_path, prompts, args.output_len, args.hf_batch)
+        rows.append((f"HF generate (batch {args.hf_batch})", hf, None))
     print(
-        f"\nmodel {config.model.model}, device {device}, {args.num_requests} requests x "
-        f"{args.input_len} prompt + {args.output_len} output tokens\n"
+        f"\nmodel {bench.config.model.model}, {args.num_requests} requests x "
+        f"{args.input_len} prompt + {args.output_len} output tokens"
     )
+    print("\n".join(format_roofline(bench.roofline, decode_ms)))
     if steps:
         print(
-            f"timed pass: {len(steps)} engine steps over all replicas, median "
-            f"{statistics.median(r['duration_ms'] for r in steps):.1f} ms (the worker's "
-            f"Execute: {statistics.median(r['worker_ms'] for r in steps):.1f} ms), mean "
-            f"{statistics.mean(len(r['scheduled']) for r in steps):.0f} sequences per step\n"
+            f"timed pass: {len(steps)} engine steps over all replicas, mean "
+            f"{statistics.mean(len(r['scheduled']) for r in steps):.0f} sequences per step"
         )
-    print("| engine | output tokens | wall (s) | output tok/s | median TTFT (ms) |")
-    print("|---|---|---|---|---|")
-    for name, r in rows:
+    print("\n".join(format_anatomy(anatomy, "the timed pass's steps, all replicas")))
+    print(
+        "\n| engine | output tokens | wall (s) | output tok/s | median TTFT (ms) | "
+        "median decode step (ms) | roofline / measured |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    none = "none" if bench.roofline.ms is None else "-"  # none applies, or nothing to compare
+    for name, r, step_ms in rows:
+        pct = roofline_pct(bench.roofline, step_ms)
+        share = none if pct is None else f"{pct:.1f}%"
         print(
             f"| {name} | {r['output_tokens']} | {r['wall_s']:.2f} | {r['tok_per_s']:.0f} | "
-            f"{r['ttft_ms']:.1f} |"
+            f"{r['ttft_ms']:.1f} | {fmt(step_ms, '.3f')} | {share} |"
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

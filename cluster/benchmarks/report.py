@@ -1,0 +1,296 @@
+"""What `pagedserve bench latency` and `pagedserve bench throughput` share: the config and the
+cluster (started from a YAML config, on any free port), the workload's prompts and requests, the
+roofline of a decode step and the anatomy of the engine's steps.
+
+The roofline: a decode step reads every weight of its rank at least once, so it cannot take
+less than (one rank's weight bytes) / (the card's memory bandwidth). The bandwidth is measured
+in the benchmark's own process before the cluster starts (a device-to-device copy of a 1 GiB
+buffer: bytes read + bytes written over the time, median of 10 after warm-up); without a CUDA
+device no roofline applies.
+
+The anatomy, from the scheduler's step records (scheduler.engine.StepRecord, as dicts):
+duration_ms is the engine's whole step, worker_ms rank 0's time in Execute, worker_idle_ms rank
+0's host time between the end of its previous step and this step's launch (the device idles),
+cuda_graph whether the step replayed a CUDA graph, scheduled request id -> tokens computed.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import random
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+COPY_BYTES = 1 << 30  # the buffer the bandwidth is measured with
+COPY_REPEATS = 10
+COPY_WARMUP = 3
+
+
+# --- the step anatomy -------------------------------------------------------------------------
+
+
+def is_decode_step(record: dict) -> bool:
+    """A step in which every scheduled request computes one token (no prompt tokens)."""
+    scheduled = record["scheduled"]
+    return bool(scheduled) and all(n == 1 for n in scheduled.values())
+
+
+def decode_steps(records: list[dict]) -> list[dict]:
+    return [r for r in records if is_decode_step(r)]
+
+
+def records_between(records: list[dict], start: float, end: float) -> list[dict]:
+    """The records of the steps that started within [start, end] (time.monotonic() seconds:
+    system-wide on Linux, so comparable with the scheduler actor's on this node)."""
+    return [r for r in records if start <= r["start"] <= end]
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    num_steps: int
+    num_decode_steps: int
+    median_step_ms: float
+    median_decode_step_ms: float | None  # None when no step was decode-only
+    median_worker_ms: float  # rank 0's time in Execute
+    median_idle_ms: float  # rank 0's host time between steps: the device idles
+    idle_pct: float  # median_idle_ms as % of median_step_ms
+    host_ms: float  # median step - median worker Execute: the engine's time around Execute
+    graph_hit_decode: float | None  # fraction of decode-only steps that replayed a CUDA graph
+    graph_hit_all: float  # fraction of all steps that did
+
+
+def step_anatomy(records: list[dict]) -> Anatomy | None:
+    """The anatomy of some steps; None when there are none."""
+    if not records:
+        return None
+    decodes = decode_steps(records)
+    step = statistics.median(r["duration_ms"] for r in records)
+    worker = statistics.median(r["worker_ms"] for r in records)
+    idle = statistics.median(r["worker_idle_ms"] for r in records)
+    return Anatomy(
+        num_steps=len(records),
+        num_decode_steps=len(decodes),
+        median_step_ms=step,
+        median_decode_step_ms=(
+            statistics.median(r["duration_ms"] for r in decodes) if decodes else None
+        ),
+        median_worker_ms=worker,
+        median_idle_ms=idle,
+        idle_pct=100 * idle / step if step > 0 else float("nan"),
+        host_ms=step - worker,
+        graph_hit_decode=(
+            sum(bool(r["cuda_graph"]) for r in decodes) / len(decodes) if decodes else None
+        ),
+        graph_hit_all=sum(bool(r["cuda_graph"]) for r in records) / len(records),
+    )
+
+
+def format_anatomy(anatomy: Anatomy | None, what: str = "timed steps") -> list[str]:
+    if anatomy is None:
+        return [f"step anatomy ({what}): no step records"]
+    a = anatomy
+    decode = "-" if a.median_decode_step_ms is None else f"{a.median_decode_step_ms:.2f} ms"
+    hits = "-" if a.graph_hit_decode is None else f"{100 * a.graph_hit_decode:.1f}%"
+    return [
+        f"step anatomy ({what}):",
+        f"  steps: {a.num_steps} ({a.num_decode_steps} decode-only)",
+        f"  median step: {a.median_step_ms:.2f} ms (decode-only steps: {decode})",
+        f"  median worker Execute (rank 0): {a.median_worker_ms:.2f} ms",
+        f"  median worker idle between steps: {a.median_idle_ms:.2f} ms "
+        f"({a.idle_pct:.1f}% of the median step)",
+        f"  host time between steps as the engine sees it (median step - median Execute): "
+        f"{a.host_ms:.2f} ms",
+        f"  CUDA graph hit rate: {hits} of decode-only steps, {100 * a.graph_hit_all:.1f}% of "
+        f"all steps",
+    ]
+
+
+# --- the roofline ----------------------------------------------------------------------------
+
+
+def roofline_ms(weight_bytes: int, bandwidth: float) -> float:
+    """The least time of a decode step that reads weight_bytes at bandwidth bytes/s, in ms."""
+    return weight_bytes / bandwidth * 1e3
+
+
+def copy_bandwidth(nbytes: int, times_s: list[float]) -> float:
+    """Bytes/s of copies of nbytes (each reads nbytes and writes nbytes), from their times."""
+    return 2 * nbytes / statistics.median(times_s)
+
+
+def measure_copy_bandwidth(
+    nbytes: int = COPY_BYTES, repeats: int = COPY_REPEATS, warmup: int = COPY_WARMUP
+) -> float | None:
+    """This process's CUDA device's device-to-device copy bandwidth (bytes read + written per
+    second, median of `repeats` copies timed with CUDA events); None without a CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(warmup):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del src, dst
+    torch.cuda.empty_cache()  # the workers get the card's memory back
+    return copy_bandwidth(nbytes, times)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    card: str  # the workers' device, as server_info names it
+    weight_bytes: int  # one rank's parameters
+    bandwidth: float | None  # bytes/s; None: no roofline applies
+    why_none: str = ""
+
+    @property
+    def ms(self) -> float | None:
+        return None if self.bandwidth is None else roofline_ms(self.weight_bytes, self.bandwidth)
+
+
+def make_roofline(card: str, weight_bytes: int, bandwidth: float | None) -> Roofline:
+    """The roofline of a card given the bandwidth measured in this process (None if none)."""
+    if not card.startswith("cuda"):
+        return Roofline(card, weight_bytes, None, f"the card is {card}, not a CUDA device")
+    if bandwidth is None:
+        return Roofline(card, weight_bytes, None, "this process sees no CUDA device to measure")
+    return Roofline(card, weight_bytes, bandwidth)
+
+
+def roofline_pct(roofline: Roofline, measured_ms: float | None) -> float | None:
+    """The roofline's time as % of a measured decode step (100% = at the roofline)."""
+    if roofline.ms is None or not measured_ms:
+        return None
+    return 100 * roofline.ms / measured_ms
+
+
+def format_roofline(roofline: Roofline, measured_ms: float | None = None) -> list[str]:
+    """The card, the roofline of a decode step and, given one, the measured step beside it."""
+    lines = [f"card: {roofline.card}"]
+    weights = f"{roofline.weight_bytes / 1e6:.1f} MB of weights per rank"
+    if roofline.ms is None:
+        lines.append(f"roofline: none applies ({roofline.why_none}); {weights}")
+        return lines
+    lines.append(
+        f"roofline: {weights} / {roofline.bandwidth / 1e9:.0f} GB/s (device-to-device copy of "
+        f"{COPY_BYTES >> 30} GiB, bytes read + written, median of {COPY_REPEATS}, measured in this "
+        f"run) = {roofline.ms:.3f} ms per decode step"
+    )
+    if measured_ms:
+        lines.append(
+            f"measured: {measured_ms:.3f} ms per decode step (the roofline is "
+            f"{roofline_pct(roofline, measured_ms):.1f}% of it)"
+        )
+    return lines
+
+
+# --- the config, the cluster and the workload -------------------------------------------------
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="YAML config (default: the built-in one, as configs/local.yaml)",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+@dataclass
+class BenchCluster:
+    config: object  # cluster.config.Config
+    cluster: object  # cluster.launcher.Cluster
+    address: str
+    vocab_size: int
+    roofline: Roofline
+
+    def step_records(self) -> list[dict]:
+        return self.cluster.step_records()
+
+
+@contextlib.contextmanager
+def bench_cluster(config_path: str | None, overrides: list[str]) -> Iterator[BenchCluster]:
+    """Loads the config (any free port), measures the copy bandwidth when the workers may run
+    on CUDA, starts the cluster and stops it on leaving."""
+    from cluster.client import Client
+    from cluster.config import load_config
+    from cluster.launcher import Cluster
+
+    config = load_config(config_path, [*overrides, "server.port=0"])
+    bandwidth = None
+    if config.model.device != "cpu":
+        bandwidth = measure_copy_bandwidth()  # before the workers take the card's memory
+    cluster = Cluster(config)
+    try:
+        address = cluster.start()
+        with Client(address) as client:
+            info = client.model_info()
+            card = client.server_info().replicas[0].workers[0].device
+        roofline = make_roofline(card, info.weight_bytes, bandwidth)
+        yield BenchCluster(config, cluster, address, info.vocab_size, roofline)
+    finally:
+        cluster.shutdown()
+
+
+def make_prompts(num: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """num prompts of input_len random token ids (none below 100: no special tokens)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(num)]
+
+
+async def run_workload(
+    address: str, prompts: list[list[int]], output_len: int, stream: bool = False
+) -> dict:
+    """Sends every prompt at once (greedy, ignore_eos, exactly output_len tokens each) and waits
+    for all: requests, output tokens, wall time, output tokens/s and the median TTFT."""
+    from cluster.client import AsyncClient
+    from scheduler.sampling_params import RequestOutputKind, SamplingParams
+
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    params = SamplingParams(
+        temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind=kind
+    )
+    client = AsyncClient(address)
+    ttfts: list[float] = []
+
+    async def one(prompt: list[int]) -> int:
+        start = time.perf_counter()
+        n = 0
+        async for delta in client.generate(prompt, params, timeout=3600):
+            if stream and n == 0:
+                ttfts.append(time.perf_counter() - start)
+            if delta.finish_reason and not stream:
+                ttfts.append(delta.timings.time_to_first_token_ms * 1e-3)
+            n += len(delta.token_ids)
+        return n
+
+    start = time.perf_counter()
+    try:
+        counts = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - start
+    finally:
+        await client.close()
+    return {
+        "requests": len(prompts),
+        "output_tokens": sum(counts),
+        "wall_s": wall,
+        "tok_per_s": sum(counts) / wall,
+        "ttft_ms": statistics.median(ttfts) * 1e3,
+    }
+
+
+def fmt(value: float | None, spec: str = ".2f", missing: str = "-") -> str:
+    """A table cell: `missing` for None."""
+    return missing if value is None else format(value, spec)
