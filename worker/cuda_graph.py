@@ -9,14 +9,17 @@ the graphs: every rank captures the same sizes in the same order.
 
 Static buffers (device), rows [0, size) read by the graph of that size:
 
-    ids        [3, max_size] int64      input_ids | positions | slot_mapping
+    ids        [4, max_size] int64      input_ids | sources | positions | slot_mapping
+    sampled    [max_size] int64         the previous step's sampled tokens
     seq_lens   [max_size] int32
     block_tables [max_size, max_blocks] int32
     outputs[size] [size, hidden_size]   the graph's final hidden states
 
-They are filled from pinned host staging of the same shapes (three copies a step). A step's
-staging is rewritten only after the previous step's tokens reached the host, so its copies have
-completed. All graphs share one memory pool, captured largest first.
+Row i's input token is sampled[sources[i]] when sources[i] >= 0 (a token still on its way to
+the host; the graph gathers it), else input_ids[i]. The buffers are filled from pinned host
+staging (three copies a step). Two sets of staging alternate: a step's set is rewritten two
+steps later, after the step between has finished, so its copies have completed. All graphs
+share one memory pool, captured largest first.
 """
 
 import numpy as np
@@ -40,13 +43,10 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.max_size = self.sizes[-1]
         size, width = self.max_size, max_blocks
-        self._host_ids = torch.zeros((3, size), dtype=torch.int64, pin_memory=True)
-        self._host_seq_lens = torch.zeros(size, dtype=torch.int32, pin_memory=True)
-        self._host_tables = torch.zeros((size, width), dtype=torch.int32, pin_memory=True)
-        self.host_ids = self._host_ids.numpy()
-        self.host_seq_lens = self._host_seq_lens.numpy()
-        self.host_tables = self._host_tables.numpy()
-        self.ids = torch.zeros((3, size), dtype=torch.int64, device=device)
+        self._staging = [_Staging(size, width) for _ in range(2)]
+        self._num_runs = 0
+        self.ids = torch.zeros((4, size), dtype=torch.int64, device=device)
+        self.sampled = torch.zeros(size, dtype=torch.int64, device=device)
         self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((size, width), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
@@ -55,20 +55,24 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         meta = AttentionMetadata(
-            slot_mapping=self.ids[2, :size],
+            slot_mapping=self.ids[3, :size],
             block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size],
             query_start_loc=self.query_start_loc[: size + 1],
             max_query_len=1,
             max_seq_len=self.block_tables.shape[1],  # a bound; the decode kernel reads none
         )
-        return self.model(self.ids[0, :size], self.ids[1, :size], meta)
+        sources = self.ids[1, :size]
+        gathered = self.sampled[sources.clamp(min=0)]
+        input_ids = torch.where(sources >= 0, gathered, self.ids[0, :size])
+        return self.model(input_ids, self.ids[2, :size], meta)
 
     @torch.inference_mode()
     def capture(self) -> None:
         # Rows attend to one token in block 0 and write nowhere: real work, no KV changed.
         self.ids.zero_()
-        self.ids[2].fill_(-1)
+        self.ids[1].fill_(-1)
+        self.ids[3].fill_(-1)
         self.seq_lens.fill_(1)
         self.block_tables.zero_()
         pool = None
@@ -92,6 +96,7 @@ class DecodeGraphs:
         self,
         size: int,
         input_ids: np.ndarray,
+        sources: np.ndarray,
         positions: np.ndarray,
         slot_mapping: np.ndarray,
         block_tables: np.ndarray,
@@ -99,14 +104,28 @@ class DecodeGraphs:
         """Replays the graph of `size` on the first n = len(input_ids) rows; returns their
         final hidden states [n, hidden_size]. block_tables [n, width <= max_blocks]."""
         n, width = len(input_ids), block_tables.shape[1]
-        ids = self.host_ids
-        ids[0, :n], ids[1, :n], ids[2, :n] = input_ids, positions, slot_mapping
-        ids[:2, n:size], ids[2, n:size] = 0, -1
-        self.host_seq_lens[:n] = positions + 1
-        self.host_seq_lens[n:size] = 0
-        self.host_tables[:n, :width] = block_tables
-        self.ids.copy_(self._host_ids, non_blocking=True)
-        self.seq_lens[:size].copy_(self._host_seq_lens[:size], non_blocking=True)
-        self.block_tables[:n].copy_(self._host_tables[:n], non_blocking=True)
+        staging = self._staging[self._num_runs % 2]
+        self._num_runs += 1
+        ids = staging.ids
+        ids[0, :n], ids[1, :n], ids[2, :n], ids[3, :n] = input_ids, sources, positions, slot_mapping
+        ids[0, n:size], ids[1, n:size], ids[2, n:size], ids[3, n:size] = 0, -1, 0, -1
+        staging.seq_lens[:n] = positions + 1
+        staging.seq_lens[n:size] = 0
+        staging.tables[:n, :width] = block_tables
+        self.ids.copy_(staging.pinned_ids, non_blocking=True)
+        self.seq_lens[:size].copy_(staging.pinned_seq_lens[:size], non_blocking=True)
+        self.block_tables[:n].copy_(staging.pinned_tables[:n], non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size][:n]
+
+
+class _Staging:
+    """Pinned host copies of the graphs' input buffers, with numpy views to fill them."""
+
+    def __init__(self, size: int, width: int) -> None:
+        self.pinned_ids = torch.zeros((4, size), dtype=torch.int64, pin_memory=True)
+        self.pinned_seq_lens = torch.zeros(size, dtype=torch.int32, pin_memory=True)
+        self.pinned_tables = torch.zeros((size, width), dtype=torch.int32, pin_memory=True)
+        self.ids = self.pinned_ids.numpy()
+        self.seq_lens = self.pinned_seq_lens.numpy()
+        self.tables = self.pinned_tables.numpy()

@@ -8,6 +8,18 @@ prefill, or every decode step); a partial prefill chunk only fills the cache.
 The batch is built with numpy from per-request counters and the host block tables
 (worker.block_table), never from lists of every token. On CUDA a step of decodes alone replays
 a captured graph (worker.cuda_graph); prefill and mixed steps run eagerly.
+
+A step is launched, then finished: launch() queues the device work and the copy of the sampled
+tokens to the host; finish() waits for them and appends them. The worker launches step N+1
+before it finishes step N whenever plan N+1 has already arrived, so the device never waits for
+the host between them:
+
+    host    launch N | finish N-1 | launch N+1 | finish N | launch N+2 | ...
+    device  ...  N-1 ....|........ N ..........|........ N+1 .........
+
+A request decoding in N+1 whose token from N has not reached the host yet reads it from N's
+sampled tokens on the device (its `pending_index`). Rows with penalties need their whole
+history on the host: a plan that has such a row with a token in flight finishes first.
 """
 
 import time
@@ -22,7 +34,7 @@ from worker import distributed
 from worker.block_table import BlockTables
 from worker.cuda_graph import DecodeGraphs
 from worker.layers.attention import AttentionMetadata
-from worker.sampler import Penalties, SampleOutput, SamplingBatch, sample
+from worker.sampler import GREEDY_EPS, Penalties, SampleOutput, SamplingBatch, sample
 
 
 @dataclass
@@ -35,10 +47,16 @@ class RequestState:
     num_computed_tokens: int
     sampling: worker_pb2.SamplingOptions
     generator: torch.Generator | None = field(default=None, repr=False)
+    num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids (0, 1 or 2)
+    pending_index: int = -1  # its row in the newest launched step's sampled tokens, if pending
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.sampling.prompt_len
+        return self.num_tokens - self.sampling.prompt_len
 
     @property
     def penalized(self) -> bool:
@@ -46,6 +64,17 @@ class RequestState:
         return bool(
             s.presence_penalty or s.frequency_penalty or s.repetition_penalty not in (0.0, 1.0)
         )
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device whose sampled tokens are on their way to the host."""
+
+    result: worker_pb2.StepResult  # everything but the tokens and logprobs
+    samplers: list[tuple[str, RequestState]] = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # [num_samplers] int64 on the host once `done` fired
+    done: torch.cuda.Event | None = None  # None on the CPU: already done
+    out: SampleOutput | None = None  # rank 0's logprobs, when asked
 
 
 class ModelRunner:
@@ -59,7 +88,9 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.block_tables = BlockTables(max_blocks=0)
         self.graphs: DecodeGraphs | None = None
-        self._last_done = time.perf_counter()  # the previous step's tokens reached the host
+        self._last_done = time.perf_counter()  # the newest finished step's tokens reached the host
+        self._launched: LaunchedStep | None = None  # the newest launched step
+        self._sampled: torch.Tensor | None = None  # its sampled tokens, on the device
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
         # Swap space: per layer K and V in host memory (pinned for CUDA), like the device cache.
         self.cpu_key_caches: list[torch.Tensor] = []
@@ -135,10 +166,23 @@ class ModelRunner:
         mapping = torch.tensor([(p.src, p.dst) for p in pairs], dtype=torch.int64)
         copy_blocks(*self._device_caches(), mapping.to(self.device))
 
-    @torch.inference_mode()
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
         """Applies the plan's diff, runs the step; returns the ids and tokens it sampled (and
         their logprobs, on rank 0, when asked) as a StepResult without step_id."""
+        return self.finish(self.launch(plan))
+
+    def needs_host_tokens(self, plan: worker_pb2.StepPlan) -> bool:
+        """Whether a request of the plan samples with penalties while a token of it is still on
+        its way to the host: then the launched step must finish before this plan launches."""
+        for rid in plan.cached_requests.request_ids:
+            state = self.requests.get(rid)
+            if state is not None and state.num_pending and state.penalized:
+                return True
+        return False
+
+    @torch.inference_mode()
+    def launch(self, plan: worker_pb2.StepPlan) -> LaunchedStep:
+        """Applies the plan's diff and queues the step on the device (see the module doc)."""
         tables = self.block_tables
         for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
             state = self.requests.pop(rid, None)
@@ -183,8 +227,26 @@ class ModelRunner:
                 tables.append(state.row, blocks)
             scheduled.append((rid, state, n))
         if not scheduled:
-            return worker_pb2.StepResult()
+            return LaunchedStep(worker_pb2.StepResult())
         return self._run(scheduled)
+
+    def finish(self, step: LaunchedStep) -> worker_pb2.StepResult:
+        """Waits for a launched step's tokens and appends them; returns its StepResult."""
+        if not step.samplers:
+            return step.result
+        if step.done is not None:
+            step.done.synchronize()
+        tokens = step.tokens.tolist()
+        for (_, state), token in zip(step.samplers, tokens, strict=True):
+            state.token_ids.append(token)
+            state.num_pending -= 1
+        self._last_done = time.perf_counter()
+        result = step.result
+        result.request_ids.extend(rid for rid, _ in step.samplers)
+        result.token_ids.extend(tokens)
+        if step.out is not None and step.out.sampled_logprobs is not None:
+            _add_logprobs(result, [s.sampling for _, s in step.samplers], step.out)
+        return result
 
     def _new_state(self, new: worker_pb2.NewRequest) -> RequestState:
         opts = new.sampling
@@ -205,6 +267,7 @@ class ModelRunner:
         batch = SamplingBatch(
             temperatures=tensor([o.temperature for o in opts], torch.float32),
             generators=[s.generator for s in states],
+            all_greedy=all(o.temperature < GREEDY_EPS for o in opts),
         )
         if any(o.top_k > 0 or o.top_p < 1 for o in opts):
             batch.top_ps = tensor([o.top_p for o in opts], torch.float32)
@@ -241,22 +304,30 @@ class ModelRunner:
             )
         return batch
 
-    def _run(self, scheduled: list[tuple[str, RequestState, int]]) -> worker_pb2.StepResult:
+    def _run(self, scheduled: list[tuple[str, RequestState, int]]) -> LaunchedStep:
         bs, tables = self.block_size, self.block_tables
         num_seqs = len(scheduled)
         rows = np.empty(num_seqs, dtype=np.int64)
         starts = np.empty(num_seqs, dtype=np.int64)  # computed tokens before this step
         counts = np.empty(num_seqs, dtype=np.int64)  # tokens computed in this step
         input_ids: list[int] = []
+        # Per input token: its row in the newest launched step's sampled tokens (still on the
+        # device), or -1 when input_ids holds it.
+        from_device: list[int] = []
         samplers: list[tuple[str, RequestState]] = []
         sample_seqs: list[int] = []  # which sequence each sampling request is
         for i, (rid, state, n) in enumerate(scheduled):
             start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            if end > len(state.token_ids) or end > tables.num_blocks(state.row) * bs:
+            if end > state.num_tokens or end > tables.num_blocks(state.row) * bs:
                 raise RuntimeError(f"request {rid}: {n} tokens scheduled past its tokens or blocks")
             rows[i], starts[i], counts[i] = state.row, start, n
-            input_ids.extend(state.token_ids[start:end])
-            if end == len(state.token_ids):
+            known = state.token_ids[start:end]
+            input_ids.extend(known)
+            from_device.extend([-1] * len(known))
+            if len(known) < n:  # its newest token is in flight: at most one, the last input
+                input_ids.append(0)
+                from_device.append(state.pending_index)
+            if end == state.num_tokens:
                 samplers.append((rid, state))
                 sample_seqs.append(i)
         ends = starts + counts  # [num_seqs] each sequence's context after this step
@@ -265,28 +336,46 @@ class ModelRunner:
         graph_size = None
         if self.graphs is not None and max_query_len == 1:
             graph_size = self.graphs.size_for(num_seqs)
-        launch = time.perf_counter()
+        result = worker_pb2.StepResult(cuda_graph=graph_size is not None, idle_ms=self._idle_ms())
+        ids = np.asarray(input_ids, dtype=np.int64)
+        sources = np.asarray(from_device, dtype=np.int64)
         if graph_size is not None:
             # Decodes alone: one token per sequence, at position starts[i].
             slots = tables.table[rows, starts // bs] * bs + starts % bs
             hidden = self.graphs.run(
-                graph_size, np.asarray(input_ids), starts, slots, tables.table[rows, :width]
+                graph_size, ids, sources, starts, slots, tables.table[rows, :width]
             )
         else:
-            hidden = self._run_eager(input_ids, rows, starts, counts, width, max_query_len)
+            hidden = self._run_eager(ids, sources, rows, starts, counts, width, max_query_len)
         for _, state, n in scheduled:
             state.num_computed_tokens += n
-        result = worker_pb2.StepResult(
-            cuda_graph=graph_size is not None, idle_ms=(launch - self._last_done) * 1e3
-        )
+        step = LaunchedStep(result, samplers)
         if samplers:
-            self._sample(hidden, np.cumsum(counts)[sample_seqs] - 1, samplers, result)
-        self._last_done = time.perf_counter()
-        return result
+            self._sample(hidden, np.cumsum(counts)[sample_seqs] - 1, step)
+        self._launched = step
+        return step
+
+    def _idle_ms(self) -> float:
+        """Host time before this launch during which the device had nothing queued: 0 when
+        the newest launched step is still running, else the time since its tokens arrived."""
+        last = self._launched
+        if last is not None and last.done is not None and not last.done.query():
+            return 0.0
+        return (time.perf_counter() - self._last_done) * 1e3
+
+    def _input_ids(self, ids: np.ndarray, sources: np.ndarray) -> torch.Tensor:
+        """The step's input ids on the device: ids, except where sources >= 0 names a token of
+        the newest launched step's sampled tokens."""
+        device_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
+        if (sources < 0).all():
+            return device_ids
+        src = torch.from_numpy(sources).to(self.device, non_blocking=True)
+        return torch.where(src >= 0, self._sampled[src.clamp(min=0)], device_ids)
 
     def _run_eager(
         self,
-        input_ids: list[int],
+        ids: np.ndarray,
+        sources: np.ndarray,
         rows: np.ndarray,
         starts: np.ndarray,
         counts: np.ndarray,
@@ -315,39 +404,41 @@ class ModelRunner:
             max_query_len=max_query_len,
             max_seq_len=int((starts + counts).max()),
         )
-        ids = tensor(np.asarray(input_ids, dtype=np.int64), torch.int64)
-        return self.model(ids, tensor(positions, torch.int64), meta)
+        return self.model(self._input_ids(ids, sources), tensor(positions, torch.int64), meta)
 
-    def _sample(
-        self,
-        hidden: torch.Tensor,
-        sample_rows: np.ndarray,
-        samplers: list[tuple[str, RequestState]],
-        result: worker_pb2.StepResult,
-    ) -> None:
+    def _sample(self, hidden: torch.Tensor, sample_rows: np.ndarray, step: LaunchedStep) -> None:
         """Rank 0 gathers the logits of each sampling request's last row and samples; every
-        rank then appends the same tokens. Fills result (its tokens, logprobs on rank 0)."""
+        rank gets the same tokens, keeps them on the device for the next step's inputs and
+        starts their copy to the host (finish() appends them)."""
         if len(sample_rows) < hidden.shape[0]:
-            hidden = hidden[torch.from_numpy(sample_rows).to(self.device)]
+            rows = torch.from_numpy(sample_rows).to(self.device, non_blocking=True)
+            hidden = hidden[rows]
         logits = self.model.compute_logits(hidden)
-        out = None
+        states = [state for _, state in step.samplers]
         if logits is None:
-            sampled = torch.empty(len(samplers), dtype=torch.int64, device=self.device)
+            sampled = torch.empty(len(states), dtype=torch.int64, device=self.device)
         else:
 
             def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
                 return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
-            batch = self._sampling_batch([s for _, s in samplers], logits.shape[-1], tensor)
-            out = sample(logits, batch, self.shared_generator)
-            sampled = out.token_ids
-        tokens = distributed.broadcast_from_rank0(sampled).tolist()
-        for (_, state), token in zip(samplers, tokens, strict=True):
-            state.token_ids.append(token)
-        result.request_ids.extend(rid for rid, _ in samplers)
-        result.token_ids.extend(tokens)
-        if out is not None and out.sampled_logprobs is not None:
-            _add_logprobs(result, [s.sampling for _, s in samplers], out)
+            batch = self._sampling_batch(states, logits.shape[-1], tensor)
+            step.out = sample(logits, batch, self.shared_generator)
+            sampled = step.out.token_ids
+        sampled = distributed.broadcast_from_rank0(sampled)
+        self._sampled = sampled
+        if self.graphs is not None:
+            self.graphs.sampled[: len(states)].copy_(sampled)
+        for index, state in enumerate(states):
+            state.num_pending += 1
+            state.pending_index = index
+        if self.device.type == "cuda":
+            step.tokens = torch.empty(len(states), dtype=torch.int64, pin_memory=True)
+            step.tokens.copy_(sampled, non_blocking=True)
+            step.done = torch.cuda.Event()
+            step.done.record()
+        else:
+            step.tokens = sampled
 
 
 def _add_logprobs(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-_GREEDY_EPS = 1e-5
+GREEDY_EPS = 1e-5
 
 
 @dataclass
@@ -32,6 +32,8 @@ class SamplingBatch:
 
     temperatures: torch.Tensor  # [num_rows] float32; 0 = greedy
     generators: list[torch.Generator | None]  # per row; None = the shared generator
+    # Every row greedy, known on the host: argmax alone, with no device sync to find out.
+    all_greedy: bool = False
     # top_ps and top_ks come together, or neither when no row uses them (no sort of the vocab).
     top_ps: torch.Tensor | None = None  # [num_rows] float32; 1 = off
     top_ks: torch.Tensor | None = None  # [num_rows] int64; 0 = off
@@ -83,9 +85,9 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
 
 def _choose(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator) -> torch.Tensor:
     greedy_ids = logits.argmax(dim=-1)
-    greedy = batch.temperatures < _GREEDY_EPS
-    if bool(greedy.all()):
+    if batch.all_greedy:
         return greedy_ids
+    greedy = batch.temperatures < GREEDY_EPS
     temps = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)
     logits = logits / temps[:, None]
     if batch.min_ps is not None:

@@ -6,6 +6,7 @@ arrives over gRPC.
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import torch
 from protos import worker_pb2, worker_pb2_grpc
 from worker import distributed
 from worker.loader import load_model
-from worker.model_runner import ModelRunner
+from worker.model_runner import LaunchedStep, ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,49 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.Empty()
 
     def Execute(self, request_iterator, context) -> Iterator[worker_pb2.StepResult]:
+        """Launches each plan as soon as it arrives, before it answers the step in flight when
+        the next plan is already here (model_runner's module doc): StepResults in order."""
         runner = self._runner(context)
-        for plan in request_iterator:
-            start = time.perf_counter()
-            result = runner.execute(plan)
-            if self.rank != 0:  # rank 0 alone answers the tokens
-                result = worker_pb2.StepResult()
-            result.step_id = plan.step_id
-            result.execute_ms = (time.perf_counter() - start) * 1e3
-            yield result
+        plans: queue.SimpleQueue = queue.SimpleQueue()
+
+        def read() -> None:
+            try:
+                for plan in request_iterator:
+                    plans.put(plan)
+            finally:
+                plans.put(None)  # the stream ended
+
+        threading.Thread(target=read, name="execute-reader", daemon=True).start()
+        in_flight: tuple[worker_pb2.StepPlan, LaunchedStep, float] | None = None
+        while True:
+            try:
+                plan = plans.get_nowait() if in_flight else plans.get()
+            except queue.Empty:  # nothing to launch behind the step in flight: answer it
+                yield self._answer(runner, *in_flight)
+                in_flight = None
+                continue
+            if plan is not None and in_flight and runner.needs_host_tokens(plan):
+                yield self._answer(runner, *in_flight)
+                in_flight = None
+            launched = None
+            if plan is not None:
+                start = time.perf_counter()
+                launched = (plan, runner.launch(plan), start)
+            if in_flight:
+                yield self._answer(runner, *in_flight)
+            in_flight = launched
+            if plan is None:
+                return
+
+    def _answer(
+        self, runner: ModelRunner, plan: worker_pb2.StepPlan, step: LaunchedStep, start: float
+    ) -> worker_pb2.StepResult:
+        result = runner.finish(step)
+        if self.rank != 0:  # rank 0 alone answers the tokens
+            result = worker_pb2.StepResult()
+        result.step_id = plan.step_id
+        result.execute_ms = (time.perf_counter() - start) * 1e3
+        return result
 
     def Health(self, request, context):
         return worker_pb2.HealthResponse(

@@ -1,0 +1,115 @@
+"""The worker launches step N+1 before it answers step N when plan N+1 is already there: the
+tokens must be exactly those of running the plans one at a time, for greedy, seeded, unseeded,
+penalized and min_tokens rows, with requests arriving and leaving in between."""
+
+import pytest
+import torch
+
+from protos import worker_pb2
+from worker.loader import load_model
+from worker.model_runner import ModelRunner
+from worker.worker import WorkerService
+
+BLOCK = 4
+
+SAMPLING = {
+    "greedy": worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0),
+    "seeded": worker_pb2.SamplingOptions(temperature=0.9, top_p=0.9, seed=7),
+    "unseeded": worker_pb2.SamplingOptions(temperature=1.0, top_p=1.0, top_k=20),
+    "penalized": worker_pb2.SamplingOptions(
+        temperature=0.0, top_p=1.0, repetition_penalty=1.5, frequency_penalty=0.5
+    ),
+    "min_tokens": worker_pb2.SamplingOptions(
+        temperature=0.8, top_p=1.0, seed=3, min_tokens=6, banned_until_min_tokens=[1, 2, 3]
+    ),
+}
+
+
+def plans(prompts: dict[str, list[int]], steps: int, late: str, leaves: str) -> list:
+    """Plans that never depend on sampled values: every request prefills, then decodes each
+    step. `late` arrives at step 3; `leaves` is dropped after step 5."""
+    out, computed, tables, next_block = [], {}, {}, 0
+    for step in range(1, steps + 1):
+        plan = worker_pb2.StepPlan(step_id=step)
+        for rid, prompt in prompts.items():
+            if (rid == late and step < 3) or (rid == leaves and step > 5):
+                continue
+            done = computed.get(rid, 0)
+            total = len(prompt) + max(step - (3 if rid == late else 1), 0)
+            n = total - done if rid in computed else len(prompt)
+            blocks_needed = -(-(done + n) // BLOCK)
+            have = len(tables.get(rid, []))
+            new = list(range(next_block, next_block + blocks_needed - have))
+            next_block += len(new)
+            tables.setdefault(rid, []).extend(new)
+            if rid not in computed:
+                plan.new_requests.append(
+                    worker_pb2.NewRequest(
+                        request_id=rid,
+                        token_ids=prompt,
+                        sampling=SAMPLING[rid.split("-")[0]],
+                        block_ids=new,
+                        num_scheduled_tokens=n,
+                    )
+                )
+            else:
+                c = plan.cached_requests
+                c.request_ids.append(rid)
+                c.num_computed_tokens.append(done)
+                c.num_scheduled_tokens.append(n)
+                c.num_new_blocks.append(len(new))
+                c.new_block_ids.extend(new)
+                c.replace_block_table.append(False)
+            computed[rid] = done + n
+        if step == 6:
+            plan.finished_request_ids.append(leaves)
+        out.append(plan)
+    return out
+
+
+def _runner(path, device: str) -> ModelRunner:
+    dev = torch.device(device)
+    model = load_model(str(path), "auto", torch.float32, dev, seed=0)
+    runner = ModelRunner(model, dev, torch.float32, seed=0)
+    runner.init_cache(
+        num_blocks=256, block_size=BLOCK, max_num_seqs=8, max_model_len=64, enforce_eager=False
+    )
+    return runner
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_launching_ahead_gives_the_tokens_of_one_step_at_a_time(tiny_llama_dir, device):
+    path, _ = tiny_llama_dir
+    gen = torch.Generator().manual_seed(1)
+    names = ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "penalized-a", "min_tokens-a"]
+    prompts = {
+        rid: torch.randint(4, 250, (int(torch.randint(3, 11, (1,), generator=gen)),)).tolist()
+        for rid in names
+    }
+    # The penalized row needs its whole history on the host, so it leaves after step 5 and
+    # the steps after it launch ahead.
+    steps = plans(prompts, steps=12, late="seeded-a", leaves="penalized-a")
+
+    one_at_a_time = _runner(path, device)
+    want = [one_at_a_time.execute(plan) for plan in steps]
+
+    service = WorkerService(on_shutdown=None)
+    service.runner = runner = _runner(path, device)
+    launched_ahead = []  # per launch: did a request still wait for a token of the step before?
+    launch = runner.launch
+
+    def recording_launch(plan):
+        launched_ahead.append(any(s.num_pending for s in runner.requests.values()))
+        return launch(plan)
+
+    runner.launch = recording_launch
+    got = list(service.Execute(iter(steps), context=None))
+
+    assert [r.step_id for r in got] == [p.step_id for p in steps]
+    for w, g in zip(want, got, strict=True):
+        assert list(g.request_ids) == list(w.request_ids)
+        assert list(g.token_ids) == list(w.token_ids), f"step {g.step_id}"
+    # Every scheduled request samples in every step (each step computes up to its end).
+    scheduled = [len(p.new_requests) + len(p.cached_requests.request_ids) for p in steps]
+    assert [len(r.token_ids) for r in got] == scheduled
+    assert launched_ahead == [False] * 5 + [True] * 7
