@@ -50,10 +50,14 @@ def smollm2_path() -> str:
 @pytest.fixture(scope="session")
 def hf_smollm2(smollm2_path):
     """HF transformers' own model and tokenizer from the same GGUF file (float32, CPU)."""
-    import torch
+    return hf_gguf_model(smollm2_path)
+
+
+def hf_gguf_model(path: str):
+    """(HF transformers' model in float32 on the CPU, its tokenizer) from a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, name = os.path.split(smollm2_path)
+    directory, name = os.path.split(path)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens

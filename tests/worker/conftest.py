@@ -9,10 +9,13 @@ def tiny_llama_dir(tiny_models):
     return tiny_models["llama"]
 
 
-def greedy_plan_runner(runner: ModelRunner, prompts, max_new_tokens, chunk=None, block_size=4):
+def greedy_plan_runner(
+    runner: ModelRunner, prompts, max_new_tokens, chunk=None, block_size=4, on_result=None
+):
     """Drives a ModelRunner like the scheduler would, one request after another or together.
 
-    chunk: the prefill chunk size (None = whole prompt at once)."""
+    chunk: the prefill chunk size (None = whole prompt at once). on_result, if given, is called
+    with each step's StepResult (request ids in the order the step sampled them)."""
     outputs = {str(i): [] for i in range(len(prompts))}
     state = {}
     next_block = 0
@@ -53,5 +56,7 @@ def greedy_plan_runner(runner: ModelRunner, prompts, max_new_tokens, chunk=None,
         if not plan.new_requests and not plan.cached_requests.request_ids:
             return [outputs[str(i)] for i in range(len(prompts))]
         result = runner.execute(plan)
+        if on_result is not None:
+            on_result(result)
         for rid, token in zip(result.request_ids, result.token_ids, strict=True):
             outputs[rid].append(token)
