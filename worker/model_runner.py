@@ -133,8 +133,6 @@ class ModelRunner:
         max_blocks = -(-max_model_len // block_size) if max_model_len else num_blocks
         self.block_tables = BlockTables(max(max_blocks, 1))
         self.graphs = None
-        if self.device.type == "cuda":
-            distributed.enable_small_all_reduce(self.dtype, self.device)
         if self.device.type == "cuda" and not enforce_eager and max_num_seqs and num_blocks:
             self.graphs = DecodeGraphs(self.model, max_num_seqs, max(max_blocks, 1), self.device)
             self.graphs.capture()

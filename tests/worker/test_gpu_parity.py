@@ -10,8 +10,8 @@ bf16 costs HF's own implementation.
 
 Asserted, prompt seed 0, NUM_PROMPTS x NEW_TOKENS positions: mean KL(ours) / mean KL(HF bf16)
 at most KL_RATIO_MAX; our agreement with the float32 argmax at least HF bf16's less
-AGREEMENT_MARGIN_PTS; every decode step replayed a graph. The thresholds are estimates until
-set from repeated GPU runs of
+AGREEMENT_MARGIN_PTS; every decode step replayed a graph. The thresholds were set from
+repeated GPU runs of
 
     python -m tests.worker.test_gpu_parity --seeds 0 1 2
 
@@ -38,9 +38,10 @@ RANDOM_PROMPT_LENGTHS = (16, 96)  # inclusive
 BLOCK_SIZE = 16
 DEVICE = "cuda"
 
-# Placeholders, to be set from repeated GPU runs (--seeds): best estimates, not measured yet.
-KL_RATIO_MAX = 1.5  # mean KL(fp32 || ours) / mean KL(fp32 || HF bf16)
-AGREEMENT_MARGIN_PTS = 0.5  # ours may pick the fp32 argmax this many points less often
+# Set from repeated runs on an H200 (2026-11-29, prompt seeds 0-2, BENCHMARKS.md): the ratio was
+# 0.999-1.019 and the agreement difference -0.02 to +0.23 points (standard error 0.12-0.24).
+KL_RATIO_MAX = 1.10  # mean KL(fp32 || ours) / mean KL(fp32 || HF bf16)
+AGREEMENT_MARGIN_PTS = 0.75  # ours may pick the fp32 argmax this many points less often
 
 
 @dataclass
