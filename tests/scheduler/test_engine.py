@@ -351,3 +351,28 @@ def test_with_async_scheduling_plan_n_plus_1_goes_before_result_n(async_scheduli
         assert ahead == async_scheduling, (n, rank.events)
     # Async: only the last result found no plan after it; sync: none did.
     assert rank.results_alone == (1 if async_scheduling else 6)
+
+
+class FailingRank(FakeRank):
+    """Fails its stream when plan `fail_at` comes (steps after it may be in flight)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def Execute(self, request_iterator, context):
+        for plan in request_iterator:
+            if plan.step_id == self.fail_at:
+                raise RuntimeError("the device is lost")
+            yield self.answer(plan)
+
+
+def test_a_rank_failing_with_steps_in_flight_leaves_no_request_unanswered():
+    with serve(FailingRank(fail_at=4)) as engine:
+        queues = [submit(engine, f"r{i}", max_tokens=20) for i in range(3)]
+        finals = [until_final(q)[-1] for q in queues]
+        assert all(d.finish_reason == "abort" and d.error for d in finals)
+        with pytest.raises(RuntimeError, match="the engine has failed"):
+            submit(engine, "late")
+        with engine.lock:
+            assert not engine.scheduler.requests and not engine._in_step
