@@ -73,6 +73,10 @@ class SchedulerConfig:
     policy: str = "fcfs"
     # cache_aware: a request passed over in this many steps by later arrivals goes first.
     max_steps_passed_over: int = 16
+    # Plan step N+1 and send it before step N's tokens are learned (two steps in flight): the
+    # device need not wait for planning, transport and detokenization. A request that stops
+    # costs at most one more sampled token, discarded. False: one step in flight.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("scheduler.policy", self.policy, POLICIES)

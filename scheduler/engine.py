@@ -1,20 +1,29 @@
 """The engine loop of one replica, on its own thread.
 
     add_request / abort  (any thread)            step loop (engine thread)
-            |                                    plan = scheduler.schedule()
-            v                                    send plan to every rank's Execute stream
-      Scheduler, under the lock  <-------------  read StepResults (rank 0 carries the tokens)
+            |                                    plan N+1 = scheduler.schedule()
+            v                                    send it to every rank's Execute stream
+      Scheduler, under the lock  <-------------  read step N's StepResults (rank 0: tokens)
                                                  scheduler.update()
                                                  detokenize, match stop strings (no lock)
                                                  stop those that matched; sink(delta)
 
+    engine    plan N+1, send | receive N, learn N | plan N+2, send | receive N+1, learn N+1 |
+    workers   ------ step N ------|------ step N+1 ------|------ step N+2 ------|
+
 A completion's sink gets a delta per step (DELTA), or only its last one holding every token,
 the whole text and all logprobs (FINAL_ONLY: no per-step text or logprob decoding, no message).
 
-Each rank holds one long-lived bidirectional Execute stream. The loop keeps one step in flight
-(synchronous scheduling); the plan never carries back a token the workers produced. The engine
-thread alone touches a completion's text while a step is in flight; an abort that lands then is
-answered at the end of the step.
+Each rank holds one long-lived bidirectional Execute stream and runs its plans in order. With
+async scheduling (scheduler.async_scheduling, the default) the loop keeps up to two steps in
+flight: it plans and sends step N+1 before it learns step N's tokens, so planning, transport
+and detokenization overlap the device's work on step N. The plan never carries back a token the
+workers produced (they append their own samples), so plan N+1 needs none of step N's: see
+scheduler.py for what a request's pending tokens change, and why a request that stops costs at
+most one more token, discarded. Without it the loop keeps one step in flight.
+
+The engine thread alone touches a completion's text while a step is in flight; an abort that
+lands then is answered at the end of the step being learned.
 """
 
 import dataclasses
@@ -80,8 +89,8 @@ Sink = Callable[[Delta], None]
 @dataclass
 class StepRecord:
     step_id: int
-    start: float
-    duration_ms: float
+    start: float  # time.monotonic() when its plan was sent
+    duration_ms: float  # from sending its plan to learning its result
     scheduled: dict[str, int]  # request id -> tokens computed in this step
     new_request_ids: list[str] = field(default_factory=list)
     num_waiting: int = 0
@@ -90,6 +99,15 @@ class StepRecord:
     worker_ms: float = 0.0  # rank 0's time in Execute (the step's device work and its Python)
     worker_idle_ms: float = 0.0  # rank 0's host time before this step's launch (device idle)
     cuda_graph: bool = False  # the step replayed a captured decode graph
+
+
+@dataclass
+class _SentStep:
+    """A step sent to the workers whose result is not learned yet."""
+
+    plan: worker_pb2.StepPlan
+    sent: float  # time.monotonic() when it was sent
+    num_waiting: int  # waiting requests when it was planned
 
 
 class WorkerStream:
@@ -138,9 +156,12 @@ class Engine:
         self._recorded_tokens = 0  # num_generated_tokens when the last step record was written
         self.error: str | None = None
         self._streams = [WorkerStream(address) for address in worker_addresses]
+        # Steps sent, oldest first (engine thread): at most 2 with async scheduling, else 1.
+        self._in_flight: deque[_SentStep] = deque()
+        self._max_in_flight = 2 if scheduler.config.async_scheduling else 1
         self._sinks: dict[str, Sink] = {}  # client request id -> its sink
         self._texts: dict[str, CompletionText] = {}  # completion id -> its text
-        self._in_step = False  # a step's tokens are being turned into text (engine thread)
+        self._in_step = False  # a step is in flight: the engine thread may touch the texts
         self._aborted: list[tuple[list[Request], Sink]] = []  # answered at the step's end
         self._cond = threading.Condition()
         self.lock = self._cond  # held to read the scheduler's state from another thread
@@ -204,20 +225,32 @@ class Engine:
             stream.close()
 
     def _loop(self) -> None:
+        """Each turn plans and sends a step while fewer than the most are in flight and there
+        is work; else (or when the steps in flight are as many as allowed) learns the oldest."""
+        in_flight = self._in_flight
         try:
             while True:
+                plan = None
                 with self._cond:
-                    while not self._stopped and not self.scheduler.has_work():
+                    while not self._stopped and not in_flight and not self.scheduler.has_work():
                         self._cond.wait(timeout=1.0)
                     if self._stopped:
                         return
-                    start = time.monotonic()
-                    plan = self.scheduler.schedule()
-                    num_waiting = len(self.scheduler.waiting)
-                    self._in_step = True
-                result = self._execute(plan)
+                    if len(in_flight) < self._max_in_flight and self.scheduler.has_work():
+                        # While a step is in flight, one that computes nothing (each running
+                        # request waits on a pending token) waits for its result instead.
+                        plan = self.scheduler.schedule(skip_empty=bool(in_flight))
+                        num_waiting = len(self.scheduler.waiting)
+                    if plan is not None:
+                        self._in_step = True
+                if plan is not None:
+                    self._send(plan, num_waiting)
+                    if len(in_flight) < self._max_in_flight:
+                        continue  # plan the next step before waiting on this one
+                step = in_flight.popleft()  # never empty here: see the wait above
+                result = self._receive(step.plan)
                 self._learn(result)
-                self._record(plan, start, num_waiting, result)
+                self._record(step, result)
         except Exception as e:  # a worker failed: every request still held is lost to it
             log.exception("engine step failed")
             self._fail(f"{type(e).__name__}: {e}")
@@ -245,7 +278,7 @@ class Engine:
                 text.finish()
             decoded.append(self._decoded_logprobs(request, ended))
         with self._cond:
-            self._in_step = False
+            self._in_step = bool(self._in_flight)  # the next step's abort waits for its end
             for (request, _), stop in zip(updates, stops, strict=True):
                 if stop is not None:
                     self.scheduler.stop_request(request, stop)
@@ -268,9 +301,13 @@ class Engine:
                 self._answer_aborted(aborted, sink)
             self._aborted.clear()
 
-    def _execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+    def _send(self, plan: worker_pb2.StepPlan, num_waiting: int) -> None:
+        self._in_flight.append(_SentStep(plan, time.monotonic(), num_waiting))
         for stream in self._streams:
             stream.send(plan)
+
+    def _receive(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        """Every rank's result of the oldest step in flight; rank 0's carries the tokens."""
         results = [stream.recv() for stream in self._streams]
         for stream, result in zip(self._streams, results, strict=True):
             if result.step_id != plan.step_id:
@@ -280,13 +317,9 @@ class Engine:
                 )
         return results[0]
 
-    def _record(
-        self,
-        plan: worker_pb2.StepPlan,
-        start: float,
-        num_waiting: int,
-        result: worker_pb2.StepResult,
-    ) -> None:
+    def _record(self, step: _SentStep, result: worker_pb2.StepResult) -> None:
+        """A learned step's record; its duration runs from sending its plan to learning it."""
+        plan = step.plan
         scheduled = {r.request_id: r.num_scheduled_tokens for r in plan.new_requests}
         cached = plan.cached_requests
         scheduled.update(zip(cached.request_ids, cached.num_scheduled_tokens, strict=True))
@@ -294,11 +327,11 @@ class Engine:
         self.step_records.append(
             StepRecord(
                 step_id=plan.step_id,
-                start=start,
-                duration_ms=(time.monotonic() - start) * 1e3,
+                start=step.sent,
+                duration_ms=(time.monotonic() - step.sent) * 1e3,
                 scheduled=scheduled,
                 new_request_ids=[r.request_id for r in plan.new_requests],
-                num_waiting=num_waiting,
+                num_waiting=step.num_waiting,
                 num_generated_tokens=self.num_generated_tokens - self._recorded_tokens,
                 dropped_request_ids=list(plan.finished_request_ids),
                 worker_ms=result.execute_ms,
@@ -395,6 +428,7 @@ class Engine:
             self._texts.clear()
             self._aborted.clear()
             self._in_step = False
+            self._in_flight.clear()
             for rid, _ in sinks:
                 self.scheduler.abort_request(rid)
         for rid, sink in sinks:

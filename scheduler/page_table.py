@@ -17,6 +17,14 @@ one step the scheduler first takes blocks away (preempt: free or swap out), then
 a freed host block unused, until the step's operations are taken: no later operation in the step
 can overwrite what an earlier one reads.
 
+Only blocks full of tokens the scheduler knows enter the prefix cache. With async scheduling a
+step may compute a token still being sampled by the step before (Request.num_pending_tokens):
+its block is offered by a later allocate(), once the token is learned. So a cached block's every
+slot is written, by a plan sent no later than any plan that can hit it, with the tokens its hash
+names; and a block a request may still write (a pending token's, or one an in-flight step writes
+after the request ended) is never in the prefix cache: the request held it alone, unhashed, when
+that write was planned, and whoever gets it next is planned after.
+
 Invariants (check_invariants; tests/scheduler checks them after every operation): a block is
 free or held; its ref count equals the number of tables holding it; free + held == total; the
 same for host blocks, each held by at most one table.
@@ -111,6 +119,7 @@ class PageTableManager:
         hashes, bs = request.block_hashes, self.block_size
         while len(hashes) <= i:
             j = len(hashes)
+            assert (j + 1) * bs <= request.num_tokens, "hashing tokens the scheduler lacks"
             hashes.append(
                 hash_block(
                     hashes[j - 1] if j else None,
@@ -121,13 +130,14 @@ class PageTableManager:
         return hashes[i]
 
     def _offer_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:
-        """Enters the table's blocks that num_tokens fill, and were not offered yet, in the
-        prefix cache."""
+        """Enters the table's blocks that num_tokens fill with known tokens, and were not
+        offered yet, in the prefix cache."""
         rid = request.request_id
-        full = num_tokens // self.block_size
-        for i in range(self._num_offered.get(rid, 0), full):
+        offered = self._num_offered.get(rid, 0)
+        full = min(num_tokens, request.num_tokens) // self.block_size  # no pending token
+        for i in range(offered, full):
             self.pool.cache(table[i], self._block_hash(request, i))
-        self._num_offered[rid] = full
+        self._num_offered[rid] = max(offered, full)
 
     # -- growing, sharing and dropping tables ------------------------------------------------
 
@@ -177,7 +187,8 @@ class PageTableManager:
                     self._copy_sources.append(table[i])
                 table[i] = copy
             table.extend(pool.take(num_fresh))
-        if self.enable_prefix_caching and end // bs > self._num_offered.get(rid, 0):
+        num_known = min(end, request.num_tokens)  # a pending token is not hashed (see above)
+        if self.enable_prefix_caching and num_known // bs > self._num_offered.get(rid, 0):
             self._offer_full_blocks(request, table, end)
         return True
 
@@ -241,6 +252,11 @@ class PageTableManager:
         if self.enable_prefix_caching:
             self._offer_full_blocks(request, table, end)
         return True
+
+    def has_block_ops(self) -> bool:
+        """Whether this step has block operations for its plan so far."""
+        ops = self._ops
+        return bool(ops.swap_out or ops.swap_in or ops.copies)
 
     def take_block_ops(self) -> BlockOps:
         """This step's block operations, for its plan; the next step starts with none."""

@@ -28,6 +28,9 @@ class RequestStatus(enum.Enum):
 class Request:
     """One completion's state as counters. Its computed tokens catch up with its total tokens:
     prefill, chunked prefill and decode are all "schedule num_tokens - num_computed_tokens".
+    With async scheduling the total counts the tokens that steps in flight are sampling too
+    (num_pending_tokens): the workers hold them when the next step runs, the scheduler learns
+    them a step later.
 
     The scheduler keeps every token it has learned, so the request can always be recomputed.
     A client request with n > 1 is n of these: the one the client named (index 0) and n - 1
@@ -53,6 +56,10 @@ class Request:
     cumulative_logprob: float = 0.0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_computed_tokens: int = 0
+    # Tokens sampled by steps sent to the workers whose results are not learned yet (0, 1 or 2):
+    # the workers append them themselves, so a step may compute them before the scheduler knows
+    # them. Not in output_token_ids, nor in num_tokens.
+    num_pending_tokens: int = 0
     num_preemptions: int = 0
     num_steps_passed_over: int = 0  # steps in which a later arrival was admitted first
     # Chained hashes of the full blocks of all_token_ids, computed as far as the page table asked.

@@ -2,14 +2,29 @@
 
 Each step spends max_num_batched_tokens (and at most max_num_seqs requests), in this order:
 
-1. Running requests, in policy rank order. Each gets num_tokens - num_computed_tokens, capped by
-   what is left of the budget, so a long prompt is prefilled in chunks across steps while decodes
-   (the one-token case) keep going. When blocks run out, the running request that ranks last is
-   preempted: swapped to host memory if recomputing it would take more than a step's budget and
-   the swap space has room, else recomputed later from the tokens the scheduler keeps.
+1. Running requests, in policy rank order. Each gets num_tokens + num_pending_tokens -
+   num_computed_tokens, capped by what is left of the budget, so a long prompt is prefilled in
+   chunks across steps while decodes (the one-token case) keep going. When blocks run out, the
+   running request that ranks last is preempted: swapped to host memory if recomputing it would
+   take more than a step's budget and the swap space has room, else recomputed later from the
+   tokens the scheduler keeps.
 2. Swapped requests, in rank order, when their blocks fit again.
 3. Waiting requests, in the policy's order, each starting after its longest cached prefix.
    Nothing is admitted in a step that preempted: blocks are short.
+
+Async scheduling: the engine plans step N+1 before it learns step N's tokens (update()), so up
+to two steps are in flight. The workers run plans in order and append each sampled token
+themselves, so step N+1 can compute the token step N samples without the scheduler knowing it:
+a request counts the tokens sampled by steps in flight (num_pending_tokens) as its own, and
+  - is not scheduled once those reach its length limit (its last token is on the way);
+  - when preempted, is not sent again (a NewRequest holding its known tokens) before its
+    pending tokens are learned, or the workers would sample one of them twice;
+  - when it ends on a token learned from step N (EOS, a stop token or string), may already be
+    in step N+1: the workers sample one more token for it, which update() discards. Its blocks
+    are freed at once; N+1 writes only the slot of its last token, in a block it held alone and
+    that was never in the prefix cache (page_table.py hashes known tokens only), and the plans
+    that hand the block out again run after N+1.
+With synchronous scheduling (one step in flight) nothing is ever pending at schedule().
 
 A client request with n > 1 enters as its first completion; once its prompt is computed (its
 first token learned), the other n - 1 fork from it, sharing the prompt's blocks, and each
@@ -54,6 +69,9 @@ class Scheduler:
         self._dropped: list[str] = []  # finished or aborted since the last plan
         self._preempted: list[str] = []  # preempted (to recompute) since the last plan
         self._swapped_ids: list[str] = []  # swapped out since the last plan
+        # Finished requests' tokens still to come from steps in flight: id -> count. update()
+        # drops them, even when a new request took the id meanwhile: the old tokens come first.
+        self._discarded: dict[str, int] = {}
 
     def add_request(self, request: Request) -> list[Request]:
         """Queues a client request; returns its n completions (the request itself first).
@@ -109,11 +127,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
-    def schedule(self) -> worker_pb2.StepPlan:
+    def schedule(self, skip_empty: bool = False) -> worker_pb2.StepPlan | None:
         """Plans one step; advances num_computed_tokens of every scheduled request.
 
-        Every running request has a token to compute: the rest of its prompt, or the token
-        it sampled last step (update() came in between).
+        Every running request below its length limit has a token to compute: the rest of its
+        prompt, or the token it sampled last (learned by update(), or still pending: the
+        workers have it when this step runs). With skip_empty, a step that would compute
+        nothing and move no block is not planned: None, and the finished and preempted ids it
+        would carry wait for the next plan (the engine does so while a step is in flight).
         """
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
@@ -122,7 +143,11 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_tokens = request.num_tokens + request.num_pending_tokens
+            if num_tokens >= request.max_num_tokens:
+                i += 1  # its last token is being sampled: it ends when that is learned
+                continue
+            n = min(num_tokens - request.num_computed_tokens, budget)
             if not allocate(request, n) and not self._preempt_to_allocate(request, n):
                 break
             scheduled.append((request, n))
@@ -131,6 +156,8 @@ class Scheduler:
         if self.stats.num_preemptions == num_preemptions:
             budget = self._resume_swapped(budget, scheduled)
             self._admit_waiting(budget, scheduled)
+        if skip_empty and not scheduled and not self.page_table.has_block_ops():
+            return None
         return self._make_plan(scheduled)
 
     def update(
@@ -139,15 +166,23 @@ class Scheduler:
         token_ids: list[int],
         logprobs: list[PositionLogprobs | None] | None = None,
     ) -> list[tuple[Request, int]]:
-        """Learns the tokens of a step (and their logprobs, where asked); returns (request,
-        token) for each live request, forks the completions of a request that learned its first
-        token, and finishes those that hit a stop condition."""
+        """Learns the tokens of a step (and their logprobs, where asked), the oldest step in
+        flight; returns (request, token) for each live request, forks the completions of a
+        request that learned its first token, and finishes those that hit a stop condition."""
         updates = []
         logprobs = logprobs or [None] * len(token_ids)
+        discarded = self._discarded
         for rid, token, lp in zip(request_ids, token_ids, logprobs, strict=True):
-            request = self.requests.get(rid)
-            if request is None:  # aborted while the step ran: its token is discarded
+            if rid in discarded:  # it ended (stopped, aborted) after this step was planned
+                if discarded[rid] == 1:
+                    del discarded[rid]
+                else:
+                    discarded[rid] -= 1
                 continue
+            request = self.requests.get(rid)
+            if request is None:  # an id no step of this scheduler samples for
+                continue
+            request.num_pending_tokens -= 1
             request.append_token(token, lp)
             if rid in self._unforked:
                 self._fork(request)
@@ -205,6 +240,8 @@ class Scheduler:
         seats = self.config.max_num_seqs - self._seats_taken()
         while self.swapped and budget > 0:
             request = self.swapped[0]
+            if request.num_pending_tokens:
+                break  # swapped out while a step samples for it: back once that is learned
             needs = self._seats_needed(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if needs > seats or not self.page_table.swap_in(request, n):
@@ -227,6 +264,10 @@ class Scheduler:
         for request in self.policy.waiting_order(
             self.waiting, lambda r: len(pt.cached_prefix(r)) * pt.block_size
         ):
+            if request.num_pending_tokens:
+                # Preempted while a step samples for it: sent now with its known tokens, the
+                # workers would sample that token again. Admitted once it is learned.
+                continue
             needs = self._seats_needed(request)
             if budget <= 0 or needs > seats:
                 break
@@ -253,8 +294,17 @@ class Scheduler:
             self.policy.admitted(self.waiting, admitted)
 
     def _fork(self, parent: Request) -> None:
-        """The parent's prompt is computed: its other completions share its blocks and run."""
-        for child in self._unforked.pop(parent.request_id):
+        """The parent's prompt is computed: its other completions share its blocks and run.
+
+        If the parent was preempted after the step that sampled its first token was planned
+        (async scheduling), its blocks are gone: the others wait to compute the prompt
+        themselves (the prefix cache may hold it)."""
+        children = self._unforked.pop(parent.request_id)
+        if parent.request_id not in self.page_table.block_tables:
+            for child in children:
+                insort(self.waiting, child, key=self.policy.rank)
+            return
+        for child in children:
             self.page_table.fork(parent, child)
             # Its first token is sampled from the last prompt token's logits: compute that again.
             child.num_computed_tokens = child.num_prompt_tokens - 1
@@ -288,6 +338,8 @@ class Scheduler:
             if start < num_prompt:
                 stats.num_prompt_tokens_computed += min(start + n, num_prompt) - start
             request.num_computed_tokens = start + n
+            if start + n == request.num_tokens + request.num_pending_tokens:
+                request.num_pending_tokens += 1  # it samples in this step
         plan = worker_pb2.StepPlan(
             step_id=self._step_id,
             new_requests=new_requests,
@@ -323,6 +375,9 @@ class Scheduler:
                 queue.remove(request)
                 break
         self.page_table.free(rid)
+        if request.num_pending_tokens:  # steps in flight still sample for it
+            self._discarded[rid] = self._discarded.get(rid, 0) + request.num_pending_tokens
+            request.num_pending_tokens = 0
         if self._num_blocks_sent.pop(rid, None) is not None:
             self._dropped.append(rid)
             if rid in self._swapped_ids:  # swapped out and gone since the last plan
