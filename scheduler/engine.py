@@ -91,6 +91,9 @@ class StepRecord:
     step_id: int
     start: float  # time.monotonic() when its plan was sent
     duration_ms: float  # from sending its plan to learning its result
+    # From learning the step before to learning this one: the step's share of the time when
+    # steps run back to back (with two in flight, duration_ms spans the step before too).
+    interval_ms: float
     scheduled: dict[str, int]  # request id -> tokens computed in this step
     new_request_ids: list[str] = field(default_factory=list)
     num_waiting: int = 0
@@ -154,6 +157,7 @@ class Engine:
         self.num_finished = 0
         self.num_generated_tokens = 0
         self._recorded_tokens = 0  # num_generated_tokens when the last step record was written
+        self._last_learned: float | None = None  # time.monotonic() the newest step was learned
         self.error: str | None = None
         self._streams = [WorkerStream(address) for address in worker_addresses]
         # Steps sent, oldest first (engine thread): at most 2 with async scheduling, else 1.
@@ -324,11 +328,15 @@ class Engine:
         cached = plan.cached_requests
         scheduled.update(zip(cached.request_ids, cached.num_scheduled_tokens, strict=True))
         self.num_steps += 1
+        now = time.monotonic()
+        since = step.sent if self._last_learned is None else max(step.sent, self._last_learned)
+        self._last_learned = now
         self.step_records.append(
             StepRecord(
                 step_id=plan.step_id,
                 start=step.sent,
-                duration_ms=(time.monotonic() - step.sent) * 1e3,
+                duration_ms=(now - step.sent) * 1e3,
+                interval_ms=(now - since) * 1e3,
                 scheduled=scheduled,
                 new_request_ids=[r.request_id for r in plan.new_requests],
                 num_waiting=step.num_waiting,

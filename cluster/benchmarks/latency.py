@@ -94,8 +94,8 @@ def table(bench: BenchCluster, results: list[BatchResult]) -> list[str]:
     lines = [
         "| batch size | ms / output token | roofline (ms / step) | roofline / measured | "
         "median latency (ms) | steps | median step (ms) | worker Execute (ms) | "
-        "worker idle (ms) | host between steps (ms) | graph hits (decode / all) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "worker idle (ms) | graph hits (decode / all) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     none = "none" if bench.roofline.ms is None else "-"  # none applies, or nothing to compare
     for r in results:
@@ -111,7 +111,7 @@ def table(bench: BenchCluster, results: list[BatchResult]) -> list[str]:
             f"{fmt(bench.roofline.ms, '.3f', none)} | {share} | "
             f"{statistics.median(r.latencies_s) * 1e3:.1f} | {a.num_steps if a else 0} | "
             f"{fmt(a and a.median_step_ms)} | {fmt(a and a.median_worker_ms)} | "
-            f"{fmt(a and a.median_idle_ms)} | {fmt(a and a.host_ms)} | {hits} |"
+            f"{fmt(a and a.median_idle_ms)} | {hits} |"
         )
     return lines
 

@@ -9,8 +9,10 @@ buffer: bytes read + bytes written over the time, median of 10 after warm-up); w
 device no roofline applies.
 
 The anatomy, from the scheduler's step records (scheduler.engine.StepRecord, as dicts):
-duration_ms is the engine's whole step, worker_ms rank 0's time in Execute, worker_idle_ms rank
-0's host time between the end of its previous step and this step's launch (the device idles),
+interval_ms is a step's time (from learning the step before to learning it: with two steps in
+flight, duration_ms spans the step before too), worker_ms rank 0's time in Execute (from the
+launch to the answer, which waits for the step before on the device), worker_idle_ms rank 0's
+host time before this step's launch with nothing queued on the device (the device idles),
 cuda_graph whether the step replayed a CUDA graph, scheduled request id -> tokens computed.
 """
 
@@ -56,7 +58,6 @@ class Anatomy:
     median_worker_ms: float  # rank 0's time in Execute
     median_idle_ms: float  # rank 0's host time between steps: the device idles
     idle_pct: float  # median_idle_ms as % of median_step_ms
-    host_ms: float  # median step - median worker Execute: the engine's time around Execute
     graph_hit_decode: float | None  # fraction of decode-only steps that replayed a CUDA graph
     graph_hit_all: float  # fraction of all steps that did
 
@@ -66,7 +67,7 @@ def step_anatomy(records: list[dict]) -> Anatomy | None:
     if not records:
         return None
     decodes = decode_steps(records)
-    step = statistics.median(r["duration_ms"] for r in records)
+    step = statistics.median(r["interval_ms"] for r in records)
     worker = statistics.median(r["worker_ms"] for r in records)
     idle = statistics.median(r["worker_idle_ms"] for r in records)
     return Anatomy(
@@ -74,12 +75,11 @@ def step_anatomy(records: list[dict]) -> Anatomy | None:
         num_decode_steps=len(decodes),
         median_step_ms=step,
         median_decode_step_ms=(
-            statistics.median(r["duration_ms"] for r in decodes) if decodes else None
+            statistics.median(r["interval_ms"] for r in decodes) if decodes else None
         ),
         median_worker_ms=worker,
         median_idle_ms=idle,
         idle_pct=100 * idle / step if step > 0 else float("nan"),
-        host_ms=step - worker,
         graph_hit_decode=(
             sum(bool(r["cuda_graph"]) for r in decodes) / len(decodes) if decodes else None
         ),
@@ -100,8 +100,6 @@ def format_anatomy(anatomy: Anatomy | None, what: str = "timed steps") -> list[s
         f"  median worker Execute (rank 0): {a.median_worker_ms:.2f} ms",
         f"  median worker idle between steps: {a.median_idle_ms:.2f} ms "
         f"({a.idle_pct:.1f}% of the median step)",
-        f"  host time between steps as the engine sees it (median step - median Execute): "
-        f"{a.host_ms:.2f} ms",
         f"  CUDA graph hit rate: {hits} of decode-only steps, {100 * a.graph_hit_all:.1f}% of "
         f"all steps",
     ]
