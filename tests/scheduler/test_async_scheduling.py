@@ -13,24 +13,16 @@ from hypothesis import strategies as st
 from scheduler.config import POLICIES, SchedulerConfig
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request, RequestStatus
-from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler
 from tests.scheduler.fake_worker import FakeWorker, cached_requests
+from tests.scheduler.test_scheduler import make_request as scheduler_test_request
 
 EOS = 2
 STOP_TOKEN = 9
 
 
 def make_request(rid, prompt, max_tokens=8, **params):
-    """prompt: a length (tokens 10, 11, ...) or the token ids."""
-    tokens = list(range(10, 10 + prompt)) if isinstance(prompt, int) else list(prompt)
-    return Request(
-        request_id=rid,
-        prompt_token_ids=tokens,
-        sampling_params=SamplingParams(temperature=0, max_tokens=max_tokens, **params),
-        eos_token_ids=frozenset([EOS]),
-        max_model_len=1024,
-    )
+    return scheduler_test_request(rid, prompt, max_tokens, **params)
 
 
 def next_token(rid: str, tokens: list[int]) -> int:
