@@ -88,3 +88,28 @@ def test_copy_blocks_copies_every_layer():
         torch.testing.assert_close(after[5], before[0])
         torch.testing.assert_close(after[3], before[2])
         torch.testing.assert_close(after[[0, 1, 2, 4]], before[[0, 1, 2, 4]])
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 1)])
+def test_decode_sequences_of_unlike_lengths_and_padding_entries(num_heads, num_kv_heads):
+    """Decode tokens are attended in groups of like lengths, padded to their group's longest:
+    lengths far apart (several groups, out of order), prefill rows between them, seq_len 0
+    entries (zeros), and a NaN-poisoned cache past every sequence's end."""
+    from tests.kernels.paged_inputs import make_batch, reference_attention
+
+    shapes = [(300, 1), (1, 1), (0, 1), (17, 1), (40, 6), (700, 1), (16, 1), (299, 1), (2, 1)]
+    batch = make_batch(shapes, 16, num_heads, num_kv_heads, 32, seed=num_heads)
+    out = paged_attention(
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.query_start_loc,
+        0.2,
+        max_query_len=batch.max_query_len,
+        max_seq_len=batch.max_seq_len,
+    )
+    expected = reference_attention(batch, 0.2, dtype=torch.float32)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out[2].abs().sum() == 0
