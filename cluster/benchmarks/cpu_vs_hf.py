@@ -100,9 +100,16 @@ class Ours:
         params = SamplingParams(
             temperature=TEMPERATURE, top_p=TOP_P, max_tokens=max_tokens, ignore_eos=True
         )
+        seen = {r["step_id"] for r in self.llm._cluster.step_records()}
         start = time.perf_counter()
         outputs = self.llm.generate(self.inputs, params)
         wall = time.perf_counter() - start
+        steps = [r for r in self.llm._cluster.step_records() if r["step_id"] not in seen]
+        self.last_steps = (
+            len(steps),
+            sum(r["duration_ms"] for r in steps) / 1e3,
+            sum(r["worker_ms"] for r in steps) / 1e3,
+        )
         return wall, [len(o.outputs[0].token_ids) for o in outputs]
 
     def worker_threads(self) -> list[int]:
@@ -161,8 +168,15 @@ def main() -> int:
             if lengths != [args.max_tokens] * len(PROMPTS):
                 raise RuntimeError(f"{label}: generated {lengths} tokens, not {args.max_tokens}")
             runs[label].append(wall)
+            detail = ""
+            if side is ours:
+                steps, engine_s, worker_s = ours.last_steps
+                detail = (
+                    f" [{steps} engine steps: {engine_s:.2f} s, of which the worker's Execute "
+                    f"{worker_s:.2f} s]"
+                )
             print(
-                f"round {r + 1}: {label}: {wall:.2f} s ({total / wall:.1f} tokens/s); "
+                f"round {r + 1}: {label}: {wall:.2f} s ({total / wall:.1f} tokens/s){detail}; "
                 f"load {_load()}",
                 flush=True,
             )
