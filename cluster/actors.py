@@ -15,12 +15,18 @@ from cluster.config import Config
 
 @ray.remote(num_cpus=0)
 class WorkerActor:
-    """One rank: hosts a Worker gRPC server on this node's address."""
+    """One rank: hosts a Worker gRPC server on this node's address.
 
-    def __init__(self, log_level: str = "INFO") -> None:
+    cpu_ranks_on_node: for a rank that computes on the CPU, how many ranks of its replica this
+    node holds (they share its cores: worker.threads); None for a GPU rank."""
+
+    def __init__(self, log_level: str = "INFO", cpu_ranks_on_node: int | None = None) -> None:
+        from worker.threads import configure_cpu_threads
         from worker.worker import WorkerServer
 
         logging.basicConfig(level=log_level)
+        if cpu_ranks_on_node is not None:
+            configure_cpu_threads(cpu_ranks_on_node)
         self._server = WorkerServer(host=ray.util.get_node_ip_address())
 
     def address(self) -> str:
@@ -31,6 +37,12 @@ class WorkerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def torch_threads(self) -> int:
+        """torch's intra-op threads in this worker process."""
+        import torch
+
+        return torch.get_num_threads()
 
     def free_port(self) -> int:
         """A port free on this node now (rank 0's: the tensor-parallel group's rendezvous)."""

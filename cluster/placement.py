@@ -11,7 +11,12 @@ import threading
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import WorkerActor
@@ -72,6 +77,9 @@ class RayPlacer:
                     f"{strategy} within {timeout} s "
                     f"(available: {ray.available_resources()} of {ray.cluster_resources()})"
                 ) from None
+            # CPU ranks on one node share its cores (worker.threads): how many share each one's?
+            nodes = placement_group_table(placed.group)["bundles_to_node_id"]
+            ranks_on_node = [list(nodes.values()).count(nodes[rank]) for rank in range(tp)]
             placed.workers = [
                 WorkerActor.options(
                     num_gpus=self.num_gpus,
@@ -79,7 +87,7 @@ class RayPlacer:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placed.group, placement_group_bundle_index=rank
                     ),
-                ).remote(cfg.logging.level)
+                ).remote(cfg.logging.level, None if self.num_gpus else ranks_on_node[rank])
                 for rank in range(tp)
             ]
             addresses = ray.get([w.address.remote() for w in placed.workers], timeout=timeout)

@@ -1,7 +1,9 @@
 """Kernels (attention, KV cache, norms, rotary): the one dispatch point the model layers call.
 
 Each kernel has a plain-torch reference beside it. The references run everywhere (the CPU path,
-and the ground truth for the Triton kernels' tests); CUDA tensors go to the Triton kernels:
+and the ground truth for the Triton kernels' tests), but for paged attention, which on the CPU
+runs kernels.cpu_paged_attention (the reference's paging around torch's fused SDPA); CUDA
+tensors go to the Triton kernels:
 
     paged_attention   every sequence has one new token (num_tokens == num_seqs and
                       max_query_len == 1)  -> kernels.triton_decode_attention (split-K decode)
@@ -22,8 +24,8 @@ from types import SimpleNamespace
 import torch
 
 from kernels.copy_blocks import copy_blocks_ref
+from kernels.cpu_paged_attention import paged_attention_cpu
 from kernels.kv_cache import write_kv_cache_ref
-from kernels.paged_attention import paged_attention_ref
 from kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import rotary_ref
 
@@ -99,7 +101,7 @@ def paged_attention(
             scale,
             max_query_len=max_query_len,
         )
-    return paged_attention_ref(
+    return paged_attention_cpu(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale
     )
 

@@ -107,22 +107,42 @@ def _mask_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < floor, float("-inf"))
 
 
+# Top-k / top-p look at the highest logits of each row first (a partial selection, no sort of
+# the vocabulary): this many, then more, until every row's kept set is known, at worst the
+# whole vocabulary (a sort).
+_TOP_CANDIDATES = (64, 1024)
+
+
 def _mask_top_k_top_p(
     logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor
 ) -> torch.Tensor:
+    """-inf outside each row's kept set: its top k tokens (top_k 0: all), then of these, in
+    descending order, those whose probability mass before them (renormalized over the top k)
+    is below top_p (the top token always stays; top_p 1: all). A row with neither keeps
+    every token."""
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_rows, vocab]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_ks > 0, top_ks, torch.full_like(top_ks, vocab))
-    drop = ranks >= k[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop = mass_before >= top_ps[:, None]
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    k = torch.where((top_ks > 0) & (top_ks < vocab), top_ks, torch.full_like(top_ks, vocab))
+    no_top_k, top_p_on = k >= vocab, top_ps < 1
+    peak = logits.max(dim=-1, keepdim=True).values
+    row_total = torch.exp(logits - peak).sum(dim=-1)  # normalizes a row without top-k
+    for num in (*(n for n in _TOP_CANDIDATES if n < vocab), vocab):
+        values, order = logits.topk(num, dim=-1)  # [num_rows, num], descending
+        ranks = torch.arange(num, device=logits.device)[None, :]
+        values = values.masked_fill(ranks >= k[:, None], float("-inf"))
+        exp = torch.exp(values - peak)
+        probs = exp / torch.where(no_top_k, row_total, exp.sum(dim=-1))[:, None]
+        cumulative = probs.cumsum(dim=-1)
+        drop = (cumulative - probs >= top_ps[:, None]) & top_p_on[:, None]
+        drop[:, 0] = False
+        # Settled: the row's kept set lies among the candidates (its top k does, or it has no
+        # top-k and the candidates' mass reaches top_p), or it has neither.
+        reached = (cumulative[:, -1] >= top_ps) | ~top_p_on
+        settled = (k <= num) | (no_top_k & reached)
+        if num == vocab or bool(settled.all()):
+            break
+    kept = values.masked_fill(drop, float("-inf"))
+    masked = torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
+    return torch.where((no_top_k & ~top_p_on)[:, None], logits, masked)
 
 
 def _exponential_noise(

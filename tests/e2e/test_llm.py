@@ -55,3 +55,19 @@ def test_logprobs_and_stop_reason_reach_the_outputs(llm):
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop)
     assert stopped.token_ids == out.token_ids[: out.token_ids.index(stop) + 1]
     assert stopped.logprobs is None and stopped.cumulative_logprob is None
+
+
+def test_a_cpu_worker_computes_on_the_cores_of_its_node(llm):
+    import os
+
+    import ray
+    import torch
+
+    from worker.threads import available_cores
+
+    if torch.cuda.is_available():
+        pytest.skip("the workers run on GPUs")
+    # Not the one thread of Ray's OMP_NUM_THREADS for the sliver of a CPU a CPU worker reserves.
+    expected = int(os.environ.get("OMP_NUM_THREADS") or available_cores())
+    workers = llm._cluster.workers()
+    assert ray.get([w.torch_threads.remote() for w in workers]) == [expected] * len(workers)

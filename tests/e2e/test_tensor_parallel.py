@@ -3,13 +3,18 @@ architecture's tiny random model with the same greedy tokens as HF transformers 
 one worker, which tests/worker checks against HF too), batched, including a model with fewer
 KV heads than ranks."""
 
+import os
+
 import pytest
+import ray
+import torch
 
 from cluster.client import Client
 from cluster.config import Config
 from cluster.launcher import Cluster, replace_sections
 from scheduler.sampling_params import SamplingParams
 from tests.conftest import TINY_ARCHS, hf_greedy
+from worker.threads import available_cores
 
 PROMPTS = [[5, 17, 99, 3], [42] * 9, list(range(30, 53)), [7], [200, 1, 2, 3, 4, 5]]
 
@@ -29,6 +34,10 @@ def test_tp2_matches_hf(local_cluster, tiny_models, smollm2_path, arch):
         with Client(cluster.start()) as client:
             info = client.server_info().replicas[0]
             assert [w.rank for w in info.workers] == [0, 1]
+            if not torch.cuda.is_available():  # the two CPU ranks on this node share its cores
+                share = int(os.environ.get("OMP_NUM_THREADS") or max(available_cores() // 2, 1))
+                threads = ray.get([w.torch_threads.remote() for w in cluster.workers()])
+                assert threads == [share] * 2
             params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
             streams = [client.generate(p, params, timeout=300) for p in PROMPTS]
             got = [[t for d in s for t in d.token_ids] for s in streams]

