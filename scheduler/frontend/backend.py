@@ -1,0 +1,56 @@
+"""What a frontend's client-facing services (Serving gRPC, OpenAI HTTP) call: one interface, so
+a request is validated, tokenized and streamed by one piece of code whichever wire it came on.
+
+    gRPC Serving service --+
+                           +--> Backend.generate(GenerateRequest) --> GenerateResponse stream
+    OpenAI HTTP app -------+        (validate, tokenize, core, detokenize, stop strings)
+
+The HTTP app converts an OpenAI body into a serving_pb2.GenerateRequest once, at its boundary,
+and converts the responses back; the gRPC service passes them through.
+"""
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import grpc
+
+from protos import serving_pb2
+
+
+class ServingError(Exception):
+    """A request refused or failed, as the client is told: a gRPC status and a sentence naming
+    the field or the reason. The HTTP side maps the code to its status (INVALID_ARGUMENT 400,
+    UNAUTHENTICATED 401, NOT_FOUND 404, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Backend(Protocol):
+    """A frontend as its client-facing services see it. Every method may raise ServingError."""
+
+    model_name: str
+
+    def ready(self) -> bool:
+        """Whether the model is loaded and requests are taken (health answers SERVING)."""
+        ...
+
+    def generate(
+        self, request: serving_pb2.GenerateRequest
+    ) -> AsyncIterator[serving_pb2.GenerateResponse]:
+        """Streams one request's completions: messages as the Serving API's Generate sends them
+        (per completion `index`, the last one with finish_reason and usage). Closing the
+        iterator early (the client went away) aborts the request in the core."""
+        ...
+
+    async def abort(self, request_id: str) -> bool:
+        """Stops a request; whether it was found."""
+        ...
+
+    async def model_info(self) -> serving_pb2.ModelInfoResponse: ...
+
+    async def server_info(self) -> serving_pb2.ServerInfoResponse:
+        """Replicas, queues, KV usage and counters, as GetServerInfo answers."""
+        ...
