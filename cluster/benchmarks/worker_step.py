@@ -104,6 +104,26 @@ def time_graph(runner: ModelRunner, size: int, repeats: int = 50) -> float:
     return statistics.median(rounds)
 
 
+def profile_graph(runner: ModelRunner, size: int, top: int = 15) -> None:
+    """Prints the kernels of one replay of the decode graph of `size` by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = runner.graphs.graphs[size]
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / 10
+    print(f"graph of {size}: {total / 1e3:.3f} ms of kernels per replay")
+    for e in events[:top]:
+        share = e.device_time_total / 10
+        print(f"  {share / 1e3:7.3f} ms  {e.count // 10:4d}x  {e.key[:90]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3-8b", help="a dummy preset or a checkpoint")
@@ -112,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="kernels of each graph replay")
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     bandwidth = measure_copy_bandwidth()
@@ -140,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         if runner.graphs is not None:
             graph_ms = time_graph(runner, runner.graphs.size_for(batch))
         rows.append((batch, graph_ms, step_ms))
+        if args.profile and runner.graphs is not None:
+            profile_graph(runner, runner.graphs.size_for(batch))
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
         print(f"batch {batch}: graph {graph} ms, worker step {step_ms:.3f} ms", flush=True)
     print()
