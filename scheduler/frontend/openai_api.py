@@ -1,0 +1,285 @@
+"""The OpenAI-compatible HTTP API of a frontend, as a FastAPI app over a Backend.
+
+    POST /v1/completions, /v1/chat/completions   (SSE when "stream": true)
+    GET  /v1/models                              the served model
+    GET  /health                                 200 when Backend.ready(), else 503
+    GET  /metrics                                Prometheus (scheduler.frontend.metrics)
+
+With ServerConfig tokens, every route but /health and /metrics needs the header
+"Authorization: Bearer <token>". Errors are OpenAI's JSON, {"error": {"message", "type",
+"param", "code"}}: 400 for a bad field (named in message and param), 401, 404 (an unknown model
+is code model_not_found), 429 and 503 (a ServingError's gRPC code picks the status). A streamed
+request is answered 200 only once its first message has come, so its errors keep their status;
+a failure after that is sent as a last `data: {"error": ...}` event before `data: [DONE]`. A
+client that goes away, streamed or not, closes its Backend.generate stream (the core aborts the
+request).
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from protos import serving_pb2
+from scheduler.auth import TokenAuthInterceptor
+from scheduler.config import ServerConfig
+from scheduler.frontend.backend import Backend, ServingError
+from scheduler.frontend.metrics import CONTENT_TYPE, Metrics
+from scheduler.frontend.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    InvalidField,
+    ResponseBuilder,
+    to_generate_request,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_STATUS_OF_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ALREADY_EXISTS: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class ApiError(Exception):
+    """An answer other than 200, as OpenAI's error JSON."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @classmethod
+    def of(cls, error: ServingError) -> "ApiError":
+        return cls(_STATUS_OF_CODE.get(error.code, 500), error.message)
+
+    def json(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": _ERROR_TYPES.get(
+                    self.status, "invalid_request_error" if self.status < 500 else "server_error"
+                ),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.json(), status_code=self.status, headers=headers)
+
+
+def _validation_error(error: RequestValidationError) -> ApiError:
+    """Pydantic's first complaint as a 400 naming the field (FastAPI would answer 422)."""
+    first = error.errors()[0]
+    path = [str(part) for part in first["loc"][1:]]  # loc[0] is "body"
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {first['msg']}")
+    if not path:
+        return ApiError(400, "the body must be a JSON object")
+    param = ".".join(path)
+    if first["type"] == "extra_forbidden":
+        return ApiError(400, f"{param}: not supported by this server", param)
+    if first["type"] == "value_error":
+        reason = str(first["ctx"]["error"])
+    else:
+        reason = first["msg"]
+    return ApiError(400, f"{param}: {reason}", param)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """work's result, or None (work cancelled) if the client goes away first."""
+    work_task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work_task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work_task
+    return work_task.result() if not work_task.cancelled() else None
+
+
+def _event(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) -> FastAPI:
+    """The HTTP API of one frontend, over its backend. Streams go through metrics.track."""
+    app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
+    tokens = server_config.tokens()
+    auth = TokenAuthInterceptor(tokens) if tokens else None
+
+    async def authorized(request: Request) -> None:
+        if auth is None:
+            return
+        # The gRPC interceptor's check: a constant-time compare with every token.
+        problem = auth._check(request.headers.get("authorization"))
+        if problem is not None:
+            raise ApiError(401, problem, code="invalid_api_key")
+
+    def check_model(model: str) -> None:
+        if model != backend.model_name:
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{backend.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, error: ServingError) -> JSONResponse:
+        return ApiError.of(error).response()
+
+    @app.exception_handler(InvalidField)
+    async def _invalid_field(request: Request, error: InvalidField) -> JSONResponse:
+        return ApiError(400, error.message, error.param).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _validation_error(error).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return ApiError(error.status_code, str(error.detail)).response()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not backend.ready():
+            raise ApiError(503, "the model is still loading; retry shortly")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        try:
+            info = await backend.server_info()
+        except ServingError as e:  # the core's state is left out; the request metrics stay
+            log.info("metrics: no server info (%s)", e.message)
+            info = None
+        return Response(metrics.render(info), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> dict:
+        info = await backend.model_info()
+        card = {
+            "id": backend.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "pagedserve",
+            "max_model_len": info.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        builder = ResponseBuilder(f"cmpl-{uuid.uuid4().hex}", body.model, False, body.logprobs)
+        return await generate(body, builder, request)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        builder = ResponseBuilder(f"chatcmpl-{uuid.uuid4().hex}", body.model, True, top_logprobs)
+        return await generate(body, builder, request)
+
+    async def generate(
+        body: CompletionRequest | ChatCompletionRequest, builder: ResponseBuilder, request: Request
+    ) -> Response:
+        message = to_generate_request(body, builder.request_id)
+        stream = metrics.track(message, backend.generate(message))
+        if not body.stream:
+            response = await _unless_disconnected(request, collect(stream, builder))
+            return JSONResponse(response) if response is not None else Response()
+        try:
+            first = await _unless_disconnected(request, anext(stream))
+        except StopAsyncIteration:
+            raise ApiError(500, "the request's stream ended without a message") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        if first is None:
+            await stream.aclose()
+            return Response()
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = sse(first, stream, builder, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+
+    return app
+
+
+async def collect(
+    stream: AsyncIterator[serving_pb2.GenerateResponse], builder: ResponseBuilder
+) -> dict:
+    """An unstreamed request's response, once its stream has ended."""
+    async with contextlib.aclosing(stream):
+        async for msg in stream:
+            builder.add(msg)
+    return builder.response()
+
+
+async def sse(
+    first: serving_pb2.GenerateResponse,
+    stream: AsyncIterator[serving_pb2.GenerateResponse],
+    builder: ResponseBuilder,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """A streamed request's server-sent events, from its first message on. If the client goes
+    away, Starlette cancels this generator's task: stream is closed on the way out."""
+    async with contextlib.aclosing(stream):
+        try:
+            for chunk in builder.chunks(first):
+                yield _event(chunk)
+            async for msg in stream:
+                for chunk in builder.chunks(msg):
+                    yield _event(chunk)
+            if include_usage:
+                yield _event(builder.usage_chunk())
+        except ServingError as e:
+            yield _event(ApiError.of(e).json())
+        yield _event("[DONE]")

@@ -1,0 +1,347 @@
+"""The OpenAI wire format at the HTTP boundary: request bodies in, serving_pb2 messages out, and
+back. Everything past this module speaks serving.proto; nothing before it does.
+
+    CompletionRequest / ChatCompletionRequest --to_generate_request--> GenerateRequest
+    GenerateResponse stream --ResponseBuilder--> OpenAI JSON (one response, or SSE chunks)
+
+Sampling fields keep OpenAI's names and defaults (a completion's max_tokens is 16, a chat's is
+unbounded); vLLM's extensions are accepted beside them (top_k, min_p, repetition_penalty,
+min_tokens, stop_token_ids, ignore_eos). Values are checked by scheduler.sampling_params, so
+HTTP and gRPC refuse the same values with the same sentences; an error names the OpenAI field.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from protos import serving_pb2
+from scheduler.sampling_params import WIRE_NO_MAX_TOKENS, SamplingParams
+
+
+class InvalidField(ValueError):
+    """A request value refused at the boundary (HTTP 400); param is the OpenAI field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _joined_text(content: Any) -> Any:
+    """A message's content as one string: OpenAI's text parts are joined; other parts refused."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not (isinstance(part, dict) and part.get("type") == "text" and "text" in part):
+            raise ValueError('only text parts ({"type": "text", "text": ...}) are supported')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _one_prompt(prompt: Any) -> str | list[int]:
+    """A string or a list of token ids; a list holding one of these is unwrapped. A batch of
+    several prompts is refused (one prompt per request)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("must not be empty")
+        return prompt
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("must be a string or a non-empty list of token ids")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if all(isinstance(p, str | list) for p in prompt):
+        raise ValueError("a batch of several prompts is not supported; send one per request")
+    raise ValueError("must be a string or a list of token ids")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False  # a last chunk with no choices and the request's usage
+
+
+class _SamplingRequest(BaseModel):
+    """The fields completions and chat completions share. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM's extension
+    min_p: float = 0.0  # vLLM's extension
+    max_tokens: int | None = None
+    stop: Annotated[list[str], BeforeValidator(_as_list)] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)  # vLLM's extension
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None  # vLLM's extension
+    min_tokens: int = 0  # vLLM's extension
+    ignore_eos: bool = False  # vLLM's extension
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, unused
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: Annotated[Any, BeforeValidator(_one_prompt)]
+    logprobs: int | None = None  # the sampled token's and the top k, per position
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, BeforeValidator(_joined_text)]
+    name: str | None = None  # OpenAI's participant name: accepted, unused
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None  # with logprobs: how many alternatives per position
+
+
+def to_generate_request(
+    body: CompletionRequest | ChatCompletionRequest, request_id: str
+) -> serving_pb2.GenerateRequest:
+    """The GenerateRequest a body asks for; raises InvalidField naming the bad field.
+
+    Streamed requests take deltas (OutputKind DELTA); the others one message per completion
+    (FINAL_ONLY)."""
+    if body.stream_options is not None and not body.stream:
+        raise InvalidField("stream_options", "stream_options: only allowed with stream=true")
+    msg = serving_pb2.GenerateRequest(request_id=request_id)
+    # proto field -> (the OpenAI field it came from, its value; None = unset).
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidField("top_logprobs", "top_logprobs: needs logprobs=true")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise InvalidField(
+                "max_completion_tokens",
+                "max_tokens and max_completion_tokens: give one (max_tokens is its old name)",
+            )
+        msg.messages.messages.extend(
+            serving_pb2.ChatMessage(role=m.role, content=m.content) for m in body.messages
+        )
+        if body.max_completion_tokens is not None:
+            max_tokens = ("max_completion_tokens", body.max_completion_tokens)
+        else:  # a chat completion runs to the end of the context unless told otherwise
+            unset = body.max_tokens is None
+            max_tokens = ("max_tokens", WIRE_NO_MAX_TOKENS if unset else body.max_tokens)
+        logprobs = ("top_logprobs", (body.top_logprobs or 0) if body.logprobs else None)
+    else:
+        if isinstance(body.prompt, str):
+            msg.prompt = body.prompt
+        else:
+            msg.prompt_token_ids.ids.extend(body.prompt)
+        max_tokens = ("max_tokens", body.max_tokens)
+        logprobs = ("logprobs", body.logprobs)
+    wire = {
+        name: (name, getattr(body, name))
+        for name in (
+            "n",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "min_tokens",
+            "ignore_eos",
+        )
+    }
+    wire["max_tokens"] = max_tokens
+    wire["logprobs"] = logprobs
+    params = msg.params
+    for name, (param, value) in wire.items():
+        if value is None:
+            continue
+        try:
+            setattr(params, name, value)
+        except (ValueError, TypeError):  # outside the wire type's range (int32, uint64)
+            raise InvalidField(param, f"{param}: {value} is out of range") from None
+    for name in ("stop", "stop_token_ids"):
+        try:
+            getattr(params, name).extend(getattr(body, name))
+        except (ValueError, TypeError):
+            raise InvalidField(name, f"{name}: a value is out of range") from None
+    params.output_kind = serving_pb2.DELTA if body.stream else serving_pb2.FINAL_ONLY
+    try:
+        SamplingParams.from_proto(params)
+    except ValueError as e:  # its sentences begin with the field's name
+        name = str(e).split(" ", 1)[0]
+        param = wire.get(name, (name,))[0]
+        raise InvalidField(param, str(e) if param == name else f"{param}: {e}") from None
+    return msg
+
+
+def _finish_reason(msg: serving_pb2.GenerateResponse) -> str | None:
+    return msg.finish_reason or None
+
+
+def _stop_reason(msg: serving_pb2.GenerateResponse) -> str | int | None:
+    """vLLM's stop_reason: the stop string or token id that ended the completion."""
+    kind = msg.WhichOneof("stop_reason")
+    return None if kind is None else getattr(msg, kind)
+
+
+def _top(position: serving_pb2.TokenLogprobs, k: int) -> list[serving_pb2.Logprob]:
+    """The k most likely tokens at a position (the sampled one among them if its rank is <= k)."""
+    return sorted(position.entries, key=lambda e: e.rank)[:k]
+
+
+def _chat_token(entry: serving_pb2.Logprob) -> dict:
+    token = entry.decoded_token
+    return {"token": token, "logprob": entry.logprob, "bytes": list(token.encode())}
+
+
+@dataclass
+class _Choice:
+    """One completion as received so far."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[serving_pb2.TokenLogprobs] = field(default_factory=list)
+    text_offset: int = 0  # characters of this completion's tokens sent so far (completions)
+    started: bool = False  # a chunk has gone out for it (chat: the one naming the role)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ResponseBuilder:
+    """Turns one request's GenerateResponses into OpenAI JSON, for /v1/completions (chat=False)
+    or /v1/chat/completions (chat=True): chunks() for each streamed message, or add() every
+    message and then response(). top_logprobs is the k of the request's logprobs (None: none)."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, top_logprobs: int | None) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.chat = chat
+        self.top_logprobs = top_logprobs
+        self.created = int(time.time())
+        self.choices: dict[int, _Choice] = {}
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+
+    def _update(self, msg: serving_pb2.GenerateResponse) -> _Choice:
+        choice = self.choices.setdefault(msg.index, _Choice())
+        if msg.finish_reason:
+            choice.finish_reason = _finish_reason(msg)
+            choice.stop_reason = _stop_reason(msg)
+            self.prompt_tokens = msg.usage.prompt_tokens
+            self.cached_tokens = msg.usage.cached_tokens
+            self.completion_tokens += msg.usage.completion_tokens
+        return choice
+
+    def _logprobs_json(
+        self, positions: list[serving_pb2.TokenLogprobs], text_offset: int
+    ) -> dict | None:
+        k = self.top_logprobs
+        if k is None:
+            return None
+        if self.chat:
+            content = [
+                {**_chat_token(p.entries[0]), "top_logprobs": [_chat_token(e) for e in _top(p, k)]}
+                for p in positions
+            ]
+            return {"content": content}
+        tokens = [p.entries[0].decoded_token for p in positions]
+        offsets = []
+        for token in tokens:
+            offsets.append(text_offset)
+            text_offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [p.entries[0].logprob for p in positions],
+            "top_logprobs": [{e.decoded_token: e.logprob for e in _top(p, k)} for p in positions],
+            "text_offset": offsets,
+        }
+
+    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
+        if self.chat:
+            kind = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            kind = "text_completion"
+        return {
+            "id": self.request_id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+    def chunks(self, msg: serving_pb2.GenerateResponse) -> list[dict]:
+        """The SSE chunks for one streamed message (none when it carries nothing to send)."""
+        choice = self._update(msg)
+        logprobs = self._logprobs_json(list(msg.logprobs), choice.text_offset)
+        choice.text_offset += sum(len(p.entries[0].decoded_token) for p in msg.logprobs)
+        if not (msg.text or msg.logprobs or msg.finish_reason or not choice.started):
+            return []
+        if self.chat:
+            delta = {"content": msg.text}
+            if not choice.started:
+                delta["role"] = "assistant"
+            body = {"index": msg.index, "delta": delta}
+        else:
+            body = {"index": msg.index, "text": msg.text}
+        choice.started = True
+        body.update(
+            logprobs=logprobs,
+            finish_reason=choice.finish_reason,
+            stop_reason=choice.stop_reason,
+        )
+        return [self._envelope([body], chunk=True)]
+
+    def usage_chunk(self) -> dict:
+        """stream_options.include_usage's last chunk: no choices, the whole request's usage."""
+        return {**self._envelope([], chunk=True), "usage": self.usage()}
+
+    def add(self, msg: serving_pb2.GenerateResponse) -> None:
+        """Takes one message of an unstreamed request."""
+        choice = self._update(msg)
+        choice.text.append(msg.text)
+        choice.logprobs.extend(msg.logprobs)
+
+    def response(self) -> dict:
+        """The unstreamed response, once every message has been added."""
+        choices = []
+        for index, choice in sorted(self.choices.items()):
+            text = "".join(choice.text)
+            body: dict = {"index": index}
+            if self.chat:
+                body["message"] = {"role": "assistant", "content": text}
+            else:
+                body["text"] = text
+            body.update(
+                logprobs=self._logprobs_json(choice.logprobs, 0),
+                finish_reason=choice.finish_reason,
+                stop_reason=choice.stop_reason,
+            )
+            choices.append(body)
+        return {**self._envelope(choices, chunk=False), "usage": self.usage()}
