@@ -84,7 +84,8 @@ class HttpServer:
     @property
     def url(self) -> str:
         scheme = "https" if self._server.config.is_ssl else "http"
-        return f"{scheme}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+        return f"{scheme}://{host}:{self.port}"
 
     async def _serve(self) -> None:
         try:

@@ -122,8 +122,10 @@ class Metrics:
         time to first token (its first message with tokens), inter-token latency (the gap before
         each later message with tokens, spread evenly over its tokens), end-to-end latency (to
         its last message), queue time (its last message's timings) and its finish reason
-        ("abort" when the consumer closes the stream first). Prompt tokens count once per
-        request. Closing the returned iterator closes stream."""
+        ("abort" when the consumer closes the stream first). With output_kind FINAL_ONLY, whose
+        one message comes at the end, time to first token and inter-token latency (the mean of
+        the completion's) come from that message's timings, taken in the core. Prompt tokens
+        count once per request. Closing the returned iterator closes stream."""
         return self._track(request, stream, time.monotonic())
 
     async def _track(
@@ -133,6 +135,8 @@ class Metrics:
         start: float,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         n = request.params.n if request.params.HasField("n") else 1
+        # One message per completion, at its end: its latencies are the core's timings.
+        final_only = request.params.output_kind == serving_pb2.FINAL_ONLY
         last_token_at: dict[int, float] = {}  # completion index -> when its last tokens came
         finished = 0
         try:
@@ -141,15 +145,16 @@ class Metrics:
                     now = time.monotonic()
                     if msg.token_ids:
                         self.generation_tokens.inc(len(msg.token_ids))
+                    if msg.token_ids and not final_only:
                         previous = last_token_at.get(msg.index)
                         if previous is None:
                             self.time_to_first_token.observe(now - start)
                         else:
-                            gap = (now - previous) / len(msg.token_ids)
-                            for _ in msg.token_ids:
-                                self.inter_token_latency.observe(gap)
+                            self._inter_token(now - previous, len(msg.token_ids))
                         last_token_at[msg.index] = now
                     if msg.finish_reason:
+                        if final_only and msg.usage.completion_tokens:
+                            self._observe_core_timings(msg)
                         if not finished:
                             self.prompt_tokens.inc(msg.usage.prompt_tokens)
                         finished += 1
@@ -161,6 +166,18 @@ class Metrics:
             if finished < n:
                 self._finished("abort").inc(n - finished)
             raise
+
+    def _observe_core_timings(self, msg: serving_pb2.GenerateResponse) -> None:
+        """The latencies of a completion sent in one message, from the core's timings."""
+        timings = msg.timings
+        self.time_to_first_token.observe(timings.time_to_first_token_ms / 1000)
+        decode_s = (timings.total_ms - timings.time_to_first_token_ms) / 1000
+        self._inter_token(decode_s, msg.usage.completion_tokens - 1)
+
+    def _inter_token(self, span: float, num_tokens: int) -> None:
+        """num_tokens tokens that came span seconds after the one before them."""
+        for _ in range(num_tokens):
+            self.inter_token_latency.observe(span / num_tokens)
 
     def _finished(self, reason: str) -> Counter:
         counter = self.request_success.get(reason)

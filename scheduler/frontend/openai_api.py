@@ -12,7 +12,9 @@ is code model_not_found), 429 and 503 (a ServingError's gRPC code picks the stat
 request is answered 200 only once its first message has come, so its errors keep their status;
 a failure after that is sent as a last `data: {"error": ...}` event before `data: [DONE]`. A
 client that goes away, streamed or not, closes its Backend.generate stream (the core aborts the
-request).
+request); for a streamed one Starlette cancels the task iterating it, with anyio's cancellation,
+which is raised again at every await: a Backend's cleanup must not await, or shield what it
+awaits. A body longer than server.max_request_bytes is 413 (411 when it declares no length).
 """
 
 import asyncio
@@ -27,7 +29,9 @@ import grpc
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protos import serving_pb2
 from scheduler.auth import TokenAuthInterceptor
@@ -145,9 +149,37 @@ def _event(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body must declare its length (411 otherwise) and be at most
+    max_bytes long (413 otherwise; server.max_request_bytes, as the gRPC side's). Uvicorn
+    holds a body to its declared length."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            length = Headers(scope=scope).get("content-length")
+            if length is None:
+                error = ApiError(411, "a request body needs a content-length header")
+            elif int(length) > self.max_bytes:
+                error = ApiError(
+                    413,
+                    f"the body is {length} bytes; server.max_request_bytes={self.max_bytes}",
+                )
+            else:
+                error = None
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) -> FastAPI:
     """The HTTP API of one frontend, over its backend. Streams go through metrics.track."""
     app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BodyLimit, max_bytes=server_config.max_request_bytes)
     tokens = server_config.tokens()
     auth = TokenAuthInterceptor(tokens) if tokens else None
 

@@ -28,6 +28,8 @@ def last(
     prompt_tokens: int = 4,
     completion_tokens: int = 1,
     queue_ms: float = 0.0,
+    ttft_ms: float = 0.0,
+    total_ms: float = 0.0,
     **fields,
 ) -> serving_pb2.GenerateResponse:
     """The last message of completion index, with its usage and timings."""
@@ -37,7 +39,9 @@ def last(
         text=text,
         finish_reason=finish_reason,
         usage=serving_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
-        timings=serving_pb2.Timings(queue_ms=queue_ms),
+        timings=serving_pb2.Timings(
+            queue_ms=queue_ms, time_to_first_token_ms=ttft_ms, total_ms=total_ms
+        ),
         **fields,
     )
 

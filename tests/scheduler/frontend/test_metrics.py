@@ -64,6 +64,20 @@ def test_track_observes_each_completion_and_passes_the_stream_through(tmp_path):
     assert s[(success, (("finished_reason", "abort"),))] == 0
 
 
+def test_a_completion_sent_in_one_message_takes_its_latencies_from_the_core(tmp_path):
+    metrics = Metrics(MODEL, str(tmp_path))
+    msg = request()
+    msg.params.output_kind = serving_pb2.FINAL_ONLY
+    script = [last(0, [1, 2, 3, 4], "abcd", completion_tokens=4, ttft_ms=100.0, total_ms=400.0)]
+    asyncio.run(drain(metrics, ScriptedBackend(lambda r: script), msg))
+    s = scrape(metrics)
+    assert s[("pagedserve:time_to_first_token_seconds_count", ())] == 1
+    assert s[("pagedserve:time_to_first_token_seconds_sum", ())] == pytest.approx(0.1)
+    assert s[("pagedserve:inter_token_latency_seconds_count", ())] == 3
+    assert s[("pagedserve:inter_token_latency_seconds_sum", ())] == pytest.approx(0.3)
+    assert s[("pagedserve:generation_tokens_total", ())] == 4
+
+
 def test_a_stream_closed_early_counts_its_unfinished_completions_aborted(tmp_path):
     metrics = Metrics(MODEL, str(tmp_path))
     backend = ScriptedBackend(lambda r: [last(0, [1], "a"), delta(1, [2], "b"), HOLD])

@@ -273,6 +273,16 @@ def test_a_body_that_is_not_json_is_400(tmp_path):
     assert "JSON" in error["message"]
 
 
+def test_a_body_over_max_request_bytes_is_413_and_one_of_no_length_411(tmp_path):
+    with serving(ScriptedBackend(), tmp_path, max_request_bytes=1024) as url:
+        _error(_post(url, "/v1/completions", {**COMPLETION, "prompt": "x" * 1024}), 413)
+        chunked = httpx.post(
+            f"{url}/v1/completions", content=iter([json.dumps(COMPLETION).encode()])
+        )
+        _error(chunked, 411)
+        assert _post(url, "/v1/completions", COMPLETION).status_code == 200
+
+
 def test_tokens(tmp_path):
     with serving(ScriptedBackend(), tmp_path, auth_tokens=("s3cret",)) as url:
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
