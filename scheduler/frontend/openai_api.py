@@ -250,20 +250,19 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        builder = ResponseBuilder(f"cmpl-{uuid.uuid4().hex}", body.model, False, body.logprobs)
-        return await generate(body, builder, request)
+        return await generate(body, f"cmpl-{uuid.uuid4().hex}", request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        builder = ResponseBuilder(f"chatcmpl-{uuid.uuid4().hex}", body.model, True, top_logprobs)
-        return await generate(body, builder, request)
+        return await generate(body, f"chatcmpl-{uuid.uuid4().hex}", request)
 
     async def generate(
-        body: CompletionRequest | ChatCompletionRequest, builder: ResponseBuilder, request: Request
+        body: CompletionRequest | ChatCompletionRequest, request_id: str, request: Request
     ) -> Response:
-        message = to_generate_request(body, builder.request_id)
+        message = to_generate_request(body, request_id)
+        chat = isinstance(body, ChatCompletionRequest)
+        builder = ResponseBuilder(request_id, body.model, chat, body.top_logprobs_k())
         stream = metrics.track(message, backend.generate(message))
         if not body.stream:
             response = await _unless_disconnected(request, collect(stream, builder))

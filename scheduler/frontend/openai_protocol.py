@@ -69,26 +69,27 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingRequest(BaseModel):
-    """The fields completions and chat completions share. Unknown fields are refused."""
+    """The fields completions and chat completions share. Unknown fields are refused; null is
+    the default, as OpenAI's schema allows it for every optional field."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    n: int = 1
+    n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # vLLM's extension
-    min_p: float = 0.0  # vLLM's extension
+    min_p: float | None = None  # vLLM's extension
     max_tokens: int | None = None
-    stop: Annotated[list[str], BeforeValidator(_as_list)] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)  # vLLM's extension
+    stop: Annotated[list[str] | None, BeforeValidator(_as_list)] = None
+    stop_token_ids: list[int] | None = None  # vLLM's extension
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # vLLM's extension
-    min_tokens: int = 0  # vLLM's extension
-    ignore_eos: bool = False  # vLLM's extension
-    stream: bool = False
+    min_tokens: int | None = None  # vLLM's extension
+    ignore_eos: bool | None = None  # vLLM's extension
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user id: accepted, unused
 
@@ -98,6 +99,10 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: Annotated[Any, BeforeValidator(_one_prompt)]
     logprobs: int | None = None  # the sampled token's and the top k, per position
+
+    def top_logprobs_k(self) -> int | None:
+        """How many alternatives per position to return; None: no logprobs."""
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -113,8 +118,12 @@ class ChatCompletionRequest(_SamplingRequest):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = None  # with logprobs: how many alternatives per position
+
+    def top_logprobs_k(self) -> int | None:
+        """How many alternatives per position to return; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def to_generate_request(
@@ -144,14 +153,14 @@ def to_generate_request(
         else:  # a chat completion runs to the end of the context unless told otherwise
             unset = body.max_tokens is None
             max_tokens = ("max_tokens", WIRE_NO_MAX_TOKENS if unset else body.max_tokens)
-        logprobs = ("top_logprobs", (body.top_logprobs or 0) if body.logprobs else None)
+        logprobs = ("top_logprobs", body.top_logprobs_k())
     else:
         if isinstance(body.prompt, str):
             msg.prompt = body.prompt
         else:
             msg.prompt_token_ids.ids.extend(body.prompt)
         max_tokens = ("max_tokens", body.max_tokens)
-        logprobs = ("logprobs", body.logprobs)
+        logprobs = ("logprobs", body.top_logprobs_k())
     wire = {
         name: (name, getattr(body, name))
         for name in (
@@ -180,7 +189,7 @@ def to_generate_request(
             raise InvalidField(param, f"{param}: {value} is out of range") from None
     for name in ("stop", "stop_token_ids"):
         try:
-            getattr(params, name).extend(getattr(body, name))
+            getattr(params, name).extend(getattr(body, name) or ())
         except (ValueError, TypeError):
             raise InvalidField(name, f"{name}: a value is out of range") from None
     params.output_kind = serving_pb2.DELTA if body.stream else serving_pb2.FINAL_ONLY

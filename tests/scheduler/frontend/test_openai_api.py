@@ -164,6 +164,48 @@ def test_completion_streamed_from_token_ids(tmp_path):
     assert [c.choices[0].finish_reason for c in chunks] == [None, "stop"]
 
 
+def test_completion_streamed_n2_keeps_each_choice_apart(tmp_path):
+    backend = ScriptedBackend(
+        lambda r: [
+            delta(1, [1], "x"),
+            delta(0, [2], "a"),
+            last(1, [3], "y", completion_tokens=2),
+            last(0, [4], "b", finish_reason="length", completion_tokens=2),
+        ]
+    )
+    with serving(backend, tmp_path) as url:
+        chunks = list(
+            client(url).completions.create(
+                model=MODEL, prompt="hi", n=2, stream=True, stream_options={"include_usage": True}
+            )
+        )
+    *content, usage = chunks
+    texts = {0: "", 1: ""}
+    for chunk in content:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+    assert texts == {0: "ab", 1: "xy"}
+    assert [(c.choices[0].index, c.choices[0].finish_reason) for c in content[2:]] == [
+        (1, "stop"),
+        (0, "length"),
+    ]
+    assert usage.usage.completion_tokens == 4
+
+
+def test_null_fields_take_their_defaults(tmp_path):
+    nulls = dict.fromkeys(
+        ("n", "temperature", "stop", "seed", "presence_penalty", "min_tokens", "stream", "user")
+    )
+    backend = ScriptedBackend()
+    with serving(backend, tmp_path) as url:
+        answer = _post(url, "/v1/chat/completions", {**CHAT, **nulls, "logprobs": None})
+    assert answer.status_code == 200, answer.text
+    p = backend.requests[0].params
+    assert not any(p.HasField(name) for name in ("n", "temperature", "seed", "logprobs"))
+    assert (list(p.stop), p.presence_penalty, p.min_tokens) == ([], 0, 0)
+    assert p.output_kind == serving_pb2.FINAL_ONLY
+
+
 def test_chat_logprobs(tmp_path):
     entries = [logprob(3, "Hi", -0.3, 1), logprob(4, "Yo", -1.5, 2)]
     backend = ScriptedBackend(
