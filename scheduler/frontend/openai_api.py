@@ -29,6 +29,7 @@ import grpc
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -279,7 +280,10 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
             return Response()
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = sse(first, stream, builder, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream")
+        # The background task closes stream also when the response ends before iterating events.
+        return StreamingResponse(
+            events, media_type="text/event-stream", background=BackgroundTask(stream.aclose)
+        )
 
     return app
 

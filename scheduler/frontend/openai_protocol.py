@@ -136,7 +136,6 @@ def to_generate_request(
     if body.stream_options is not None and not body.stream:
         raise InvalidField("stream_options", "stream_options: only allowed with stream=true")
     msg = serving_pb2.GenerateRequest(request_id=request_id)
-    # proto field -> (the OpenAI field it came from, its value; None = unset).
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidField("top_logprobs", "top_logprobs: needs logprobs=true")
@@ -161,6 +160,7 @@ def to_generate_request(
             msg.prompt_token_ids.ids.extend(body.prompt)
         max_tokens = ("max_tokens", body.max_tokens)
         logprobs = ("logprobs", body.top_logprobs_k())
+    # proto field -> (the OpenAI field it came from, its value; None = unset).
     wire = {
         name: (name, getattr(body, name))
         for name in (
