@@ -12,7 +12,9 @@ is code model_not_found), 429 and 503 (a ServingError's gRPC code picks the stat
 request is answered 200 only once its first message has come, so its errors keep their status;
 a failure after that is sent as a last `data: {"error": ...}` event before `data: [DONE]`. A
 client that goes away, streamed or not, closes its Backend.generate stream (the core aborts the
-request); for a streamed one Starlette cancels the task iterating it, with anyio's cancellation,
+request). A batch of prompts is one GenerateRequest each, served at once; its choices are
+numbered prompt by prompt, and the first failing prompt fails the body (closing the others).
+For a streamed request Starlette cancels the task iterating it, with anyio's cancellation,
 which is raised again at every await: a Backend's cleanup must not await, or shield what it
 awaits. A body longer than server.max_request_bytes is 413 (411 when it declares no length).
 """
@@ -44,7 +46,7 @@ from scheduler.frontend.openai_protocol import (
     CompletionRequest,
     InvalidField,
     ResponseBuilder,
-    to_generate_request,
+    to_generate_requests,
 )
 
 log = logging.getLogger(__name__)
@@ -261,10 +263,10 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
     async def generate(
         body: CompletionRequest | ChatCompletionRequest, request_id: str, request: Request
     ) -> Response:
-        message = to_generate_request(body, request_id)
+        messages = to_generate_requests(body, request_id)
         chat = isinstance(body, ChatCompletionRequest)
-        builder = ResponseBuilder(request_id, body.model, chat, body.top_logprobs_k())
-        stream = metrics.track(message, backend.generate(message))
+        builder = ResponseBuilder(request_id, body.model, chat, body.n or 1, body.top_logprobs_k())
+        stream = merged([metrics.track(m, backend.generate(m)) for m in messages])
         if not body.stream:
             response = await _unless_disconnected(request, collect(stream, builder))
             return JSONResponse(response) if response is not None else Response()
@@ -288,30 +290,62 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
     return app
 
 
-async def collect(
-    stream: AsyncIterator[serving_pb2.GenerateResponse], builder: ResponseBuilder
-) -> dict:
-    """An unstreamed request's response, once its stream has ended."""
+Prompted = tuple[int, serving_pb2.GenerateResponse]  # a message, and its prompt's position
+
+
+async def merged(
+    streams: list[AsyncIterator[serving_pb2.GenerateResponse]],
+) -> AsyncIterator[Prompted]:
+    """The messages of a body's streams (one per prompt) as they come, each with its stream's
+    position. The first error of any stream is raised; closing this closes every stream (those
+    of a batch, iterated by a task each, by cancelling their tasks)."""
+    if len(streams) == 1:  # the common case: no task, no queue
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for msg in stream:
+                yield 0, msg
+        return
+    queue: asyncio.Queue[Prompted | asyncio.Task] = asyncio.Queue()
+
+    async def pump(prompt: int, stream: AsyncIterator[serving_pb2.GenerateResponse]) -> None:
+        async with contextlib.aclosing(stream):
+            async for msg in stream:
+                queue.put_nowait((prompt, msg))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    for task in tasks:
+        task.add_done_callback(queue.put_nowait)
+    try:
+        for _ in tasks:  # until every task is done
+            while not isinstance(item := await queue.get(), asyncio.Task):
+                yield item
+            item.result()  # a stream's error
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(stream: AsyncIterator[Prompted], builder: ResponseBuilder) -> dict:
+    """An unstreamed body's response, once its stream has ended."""
     async with contextlib.aclosing(stream):
-        async for msg in stream:
-            builder.add(msg)
+        async for prompt, msg in stream:
+            builder.add(msg, prompt)
     return builder.response()
 
 
 async def sse(
-    first: serving_pb2.GenerateResponse,
-    stream: AsyncIterator[serving_pb2.GenerateResponse],
+    first: Prompted,
+    stream: AsyncIterator[Prompted],
     builder: ResponseBuilder,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """A streamed request's server-sent events, from its first message on. If the client goes
+    """A streamed body's server-sent events, from its first message on. If the client goes
     away, Starlette cancels this generator's task: stream is closed on the way out."""
     async with contextlib.aclosing(stream):
         try:
-            for chunk in builder.chunks(first):
+            if (chunk := builder.chunk(first[1], first[0])) is not None:
                 yield _event(chunk)
-            async for msg in stream:
-                for chunk in builder.chunks(msg):
+            async for prompt, msg in stream:
+                if (chunk := builder.chunk(msg, prompt)) is not None:
                     yield _event(chunk)
             if include_usage:
                 yield _event(builder.usage_chunk())

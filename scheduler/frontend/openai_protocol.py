@@ -1,8 +1,9 @@
 """The OpenAI wire format at the HTTP boundary: request bodies in, serving_pb2 messages out, and
 back. Everything past this module speaks serving.proto; nothing before it does.
 
-    CompletionRequest / ChatCompletionRequest --to_generate_request--> GenerateRequest
-    GenerateResponse stream --ResponseBuilder--> OpenAI JSON (one response, or SSE chunks)
+    CompletionRequest / ChatCompletionRequest --to_generate_requests--> GenerateRequest
+        (one per prompt: a completion body may hold a batch of them)
+    GenerateResponse streams --ResponseBuilder--> OpenAI JSON (one response, or SSE chunks)
 
 Sampling fields keep OpenAI's names and defaults (a completion's max_tokens is 16, a chat's is
 unbounded); vLLM's extensions are accepted beside them (top_k, min_p, repetition_penalty,
@@ -45,22 +46,29 @@ def _joined_text(content: Any) -> Any:
     return "".join(texts)
 
 
-def _one_prompt(prompt: Any) -> str | list[int]:
-    """A string or a list of token ids; a list holding one of these is unwrapped. A batch of
-    several prompts is refused (one prompt per request)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ValueError("must not be empty")
-        return prompt
-    if not isinstance(prompt, list) or not prompt:
-        raise ValueError("must be a string or a non-empty list of token ids")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if all(isinstance(p, str | list) for p in prompt):
-        raise ValueError("a batch of several prompts is not supported; send one per request")
-    raise ValueError("must be a string or a list of token ids")
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's prompt forms as a list of prompts: a string, a list of token ids, or a list of
+    several of these (a batch: each prompt's completions are choices of the one response)."""
+    if isinstance(prompt, str) or (_is_token_ids(prompt) and prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+        isinstance(p, str) or _is_token_ids(p) for p in prompt
+    ):
+        prompts = prompt
+    else:
+        raise ValueError(
+            "must be a string, a list of token ids, or a non-empty list of several of these"
+        )
+    for i, one in enumerate(prompts):
+        if not one:
+            raise ValueError("must not be empty" if len(prompts) == 1 else f"{i} is empty")
+    return prompts
 
 
 class StreamOptions(BaseModel):
@@ -97,7 +105,7 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: Annotated[Any, BeforeValidator(_one_prompt)]
+    prompt: Annotated[Any, BeforeValidator(_prompts)]
     logprobs: int | None = None  # the sampled token's and the top k, per position
 
     def top_logprobs_k(self) -> int | None:
@@ -126,10 +134,11 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-def to_generate_request(
+def to_generate_requests(
     body: CompletionRequest | ChatCompletionRequest, request_id: str
-) -> serving_pb2.GenerateRequest:
-    """The GenerateRequest a body asks for; raises InvalidField naming the bad field.
+) -> list[serving_pb2.GenerateRequest]:
+    """The GenerateRequests a body asks for, one per prompt (a chat has one; the requests of a
+    batch are named request_id-0, request_id-1, ...); raises InvalidField naming the bad field.
 
     Streamed requests take deltas (OutputKind DELTA); the others one message per completion
     (FINAL_ONLY)."""
@@ -154,10 +163,6 @@ def to_generate_request(
             max_tokens = ("max_tokens", WIRE_NO_MAX_TOKENS if unset else body.max_tokens)
         logprobs = ("top_logprobs", body.top_logprobs_k())
     else:
-        if isinstance(body.prompt, str):
-            msg.prompt = body.prompt
-        else:
-            msg.prompt_token_ids.ids.extend(body.prompt)
         max_tokens = ("max_tokens", body.max_tokens)
         logprobs = ("logprobs", body.top_logprobs_k())
     # proto field -> (the OpenAI field it came from, its value; None = unset).
@@ -199,7 +204,20 @@ def to_generate_request(
         name = str(e).split(" ", 1)[0]
         param = wire.get(name, (name,))[0]
         raise InvalidField(param, str(e) if param == name else f"{param}: {e}") from None
-    return msg
+    if isinstance(body, ChatCompletionRequest):
+        return [msg]
+    requests = []
+    for i, prompt in enumerate(body.prompt):
+        one = serving_pb2.GenerateRequest()
+        one.CopyFrom(msg)
+        if len(body.prompt) > 1:
+            one.request_id = f"{request_id}-{i}"
+        if isinstance(prompt, str):
+            one.prompt = prompt
+        else:
+            one.prompt_token_ids.ids.extend(prompt)
+        requests.append(one)
+    return requests
 
 
 def _finish_reason(msg: serving_pb2.GenerateResponse) -> str | None:
@@ -235,30 +253,36 @@ class _Choice:
 
 
 class ResponseBuilder:
-    """Turns one request's GenerateResponses into OpenAI JSON, for /v1/completions (chat=False)
-    or /v1/chat/completions (chat=True): chunks() for each streamed message, or add() every
-    message and then response(). top_logprobs is the k of the request's logprobs (None: none)."""
+    """Turns one body's GenerateResponses into OpenAI JSON, for /v1/completions (chat=False)
+    or /v1/chat/completions (chat=True): chunk() for each streamed message, or add() every
+    message and then response(). A message comes with the position of its prompt in the body
+    (0 but in a batch); the choice it extends is prompt * n + its completion index, as OpenAI
+    numbers a batch's choices. top_logprobs is the k of logprobs asked for (None: none)."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, top_logprobs: int | None) -> None:
+    def __init__(
+        self, request_id: str, model: str, chat: bool, n: int, top_logprobs: int | None
+    ) -> None:
         self.request_id = request_id
         self.model = model
         self.chat = chat
+        self.n = n
         self.top_logprobs = top_logprobs
         self.created = int(time.time())
         self.choices: dict[int, _Choice] = {}
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
+        self.prompt_tokens: dict[int, int] = {}  # by prompt
+        self.cached_tokens: dict[int, int] = {}  # by prompt
         self.completion_tokens = 0
 
-    def _update(self, msg: serving_pb2.GenerateResponse) -> _Choice:
-        choice = self.choices.setdefault(msg.index, _Choice())
+    def _update(self, msg: serving_pb2.GenerateResponse, prompt: int) -> tuple[int, _Choice]:
+        index = prompt * self.n + msg.index
+        choice = self.choices.setdefault(index, _Choice())
         if msg.finish_reason:
             choice.finish_reason = _finish_reason(msg)
             choice.stop_reason = _stop_reason(msg)
-            self.prompt_tokens = msg.usage.prompt_tokens
-            self.cached_tokens = msg.usage.cached_tokens
+            self.prompt_tokens[prompt] = msg.usage.prompt_tokens
+            self.cached_tokens[prompt] = msg.usage.cached_tokens
             self.completion_tokens += msg.usage.completion_tokens
-        return choice
+        return index, choice
 
     def _logprobs_json(
         self, positions: list[serving_pb2.TokenLogprobs], text_offset: int
@@ -298,42 +322,44 @@ class ResponseBuilder:
         }
 
     def usage(self) -> dict:
+        """The body's usage: every prompt's tokens, and every completion's."""
+        prompt_tokens = sum(self.prompt_tokens.values())
         return {
-            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "total_tokens": prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())},
         }
 
-    def chunks(self, msg: serving_pb2.GenerateResponse) -> list[dict]:
-        """The SSE chunks for one streamed message (none when it carries nothing to send)."""
-        choice = self._update(msg)
+    def chunk(self, msg: serving_pb2.GenerateResponse, prompt: int = 0) -> dict | None:
+        """The SSE chunk for one streamed message (None when it carries nothing to send)."""
+        index, choice = self._update(msg, prompt)
         logprobs = self._logprobs_json(list(msg.logprobs), choice.text_offset)
         choice.text_offset += sum(len(p.entries[0].decoded_token) for p in msg.logprobs)
         if not (msg.text or msg.logprobs or msg.finish_reason or not choice.started):
-            return []
+            return None
         if self.chat:
             delta = {"content": msg.text}
             if not choice.started:
                 delta["role"] = "assistant"
-            body = {"index": msg.index, "delta": delta}
+            body = {"index": index, "delta": delta}
         else:
-            body = {"index": msg.index, "text": msg.text}
+            body = {"index": index, "text": msg.text}
         choice.started = True
         body.update(
             logprobs=logprobs,
             finish_reason=choice.finish_reason,
             stop_reason=choice.stop_reason,
         )
-        return [self._envelope([body], chunk=True)]
+        return self._envelope([body], chunk=True)
 
     def usage_chunk(self) -> dict:
-        """stream_options.include_usage's last chunk: no choices, the whole request's usage."""
+        """stream_options.include_usage's last chunk: no choices, the whole body's usage."""
         return {**self._envelope([], chunk=True), "usage": self.usage()}
 
-    def add(self, msg: serving_pb2.GenerateResponse) -> None:
-        """Takes one message of an unstreamed request."""
-        choice = self._update(msg)
+    def add(self, msg: serving_pb2.GenerateResponse, prompt: int = 0) -> None:
+        """Takes one message of an unstreamed body."""
+        _, choice = self._update(msg, prompt)
         choice.text.append(msg.text)
         choice.logprobs.extend(msg.logprobs)
 

@@ -67,6 +67,7 @@ class ScriptedBackend:
         self.requests: list[serving_pb2.GenerateRequest] = []
         self.holding = threading.Event()  # a stream waits at HOLD
         self.closed = threading.Event()  # a stream has ended, finished or closed
+        self._closes = threading.Semaphore(0)  # released as each stream ends
 
     def ready(self) -> bool:
         return self._ready
@@ -86,6 +87,11 @@ class ScriptedBackend:
                     yield item
         finally:
             self.closed.set()
+            self._closes.release()
+
+    def wait_closed(self, num_streams: int, timeout: float) -> bool:
+        """Whether num_streams streams end within timeout (each)."""
+        return all(self._closes.acquire(timeout=timeout) for _ in range(num_streams))
 
     async def abort(self, request_id: str) -> bool:
         return False

@@ -206,6 +206,54 @@ def test_null_fields_take_their_defaults(tmp_path):
     assert p.output_kind == serving_pb2.FINAL_ONLY
 
 
+def batch_script(request):
+    """Completion i of prompt "pN" answers "pN/i" in two messages."""
+    word = request.prompt or "t"
+    return [
+        message
+        for i in range(request.params.n)
+        for message in (
+            delta(i, [1], f"{word}/"),
+            last(i, [2], str(i), prompt_tokens=len(word), completion_tokens=2),
+        )
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_of_prompts_answers_prompt_by_prompt(tmp_path, stream):
+    backend = ScriptedBackend(batch_script)
+    with serving(backend, tmp_path) as url:
+        answer = client(url).completions.create(
+            model=MODEL, prompt=["p0", "p01", [5, 6]], n=2, stream=stream, max_tokens=3,
+            **({"stream_options": {"include_usage": True}} if stream else {}),
+        )  # fmt: skip
+        if stream:
+            *chunks, usage_chunk = list(answer)
+            texts = {}
+            for chunk in chunks:
+                (choice,) = chunk.choices
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+            usage = usage_chunk.usage
+        else:
+            texts = {c.index: c.text for c in answer.choices}
+            usage = answer.usage
+    assert texts == {0: "p0/0", 1: "p0/1", 2: "p01/0", 3: "p01/1", 4: "t/0", 5: "t/1"}
+    assert (usage.prompt_tokens, usage.completion_tokens) == (2 + 3 + 1, 12)
+    named = {r.request_id: r.prompt or list(r.prompt_token_ids.ids) for r in backend.requests}
+    (request_id,) = {name.rsplit("-", 1)[0] for name in named}
+    assert named == {f"{request_id}-0": "p0", f"{request_id}-1": "p01", f"{request_id}-2": [5, 6]}
+    assert all(r.params.max_tokens == 3 and r.params.n == 2 for r in backend.requests)
+
+
+def test_a_batch_fails_as_its_first_failing_prompt_and_closes_the_others(tmp_path):
+    failure = ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests in flight")
+    backend = ScriptedBackend(lambda r: [failure] if r.prompt == "b" else [HOLD])
+    with serving(backend, tmp_path) as url:
+        answer = _post(url, "/v1/completions", {**COMPLETION, "prompt": ["a", "b", "c"]})
+        assert _error(answer, 429)["message"] == failure.message
+        assert backend.wait_closed(3, WAIT_S)
+
+
 def test_chat_logprobs(tmp_path):
     entries = [logprob(3, "Hi", -0.3, 1), logprob(4, "Yo", -1.5, 2)]
     backend = ScriptedBackend(
@@ -291,9 +339,11 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
             {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages.0.content",
         ),
-        ("/v1/completions", {**COMPLETION, "prompt": ["one", "two"]}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": ["one", ""]}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": [1, "a"]}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": {"text": "a"}}, "prompt"),
         ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
         ("/v1/completions", {**COMPLETION, "stop": ["x", ""]}, "stop"),
         ("/v1/completions", {**COMPLETION, "echo": True}, "echo"),
@@ -376,15 +426,16 @@ def test_a_failure_mid_stream_is_an_error_event(tmp_path):
     assert (error["message"], error["type"]) == (failure.message, "service_unavailable_error")
 
 
-def test_a_client_gone_mid_stream_closes_the_backend_stream(tmp_path):
+@pytest.mark.parametrize("prompt", ["one", ["one", "batch"]])
+def test_a_client_gone_mid_stream_closes_the_backend_streams(tmp_path, prompt):
     backend = ScriptedBackend(lambda r: [delta(0, [1], "a"), HOLD])
     with serving(backend, tmp_path) as url, httpx.Client(timeout=WAIT_S) as http:
-        body = {**COMPLETION, "stream": True}
+        body = {**COMPLETION, "prompt": prompt, "stream": True}
         with http.stream("POST", f"{url}/v1/completions", json=body) as answer:
             first = next(answer.iter_lines())
             assert json.loads(first.removeprefix("data: "))["choices"][0]["text"] == "a"
             assert backend.holding.wait(WAIT_S)
-        assert backend.closed.wait(WAIT_S)
+        assert backend.wait_closed(1 if isinstance(prompt, str) else len(prompt), WAIT_S)
 
 
 @pytest.mark.parametrize("stream", [False, True])
