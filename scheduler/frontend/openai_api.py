@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -183,6 +184,7 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
     """The HTTP API of one frontend, over its backend. Streams go through metrics.track."""
     app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_BodyLimit, max_bytes=server_config.max_request_bytes)
+    created = int(time.time())
     tokens = server_config.tokens()
     auth = TokenAuthInterceptor(tokens) if tokens else None
 
@@ -223,6 +225,11 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return ApiError(error.status_code, str(error.detail)).response()
 
+    @app.exception_handler(Exception)
+    async def _failure(request: Request, error: Exception) -> JSONResponse:
+        # Starlette logs the exception (with its traceback) after this answer.
+        return ApiError(500, f"the server failed: {type(error).__name__}").response()
+
     @app.get("/health")
     async def health() -> Response:
         if not backend.ready():
@@ -244,7 +251,7 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
         card = {
             "id": backend.model_name,
             "object": "model",
-            "created": 0,
+            "created": created,
             "owned_by": "pagedserve",
             "max_model_len": info.max_model_len,
         }

@@ -67,7 +67,7 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
         )
     for i, one in enumerate(prompts):
         if not one:
-            raise ValueError("must not be empty" if len(prompts) == 1 else f"{i} is empty")
+            raise ValueError("must not be empty" if len(prompts) == 1 else f"prompt {i} is empty")
     return prompts
 
 
@@ -105,7 +105,7 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: Annotated[Any, BeforeValidator(_prompts)]
+    prompt: Annotated[list[str | list[int]], BeforeValidator(_prompts)]
     logprobs: int | None = None  # the sampled token's and the top k, per position
 
     def top_logprobs_k(self) -> int | None:

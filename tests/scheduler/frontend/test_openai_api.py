@@ -414,6 +414,15 @@ def test_a_backend_refusal_keeps_its_status(tmp_path, code, status, stream):
     assert _error(answer, status)["message"] == refusal.message
 
 
+def test_a_backend_that_breaks_is_500_in_openai_json(tmp_path):
+    def broken(request):
+        raise RuntimeError("a bug")
+
+    with serving(ScriptedBackend(broken), tmp_path) as url:
+        error = _error(_post(url, "/v1/completions", COMPLETION), 500)
+    assert (error["message"], error["type"]) == ("the server failed: RuntimeError", "server_error")
+
+
 def test_a_failure_mid_stream_is_an_error_event(tmp_path):
     failure = ServingError(grpc.StatusCode.UNAVAILABLE, "replica 0 failed")
     backend = ScriptedBackend(lambda r: [delta(0, [1], "a"), failure])
