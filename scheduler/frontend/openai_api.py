@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_SERVER_INFO_TIMEOUT_S = 5.0  # a scrape waits this long for the core's state (Prometheus: 10)
 _STATUS_OF_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -239,9 +240,9 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
     @app.get("/metrics")
     async def prometheus() -> Response:
         try:
-            info = await backend.server_info()
-        except ServingError as e:  # the core's state is left out; the request metrics stay
-            log.info("metrics: no server info (%s)", e.message)
+            info = await asyncio.wait_for(backend.server_info(), _SERVER_INFO_TIMEOUT_S)
+        except (ServingError, TimeoutError) as e:  # the core's state is left out, not the rest
+            log.info("metrics: no server info (%s)", getattr(e, "message", "timed out"))
             info = None
         return Response(metrics.render(info), media_type=CONTENT_TYPE)
 
