@@ -98,6 +98,9 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
+    # The OpenAI-compatible HTTP API (on host, with the same TLS and tokens); every frontend
+    # process listens on it (SO_REUSEPORT). 0 = any free port.
+    http_port: int = 8000
     # TLS: the server's certificate chain and private key (PEM), both or neither. With
     # tls_client_ca_file, clients must also present a certificate signed by that CA (mTLS).
     tls_cert_file: str | None = None
@@ -114,8 +117,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens))
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"server.port must be in [0, 65535], got {self.port}")
+        for key in ("port", "http_port"):
+            if not 0 <= getattr(self, key) < 65536:
+                raise ValueError(f"server.{key} must be in [0, 65535], got {getattr(self, key)}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("server.tls_cert_file and server.tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
