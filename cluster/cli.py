@@ -23,6 +23,7 @@ import grpc
 
 from cluster.client import Client, Credentials
 from cluster.config import ConfigError, load_config
+from cluster.outputs import OutputCollector
 from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -96,26 +97,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     with _connect(args) as client:
-        last = None
-        for delta in client.generate(prompt, params):
+        collector = OutputCollector()
+        for msg in client.generate(prompt, params):
             if args.stream:
-                print(delta.text, end="", flush=True)
-            last = delta if last is None else _merge(last, delta)
+                print(msg.text, end="", flush=True)
+            collector.add(msg)
+        out = collector.result().outputs[0]
         if not args.stream:
-            print(last.text, end="")
+            print(out.text, end="")
         print(
-            f"\n[finish_reason={last.finish_reason} prompt_tokens={last.usage.prompt_tokens} "
-            f"completion_tokens={last.usage.completion_tokens}]"
+            f"\n[finish_reason={out.finish_reason} prompt_tokens={out.usage.prompt_tokens} "
+            f"completion_tokens={out.usage.completion_tokens}]"
         )
     return 0
-
-
-def _merge(acc, delta):
-    acc.text += delta.text
-    acc.token_ids.extend(delta.token_ids)
-    acc.finish_reason = delta.finish_reason
-    acc.usage.CopyFrom(delta.usage)
-    return acc
 
 
 def cmd_status(args: argparse.Namespace) -> int:
