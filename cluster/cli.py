@@ -7,6 +7,7 @@ pagedserve scale --replicas N
 pagedserve down
 pagedserve bench latency -c configs/local.yaml [--batch-size 1 8 32] [--output-len 512]
 pagedserve bench throughput -c configs/local.yaml [--num-requests 256] [--hf-batch 64]
+pagedserve bench serve --address HOST:PORT [--request-rate 2 4 8] [--backend http] [--plot P]
 """
 
 import argparse
@@ -195,14 +196,17 @@ def _running(pid: int) -> bool:
 
 
 def _add_bench(sub) -> None:
-    """`pagedserve bench latency | throughput`: each verb's module has its arguments and run."""
-    from cluster.benchmarks import latency, throughput
+    """`pagedserve bench latency | throughput | serve`: each verb's module has its arguments and
+    run."""
+    from cluster.benchmarks import latency, serve, throughput
 
     bench = sub.add_parser(
-        "bench", help="start a cluster from a config and benchmark it: latency or throughput"
+        "bench",
+        help="benchmark: latency or throughput (of a cluster started from a config), or serve "
+        "(a running server under load)",
     )
     verbs = bench.add_subparsers(dest="verb", required=True)
-    for name, module in (("latency", latency), ("throughput", throughput)):
+    for name, module in (("latency", latency), ("throughput", throughput), ("serve", serve)):
         verb = verbs.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(verb)
         verb.set_defaults(func=module.run)
