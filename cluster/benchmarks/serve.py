@@ -30,6 +30,10 @@ from typing import Protocol
 
 import numpy as np
 
+from cluster.client import AsyncClient, Credentials
+from cluster.outputs import OutputCollector
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
+
 PERCENTILES = (50, 90, 99)
 MIN_TOKEN_ID = 100  # random prompts stay above the special tokens
 
@@ -53,17 +57,12 @@ class GrpcBackend:
     """The Serving API's Generate, every step's tokens streamed (output_kind DELTA)."""
 
     def __init__(self, address: str, token: str | None = None) -> None:
-        from cluster.client import AsyncClient, Credentials
-
         self._client = AsyncClient(address, Credentials(token=token))
 
     async def vocab_size(self) -> int:
         return (await self._client.model_info()).vocab_size
 
     async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
-        from cluster.outputs import OutputCollector
-        from scheduler.sampling_params import RequestOutputKind, SamplingParams
-
         params = SamplingParams(
             temperature=0.0,
             max_tokens=output_len,
