@@ -132,12 +132,16 @@ class LLM:
                 progress.finished(out)
             return out
 
+        tasks = [
+            asyncio.ensure_future(one(*args))
+            for args in zip(prompts, params, priorities, strict=True)
+        ]
         try:
-            return list(
-                await asyncio.gather(
-                    *(one(*args) for args in zip(prompts, params, priorities, strict=True))
-                )
-            )
+            return list(await asyncio.gather(*tasks))
+        except BaseException:  # the loop outlives this call: stop the requests still running
+            for task in tasks:
+                task.cancel()
+            raise
         finally:
             if progress is not None:
                 progress.close()

@@ -2,11 +2,14 @@
 LLM.generate inside a running event loop, AsyncLLM streaming, the progress bar."""
 
 import asyncio
+import time
 from itertools import pairwise
 
+import grpc
 import pytest
 
 from cluster import LLM, AsyncLLM, SamplingParams
+from cluster.client import Client
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -110,6 +113,20 @@ def test_async_llm_aborts_by_request_id(llm):
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(outs[-1].outputs[0].token_ids) < 2000
     assert not found_again
+
+
+def test_a_failed_prompt_stops_the_others(llm):
+    """The LLM's loop outlives generate: the requests still running when one fails go too."""
+    long = SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True)
+    bad = {"prompt_token_ids": [10**6]}  # outside the vocabulary
+    with pytest.raises(grpc.RpcError) as failed:
+        llm.generate(["Count to a thousand", "Once upon a time", bad], long, use_tqdm=False)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    deadline = time.monotonic() + 60  # 4000 tokens take minutes on a CPU
+    with Client(llm.address) as client:
+        while busy := sum(r.num_running + r.num_waiting for r in client.server_info().replicas):
+            assert time.monotonic() < deadline, f"{busy} requests still run"
+            time.sleep(0.1)
 
 
 def test_the_progress_bar_counts_prompts_on_stderr_unless_turned_off(llm, capsys):
