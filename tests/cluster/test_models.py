@@ -66,17 +66,22 @@ def _files(directory) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def hf_cache(tiny_models, smollm2_path, tmp_path_factory) -> Path:
+def smollm2_tokenizer(smollm2_path):
+    from scheduler.tokenizer import Tokenizer
+
+    return Tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tiny_models, smollm2_tokenizer, tmp_path_factory) -> Path:
     """An HF cache holding the tiny Llama checkpoint as REPO_ID and SmolLM2's tokenizer as
     TOKENIZER_ID, written by hf_hub_download."""
     import huggingface_hub
     from huggingface_hub import hf_hub_download
 
-    from scheduler.tokenizer import Tokenizer
-
     directory, _ = tiny_models["llama"]
     tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    Tokenizer(smollm2_path)._tok.save_pretrained(tokenizer_dir)
+    smollm2_tokenizer._tok.save_pretrained(tokenizer_dir)
     repos = {REPO_ID: _files(directory), TOKENIZER_ID: _files(tokenizer_dir)}
     assert {"config.json", "model.safetensors"} <= set(repos[REPO_ID])
     cache = tmp_path_factory.mktemp("hf-cache")
@@ -134,14 +139,14 @@ def test_an_id_resolves_offline_from_the_cache_and_loads(hf_cache, tiny_models):
         assert torch.equal(param, original[name]), name
 
 
-def test_a_tokenizer_resolves_by_id_without_weights(hf_cache, smollm2_path):
+def test_a_tokenizer_resolves_by_id_without_weights(hf_cache, smollm2_tokenizer):
     from scheduler.tokenizer import Tokenizer
 
     call = f"resolve_tokenizer({TOKENIZER_ID!r}, 'llama-3.2-1b', 'dummy')"
     done = _resolve(call, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hf_cache))
     assert done.returncode == 0, done.stderr
     text = "What is the capital of France?"
-    assert Tokenizer(done.stdout.strip()).encode(text) == Tokenizer(smollm2_path).encode(text)
+    assert Tokenizer(done.stdout.strip()).encode(text) == smollm2_tokenizer.encode(text)
     # As a model it has no weights: the error says so.
     as_model = _resolve(
         f"resolve_model({TOKENIZER_ID!r})", HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hf_cache)
