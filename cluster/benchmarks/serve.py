@@ -41,8 +41,9 @@ MIN_TOKEN_ID = 100  # random prompts stay above the special tokens
 class Backend(Protocol):
     """One wire to the server."""
 
-    async def vocab_size(self) -> int:
-        """The model's vocabulary: random prompt ids are drawn below it."""
+    async def setup(self) -> int:
+        """Asks the server what the run needs, once, before any request; returns the model's
+        vocabulary size (random prompt ids are drawn below it)."""
         ...
 
     async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
@@ -59,7 +60,7 @@ class GrpcBackend:
     def __init__(self, address: str, token: str | None = None) -> None:
         self._client = AsyncClient(address, Credentials(token=token))
 
-    async def vocab_size(self) -> int:
+    async def setup(self) -> int:
         return (await self._client.model_info()).vocab_size
 
     async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
@@ -98,22 +99,19 @@ class HttpBackend:
         self._vocab = vocab
         self._model = model
 
-    async def vocab_size(self) -> int:
+    async def setup(self) -> int:
+        """The model is --model, else the first of /v1/models; the vocabulary, --vocab-size."""
         if self._vocab is None:
             raise ValueError("--vocab-size is needed with --backend http (OpenAI's API has none)")
-        return self._vocab
-
-    async def model(self) -> str:
-        """--model, else the first of /v1/models."""
         if self._model is None:
             reply = await self._http.get("/v1/models")
             reply.raise_for_status()
             self._model = reply.json()["data"][0]["id"]
-        return self._model
+        return self._vocab
 
     async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
         body = {
-            "model": await self.model(),
+            "model": self._model,
             "prompt": prompt,
             "max_tokens": output_len,
             "temperature": 0.0,
@@ -353,7 +351,7 @@ async def bench(args: argparse.Namespace) -> dict:
     """Every rate in turn against the server; the results as --result-json writes them."""
     backend = make_backend(args)
     try:
-        vocab = await backend.vocab_size()
+        vocab = await backend.setup()
         runs = []
         for n, rate in enumerate(args.request_rate):
             rng = random.Random(args.seed + 1000 * n)  # other prompts each rate: no prefix hits

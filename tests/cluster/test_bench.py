@@ -289,6 +289,7 @@ def test_the_http_backend_streams_openai_sse(openai_stub):
     async def send(max_tokens: int) -> serve.RequestRecord:
         backend = serve.HttpBackend(openai_stub, vocab=256, token="sekret")
         try:
+            assert await backend.setup() == 256
             return await serve.send_one(backend, [101, 102, 103], max_tokens, None)
         finally:
             await backend.close()
@@ -312,12 +313,12 @@ def test_the_http_backend_streams_openai_sse(openai_stub):
 
 
 def test_the_http_backend_needs_a_vocabulary_size():
-    async def vocab() -> int:
+    async def setup() -> int:
         backend = serve.HttpBackend("http://127.0.0.1:1")
         try:
-            return await backend.vocab_size()
+            return await backend.setup()
         finally:
             await backend.close()
 
     with pytest.raises(ValueError, match="--vocab-size"):
-        asyncio.run(vocab())
+        asyncio.run(setup())
