@@ -97,6 +97,23 @@ def test_async_llm_streams_cumulative_outputs(llm):
     assert last.outputs[0].usage.completion_tokens == 8
 
 
+def test_chat_offline_and_streamed_answers_alike(llm):
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    (offline,) = llm.chat(question, params, use_tqdm=False)
+    assert "Paris" in offline.outputs[0].text
+    assert offline.prompt is None and offline.prompt_token_ids  # rendered by the server
+
+    async def stream():
+        async with AsyncLLM(llm.address) as engine:
+            return [out async for out in engine.chat(question, params)]
+
+    streamed = asyncio.run(stream())
+    assert streamed[-1].finished
+    assert streamed[-1].outputs[0].token_ids == offline.outputs[0].token_ids
+    assert streamed[-1].prompt_token_ids == offline.prompt_token_ids
+
+
 def test_async_llm_aborts_by_request_id(llm):
     long = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
 
