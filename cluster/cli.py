@@ -7,6 +7,7 @@ pagedserve scale --replicas N
 pagedserve down
 pagedserve bench latency -c configs/local.yaml [--batch-size 1 8 32] [--output-len 512]
 pagedserve bench throughput -c configs/local.yaml [--num-requests 256] [--hf-batch 64]
+pagedserve bench serve --address HOST:PORT [--request-rate 2 4 8] [--backend http] [--plot P]
 """
 
 import argparse
@@ -23,6 +24,7 @@ import grpc
 
 from cluster.client import Client, Credentials
 from cluster.config import ConfigError, load_config
+from cluster.outputs import OutputCollector
 from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -96,26 +98,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     with _connect(args) as client:
-        last = None
-        for delta in client.generate(prompt, params):
+        collector = OutputCollector()
+        for msg in client.generate(prompt, params):
             if args.stream:
-                print(delta.text, end="", flush=True)
-            last = delta if last is None else _merge(last, delta)
+                print(msg.text, end="", flush=True)
+            collector.add(msg)
+        out = collector.result().outputs[0]
         if not args.stream:
-            print(last.text, end="")
+            print(out.text, end="")
         print(
-            f"\n[finish_reason={last.finish_reason} prompt_tokens={last.usage.prompt_tokens} "
-            f"completion_tokens={last.usage.completion_tokens}]"
+            f"\n[finish_reason={out.finish_reason} prompt_tokens={out.usage.prompt_tokens} "
+            f"completion_tokens={out.usage.completion_tokens}]"
         )
     return 0
-
-
-def _merge(acc, delta):
-    acc.text += delta.text
-    acc.token_ids.extend(delta.token_ids)
-    acc.finish_reason = delta.finish_reason
-    acc.usage.CopyFrom(delta.usage)
-    return acc
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -201,14 +196,17 @@ def _running(pid: int) -> bool:
 
 
 def _add_bench(sub) -> None:
-    """`pagedserve bench latency | throughput`: each verb's module has its arguments and run."""
-    from cluster.benchmarks import latency, throughput
+    """`pagedserve bench latency | throughput | serve`: each verb's module has its arguments and
+    run."""
+    from cluster.benchmarks import latency, serve, throughput
 
     bench = sub.add_parser(
-        "bench", help="start a cluster from a config and benchmark it: latency or throughput"
+        "bench",
+        help="benchmark: latency or throughput (of a cluster started from a config), or serve "
+        "(a running server under load)",
     )
     verbs = bench.add_subparsers(dest="verb", required=True)
-    for name, module in (("latency", latency), ("throughput", throughput)):
+    for name, module in (("latency", latency), ("throughput", throughput), ("serve", serve)):
         verb = verbs.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(verb)
         verb.set_defaults(func=module.run)

@@ -200,5 +200,10 @@ class AsyncClient:
         )
         return reply.found
 
+    async def model_info(self, timeout: float = 10.0) -> serving_pb2.ModelInfoResponse:
+        return await self._stub.GetModelInfo(
+            serving_pb2.ModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
+
     async def close(self) -> None:
         await self._channel.close()

@@ -1,45 +1,27 @@
 """The offline API, vLLM's shape: LLM(model=...).generate(prompts, sampling_params).
 
-It starts a local cluster (Ray, a scheduler actor, workers) and sends every prompt through the
-gRPC client concurrently, so continuous batching serves them together.
+It starts a local cluster (Ray, a scheduler actor, workers) and sends every prompt through an
+AsyncLLM concurrently, so continuous batching serves them together. The AsyncLLM lives on an
+event loop of the LLM's own, on a helper thread: generate blocks its caller alike whether or
+not the caller runs an event loop of its own (a Jupyter cell, asyncio.run(...)).
 """
 
 import asyncio
 import atexit
 import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import threading
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
-from cluster.client import AsyncClient, Prompt
+from tqdm import tqdm
+
+from cluster.async_llm import AsyncLLM, ChatMessages, PromptInput
 from cluster.config import Config, load_config
-from protos import serving_pb2
+from cluster.outputs import RequestOutput
 from scheduler.config import ServerConfig
-from scheduler.logprobs import Logprob, PositionLogprobs
-from scheduler.sampling_params import RequestOutputKind, SamplingParams
+from scheduler.sampling_params import SamplingParams
 
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None = None  # when logprobs were asked
-    logprobs: list[PositionLogprobs] | None = None  # per token: the sampled one's, then the top k
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    finished: bool = True
-
-
-PromptInput = str | dict[str, Any]  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
+T = TypeVar("T")
 
 _MODEL_KEYS = (
     "tokenizer",
@@ -89,16 +71,24 @@ class LLM:
         self._cluster = Cluster(self.config)
         self.address = self._cluster.start()
         atexit.register(self.shutdown)
+        # The engine client's loop, on a thread of its own: every call of this LLM runs there.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="pagedserve-llm", daemon=True
+        )
+        self._thread.start()
+        self._engine = self._run(_connect(self.address))
 
     def generate(
         self,
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt; outputs come back in input order, each with its n
-        completions in index order. priority: one per prompt, for the "priority" policy."""
+        completions in index order. use_tqdm: a progress bar of finished prompts on stderr.
+        priority: one per prompt, for the "priority" policy."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         prompts = list(prompts)
@@ -113,84 +103,97 @@ class LLM:
         priorities = list(priority) if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
-        return asyncio.run(self._generate_all(prompts, params, priorities))
+        return self._run(self._generate_all(prompts, params, priorities, use_tqdm))
 
     def chat(
         self,
-        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        messages: ChatMessages | list[ChatMessages],
         sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generates a reply to each conversation, rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         params = [sampling_params or SamplingParams()] * len(conversations)
         priorities = [0] * len(conversations)
-        return asyncio.run(self._generate_all(list(conversations), params, priorities, chat=True))
+        return self._run(self._generate_all(list(conversations), params, priorities, use_tqdm))
 
     async def _generate_all(
-        self, prompts: list, params: list[SamplingParams], priorities: list[int], chat: bool = False
+        self,
+        prompts: list[PromptInput | ChatMessages],
+        params: list[SamplingParams],
+        priorities: list[int],
+        use_tqdm: bool,
     ) -> list[RequestOutput]:
-        client = AsyncClient(self.address)
-        try:
-            return list(
-                await asyncio.gather(
-                    *(
-                        self._generate_one(client, prompt, p, priority, chat)
-                        for prompt, p, priority in zip(prompts, params, priorities, strict=True)
-                    )
-                )
-            )
-        finally:
-            await client.close()
+        progress = _Progress(len(prompts)) if use_tqdm else None
 
-    @staticmethod
-    async def _generate_one(
-        client: AsyncClient, prompt: Any, params: SamplingParams, priority: int, chat: bool
-    ) -> RequestOutput:
-        text_prompt: str | None = None
-        wire: Prompt
-        if chat:
-            wire = prompt
-        elif isinstance(prompt, str):
-            wire = text_prompt = prompt
-        elif "prompt_token_ids" in prompt:
-            wire = list(prompt["prompt_token_ids"])
-        elif "prompt" in prompt:
-            wire = text_prompt = prompt["prompt"]
-        else:
-            raise ValueError(f"prompt {prompt!r}: expected a string, prompt or prompt_token_ids")
-        outputs = [CompletionOutput(index=i, text="", token_ids=[]) for i in range(params.n)]
-        # Offline, nothing reads a completion before it ends: one message each (as vLLM's LLM).
-        params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-        async for delta in client.generate(wire, params, priority=priority):
-            out = outputs[delta.index]
-            out.text += delta.text
-            out.token_ids.extend(delta.token_ids)
-            if params.logprobs is not None:
-                out.logprobs = out.logprobs or []
-                out.logprobs.extend(_position(p) for p in delta.logprobs)
-                out.cumulative_logprob = delta.cumulative_logprob
-            if delta.finish_reason:  # a completion's last message
-                out.finish_reason = delta.finish_reason
-                out.stop_reason = _stop_reason(delta)
-                prompt_token_ids = list(delta.prompt_token_ids)
-        # The stream ends when every completion has finished (or raises).
-        return RequestOutput(
-            request_id=delta.request_id,
-            prompt=text_prompt,
-            prompt_token_ids=prompt_token_ids,
-            outputs=outputs,
-        )
+        async def one(prompt, p: SamplingParams, priority: int) -> RequestOutput:
+            out = await self._engine.complete(prompt, p, priority=priority)
+            if progress is not None:
+                progress.finished(out)
+            return out
+
+        tasks = [
+            asyncio.ensure_future(one(*args))
+            for args in zip(prompts, params, priorities, strict=True)
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:  # the loop outlives this call: stop the requests still running
+            for task in tasks:
+                task.cancel()
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        """Runs coro on the engine client's loop and waits for it; an interrupt (Ctrl-C)
+        cancels it, which cancels its calls and so aborts their requests."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
     def shutdown(self) -> None:
-        if self._cluster is not None:
-            self._cluster.shutdown()
-            self._cluster = None
+        if self._cluster is None:
+            return
+        if self._thread.is_alive():
+            self._run(self._engine.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+        self._cluster.shutdown()
+        self._cluster = None
 
 
-def _position(msg: serving_pb2.TokenLogprobs) -> PositionLogprobs:
-    return {e.token_id: Logprob(e.logprob, e.rank, e.decoded_token) for e in msg.entries}
+async def _connect(address: str) -> AsyncLLM:
+    return AsyncLLM(address)  # made on the loop that uses it
 
 
-def _stop_reason(msg: serving_pb2.GenerateResponse) -> int | str | None:
-    kind = msg.WhichOneof("stop_reason")
-    return None if kind is None else getattr(msg, kind)
+class _Progress:
+    """vLLM's progress bar: finished prompts, and the input and output tokens per second so far
+    (every completion's tokens counted)."""
+
+    def __init__(self, total: int) -> None:
+        self._bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+        self._bar.set_postfix_str(_speeds(0.0, 0.0))
+        self._input_tokens = 0
+        self._output_tokens = 0
+
+    def finished(self, out: RequestOutput) -> None:
+        self._input_tokens += len(out.prompt_token_ids)
+        self._output_tokens += sum(len(c.token_ids) for c in out.outputs)
+        elapsed = self._bar.format_dict["elapsed"] or 1e-9
+        self._bar.set_postfix_str(
+            _speeds(self._input_tokens / elapsed, self._output_tokens / elapsed), refresh=False
+        )
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _speeds(input_per_s: float, output_per_s: float) -> str:
+    return f"est. speed input: {input_per_s:.2f} toks/s, output: {output_per_s:.2f} toks/s"

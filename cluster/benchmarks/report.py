@@ -254,6 +254,7 @@ async def run_workload(
     """Sends every prompt at once (greedy, ignore_eos, exactly output_len tokens each) and waits
     for all: requests, output tokens, wall time, output tokens/s and the median TTFT."""
     from cluster.client import AsyncClient
+    from cluster.outputs import OutputCollector
     from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
@@ -265,14 +266,15 @@ async def run_workload(
 
     async def one(prompt: list[int]) -> int:
         start = time.perf_counter()
-        n = 0
-        async for delta in client.generate(prompt, params, timeout=3600):
-            if stream and n == 0:
+        collector = OutputCollector()
+        async for msg in client.generate(prompt, params, timeout=3600):
+            if stream and not collector.output().outputs[0].token_ids:
                 ttfts.append(time.perf_counter() - start)
-            if delta.finish_reason and not stream:
-                ttfts.append(delta.timings.time_to_first_token_ms * 1e-3)
-            n += len(delta.token_ids)
-        return n
+            collector.add(msg)
+        out = collector.result().outputs[0]
+        if not stream:
+            ttfts.append(out.timings.time_to_first_token_ms * 1e-3)
+        return len(out.token_ids)
 
     start = time.perf_counter()
     try:

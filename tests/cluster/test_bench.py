@@ -1,12 +1,21 @@
-"""`pagedserve bench latency | throughput`: the step anatomy, the roofline and the picking of
-decode steps on hand-built step records; and `bench latency` end to end on the CPU."""
+"""`pagedserve bench latency | throughput | serve`: the step anatomy, the roofline and the
+picking of decode steps on hand-built step records; `bench latency` end to end on the CPU;
+`bench serve`'s load, statistics, plot and its HTTP backend against a tiny local SSE server.
+(`bench serve` over gRPC against a running cluster: tests/e2e/test_bench_serve.py.)"""
 
+import argparse
+import asyncio
+import json
+import math
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 from cluster import cli
+from cluster.benchmarks import serve
 from cluster.benchmarks.report import (
     copy_bandwidth,
     decode_steps,
@@ -147,3 +156,169 @@ def test_bench_latency_on_the_cpu(capsys):
         assert float(cells[2]) > 0  # ms per output token
         assert cells[3].strip() == "none" and cells[4].strip() == "none"  # no roofline
         assert int(cells[6]) >= 7  # steps: at least the 7 decode steps of 8 output tokens
+
+
+# --- bench serve ------------------------------------------------------------------------------
+
+
+def _served(sent: float, outputs: list[float], done: float, tokens: int) -> serve.RequestRecord:
+    return serve.RequestRecord(sent=sent, output_times=outputs, done=done, output_tokens=tokens)
+
+
+def test_summarize_times_only_the_requests_that_completed():
+    records = [
+        _served(0.0, [0.1, 0.3, 0.4], 0.5, 3),  # TTFT 100 ms, gaps 200 and 100 ms, e2e 500 ms
+        _served(1.0, [1.3, 1.4, 1.5], 1.6, 3),  # TTFT 300 ms, gaps 100 and 100 ms, e2e 600 ms
+        serve.RequestRecord(sent=2.0, error="RuntimeError: HTTP 503"),
+    ]
+    r = serve.summarize(records, duration_s=2.0, rate=4.0, max_concurrency=None, prompt_len=8)
+    assert (r["num_requests"], r["completed"], r["failed"]) == (3, 2, 1)
+    assert r["errors"] == ["RuntimeError: HTTP 503"]
+    assert (r["total_input_tokens"], r["total_output_tokens"]) == (16, 6)
+    assert r["request_throughput"] == 1.0 and r["output_throughput"] == 3.0
+    assert r["ttft_ms"]["mean"] == pytest.approx(200) and r["ttft_ms"]["p50"] == pytest.approx(200)
+    assert r["itl_ms"]["mean"] == pytest.approx(125) and r["itl_ms"]["p50"] == pytest.approx(100)
+    assert r["itl_ms"]["p99"] == pytest.approx(197)  # 100, 100, 100, 200: linear between
+    assert r["e2e_ms"]["p90"] == pytest.approx(590)
+    inf = serve.summarize(records[2:], 1.0, math.inf, 4, 8)
+    assert inf["request_rate"] == "inf" and inf["max_concurrency"] == 4
+    assert inf["ttft_ms"] == {"mean": None, "p50": None, "p90": None, "p99": None}
+    json.dumps(inf, allow_nan=False)  # the JSON holds no NaN or Infinity
+
+
+class _FakeBackend:
+    """Three outputs per request, yielding to the loop between them; counts requests in flight."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def send(self, prompt, output_len, on_output) -> int:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        for _ in range(3):
+            await asyncio.sleep(0)
+            on_output()
+        self.in_flight -= 1
+        return 3
+
+
+@pytest.mark.parametrize("max_concurrency, most", [(None, 5), (2, 2)])
+def test_all_at_once_or_at_most_max_concurrency_in_flight(max_concurrency, most):
+    backend = _FakeBackend()
+    records, duration = asyncio.run(
+        serve.run_rate(backend, [[1]] * 5, 3, math.inf, max_concurrency, seed=0)
+    )
+    assert backend.most_in_flight == most
+    assert all(r.ok and len(r.output_times) == 3 for r in records) and duration > 0
+
+
+def test_bad_serve_arguments_name_the_option():
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    for argv, option in [
+        (["--request-rate", "0"], "--request-rate"),
+        (["--max-concurrency", "0"], "--max-concurrency"),
+        (["--output-len", "0"], "--output-len"),
+    ]:
+        with pytest.raises(ValueError, match=option):
+            serve.check(parser.parse_args(["--address", "x:1", *argv]))
+
+
+def test_the_plot_is_a_png(tmp_path):
+    records = [_served(0.0, [0.1, 0.2], 0.3, 2)]
+    runs = [serve.summarize(records, d, rate, None, 8) for d, rate in ((1.0, 1.0), (0.5, 2.0))]
+    serve.plot(runs, str(tmp_path / "latency.png"))
+    assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _OpenAIStub(BaseHTTPRequestHandler):
+    """/v1/models, and /v1/completions streaming three text chunks, an empty one and a usage
+    chunk as OpenAI's SSE; max_tokens 999 is refused with OpenAI's error JSON."""
+
+    bodies: list[dict] = []
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        models = {"object": "list", "data": [{"id": "stub-model", "object": "model"}]}
+        self._reply(200, "application/json", json.dumps(models).encode())
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body["authorization"] = self.headers.get("Authorization")
+        self.bodies.append(body)
+        if body["max_tokens"] == 999:
+            error = {
+                "error": {"message": "max_tokens is too large", "type": "invalid_request_error"}
+            }
+            self._reply(400, "application/json", json.dumps(error).encode())
+            return
+        chunk = {"object": "text_completion", "model": body["model"]}
+        events = [
+            {**chunk, "choices": [{"index": 0, "text": t, "finish_reason": None}]}
+            for t in ("Pa", "ri", "s")
+        ]
+        events.append({**chunk, "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+        events.append({**chunk, "choices": [], "usage": {"completion_tokens": 4}})
+        sse = ": a comment\n\n" + "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+        self._reply(200, "text/event-stream", (sse + "data: [DONE]\n\n").encode())
+
+
+@pytest.fixture
+def openai_stub():
+    _OpenAIStub.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OpenAIStub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(timeout=10)
+    server.server_close()
+
+
+def test_the_http_backend_streams_openai_sse(openai_stub):
+    async def send(max_tokens: int) -> serve.RequestRecord:
+        backend = serve.HttpBackend(openai_stub, vocab=256, token="sekret")
+        try:
+            assert await backend.setup() == 256
+            return await serve.send_one(backend, [101, 102, 103], max_tokens, None)
+        finally:
+            await backend.close()
+
+    record = asyncio.run(send(4))
+    assert record.ok and record.output_tokens == 4  # from the usage chunk
+    assert len(record.output_times) == 3  # the chunks with text
+    assert record.sent <= record.output_times[0] <= record.output_times[-1] <= record.done
+    body = _OpenAIStub.bodies[0]
+    assert body["model"] == "stub-model"  # the first of /v1/models
+    assert body["prompt"] == [101, 102, 103] and body["max_tokens"] == 4
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["ignore_eos"] is True and body["temperature"] == 0.0
+    assert body["authorization"] == "Bearer sekret"
+    refused = asyncio.run(send(999))
+    assert (
+        not refused.ok
+        and "HTTP 400" in refused.error
+        and "max_tokens is too large" in refused.error
+    )
+
+
+def test_the_http_backend_needs_a_vocabulary_size():
+    async def setup() -> int:
+        backend = serve.HttpBackend("http://127.0.0.1:1")
+        try:
+            return await backend.setup()
+        finally:
+            await backend.close()
+
+    with pytest.raises(ValueError, match="--vocab-size"):
+        asyncio.run(setup())

@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import pytest
 
-from cluster.client import AsyncClient, Client, make_request
-from cluster.llm import LLM
+from cluster.async_llm import AsyncLLM
+from cluster.client import Client, make_request
 from protos import serving_pb2_grpc
 from scheduler.sampling_params import SamplingParams
 from scheduler.tokenizer import Tokenizer
@@ -132,11 +132,8 @@ def test_seeded_parallel_sampling_reproduces(local_cluster):
     prompt = "Once upon a time"
 
     async def generate(p: SamplingParams):
-        client = AsyncClient(local_cluster.address)
-        try:
-            return await LLM._generate_one(client, prompt, p, priority=0, chat=False)
-        finally:
-            await client.close()
+        async with AsyncLLM(local_cluster.address) as engine:
+            return await engine.complete(prompt, p)
 
     first = asyncio.run(generate(params))
     assert [o.index for o in first.outputs] == [0, 1, 2, 3]

@@ -1,0 +1,407 @@
+"""Online serving latency against a running server, as `vllm bench serve`.
+
+    pagedserve bench serve --address 127.0.0.1:50051 --request-rate 2 4 8 --num-prompts 200 \
+        --input-len 128 --output-len 128 [--max-concurrency 64] [--backend http] \
+        [--result-json results.json] [--plot latency.png]
+
+For each request rate in turn, --num-prompts requests of --input-len random token ids are sent
+with Poisson arrivals at that rate (exponential gaps; inf sends all at once), at most
+--max-concurrency in flight when given; each asks for exactly --output-len tokens (greedy,
+ignore_eos) and is streamed. Over gRPC (the Serving API's Generate, every step's tokens streamed)
+or HTTP (--backend http: OpenAI's /v1/completions with stream=true, the token ids as `prompt`).
+
+Per rate: time to first token (send to the first output), inter-token latency (the gaps between
+a request's later outputs), end-to-end latency (send to the end), each as mean, p50, p90 and
+p99 in ms, and request and output-token throughput over the rate's wall time. --result-json
+writes them; --plot draws the latency percentiles against the achieved request throughput.
+"""
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Protocol
+
+import numpy as np
+
+from cluster.client import AsyncClient, Credentials
+from cluster.outputs import OutputCollector
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
+
+PERCENTILES = (50, 90, 99)
+MIN_TOKEN_ID = 100  # random prompts stay above the special tokens
+
+
+class Backend(Protocol):
+    """One wire to the server."""
+
+    async def setup(self) -> int:
+        """Asks the server what the run needs, once, before any request; returns the model's
+        vocabulary size (random prompt ids are drawn below it)."""
+        ...
+
+    async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
+        """Sends one request and streams it: on_output is called as each message bringing new
+        output arrives; returns the completion's output token count. Raises on failure."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcBackend:
+    """The Serving API's Generate, every step's tokens streamed (output_kind DELTA)."""
+
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self._client = AsyncClient(address, Credentials(token=token))
+
+    async def setup(self) -> int:
+        return (await self._client.model_info()).vocab_size
+
+    async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=output_len,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        collector = OutputCollector()
+        async for msg in self._client.generate(prompt, params):
+            if msg.token_ids:
+                on_output()
+            collector.add(msg)
+        return len(collector.result().outputs[0].token_ids)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class HttpBackend:
+    """OpenAI's /v1/completions, streamed (SSE), the prompt as token ids; the output token count
+    from the usage chunk (stream_options.include_usage)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        vocab: int | None = None,
+        model: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=None)
+        self._vocab = vocab
+        self._model = model
+
+    async def setup(self) -> int:
+        """The model is --model, else the first of /v1/models; the vocabulary, --vocab-size."""
+        if self._vocab is None:
+            raise ValueError("--vocab-size is needed with --backend http (OpenAI's API has none)")
+        if self._model is None:
+            reply = await self._http.get("/v1/models")
+            reply.raise_for_status()
+            self._model = reply.json()["data"][0]["id"]
+        return self._vocab
+
+    async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
+        body = {
+            "model": self._model,
+            "prompt": prompt,
+            "max_tokens": output_len,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        completion_tokens = None
+        async with self._http.stream("POST", "/v1/completions", json=body) as reply:
+            if reply.status_code != 200:
+                raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread()).decode()}")
+            async for event in sse_events(reply.aiter_lines()):
+                if "error" in event:
+                    raise RuntimeError(f"error event: {event['error']}")
+                if any(choice.get("text") for choice in event.get("choices") or ()):
+                    on_output()
+                if event.get("usage"):
+                    completion_tokens = event["usage"]["completion_tokens"]
+        if completion_tokens is None:
+            raise RuntimeError("the stream ended without a usage chunk")
+        return completion_tokens
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+async def sse_events(lines: AsyncIterable[str]) -> AsyncIterator[dict]:
+    """The JSON payloads of a server-sent event stream's `data:` lines, up to `data: [DONE]`.
+    Blank lines separate events; comments (`:`) and other fields are skipped."""
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue
+        payload = line[len("data:") :].strip()
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)
+
+
+@dataclass
+class RequestRecord:
+    """One request as the client saw it (perf_counter seconds)."""
+
+    sent: float
+    output_times: list[float] = field(default_factory=list)  # each message with new output
+    done: float | None = None
+    output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.done is not None and bool(self.output_times)
+
+
+async def send_one(
+    backend: Backend, prompt: list[int], output_len: int, limit: asyncio.Semaphore | None
+) -> RequestRecord:
+    """One request timed from its send (after any wait for a concurrency slot)."""
+    if limit is not None:
+        await limit.acquire()
+    record = RequestRecord(sent=time.perf_counter())
+    try:
+        record.output_tokens = await backend.send(
+            prompt, output_len, lambda: record.output_times.append(time.perf_counter())
+        )
+        record.done = time.perf_counter()
+    except Exception as e:  # counted as failed; the run goes on
+        record.error = f"{type(e).__name__}: {e}"
+    finally:
+        if limit is not None:
+            limit.release()
+    return record
+
+
+async def run_rate(
+    backend: Backend,
+    prompts: list[list[int]],
+    output_len: int,
+    rate: float,
+    max_concurrency: int | None,
+    seed: int,
+) -> tuple[list[RequestRecord], float]:
+    """Every prompt sent on a Poisson schedule at `rate` requests/s (all at once for inf); the
+    records in prompt order and the wall time from the first send to the last answer."""
+    rng = random.Random(seed)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    start = time.perf_counter()
+    tasks = []
+    for i, prompt in enumerate(prompts):
+        if i and math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+        tasks.append(asyncio.create_task(send_one(backend, prompt, output_len, limit)))
+    records = list(await asyncio.gather(*tasks))
+    return records, time.perf_counter() - start
+
+
+def percentiles(values_s: list[float]) -> dict[str, float | None]:
+    """Mean and p50 / p90 / p99 of some durations, in ms; None without any."""
+    keys = ["mean", *(f"p{p}" for p in PERCENTILES)]
+    if not values_s:
+        return dict.fromkeys(keys)
+    ms = np.asarray(values_s) * 1e3
+    values = [float(ms.mean()), *map(float, np.percentile(ms, PERCENTILES))]
+    return dict(zip(keys, values, strict=True))
+
+
+def summarize(
+    records: list[RequestRecord],
+    duration_s: float,
+    rate: float,
+    max_concurrency: int | None,
+    prompt_len: int,
+) -> dict:
+    """One rate's results, as --result-json writes them."""
+    done = [r for r in records if r.ok]
+    ttft = [r.output_times[0] - r.sent for r in done]
+    itl = [b - a for r in done for a, b in pairwise(r.output_times)]
+    e2e = [r.done - r.sent for r in done]
+    output_tokens = sum(r.output_tokens for r in done)
+    return {
+        "request_rate": rate if math.isfinite(rate) else "inf",
+        "max_concurrency": max_concurrency,
+        "num_requests": len(records),
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "errors": sorted({r.error for r in records if r.error}),
+        "duration_s": duration_s,
+        "total_input_tokens": prompt_len * len(done),
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(done) / duration_s,
+        "output_throughput": output_tokens / duration_s,
+        "ttft_ms": percentiles(ttft),
+        "itl_ms": percentiles(itl),
+        "e2e_ms": percentiles(e2e),
+    }
+
+
+def plot(runs: list[dict], path: str) -> None:
+    """A PNG of the TTFT, inter-token and end-to-end latency percentiles against the achieved
+    request throughput, one panel each."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    runs = sorted(runs, key=lambda r: r["request_throughput"])
+    x = [r["request_throughput"] for r in runs]
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    panels = (
+        ("ttft_ms", "time to first token"),
+        ("itl_ms", "inter-token"),
+        ("e2e_ms", "end to end"),
+    )
+    for ax, (key, title) in zip(fig.subplots(1, 3), panels, strict=True):
+        for p in PERCENTILES:
+            y = [math.nan if r[key][f"p{p}"] is None else r[key][f"p{p}"] for r in runs]
+            ax.plot(x, y, marker="o", label=f"p{p}")
+        ax.set_title(f"{title} latency")
+        ax.set_xlabel("achieved load (requests/s)")
+        ax.set_ylabel("ms")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.savefig(path, format="png", dpi=100)
+
+
+def table(runs: list[dict]) -> list[str]:
+    """A markdown table: one row per rate."""
+    lines = [
+        "| rate (req/s) | max concurrency | done / sent | req/s | output tok/s | "
+        "TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | E2E p50 / p90 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(stats: dict) -> str:
+        return " / ".join(
+            "-" if stats[f"p{p}"] is None else f"{stats[f'p{p}']:.1f}" for p in PERCENTILES
+        )
+
+    for r in runs:
+        lines.append(
+            f"| {r['request_rate']} | {r['max_concurrency'] or '-'} | {r['completed']} / "
+            f"{r['num_requests']} | {r['request_throughput']:.2f} | "
+            f"{r['output_throughput']:.1f} | {cell(r['ttft_ms'])} | {cell(r['itl_ms'])} | "
+            f"{cell(r['e2e_ms'])} |"
+        )
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        required=True,
+        help="the running server: gRPC host:port, or the HTTP host:port or URL with --backend http",
+    )
+    parser.add_argument("--backend", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--token", default=None, help="auth token, sent as a Bearer token")
+    parser.add_argument(
+        "--model", default=None, help="HTTP: the model name (default: the first of /v1/models)"
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=None, help="HTTP: prompt ids are drawn below it"
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=[math.inf],
+        help="requests/s, Poisson arrivals; one or more, run in turn; inf = all at once",
+    )
+    parser.add_argument(
+        "--max-concurrency", type=int, default=None, help="at most this many in flight"
+    )
+    parser.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result-json", default=None, metavar="PATH")
+    parser.add_argument(
+        "--plot", default=None, metavar="PATH", help="a PNG of latency against load"
+    )
+
+
+def check(args: argparse.Namespace) -> None:
+    """Bad arguments get a sentence naming the option."""
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+        raise ValueError("--num-prompts, --input-len and --output-len must be >= 1")
+    if any(not rate > 0 for rate in args.request_rate):
+        raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    if args.backend == "grpc":
+        return GrpcBackend(args.address, args.token)
+    url = args.address if "://" in args.address else f"http://{args.address}"
+    return HttpBackend(url, args.vocab_size, args.model, args.token)
+
+
+async def bench(args: argparse.Namespace) -> dict:
+    """Every rate in turn against the server; the results as --result-json writes them."""
+    backend = make_backend(args)
+    try:
+        vocab = await backend.setup()
+        runs = []
+        for n, rate in enumerate(args.request_rate):
+            rng = random.Random(args.seed + 1000 * n)  # other prompts each rate: no prefix hits
+            prompts = [
+                [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(args.input_len)]
+                for _ in range(args.num_prompts)
+            ]
+            records, duration = await run_rate(
+                backend, prompts, args.output_len, rate, args.max_concurrency, args.seed + n
+            )
+            runs.append(summarize(records, duration, rate, args.max_concurrency, args.input_len))
+            done = runs[-1]
+            print(
+                f"rate {done['request_rate']}: {done['completed']} of {done['num_requests']} "
+                f"requests done in {duration:.1f} s",
+                flush=True,
+            )
+    finally:
+        await backend.close()
+    return {
+        "backend": args.backend,
+        "address": args.address,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "runs": runs,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    check(args)
+    results = asyncio.run(bench(args))
+    print("\n" + "\n".join(table(results["runs"])))
+    if args.result_json:
+        with open(args.result_json, "w") as f:
+            json.dump(results, f, indent=2)
+    if args.plot:
+        plot(results["runs"], args.plot)
+    failed = sum(r["failed"] for r in results["runs"])
+    if failed:
+        errors = sorted({e for r in results["runs"] for e in r["errors"]})
+        print(f"{failed} request(s) failed: {'; '.join(errors)}", file=sys.stderr)
+    return 0 if not failed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
