@@ -29,7 +29,7 @@ from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler.auth import TokenAuthInterceptor
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from scheduler.engine import Delta, Engine, Sink
-from scheduler.global_page_table import GlobalPageTable
+from scheduler.router import Router
 from scheduler.logprobs import PositionLogprobs
 from scheduler.outbox import Outbox
 from scheduler.page_table import PageTableManager
@@ -149,7 +149,7 @@ class ServingServer:
         self.max_model_len = model.max_model_len or limit
         for replica_id, (spec, sizes) in enumerate(zip(replicas, brought_up, strict=True)):
             self.replicas.append(self._start_engine(replica_id, spec, sizes))
-        self.router = GlobalPageTable(
+        self.router = Router(
             [r.engine.scheduler for r in self.replicas], [r.engine.lock for r in self.replicas]
         )
 
