@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from scheduler.completion_text import CompletionText, add_all
+from scheduler.frontend.completion_text import CompletionText, add_all
 from scheduler.logprobs import Logprob, PositionLogprobs, unpack_logprobs
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import RequestOutputKind
 from scheduler.scheduler import Scheduler
-from scheduler.tokenizer import Tokenizer
+from scheduler.frontend.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from scheduler.page_table import PageTableManager
 from scheduler.request import Request
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import RequestRefused, Scheduler
-from scheduler.tokenizer import Tokenizer
+from scheduler.frontend.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from cluster.client import AsyncClient, Client, make_request
 from cluster.llm import LLM
 from protos import serving_pb2_grpc
 from scheduler.sampling_params import SamplingParams
-from scheduler.tokenizer import Tokenizer
+from scheduler.frontend.tokenizer import Tokenizer
 
 TIMEOUT = 600
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

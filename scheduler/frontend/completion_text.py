@@ -13,7 +13,7 @@ are detokenized once, by finish().
 """
 
 from scheduler.sampling_params import RequestOutputKind, SamplingParams
-from scheduler.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
+from scheduler.frontend.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
 
 
 class CompletionText:
