@@ -3,7 +3,7 @@ token first, then the top k of the model's raw distribution."""
 
 from dataclasses import dataclass
 
-from protos import worker_pb2
+from protos import serving_pb2, worker_pb2
 
 
 @dataclass(frozen=True)
@@ -44,3 +44,18 @@ def unpack_logprobs(result: worker_pb2.StepResult) -> list[PositionLogprobs | No
         offset += k
         out.append(entry)
     return out
+
+
+def logprobs_to_proto(position: PositionLogprobs) -> serving_pb2.TokenLogprobs:
+    """One position's logprobs as both wires carry them (decoded_token as the dict has it)."""
+    return serving_pb2.TokenLogprobs(
+        entries=[
+            serving_pb2.Logprob(
+                token_id=token,
+                logprob=lp.logprob,
+                rank=lp.rank,
+                decoded_token=lp.decoded_token or "",
+            )
+            for token, lp in position.items()
+        ]
+    )

@@ -10,8 +10,8 @@ import pytest
 from cluster.client import AsyncClient, Client, make_request
 from cluster.llm import LLM
 from protos import serving_pb2_grpc
-from scheduler.sampling_params import SamplingParams
 from scheduler.frontend.tokenizer import Tokenizer
+from scheduler.sampling_params import SamplingParams
 
 TIMEOUT = 600
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

@@ -5,8 +5,8 @@ import threading
 import pytest
 
 from scheduler.config import SchedulerConfig
-from scheduler.router import Router
 from scheduler.page_table import PageTableManager
+from scheduler.router import Router
 from scheduler.scheduler import Scheduler
 from tests.scheduler.test_scheduler import make_request
 
