@@ -14,41 +14,13 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from protos.step_plan import cached_requests
 
 TIMEOUT = 10  # seconds any wait of a test on a fake rank may take
-
-
-@dataclass
-class Cached:
-    """One entry of a plan's CachedRequests arrays."""
-
-    request_id: str
-    num_computed_tokens: int
-    num_scheduled_tokens: int
-    new_block_ids: list[int]
-    replace_block_table: bool
-
-
-def cached_requests(plan: worker_pb2.StepPlan) -> list[Cached]:
-    """The plan's cached requests, one object each."""
-    c = plan.cached_requests
-    blocks = iter(c.new_block_ids)
-    return [
-        Cached(rid, computed, n, [next(blocks) for _ in range(num_new)], replace)
-        for rid, computed, n, num_new, replace in zip(
-            c.request_ids,
-            c.num_computed_tokens,
-            c.num_scheduled_tokens,
-            c.num_new_blocks,
-            c.replace_block_table,
-            strict=True,
-        )
-    ]
 
 
 class FakeWorker:

@@ -153,9 +153,7 @@ def test_logprobs_come_with_their_tokens(engine, rank):
     assert got.logprobs == [pytest.approx(-t / 10) for t in got.tokens]
 
 
-def test_an_abort_during_a_step_ends_the_request_at_once_and_drops_the_step_s_token(
-    engine, rank
-):
+def test_an_abort_during_a_step_ends_the_request_at_once_and_drops_the_step_s_token(engine, rank):
     sink = submit(engine, "a", max_tokens=50)
     assert list(sink.messages.get(timeout=TIMEOUT).token_ids) == [2]  # the prefill's token
     rank.hold = True
