@@ -118,15 +118,19 @@ class FrontendActor:
         """port: the one the first frontend was given (when server.port is 0); None = the
         configured one."""
         import dataclasses
+        import functools
 
         from scheduler.frontend.server import FrontendServer
+        from scheduler.frontend.tokenizer import Tokenizer
 
         logging.basicConfig(level=config.logging.level)
         sys.setswitchinterval(0.0005)  # as the core's: streaming threads take turns promptly
         server = config.server
         if port is not None:
             server = dataclasses.replace(server, port=port)
-        self._server = FrontendServer(server, core_address, tokenizer_path, config.model.model)
+        self._server = FrontendServer(
+            server, core_address, functools.partial(Tokenizer, tokenizer_path), config.model.model
+        )
 
     def port(self) -> int:
         return self._server.port

@@ -10,6 +10,7 @@ It runs its own event loop on a thread, so a host process (a Ray actor) stays fr
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -31,10 +32,14 @@ _START_TIMEOUT_S = 30.0
 
 class FrontendServer:
     def __init__(
-        self, config: ServerConfig, core_address: str, tokenizer_path: str, model_name: str
+        self,
+        config: ServerConfig,
+        core_address: str,
+        load_tokenizer: Callable[[], Tokenizer],
+        model_name: str,
     ) -> None:
         """Listens (config.port, or any free port when 0: `port` says which) and connects to
-        the core; loads the tokenizer in the background."""
+        the core; loads the tokenizer (load_tokenizer()) in the background."""
         self._config = config
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -42,7 +47,7 @@ class FrontendServer:
         self._ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run,
-            args=(core_address, tokenizer_path, model_name),
+            args=(core_address, load_tokenizer, model_name),
             name="frontend",
             daemon=True,
         )
@@ -59,7 +64,9 @@ class FrontendServer:
         if self._start_error is not None:
             raise self._start_error
 
-    def _run(self, core_address: str, tokenizer_path: str, model_name: str) -> None:
+    def _run(
+        self, core_address: str, load_tokenizer: Callable[[], Tokenizer], model_name: str
+    ) -> None:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._start(core_address, model_name))
@@ -68,7 +75,7 @@ class FrontendServer:
             self._started.set()
             return
         self._started.set()
-        self._loop.create_task(self._serve_when_ready(tokenizer_path))
+        self._watch = self._loop.create_task(self._serve_when_ready(load_tokenizer))
         self._loop.run_forever()
 
     async def _start(self, core_address: str, model_name: str) -> None:
@@ -107,15 +114,15 @@ class FrontendServer:
         await self._set_health(False)
         await self.backend.core.start()
 
-    async def _serve_when_ready(self, tokenizer_path: str) -> None:
+    async def _serve_when_ready(self, load_tokenizer: Callable[[], Tokenizer]) -> None:
         """SERVING once the tokenizer is loaded and the core has sent the model; NOT_SERVING
         when the core's stream ends."""
         loop = asyncio.get_running_loop()
         try:
             with futures.ThreadPoolExecutor(max_workers=1) as pool:
-                tokenizer = await loop.run_in_executor(pool, Tokenizer, tokenizer_path)
+                tokenizer = await loop.run_in_executor(pool, load_tokenizer)
         except Exception as e:  # wait_ready() raises it
-            log.exception("loading the tokenizer %s", tokenizer_path)
+            log.exception("loading the tokenizer")
             self._start_error = e
             self._ready.set()
             return
@@ -139,6 +146,7 @@ class FrontendServer:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace=1.0)
             await self.backend.core.close()
+            self._watch.cancel()
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=15)

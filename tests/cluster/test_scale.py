@@ -2,6 +2,7 @@
 replicas under streaming load loses no request and changes no output; a cancelled stream's
 blocks are free again within one step; Scale refuses what it cannot do with a clear status."""
 
+import functools
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -139,6 +140,7 @@ def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smol
     from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
     from scheduler.engine_core import EngineCore
     from scheduler.frontend.server import FrontendServer
+    from scheduler.frontend.tokenizer import Tokenizer
     from scheduler.replica import EngineConfigs, ReplicaSpec
     from worker.worker import WorkerServer
 
@@ -147,7 +149,9 @@ def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smol
     core = EngineCore("tiny")
     frontend = None
     try:
-        frontend = FrontendServer(ServerConfig(port=0), core.address, smollm2_path, "tiny")
+        frontend = FrontendServer(
+            ServerConfig(port=0), core.address, functools.partial(Tokenizer, smollm2_path), "tiny"
+        )
         core.start(
             [ReplicaSpec((worker.address,), str(path))],
             EngineConfigs(

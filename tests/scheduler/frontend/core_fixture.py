@@ -1,4 +1,5 @@
-"""An engine core in this process over one fake rank (no model), for frontend tests."""
+"""An engine core in this process over one fake rank (no model), and a tokenizer of its
+vocabulary, for frontend tests."""
 
 import contextlib
 from collections.abc import Iterator
@@ -11,6 +12,19 @@ from tests.scheduler.fake_worker import FakeRank, serving
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64
 MAX_MODEL_LEN = 64
+PIECES = ["<eos>", " the", " cat", " sat", " on", " a", " mat", ".", "\n", "\n"]
+
+
+class PieceTokenizer:
+    """Token i is PIECES[i] (the fake rank's vocabulary); 0 is EOS."""
+
+    eos_token_ids = frozenset([0])
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(PIECES[i] for i in token_ids)
+
+    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = True):
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
 
 @contextlib.contextmanager

@@ -14,20 +14,14 @@ from scheduler.frontend.backend import ServingError
 from scheduler.frontend.core_backend import CoreBackend
 from scheduler.sampling_params import RequestOutputKind, SamplingParams
 from tests.scheduler.fake_worker import TIMEOUT
-from tests.scheduler.frontend.core_fixture import blocks_in_use, fake_rank, running_core
+from tests.scheduler.frontend.core_fixture import (
+    PieceTokenizer,
+    blocks_in_use,
+    fake_rank,
+    running_core,
+)
 
-PIECES = ["<eos>", " the", " cat", " sat", " on", " a", " mat", ".", "\n", "\n"]
 FINAL_ONLY = RequestOutputKind.FINAL_ONLY
-
-
-class PieceTokenizer:
-    eos_token_ids = frozenset([0])
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(PIECES[i] for i in token_ids)
-
-    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = True):
-        return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
 
 @pytest.fixture
