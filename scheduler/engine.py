@@ -210,11 +210,11 @@ class Engine:
     def _learn(self, result: worker_pb2.StepResult) -> None:
         """Appends a step's tokens; each sink gets its requests' tokens and ends in one
         message."""
-        logprobs = unpack_logprobs(result)
+        ids = list(result.request_ids)
+        # A request samples once a step: its id names its position's logprobs, where asked.
+        logprobs = dict(zip(ids, unpack_logprobs(result), strict=True))
         with self._cond:
-            updates = self.scheduler.update(
-                list(result.request_ids), list(result.token_ids), logprobs
-            )
+            updates = self.scheduler.update(ids, list(result.token_ids))
             # Taken before any is dropped: the n completions of a request share one sink.
             sinks = [self._sinks[request.group_id] for request, _ in updates]
             batches: dict[OutputSink, StepOutputsBuilder] = {}
@@ -222,8 +222,7 @@ class Engine:
                 outputs = batches.get(sink)
                 if outputs is None:
                     outputs = batches[sink] = StepOutputsBuilder()
-                asked = request.sampling_params.logprobs is not None
-                outputs.token(request, token, request.output_logprobs[-1] if asked else None)
+                outputs.token(request, token, logprobs[request.request_id])
                 self.num_generated_tokens += 1
                 if request.status.finished:
                     outputs.finished(request)
