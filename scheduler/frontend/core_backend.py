@@ -16,7 +16,7 @@ import grpc
 from protos import serving_pb2
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.completion_stream import CompletionStream
-from scheduler.frontend.core_client import CoreClient, CoreOutputs
+from scheduler.frontend.core_client import CORE_GONE, CoreClient, CoreOutputs
 from scheduler.frontend.input_processor import InputProcessor
 from scheduler.frontend.tokenizer import Tokenizer
 
@@ -57,8 +57,10 @@ class CoreBackend:
         return self._input is not None and self.core.connected
 
     def _require_ready(self) -> None:
-        if not self.ready():
+        if self._input is None:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, LOADING)
+        if not self.core.connected:
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, CORE_GONE)
 
     async def generate(
         self, request: serving_pb2.GenerateRequest

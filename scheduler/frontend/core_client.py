@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
+from scheduler.engine_core import PID_METADATA
 from scheduler.frontend.backend import ServingError
 
 log = logging.getLogger(__name__)
 
-PID_METADATA = "frontend-pid"  # as the core's service reads it
 CORE_GONE = "the engine core is gone; the server is shutting down or failed"
 
 
