@@ -4,16 +4,20 @@ A decode step launches some ten kernels a layer (hundreds for a 32-layer model),
 them from Python costs more than running them at small batches. The graphs are captured once,
 after the KV cache is allocated, for sizes 1, 2, 4, 8, 16, 24, ... up to max_num_seqs; a step of
 b decodes replays the smallest size >= b. Its padding rows write no KV (slot -1) and attend to
-nothing (seq_len 0), and their outputs are dropped. The tensor-parallel all-reduces are inside
-the graphs: every rank captures the same sizes in the same order.
+nothing (seq_len 0), and their outputs are dropped. A graph runs the model and its LM head: it
+leaves this rank's logits and every row's greedy token (the argmax over the whole vocabulary,
+the same on every rank), so a step whose rows all decode greedily needs nothing after it. The
+tensor-parallel collectives are inside the graphs: every rank captures the same sizes in the
+same order.
 
 Static buffers (device), rows [0, size) read by the graph of that size:
 
     ids        [4, max_size] int64      input_ids | sources | positions | slot_mapping
-    sampled    [max_size] int64         the previous step's sampled tokens
+    sampled    [max_size] int64         the previous step's sampled tokens; the graph then
+                                        writes its greedy tokens over them
     seq_lens   [max_size] int32
     block_tables [max_size, max_blocks] int32
-    outputs[size] [size, hidden_size]   the graph's final hidden states
+    logits     [max_size, vocab_shard]  this rank's logits of the rows (the model's dtype)
 
 Row i's input token is sampled[sources[i]] when sources[i] >= 0 (a token still on its way to
 the host; the graph gathers it), else input_ids[i]. The buffers are filled from pinned host
@@ -50,10 +54,13 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((size, width), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
+        lm_head = model.lm_head
+        self.logits = torch.zeros(
+            (size, lm_head.shard), dtype=lm_head.weight.dtype, device=device
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int) -> None:
         meta = AttentionMetadata(
             slot_mapping=self.ids[3, :size],
             block_tables=self.block_tables[:size],
@@ -65,7 +72,10 @@ class DecodeGraphs:
         sources = self.ids[1, :size]
         gathered = self.sampled[sources.clamp(min=0)]
         input_ids = torch.where(sources >= 0, gathered, self.ids[0, :size])
-        return self.model(input_ids, self.ids[2, :size], meta)
+        hidden = self.model(input_ids, self.ids[2, :size], meta)
+        local = self.model.lm_head.local_logits(hidden)  # [size, vocab_shard]
+        self.logits[:size].copy_(local)
+        self.sampled[:size].copy_(self.model.lm_head.greedy(local))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -81,7 +91,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
+                self._forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
@@ -100,9 +110,10 @@ class DecodeGraphs:
         positions: np.ndarray,
         slot_mapping: np.ndarray,
         block_tables: np.ndarray,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replays the graph of `size` on the first n = len(input_ids) rows; returns their
-        final hidden states [n, hidden_size]. block_tables [n, width <= max_blocks]."""
+        logits on this rank [n, vocab_shard] and greedy tokens [n] (views of the static
+        buffers: the next replay overwrites them). block_tables [n, width <= max_blocks]."""
         n, width = len(input_ids), block_tables.shape[1]
         staging = self._staging[self._num_runs % 2]
         self._num_runs += 1
@@ -116,7 +127,7 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(staging.pinned_seq_lens[:size], non_blocking=True)
         self.block_tables[:n].copy_(staging.pinned_tables[:n], non_blocking=True)
         self.graphs[size].replay()
-        return self.outputs[size][:n]
+        return self.logits[:n], self.sampled[:n]
 
 
 class _Staging:

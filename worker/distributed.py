@@ -54,6 +54,20 @@ def gather_to_rank0(x: torch.Tensor) -> torch.Tensor | None:
     return torch.cat(parts, dim=-1) if _rank == 0 else None
 
 
+def argmax_over_ranks(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per row, of each rank's best (value, id), the id with the largest value, the lowest
+    rank's among equal ones; the same on every rank. values [rows] float, ids [rows] int64,
+    below 2**24 (exact in float32). One all-gather of the pairs: graph-capturable."""
+    if _world_size == 1:
+        return ids
+    pairs = torch.stack([values.float(), ids.float()]).flatten()  # [2 * rows]
+    gathered = pairs.new_empty(_world_size * pairs.numel())
+    dist.all_gather_into_tensor(gathered, pairs)
+    gathered = gathered.view(_world_size, 2, -1)  # [rank, (value, id), rows]
+    best = gathered[:, 0].argmax(dim=0, keepdim=True)  # [1, rows]: the rank; ties the lowest
+    return gathered[:, 1].gather(0, best)[0].long()
+
+
 def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's x on every rank (in place)."""
     if _world_size > 1:

@@ -50,6 +50,9 @@ class RequestState:
     generator: torch.Generator | None = field(default=None, repr=False)
     num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids (0, 1 or 2)
     pending_index: int = -1  # its row in the newest launched step's sampled tokens, if pending
+    # Greedy with nothing else asked (no logprobs, penalties or min_tokens bans): its token is
+    # the LM head's greedy argmax, which needs no gathered logits and no sampler.
+    plain_greedy: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -221,12 +224,17 @@ class ModelRunner:
             return LaunchedStep(worker_pb2.StepResult())
         return self._run(scheduled)
 
+    @staticmethod
+    def wait(step: LaunchedStep) -> None:
+        """Blocks until a launched step's tokens are on the host (releases the GIL meanwhile)."""
+        if step.done is not None:
+            step.done.synchronize()
+
     def finish(self, step: LaunchedStep) -> worker_pb2.StepResult:
         """Waits for a launched step's tokens and appends them; returns its StepResult."""
         if not step.samplers:
             return step.result
-        if step.done is not None:
-            step.done.synchronize()
+        self.wait(step)
         tokens = step.tokens.tolist()
         for (_, state), token in zip(step.samplers, tokens, strict=True):
             state.token_ids.append(token)
@@ -244,13 +252,20 @@ class ModelRunner:
         gen = None
         if opts.HasField("seed"):
             gen = torch.Generator(device=self.device).manual_seed(opts.seed)
-        return RequestState(
+        state = RequestState(
             token_ids=list(new.token_ids),
             row=self.block_tables.add(list(new.block_ids)),
             num_computed_tokens=new.num_computed_tokens,
             sampling=opts,
             generator=gen,
         )
+        state.plain_greedy = (
+            opts.temperature < GREEDY_EPS
+            and not opts.HasField("logprobs")
+            and not state.penalized
+            and not (opts.min_tokens and opts.banned_until_min_tokens)
+        )
+        return state
 
     def _sampling_batch(self, states: list[RequestState], vocab: int, tensor) -> SamplingBatch:
         """Per-row parameters; penalty and min_tokens tensors only when some row needs them."""
@@ -330,19 +345,29 @@ class ModelRunner:
         result = worker_pb2.StepResult(cuda_graph=graph_size is not None, idle_ms=self._idle_ms())
         ids = np.asarray(input_ids, dtype=np.int64)
         sources = np.asarray(from_device, dtype=np.int64)
+        greedy = None  # the samplers' greedy tokens, in place where the next graph reads them
         if graph_size is not None:
             # Decodes alone: one token per sequence, at position starts[i].
             slots = tables.table[rows, starts // bs] * bs + starts % bs
-            hidden = self.graphs.run(
+            local, greedy = self.graphs.run(
                 graph_size, ids, sources, starts, slots, tables.table[rows, :width]
             )
-        else:
+            if len(samplers) < num_seqs:  # a one-token prefill chunk that does not sample
+                local = local[torch.from_numpy(np.asarray(sample_seqs)).to(self.device)]
+                greedy = None  # the graph's are in sequence order, not the samplers
+        elif samplers:
             hidden = self._run_eager(ids, sources, rows, starts, counts, width, max_query_len)
+            sample_rows = np.cumsum(counts)[sample_seqs] - 1
+            if len(sample_rows) < hidden.shape[0]:
+                hidden = hidden[torch.from_numpy(sample_rows).to(self.device, non_blocking=True)]
+            local = self.model.lm_head.local_logits(hidden)
+        else:
+            self._run_eager(ids, sources, rows, starts, counts, width, max_query_len)
         for _, state, n in scheduled:
             state.num_computed_tokens += n
         step = LaunchedStep(result, samplers)
         if samplers:
-            self._sample(hidden, np.cumsum(counts)[sample_seqs] - 1, step)
+            self._sample(local, greedy, step)
         self._launched = step
         return step
 
@@ -397,28 +422,33 @@ class ModelRunner:
         )
         return self.model(self._input_ids(ids, sources), tensor(positions, torch.int64), meta)
 
-    def _sample(self, hidden: torch.Tensor, sample_rows: np.ndarray, step: LaunchedStep) -> None:
-        """Rank 0 gathers the logits of each sampling request's last row and samples; every
-        rank gets the same tokens, keeps them on the device for the next step's inputs and
-        starts their copy to the host (finish() appends them)."""
-        if len(sample_rows) < hidden.shape[0]:
-            rows = torch.from_numpy(sample_rows).to(self.device, non_blocking=True)
-            hidden = hidden[rows]
-        logits = self.model.compute_logits(hidden)
+    def _sample(
+        self, local: torch.Tensor, greedy: torch.Tensor | None, step: LaunchedStep
+    ) -> None:
+        """Picks each sampling request's token from this rank's logits of its last row
+        (local [num_samplers, vocab_shard]; greedy: their greedy tokens, when a graph left
+        them): the greedy argmax on every rank when every row is plain greedy, else rank 0
+        gathers the logits, samples and broadcasts. Every rank keeps the tokens on the device
+        for the next step's inputs and starts their copy to the host (finish() appends them)."""
+        lm_head = self.model.lm_head
         states = [state for _, state in step.samplers]
-        if logits is None:
-            sampled = torch.empty(len(states), dtype=torch.int64, device=self.device)
+        if all(state.plain_greedy for state in states):
+            sampled = greedy if greedy is not None else lm_head.greedy(local)
         else:
+            logits = lm_head.gather_logits(local)
+            if logits is None:
+                sampled = torch.empty(len(states), dtype=torch.int64, device=self.device)
+            else:
 
-            def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-                return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+                def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
+                    return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
-            batch = self._sampling_batch(states, logits.shape[-1], tensor)
-            step.out = sample(logits, batch, self.shared_generator)
-            sampled = step.out.token_ids
-        sampled = distributed.broadcast_from_rank0(sampled)
+                batch = self._sampling_batch(states, logits.shape[-1], tensor)
+                step.out = sample(logits, batch, self.shared_generator)
+                sampled = step.out.token_ids
+            sampled = distributed.broadcast_from_rank0(sampled)
         self._sampled = sampled
-        if self.graphs is not None:
+        if self.graphs is not None and sampled is not greedy:
             self.graphs.sampled[: len(states)].copy_(sampled)
         for index, state in enumerate(states):
             state.num_pending += 1

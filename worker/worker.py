@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -141,38 +142,54 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Execute(self, request_iterator, context) -> Iterator[worker_pb2.StepResult]:
         """Launches each plan as soon as it arrives, before it answers the step in flight when
-        the next plan is already here (model_runner's module doc): StepResults in order."""
+        the next plan is already here (model_runner's module doc): StepResults in order.
+
+        With a step in flight and no plan behind it, the loop waits for whichever comes first:
+        the next plan (launched at once, so the device runs it straight after the step in
+        flight) or the step's tokens (answered at once). A reader thread puts the plans and a
+        watcher thread the finished steps on one queue."""
         runner = self._runner(context)
-        plans: queue.SimpleQueue = queue.SimpleQueue()
+        events: queue.SimpleQueue = queue.SimpleQueue()  # plans, None (the end), _Finished
+        watched: queue.SimpleQueue = queue.SimpleQueue()  # launched steps to watch, None: stop
 
         def read() -> None:
             try:
                 for plan in request_iterator:
-                    plans.put(plan)
+                    events.put(plan)
             finally:
-                plans.put(None)  # the stream ended
+                events.put(None)  # the stream ended
+
+        def watch() -> None:
+            while (step := watched.get()) is not None:
+                runner.wait(step)
+                events.put(_Finished(step))
 
         threading.Thread(target=read, name="execute-reader", daemon=True).start()
+        threading.Thread(target=watch, name="execute-watcher", daemon=True).start()
         in_flight: tuple[worker_pb2.StepPlan, LaunchedStep, float] | None = None
-        while True:
-            try:
-                plan = plans.get_nowait() if in_flight else plans.get()
-            except queue.Empty:  # nothing to launch behind the step in flight: answer it
-                yield self._answer(runner, *in_flight)
-                in_flight = None
-                continue
-            if plan is not None and in_flight and runner.needs_host_tokens(plan):
-                yield self._answer(runner, *in_flight)
-                in_flight = None
-            launched = None
-            if plan is not None:
-                start = time.perf_counter()
-                launched = (plan, runner.launch(plan), start)
-            if in_flight:
-                yield self._answer(runner, *in_flight)
-            in_flight = launched
-            if plan is None:
-                return
+        try:
+            while True:
+                plan = events.get()
+                if isinstance(plan, _Finished):  # a step's tokens arrived: answer it if unanswered
+                    if in_flight is not None and plan.step is in_flight[1]:
+                        yield self._answer(runner, *in_flight)
+                        in_flight = None
+                    continue
+                if plan is not None and in_flight and runner.needs_host_tokens(plan):
+                    yield self._answer(runner, *in_flight)
+                    in_flight = None
+                launched = None
+                if plan is not None:
+                    start = time.perf_counter()
+                    launched = (plan, runner.launch(plan), start)
+                    watched.put(launched[1])
+                if in_flight:
+                    yield self._answer(runner, *in_flight)
+                in_flight = launched
+                if plan is None:
+                    return
+        finally:
+            watched.put(None)
 
     def _answer(
         self, runner: ModelRunner, plan: worker_pb2.StepPlan, step: LaunchedStep, start: float
@@ -217,3 +234,10 @@ class WorkerServer:
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait(timeout=grace + 5)
         distributed.destroy()
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """Posted by Execute's watcher: this launched step's tokens are on the host."""
+
+    step: LaunchedStep

@@ -9,13 +9,23 @@ def tiny_llama_dir(tiny_models):
     return tiny_models["llama"]
 
 
+GREEDY = worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0)
+
+
 def greedy_plan_runner(
-    runner: ModelRunner, prompts, max_new_tokens, chunk=None, block_size=4, on_result=None
+    runner: ModelRunner,
+    prompts,
+    max_new_tokens,
+    chunk=None,
+    block_size=4,
+    on_result=None,
+    sampling: worker_pb2.SamplingOptions = GREEDY,
 ):
     """Drives a ModelRunner like the scheduler would, one request after another or together.
 
     chunk: the prefill chunk size (None = whole prompt at once). on_result, if given, is called
-    with each step's StepResult (request ids in the order the step sampled them)."""
+    with each step's StepResult (request ids in the order the step sampled them). sampling:
+    every request's options (greedy ones: the LM head's argmax, no sampler)."""
     outputs = {str(i): [] for i in range(len(prompts))}
     state = {}
     next_block = 0
@@ -39,7 +49,7 @@ def greedy_plan_runner(
                     worker_pb2.NewRequest(
                         request_id=rid,
                         token_ids=prompt,
-                        sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0),
+                        sampling=sampling,
                         block_ids=new_blocks,
                         num_scheduled_tokens=n,
                     )

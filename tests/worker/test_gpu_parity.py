@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from protos import worker_pb2
 from tests.conftest import PARITY_PROMPTS
 from tests.worker.conftest import greedy_plan_runner
 from worker.loader import load_model
@@ -121,7 +122,8 @@ def serve_greedy(
 ) -> Served:
     """Generates greedily along the served path: a fresh ModelRunner on the model's device
     (decode CUDA graphs there on CUDA), all prompts prefilled together, then decoded together;
-    model.compute_logits is wrapped to keep the logits the runner samples from."""
+    the requests ask for logprobs, so the runner gathers the logits the graphs computed, and
+    lm_head.gather_logits is wrapped to keep them (the sampler's greedy argmax reads them)."""
     device = next(model.parameters()).device
     runner = ModelRunner(model, device, dtype, seed=0)
     runner.init_cache(
@@ -131,11 +133,12 @@ def serve_greedy(
         max_model_len=max(len(p) for p in prompts) + new_tokens,
         enforce_eager=False,
     )
-    inner = model.compute_logits
+    lm_head = model.lm_head
+    inner = lm_head.gather_logits
     calls: list[torch.Tensor] = []
 
-    def compute_logits(hidden: torch.Tensor) -> torch.Tensor:
-        logits = inner(hidden)
+    def gather_logits(local: torch.Tensor) -> torch.Tensor:
+        logits = inner(local)
         calls.append(logits.clone())  # the sampler must not see (or change) our copy
         return logits
 
@@ -143,20 +146,25 @@ def serve_greedy(
     steps = {"all": 0, "graph": 0}
 
     def on_result(result) -> None:
-        (logits,) = calls  # one compute_logits per step, one row per sampling request, in order
+        (logits,) = calls  # one gather_logits per step, one row per sampling request, in order
         calls.clear()
         for rid, row in zip(result.request_ids, logits, strict=True):
             rows[rid].append(row)
         steps["all"] += 1
         steps["graph"] += result.cuda_graph
 
-    model.compute_logits = compute_logits
+    lm_head.gather_logits = gather_logits
     try:
         tokens = greedy_plan_runner(
-            runner, prompts, new_tokens, block_size=BLOCK_SIZE, on_result=on_result
+            runner,
+            prompts,
+            new_tokens,
+            block_size=BLOCK_SIZE,
+            on_result=on_result,
+            sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0, logprobs=0),
         )
     finally:
-        del model.compute_logits  # the class's method again
+        del lm_head.gather_logits  # the class's method again
     logits = [torch.stack(rows.pop(str(i))) for i in range(len(prompts))]
     return Served(tokens, logits, steps["all"] - 1, steps["graph"])  # the first step prefills
 

@@ -43,15 +43,17 @@ def test_logits_match_hf(tiny_llama_dir):
             worker_pb2.NewRequest(
                 request_id="x",
                 token_ids=prompt,
-                sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0),
+                # logprobs: the runner gathers the logits (plain greedy takes the argmax alone)
+                sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0, logprobs=0),
                 block_ids=list(range(6)),
                 num_scheduled_tokens=len(prompt),
             )
         ]
     )
     captured = {}
-    original = runner.model.compute_logits
-    runner.model.compute_logits = lambda h: captured.setdefault("logits", original(h))
+    lm_head = runner.model.lm_head
+    original = lm_head.gather_logits
+    lm_head.gather_logits = lambda local: captured.setdefault("logits", original(local))
     runner.execute(plan)
     with torch.no_grad():
         expected = hf(torch.tensor([prompt])).logits[0, -1]

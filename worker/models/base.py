@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from worker.layers.attention import AttentionMetadata, PagedAttention
+from worker.layers.embedding import ParallelLMHead
 
 
 class CausalLM(nn.Module):
@@ -21,6 +22,7 @@ class CausalLM(nn.Module):
     tied: tuple[str, ...] = ()
     vocab_size: int
     max_positions: int  # the longest context the model supports
+    lm_head: ParallelLMHead  # logits: local to a rank, gathered, or their greedy argmax
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -30,7 +32,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [num_rows, hidden] -> float32 logits [num_rows, vocab] on rank 0, else None."""
-        raise NotImplementedError
+        return self.lm_head.compute_logits(hidden)
 
     def checkpoint_name(self, name: str) -> str | None:
         """Maps a checkpoint tensor's name to this model's naming (None = not a weight)."""

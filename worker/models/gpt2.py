@@ -107,9 +107,6 @@ class GPT2LMHeadModel(CausalLM):
     ) -> torch.Tensor:
         return self.transformer(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.lm_head.compute_logits(hidden)
-
     def checkpoint_name(self, name: str) -> str | None:
         if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers
             return None

@@ -185,9 +185,6 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.lm_head.compute_logits(hidden)
-
     def checkpoint_name(self, name: str) -> str | None:
         return None if "rotary_emb.inv_freq" in name else name
 

@@ -127,8 +127,5 @@ class OPTForCausalLM(CausalLM):
     ) -> torch.Tensor:
         return self.model.decoder(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.lm_head.compute_logits(hidden)
-
     def checkpoint_name(self, name: str) -> str | None:
         return f"model.{name}" if name.startswith("decoder.") else name

@@ -1,0 +1,177 @@
+"""The decode step of one worker, without the engine: where a step's time goes on the device.
+
+    python -m cluster.benchmarks.worker_step --model llama-3-8b --batch-size 1 64 256 \
+        [--context-len 256] [--steps 200] [--dtype bfloat16] [--enforce-eager]
+
+Loads a model (a dummy preset, or a checkpoint) into a ModelRunner on this process's GPU, puts
+batch-size requests of context-len tokens in its KV cache, then for each batch size measures:
+
+    graph      one replay of the captured decode graph, back to back (CUDA events): the step's
+               device time with no host in the way
+    step       the worker's own loop, as WorkerService runs it with the next plan waiting:
+               launch(plan N+1), then finish(step N); wall time per step
+    roofline   the weights one step reads over the card's copy bandwidth (measured here)
+
+step - graph is what the worker's host work and the work outside the graph (sampling) add;
+the engine's own time per step is bench latency's step minus this step.
+"""
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from cluster.benchmarks.report import measure_copy_bandwidth, roofline_ms
+from cluster.models import resolve_model
+from protos import worker_pb2
+from worker.loader import load_model
+from worker.model_runner import ModelRunner
+
+BLOCK_SIZE = 16
+
+
+def decode_plans(batch: int, context_len: int, steps: int, first_block: int) -> list:
+    """A prefill plan of batch requests of context_len random tokens, then `steps` decode plans
+    (each request one token a step, a new block when it crosses a block boundary)."""
+    rng = np.random.default_rng(0)
+    greedy = worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0)
+    blocks_per_request = -(-(context_len + steps + 1) // BLOCK_SIZE)
+    plans = [worker_pb2.StepPlan(step_id=0)]
+    tables = []
+    for i in range(batch):
+        start = first_block + i * blocks_per_request
+        tables.append(list(range(start, start + blocks_per_request)))
+        have = -(-context_len // BLOCK_SIZE)
+        plans[0].new_requests.append(
+            worker_pb2.NewRequest(
+                request_id=str(i),
+                token_ids=rng.integers(0, 1000, context_len).tolist(),
+                sampling=greedy,
+                block_ids=tables[i][:have],
+                num_scheduled_tokens=context_len,
+            )
+        )
+    for step in range(steps):
+        computed = context_len + step  # tokens in the cache before this step
+        plan = worker_pb2.StepPlan(step_id=step + 1)
+        cached = plan.cached_requests
+        for i in range(batch):
+            new = [tables[i][computed // BLOCK_SIZE]] if computed % BLOCK_SIZE == 0 else []
+            cached.request_ids.append(str(i))
+            cached.num_computed_tokens.append(computed)
+            cached.num_scheduled_tokens.append(1)
+            cached.num_new_blocks.append(len(new))
+            cached.new_block_ids.extend(new)
+            cached.replace_block_table.append(False)
+        plans.append(plan)
+    plans.append(worker_pb2.StepPlan(finished_request_ids=[str(i) for i in range(batch)]))
+    return plans
+
+
+def time_steps(runner: ModelRunner, plans: list) -> list[float]:
+    """Runs the plans as WorkerService does with each next plan already there; the wall time
+    of each decode step, ms (from one step's tokens arriving to the next's)."""
+    runner.execute(plans[0])  # the prefill, alone (execute waits for its tokens)
+    times, launched = [], None
+    last = time.perf_counter()
+    for plan in plans[1:-1]:
+        step = runner.launch(plan)
+        if launched is not None:
+            runner.finish(launched)
+            now = time.perf_counter()
+            times.append((now - last) * 1e3)
+            last = now
+        launched = step
+    runner.finish(launched)
+    runner.execute(plans[-1])
+    return times[len(times) // 5 :]  # the first fifth warms up
+
+
+def time_graph(runner: ModelRunner, size: int, repeats: int = 50) -> float:
+    """One replay of the decode graph of `size`, back to back, ms (median over 5 rounds)."""
+    graph = runner.graphs.graphs[size]
+    rounds = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        rounds.append(start.elapsed_time(end) / repeats)
+    return statistics.median(rounds)
+
+
+def profile_graph(runner: ModelRunner, size: int, top: int = 15) -> None:
+    """Prints the kernels of one replay of the decode graph of `size` by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = runner.graphs.graphs[size]
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / 10
+    print(f"graph of {size}: {total / 1e3:.3f} ms of kernels per replay")
+    for e in events[:top]:
+        share = e.device_time_total / 10
+        print(f"  {share / 1e3:7.3f} ms  {e.count // 10:4d}x  {e.key[:90]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3-8b", help="a dummy preset or a checkpoint")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    parser.add_argument("--context-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="kernels of each graph replay")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    bandwidth = measure_copy_bandwidth()
+    path = resolve_model(args.model, "dummy")
+    fmt = "dummy" if path == args.model else "auto"
+    model = load_model(path, fmt, dtype, device, seed=0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    runner = ModelRunner(model, device, dtype, seed=0)
+    max_batch = max(args.batch_size)
+    per_request = -(-(args.context_len + args.steps + 1) // BLOCK_SIZE)
+    runner.init_cache(
+        num_blocks=max_batch * per_request + 1,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=max_batch,
+        max_model_len=per_request * BLOCK_SIZE,
+        enforce_eager=args.enforce_eager,
+    )
+    roof = roofline_ms(weight_bytes, bandwidth)
+    print(f"card: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(f"model: {args.model}, {weight_bytes / 1e9:.2f} GB of weights, roofline {roof:.3f} ms")
+    rows = []
+    for batch in args.batch_size:
+        steps = time_steps(runner, decode_plans(batch, args.context_len, args.steps, 0))
+        step_ms = statistics.median(steps)
+        graph_ms = None
+        if runner.graphs is not None:
+            graph_ms = time_graph(runner, runner.graphs.size_for(batch))
+        rows.append((batch, graph_ms, step_ms))
+        if args.profile and runner.graphs is not None:
+            profile_graph(runner, runner.graphs.size_for(batch))
+        graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
+        print(f"batch {batch}: graph {graph} ms, worker step {step_ms:.3f} ms", flush=True)
+    print()
+    print("| model | batch | graph replay (ms) | worker step (ms) | roofline (ms) |")
+    print("|---|---|---|---|---|")
+    for batch, graph_ms, step_ms in rows:
+        graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
+        print(f"| {args.model} | {batch} | {graph} | {step_ms:.3f} | {roof:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
