@@ -64,7 +64,10 @@ def test_two_frontends_serve_and_one_killed_loses_only_its_stream():
             info = server_info(address)
             if all(f.num_requests for f in info.frontends):
                 break
-            answer(address)
+            channel, stub = fresh_stub(address)
+            with channel:
+                one = SamplingParams(temperature=0.0, max_tokens=1)
+                list(stub.Generate(make_request("Hi", one), timeout=TIMEOUT))
         assert {f.pid for f in info.frontends} == pids and len(pids) == 2
         assert all(f.num_requests for f in info.frontends), "one frontend served every request"
 
