@@ -91,9 +91,12 @@ class CoreBackend:
                     batch = [await outputs.get()]
                     while not outputs.empty():  # a client that fell behind: merged
                         batch.append(outputs.get_nowait())
-                    for response in self._advance(request_id, streams, batch, prompt):
-                        yield response
+                    responses = self._advance(request_id, streams, batch, prompt)
+                    # Before they are sent: a client that leaves after its last one has
+                    # nothing to abort (the id may already be another request's).
                     ended = all(s.sent_last for s in streams)
+                    for response in responses:
+                        yield response
             except ServingError:
                 ended = True  # the core ended the request with an error
                 raise
