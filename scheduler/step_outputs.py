@@ -11,7 +11,6 @@ import time
 import grpc
 
 from protos import frontend_pb2, serving_pb2
-from scheduler.logprobs import PositionLogprobs, logprobs_to_proto
 from scheduler.request import Request
 
 
@@ -26,7 +25,9 @@ class StepOutputsBuilder:
         self._logprobs: list[serving_pb2.TokenLogprobs] = []
         self._finished: list[frontend_pb2.Finished] = []
 
-    def token(self, request: Request, token: int, logprobs: PositionLogprobs | None) -> None:
+    def token(
+        self, request: Request, token: int, logprobs: serving_pb2.TokenLogprobs | None
+    ) -> None:
         """A token the completion learned in this step (and its logprobs, when asked)."""
         self._request_ids.append(request.group_id)
         self._indices.append(request.index)
@@ -34,7 +35,7 @@ class StepOutputsBuilder:
         if logprobs is not None:
             missing = len(self._token_ids) - 1 - len(self._logprobs)
             self._logprobs.extend(serving_pb2.TokenLogprobs() for _ in range(missing))
-            self._logprobs.append(logprobs_to_proto(logprobs))
+            self._logprobs.append(logprobs)
         elif self._logprobs:
             self._logprobs.append(serving_pb2.TokenLogprobs())
 
