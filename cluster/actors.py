@@ -56,38 +56,40 @@ class WorkerActor:
 
 @ray.remote(num_cpus=0)
 class SchedulerActor:
-    """The central scheduler: places every replica's workers (a RayPlacer, at start and on
-    Scale), hosts the Serving gRPC server and drives them. What it places fate-shares with it."""
+    """The engine core: its EngineCore gRPC server listens from construction (frontends connect
+    to `address()`); start() places every replica's workers (a RayPlacer, also on Scale) and
+    brings them up. What it places fate-shares with it."""
 
-    def __init__(
-        self, config: Config, model_path: str, tokenizer_path: str, gpus_per_worker: float
-    ) -> None:
+    def __init__(self, config: Config, model_path: str, gpus_per_worker: float) -> None:
         from cluster.placement import RayPlacer
-        from scheduler.serving import ServingServer
+        from scheduler.engine_core import EngineCore
 
         logging.basicConfig(level=config.logging.level)
         # Each replica's engine thread wakes when its workers answer a step; with Python's
-        # default 5 ms switch interval, the event loop thread streaming tokens to clients would
-        # hold the GIL for up to 5 ms first, stalling every step of every replica.
+        # default 5 ms switch interval, a thread sending outputs to the frontends would hold
+        # the GIL for up to 5 ms first, stalling every step of every replica.
         sys.setswitchinterval(0.0005)
-        self._placer = RayPlacer(config, model_path, tokenizer_path, gpus_per_worker)
+        self._config = config
+        self._placer = RayPlacer(config, model_path, gpus_per_worker)
+        self._core = EngineCore(config.model.model, host=ray.util.get_node_ip_address())
+
+    def address(self) -> str:
+        """The EngineCore service's address, for the frontends."""
+        return self._core.address
+
+    def start(self) -> None:
+        """Places the configured replicas and brings them up (the frontends then serve)."""
+        from scheduler.replica import EngineConfigs
+
+        cfg = self._config
         try:
-            replicas = [self._placer.place(r) for r in range(config.parallel.replicas)]
-            self._server = ServingServer(
-                replicas,
-                config.model,
-                config.cache,
-                config.scheduler,
-                config.server,
-                config.model.model,
-                placer=self._placer,
+            specs = [self._placer.place(r) for r in range(cfg.parallel.replicas)]
+            self._core.start(
+                specs, EngineConfigs(cfg.model, cfg.cache, cfg.scheduler), placer=self._placer
             )
         except BaseException:
             self._placer.release_all()
             raise
-
-    def address(self) -> str:
-        return self._server.address
 
     def pid(self) -> int:
         return os.getpid()
@@ -97,9 +99,48 @@ class SchedulerActor:
         return self._placer.workers()
 
     def step_records(self) -> list[dict]:
-        return self._server.step_records()
+        return self._core.fleet.step_records()
 
     def stop(self) -> None:
-        """Stops serving, then every worker, and removes the placement groups."""
-        self._server.stop()
+        """Stops serving the frontends, then every worker, and removes the placement groups."""
+        self._core.stop()
         self._placer.release_all()
+
+
+@ray.remote(num_cpus=0)
+class FrontendActor:
+    """One frontend process: serves the Serving gRPC API on server.host:server.port (shared
+    with the other frontends) in front of the engine core at core_address."""
+
+    def __init__(
+        self, config: Config, core_address: str, tokenizer_path: str, port: int | None = None
+    ) -> None:
+        """port: the one the first frontend was given (when server.port is 0); None = the
+        configured one."""
+        import dataclasses
+        import functools
+
+        from scheduler.frontend.server import FrontendServer
+        from scheduler.frontend.tokenizer import Tokenizer
+
+        logging.basicConfig(level=config.logging.level)
+        sys.setswitchinterval(0.0005)  # as the core's: streaming threads take turns promptly
+        server = config.server
+        if port is not None:
+            server = dataclasses.replace(server, port=port)
+        self._server = FrontendServer(
+            server, core_address, functools.partial(Tokenizer, tokenizer_path), config.model.model
+        )
+
+    def port(self) -> int:
+        return self._server.port
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Returns once this frontend serves (the core has brought the replicas up)."""
+        self._server.wait_ready(timeout)
+
+    def stop(self) -> None:
+        self._server.stop()

@@ -1,6 +1,7 @@
-"""Starts a pagedserve cluster on Ray from a Config: the scheduler actor (on this node), which
-places each replica's worker actors in a placement group of their own (cluster.placement) and
-drives them all; it places more, or drains some, when asked to scale.
+"""Starts a pagedserve cluster on Ray from a Config, on this node: the scheduler actor (the
+engine core), which places each replica's worker actors in a placement group of their own
+(cluster.placement) and drives them all (it places more, or drains some, when asked to scale),
+and server.frontends frontend actors sharing the Serving port in front of it.
 
 Cluster(config).start()  ->  the Serving address (host:port)
 Cluster.shutdown()       ->  stops the actors, and the embedded Ray if this process started it
@@ -13,7 +14,7 @@ import os
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.actors import SchedulerActor
+from cluster.actors import FrontendActor, SchedulerActor
 from cluster.config import Config
 from cluster.models import resolve_model, resolve_tokenizer
 from cluster.placement import gpus_per_worker
@@ -28,6 +29,7 @@ class Cluster:
         self.model_path = resolve_model(model.model, model.load_format)
         self.tokenizer_path = resolve_tokenizer(model.tokenizer, model.model, model.load_format)
         self.scheduler = None
+        self.frontends: list = []  # FrontendActor handles
         self.address: str | None = None
         self._owns_ray = False
 
@@ -45,15 +47,26 @@ class Cluster:
                 log_to_driver=False,
             )
             self._owns_ray = True
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         try:
-            self.scheduler = SchedulerActor.options(
-                num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    ray.get_runtime_context().get_node_id(), soft=False
-                ),
-            ).remote(cfg, self.model_path, self.tokenizer_path, gpus_per_worker(cfg.model.device))
+            self.scheduler = SchedulerActor.options(num_cpus=0, scheduling_strategy=here).remote(
+                cfg, self.model_path, gpus_per_worker(cfg.model.device)
+            )
+            core_address = ray.get(self.scheduler.address.remote(), timeout=timeout)
+            # The frontends listen while the workers load (NOT_SERVING until they serve); with
+            # server.port 0 the first is given a free port and the others share it.
+            frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here)
+            self.frontends.append(frontend.remote(cfg, core_address, self.tokenizer_path))
+            port = ray.get(self.frontends[0].port.remote(), timeout=timeout)
+            self.frontends += [
+                frontend.remote(cfg, core_address, self.tokenizer_path, port)
+                for _ in range(cfg.server.frontends - 1)
+            ]
+            ray.get([f.port.remote() for f in self.frontends[1:]], timeout=timeout)
+            self.address = f"{cfg.server.host}:{port}"
             # Placing the workers, then loading the model: each within the timeout.
-            self.address = ray.get(self.scheduler.address.remote(), timeout=2 * timeout)
+            ray.get(self.scheduler.start.remote(), timeout=2 * timeout)
+            ray.get([f.wait_ready.remote(timeout) for f in self.frontends], timeout=2 * timeout)
         except BaseException:
             self.shutdown()
             raise
@@ -68,9 +81,16 @@ class Cluster:
         return ray.get(self.scheduler.step_records.remote(), timeout=60)
 
     def shutdown(self) -> None:
-        """Stops the scheduler actor, which stops every worker it placed and removes their
-        placement groups (both fate-share with it, should it not answer); the embedded Ray goes
-        too if this process started it."""
+        """Stops the frontends, then the scheduler actor, which stops every worker it placed
+        and removes their placement groups (both fate-share with it, should it not answer);
+        the embedded Ray goes too if this process started it."""
+        for frontend in self.frontends:
+            try:
+                ray.get(frontend.stop.remote(), timeout=30)
+            except Exception as e:  # already dead or unreachable: kill it regardless
+                log.warning("stopping a frontend: %s", e)
+            ray.kill(frontend)
+        self.frontends = []
         if self.scheduler is not None:
             try:
                 ray.get(self.scheduler.stop.remote(), timeout=120)

@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.actors import WorkerActor
 from cluster.config import Config
 from protos import serving_pb2
-from scheduler.serving import ReplicaSpec
+from scheduler.replica import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,11 @@ class _Placed:
 
 
 class RayPlacer:
-    """The Placer of scheduler.serving on the Ray cluster this process is connected to."""
+    """The Placer of scheduler.fleet on the Ray cluster this process is connected to."""
 
-    def __init__(
-        self, config: Config, model_path: str, tokenizer_path: str, num_gpus: float
-    ) -> None:
+    def __init__(self, config: Config, model_path: str, num_gpus: float) -> None:
         self.config = config
         self.model_path = model_path
-        self.tokenizer_path = tokenizer_path
         self.num_gpus = num_gpus  # per worker, decided once so that all replicas are alike
         self._placed: dict[int, _Placed] = {}
         self._lock = threading.Lock()
@@ -101,7 +98,6 @@ class RayPlacer:
         return ReplicaSpec(
             worker_addresses=tuple(addresses),
             model_path=self.model_path,
-            tokenizer_path=self.tokenizer_path,
             master_addr=addresses[0].rsplit(":", 1)[0],
             master_port=master_port,
             worker_node_ids=tuple(node_ids),

@@ -12,7 +12,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_DIR = Path(__file__).resolve().parent
-PROTOS = ("serving.proto", "worker.proto")
+PROTOS = ("serving.proto", "worker.proto", "frontend.proto")
 
 
 def generate(out_dir: Path) -> list[Path]:

@@ -265,8 +265,18 @@ class NodeInfo(_message.Message):
     resources: _containers.ScalarMap[str, float]
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., resources: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class FrontendInfo(_message.Message):
+    __slots__ = ("pid", "num_requests", "num_unfinished")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_UNFINISHED_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    num_requests: int
+    num_unfinished: int
+    def __init__(self, pid: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_unfinished: _Optional[int] = ...) -> None: ...
+
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens", "nodes", "generated_tokens_per_s", "throughput_window_s")
+    __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens", "nodes", "generated_tokens_per_s", "throughput_window_s", "frontends")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +285,7 @@ class ServerInfoResponse(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    FRONTENDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
     num_steps: int
@@ -283,7 +294,8 @@ class ServerInfoResponse(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     generated_tokens_per_s: float
     throughput_window_s: float
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., num_steps: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., generated_tokens_per_s: _Optional[float] = ..., throughput_window_s: _Optional[float] = ...) -> None: ...
+    frontends: _containers.RepeatedCompositeFieldContainer[FrontendInfo]
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., num_steps: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., generated_tokens_per_s: _Optional[float] = ..., throughput_window_s: _Optional[float] = ..., frontends: _Optional[_Iterable[_Union[FrontendInfo, _Mapping]]] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("replicas",)

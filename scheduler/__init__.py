@@ -1,5 +1,7 @@
-"""Pure-Python control plane: requests, the page table, the scheduling policy, the engine loop
-and the Serving gRPC service. Nothing here imports torch, worker or kernels."""
+"""Pure-Python control plane. The engine core: requests, the page table, the scheduling policy,
+the router, the engine loop, the replica fleet and the EngineCore gRPC service (token ids only).
+scheduler.frontend: the processes in front of it that serve clients. Nothing here imports
+torch, worker or kernels."""
 
 from scheduler.sampling_params import SamplingParams
 

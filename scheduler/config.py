@@ -4,7 +4,7 @@ cluster/config.py composes these with the cluster-only sections and loads them f
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -92,15 +92,23 @@ class SchedulerConfig:
             )
 
 
+def default_frontends() -> int:
+    """Frontend processes for this machine: one per 4 cores, at least 1, at most 4."""
+    return min(4, max(1, (os.cpu_count() or 1) // 4))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """The Serving endpoint. Files are read where the scheduler runs (the head node)."""
+    """The Serving endpoint. Files are read where the frontends run (the head node)."""
 
     host: str = "127.0.0.1"
-    port: int = 50051  # 0 = any free port
+    port: int = 50051  # 0 = any free port (the frontends share the one the first is given)
     # The OpenAI-compatible HTTP API (on host, with the same TLS and tokens); every frontend
-    # process listens on it (SO_REUSEPORT). 0 = any free port.
+    # process listens on it (SO_REUSEPORT). 0 = any free port (shared as port is).
     http_port: int = 8000
+    # Frontend processes serving clients on the ports (SO_REUSEPORT): each validates, tokenizes,
+    # detokenizes and streams its clients' requests; the engine core sees token ids only.
+    frontends: int = field(default_factory=default_frontends)
     # TLS: the server's certificate chain and private key (PEM), both or neither. With
     # tls_client_ca_file, clients must also present a certificate signed by that CA (mTLS).
     tls_cert_file: str | None = None
@@ -110,8 +118,8 @@ class ServerConfig:
     # "authorization: Bearer <token>", or is refused UNAUTHENTICATED.
     auth_tokens: tuple[str, ...] = ()
     auth_tokens_file: str | None = None  # one token per line, added to auth_tokens
-    # Limits: Generate calls served at once (RESOURCE_EXHAUSTED beyond; 0 = no limit) and the
-    # largest request message accepted, in bytes.
+    # Limits: Generate calls served at once by each frontend (RESOURCE_EXHAUSTED beyond; 0 = no
+    # limit) and the largest request message accepted, in bytes.
     max_concurrent_requests: int = 0
     max_request_bytes: int = 4 << 20
 
@@ -120,6 +128,8 @@ class ServerConfig:
         for key in ("port", "http_port"):
             if not 0 <= getattr(self, key) < 65536:
                 raise ValueError(f"server.{key} must be in [0, 65535], got {getattr(self, key)}")
+        if self.frontends < 1:
+            raise ValueError(f"server.frontends must be >= 1, got {self.frontends}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("server.tls_cert_file and server.tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

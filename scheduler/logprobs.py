@@ -1,9 +1,11 @@
-"""Logprobs as vLLM returns them: for each sampled position, {token id: Logprob}, the sampled
-token first, then the top k of the model's raw distribution."""
+"""Logprobs of sampled positions: the sampled token first, then the top k of the model's raw
+distribution. The workers pack them into a StepResult; unpack_logprobs turns them into the
+TokenLogprobs both wires carry (engine core -> frontend -> client); the offline LLM hands users
+{token id: Logprob} per position, as vLLM does."""
 
 from dataclasses import dataclass
 
-from protos import worker_pb2
+from protos import serving_pb2, worker_pb2
 
 
 @dataclass(frozen=True)
@@ -16,12 +18,14 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]  # token id -> its logprob, the sampled token first
 
 
-def unpack_logprobs(result: worker_pb2.StepResult) -> list[PositionLogprobs | None]:
-    """One entry per sampled token of the result: its logprobs, or None where none were asked
-    (the whole result carries none when no request asked)."""
+def unpack_logprobs(result: worker_pb2.StepResult) -> list[serving_pb2.TokenLogprobs | None]:
+    """One entry per sampled token of the result: its logprobs as both wires carry them (the
+    sampled token first, then the top k by rank, the sampled one not twice; decoded_token
+    unset), or None where none were asked (the whole result carries none when no request
+    asked)."""
     if not result.sampled_logprobs:
         return [None] * len(result.token_ids)
-    out: list[PositionLogprobs | None] = []
+    out: list[serving_pb2.TokenLogprobs | None] = []
     offset = 0
     for token, logprob, rank, k in zip(
         result.token_ids,
@@ -33,14 +37,17 @@ def unpack_logprobs(result: worker_pb2.StepResult) -> list[PositionLogprobs | No
         if k < 0:  # this request asked for none
             out.append(None)
             continue
-        entry = {token: Logprob(logprob, rank)}
+        entries = [serving_pb2.Logprob(token_id=token, logprob=logprob, rank=rank)]
         top = zip(
             result.top_token_ids[offset : offset + k],
             result.top_logprobs[offset : offset + k],
             strict=True,
         )
-        for i, (top_id, top_logprob) in enumerate(top):
-            entry.setdefault(top_id, Logprob(top_logprob, i + 1))
+        entries += [
+            serving_pb2.Logprob(token_id=top_id, logprob=top_logprob, rank=i + 1)
+            for i, (top_id, top_logprob) in enumerate(top)
+            if top_id != token
+        ]
         offset += k
-        out.append(entry)
+        out.append(serving_pb2.TokenLogprobs(entries=entries))
     return out

@@ -3,7 +3,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from scheduler.logprobs import PositionLogprobs
 from scheduler.sampling_params import SamplingParams
 
 
@@ -51,9 +50,6 @@ class Request:
     first_token_time: float | None = None  # first token learned: time to first token
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     output_token_ids: list[int] = field(default_factory=list)
-    # When sampling_params.logprobs is set: each output token's logprobs, and their sum.
-    output_logprobs: list[PositionLogprobs] = field(default_factory=list, repr=False)
-    cumulative_logprob: float = 0.0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_computed_tokens: int = 0
     # Tokens sampled by steps sent to the workers whose results are not learned yet (0, 1 or 2):
@@ -104,13 +100,10 @@ class Request:
             return self.output_token_ids[start - num_prompt : end - num_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
-    def append_token(self, token_id: int, logprobs: PositionLogprobs | None = None) -> None:
-        """Records a sampled token (and its logprobs) and finishes the request if a token stop
-        condition holds; stop strings are the engine's, which sees the text."""
+    def append_token(self, token_id: int) -> None:
+        """Records a sampled token and finishes the request if a token stop
+        condition holds; stop strings are the frontends', which see the text."""
         self.output_token_ids.append(token_id)
-        if logprobs is not None:
-            self.output_logprobs.append(logprobs)
-            self.cumulative_logprob += logprobs[token_id].logprob
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         params = self.sampling_params

@@ -41,7 +41,6 @@ from bisect import insort
 
 from protos import worker_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.logprobs import PositionLogprobs
 from scheduler.page_table import BlockPairs, PageTableManager
 from scheduler.policy import make_policy
 from scheduler.request import Request, RequestStatus
@@ -160,19 +159,13 @@ class Scheduler:
             return None
         return self._make_plan(scheduled)
 
-    def update(
-        self,
-        request_ids: list[str],
-        token_ids: list[int],
-        logprobs: list[PositionLogprobs | None] | None = None,
-    ) -> list[tuple[Request, int]]:
-        """Learns the tokens of a step (and their logprobs, where asked), the oldest step in
-        flight; returns (request, token) for each live request, forks the completions of a
-        request that learned its first token, and finishes those that hit a stop condition."""
+    def update(self, request_ids: list[str], token_ids: list[int]) -> list[tuple[Request, int]]:
+        """Learns the tokens of a step, the oldest step in flight; returns (request, token) for
+        each live request, forks the completions of a request that learned its first token, and
+        finishes those that hit a stop condition."""
         updates = []
-        logprobs = logprobs or [None] * len(token_ids)
         discarded = self._discarded
-        for rid, token, lp in zip(request_ids, token_ids, logprobs, strict=True):
+        for rid, token in zip(request_ids, token_ids, strict=True):
             if rid in discarded:  # it ended (stopped, aborted) after this step was planned
                 if discarded[rid] == 1:
                     del discarded[rid]
@@ -183,7 +176,7 @@ class Scheduler:
             if request is None:  # an id no step of this scheduler samples for
                 continue
             request.num_pending_tokens -= 1
-            request.append_token(token, lp)
+            request.append_token(token)
             if rid in self._unforked:
                 self._fork(request)
             if request.status.finished:

@@ -30,6 +30,7 @@ import torch
 
 from kernels import copy_blocks
 from protos import worker_pb2
+from protos.step_plan import cached_requests
 from worker import distributed
 from worker.block_table import BlockTables
 from worker.cuda_graph import DecodeGraphs
@@ -207,23 +208,13 @@ class ModelRunner:
             state = self._new_state(new)
             self.requests[new.request_id] = state
             scheduled.append((new.request_id, state, new.num_scheduled_tokens))
-        cached = plan.cached_requests
-        new_blocks = iter(cached.new_block_ids)
-        for rid, num_computed, n, num_new, replace in zip(
-            cached.request_ids,
-            cached.num_computed_tokens,
-            cached.num_scheduled_tokens,
-            cached.num_new_blocks,
-            cached.replace_block_table,
-            strict=True,
-        ):
+        for rid, num_computed, n, blocks, replace in cached_requests(plan):
             state = self.requests[rid]
             if state.num_computed_tokens != num_computed:
                 raise RuntimeError(
                     f"request {rid}: worker computed {state.num_computed_tokens} "
                     f"tokens, plan says {num_computed}"
                 )
-            blocks = [next(new_blocks) for _ in range(num_new)]
             if replace:
                 tables.replace(state.row, blocks)
             elif blocks:

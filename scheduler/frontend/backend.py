@@ -54,3 +54,7 @@ class Backend(Protocol):
     async def server_info(self) -> serving_pb2.ServerInfoResponse:
         """Replicas, queues, KV usage and counters, as GetServerInfo answers."""
         ...
+
+    async def scale(self, replicas: int) -> serving_pb2.ScaleResponse:
+        """Sets how many replicas serve, as Scale answers."""
+        ...

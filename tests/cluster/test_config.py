@@ -64,3 +64,17 @@ def test_server_security_settings_are_checked_naming_the_key(tmp_path):
     )
     server = load_config(path).server
     assert server.auth_tokens == ("a",) and server.tokens() == frozenset({"a"})
+
+
+def test_the_number_of_frontends_is_checked_and_defaults_to_the_machine(tmp_path, monkeypatch):
+    path = tmp_path / "server.yaml"
+    for body, message in {
+        "frontends: 0": "server.frontends must be >= 1, got 0",
+        "frontends: two": r"server\.frontends must be int",
+    }.items():
+        path.write_text(f"server:\n  {body}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+    for cpus, frontends in [(1, 1), (2, 1), (8, 2), (64, 4)]:
+        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+        assert load_config(None).server.frontends == frontends

@@ -2,6 +2,7 @@
 replicas under streaming load loses no request and changes no output; a cancelled stream's
 blocks are free again within one step; Scale refuses what it cannot do with a clear status."""
 
+import functools
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -134,24 +135,33 @@ def test_a_cancelled_stream_frees_its_blocks_within_one_step(two_nodes, tiny_mod
 
 
 def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smollm2_path):
-    """A ServingServer built directly (no Ray, no placer) over an in-process worker."""
+    """An engine core built directly (no Ray, no placer) over an in-process worker, a frontend
+    in front of it."""
     from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
-    from scheduler.serving import ReplicaSpec, ServingServer
+    from scheduler.engine_core import EngineCore
+    from scheduler.frontend.server import FrontendServer
+    from scheduler.frontend.tokenizer import Tokenizer
+    from scheduler.replica import EngineConfigs, ReplicaSpec
     from worker.worker import WorkerServer
 
     path, _ = tiny_models["llama"]
     worker = WorkerServer()
-    server = None
+    core = EngineCore("tiny")
+    frontend = None
     try:
-        server = ServingServer(
-            [ReplicaSpec((worker.address,), str(path), smollm2_path)],
-            ModelConfig(model=str(path), tokenizer=smollm2_path, max_model_len=256),
-            CacheConfig(block_size=8, num_blocks=64),
-            SchedulerConfig(),
-            ServerConfig(port=0),
-            "tiny",
+        frontend = FrontendServer(
+            ServerConfig(port=0), core.address, functools.partial(Tokenizer, smollm2_path), "tiny"
         )
-        with grpc.insecure_channel(server.address) as channel:
+        core.start(
+            [ReplicaSpec((worker.address,), str(path))],
+            EngineConfigs(
+                ModelConfig(model=str(path), tokenizer=smollm2_path, max_model_len=256),
+                CacheConfig(block_size=8, num_blocks=64),
+                SchedulerConfig(),
+            ),
+        )
+        frontend.wait_ready(timeout=60)
+        with grpc.insecure_channel(frontend.address) as channel:
             scale = serving_pb2_grpc.ServingStub(channel).Scale
             for replicas, code, words in [
                 (0, grpc.StatusCode.INVALID_ARGUMENT, "replicas must be >= 1"),
@@ -165,8 +175,9 @@ def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smol
             )
         assert not info.nodes and [r.state for r in info.replicas] == ["serving"]
     finally:
-        if server is not None:
-            server.stop()
+        if frontend is not None:
+            frontend.stop()
+        core.stop()
         worker.stop()
 
 

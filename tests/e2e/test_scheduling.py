@@ -10,8 +10,8 @@ import pytest
 from cluster.async_llm import AsyncLLM
 from cluster.client import Client, make_request
 from protos import serving_pb2_grpc
+from scheduler.frontend.tokenizer import Tokenizer
 from scheduler.sampling_params import SamplingParams
-from scheduler.tokenizer import Tokenizer
 
 TIMEOUT = 600
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

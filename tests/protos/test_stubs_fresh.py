@@ -17,8 +17,17 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
 
 
 def test_stubs_import() -> None:
-    from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
+    from protos import (
+        frontend_pb2,
+        frontend_pb2_grpc,
+        serving_pb2,
+        serving_pb2_grpc,
+        worker_pb2,
+        worker_pb2_grpc,
+    )
 
     assert serving_pb2_grpc.ServingStub and worker_pb2_grpc.WorkerStub
+    assert frontend_pb2_grpc.EngineCoreStub
+    assert "Connect" in frontend_pb2.DESCRIPTOR.services_by_name["EngineCore"].methods_by_name
     assert "Generate" in serving_pb2.DESCRIPTOR.services_by_name["Serving"].methods_by_name
     assert "Execute" in worker_pb2.DESCRIPTOR.services_by_name["Worker"].methods_by_name

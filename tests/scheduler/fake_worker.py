@@ -1,4 +1,5 @@
-"""A worker without a model, for driving the scheduler in tests.
+"""A worker without a model, for driving the scheduler in tests; FakeRank serves it over gRPC
+as rank 0 of a replica, for the engine and the engine core.
 
 It applies each StepPlan the way worker/model_runner.py does (the diff of request state, then
 swap out, swap in, copy, then the step) to a simulated KV cache whose slots hold token ids
@@ -8,37 +9,18 @@ two requests, a missed copy-on-write, a wrong prefix-cache hit or a lost swap sh
 wrong token in some slot.
 """
 
-from dataclasses import dataclass
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent import futures
 
-from protos import worker_pb2
+import grpc
 
+from protos import worker_pb2, worker_pb2_grpc
+from protos.step_plan import cached_requests
 
-@dataclass
-class Cached:
-    """One entry of a plan's CachedRequests arrays."""
-
-    request_id: str
-    num_computed_tokens: int
-    num_scheduled_tokens: int
-    new_block_ids: list[int]
-    replace_block_table: bool
-
-
-def cached_requests(plan: worker_pb2.StepPlan) -> list[Cached]:
-    """The plan's cached requests, one object each."""
-    c = plan.cached_requests
-    blocks = iter(c.new_block_ids)
-    return [
-        Cached(rid, computed, n, [next(blocks) for _ in range(num_new)], replace)
-        for rid, computed, n, num_new, replace in zip(
-            c.request_ids,
-            c.num_computed_tokens,
-            c.num_scheduled_tokens,
-            c.num_new_blocks,
-            c.replace_block_table,
-            strict=True,
-        )
-    ]
+TIMEOUT = 10  # seconds any wait of a test on a fake rank may take
 
 
 class FakeWorker:
@@ -105,3 +87,79 @@ def _apply(pairs, source: list[list[int | None]], target: list[list[int | None]]
     values = [list(source[p.src]) for p in pairs]
     for dst, value in zip(dsts, values, strict=True):
         target[dst] = value
+
+
+def successor(tokens: list[int]) -> int:
+    """The token after the request's last one: 1, 2, 3, ..., 9, 1, ... (never 0)."""
+    return tokens[-1] % 9 + 1
+
+
+class FakeRank(worker_pb2_grpc.WorkerServicer):
+    """Answers each plan like rank 0: each request that samples gets token(its tokens so far),
+    counted in `sampled`. With `hold` set, the next step waits for `release` (and sets `held`
+    first). With `logprobs` set, every token comes with logprob -token / 10 and rank 1 (no
+    top k). Bring-up RPCs answer as a model of `vocab_size` tokens would."""
+
+    def __init__(
+        self,
+        num_blocks: int = 64,
+        num_host_blocks: int = 0,
+        token: Callable[[list[int]], int] = successor,
+        block_size: int = 4,
+        vocab_size: int = 10,
+    ) -> None:
+        self.worker = FakeWorker(num_blocks, block_size, num_host_blocks)
+        self.token = token
+        self.vocab_size = vocab_size
+        self.sampled: Counter[str] = Counter()  # completion id -> tokens sampled for it
+        self.hold = False
+        self.logprobs = False
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def Health(self, request, context):
+        return worker_pb2.HealthResponse(ready=True, device="cpu")
+
+    def InitDistributed(self, request, context):
+        return worker_pb2.Empty()
+
+    def LoadModel(self, request, context):
+        return worker_pb2.ModelInfo(
+            architecture="Fake", vocab_size=self.vocab_size, max_position_embeddings=64
+        )
+
+    def InitCache(self, request, context):
+        return worker_pb2.Empty()
+
+    def Execute(self, request_iterator, context):
+        for plan in request_iterator:
+            if self.hold:
+                self.held.set()
+                assert self.release.wait(TIMEOUT)
+            yield self.answer(plan)
+
+    def answer(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        ids = self.worker.execute(plan)
+        tokens = [self.token(self.worker.tokens[rid]) for rid in ids]
+        for rid, token in zip(ids, tokens, strict=True):
+            self.worker.learn(rid, token)
+            self.sampled[rid] += 1
+        result = worker_pb2.StepResult(step_id=plan.step_id, request_ids=ids, token_ids=tokens)
+        if self.logprobs:
+            result.sampled_logprobs.extend(-t / 10 for t in tokens)
+            result.sampled_ranks.extend([1] * len(tokens))
+            result.num_top_logprobs.extend([0] * len(tokens))
+        return result
+
+
+@contextlib.contextmanager
+def serving(rank: worker_pb2_grpc.WorkerServicer) -> Iterator[str]:
+    """The rank on a gRPC server on a free local port; yields its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    worker_pb2_grpc.add_WorkerServicer_to_server(rank, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protos.step_plan import cached_requests
 from scheduler.config import POLICIES, SchedulerConfig
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler
-from tests.scheduler.fake_worker import FakeWorker, cached_requests
+from tests.scheduler.fake_worker import FakeWorker
 from tests.scheduler.test_scheduler import make_request as scheduler_test_request
 
 EOS = 2

@@ -1,43 +1,25 @@
-"""The engine loop against a fake rank over real gRPC: token deltas, stop strings, n > 1, and
-aborts that land while a step is in flight; async scheduling (two steps in flight) against
-synchronous. No model, no torch."""
+"""The engine loop against a fake rank over real gRPC: token outputs batched per sink and step,
+ends, n > 1, aborts and stops that land while a step is in flight; async scheduling (two steps
+in flight) against synchronous. No model, no tokenizer, no torch."""
 
 import contextlib
 import queue
 import threading
 import zlib
-from collections import Counter
-from concurrent import futures
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
 
-from protos import worker_pb2, worker_pb2_grpc
+from protos import frontend_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.engine import Delta, Engine
+from scheduler.engine import Engine
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request
-from scheduler.sampling_params import RequestOutputKind, SamplingParams
+from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler
-from tests.scheduler.fake_worker import FakeWorker
-
-PIECES = ["<eos>", " the", " cat", " sat", " on", " a", " mat", ".", "\n", "\n"]
-TIMEOUT = 10
-
-
-class PieceTokenizer:
-    eos_token_ids = frozenset([0])
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(PIECES[i] for i in token_ids)
-
-    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = True):
-        return [self.decode(ids, skip_special_tokens) for ids in sequences]
-
-
-def successor(tokens: list[int]) -> int:
-    """The token after the request's last one: 1, 2, 3, ..., 9, 1, ... (never EOS)."""
-    return tokens[-1] % 9 + 1
+from scheduler.worker_client import WorkerClient
+from tests.scheduler.fake_worker import TIMEOUT, FakeRank, serving
 
 
 def hashed(tokens: list[int]) -> int:
@@ -45,49 +27,57 @@ def hashed(tokens: list[int]) -> int:
     return zlib.crc32(bytes(tokens)) % 10
 
 
-class FakeRank(worker_pb2_grpc.WorkerServicer):
-    """Answers each plan like rank 0: each request that samples gets token(its tokens so far),
-    counted in `sampled`. With `hold` set, the next step waits for `release` (and sets `held`
-    first). With `logprobs` set, every token comes with logprob -token / 10 and rank 1 (no
-    top k)."""
+class Sink:
+    """A frontend as the engine sees it: the messages it was sent, in order."""
 
-    def __init__(self, num_blocks=64, num_host_blocks=0, token=successor) -> None:
-        self.worker = FakeWorker(num_blocks, 4, num_host_blocks)
-        self.token = token
-        self.sampled: Counter[str] = Counter()  # completion id -> tokens sampled for it
-        self.hold = False
-        self.logprobs = False
-        self.held = threading.Event()
-        self.release = threading.Event()
+    def __init__(self) -> None:
+        self.messages: queue.Queue[frontend_pb2.StepOutputs] = queue.Queue()
 
-    def Execute(self, request_iterator, context):
-        for plan in request_iterator:
-            if self.hold:
-                self.held.set()
-                assert self.release.wait(TIMEOUT)
-            yield self.answer(plan)
+    def send(self, outputs: frontend_pb2.StepOutputs) -> None:
+        self.messages.put(outputs)
 
-    def answer(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
-        ids = self.worker.execute(plan)
-        tokens = [self.token(self.worker.tokens[rid]) for rid in ids]
-        for rid, token in zip(ids, tokens, strict=True):
-            self.worker.learn(rid, token)
-            self.sampled[rid] += 1
-        result = worker_pb2.StepResult(step_id=plan.step_id, request_ids=ids, token_ids=tokens)
-        if self.logprobs:
-            result.sampled_logprobs.extend(-t / 10 for t in tokens)
-            result.sampled_ranks.extend([1] * len(tokens))
-            result.num_top_logprobs.extend([0] * len(tokens))
-        return result
+
+@dataclass
+class Completion:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    end: frontend_pb2.Finished | None = None
+
+
+def apply(message: frontend_pb2.StepOutputs, request_id: str, got: dict[int, Completion]):
+    """Adds what one message holds for the request to got (completion index -> Completion)."""
+    lps = message.logprobs
+    for i, (rid, index, token) in enumerate(
+        zip(message.request_ids, message.indices, message.token_ids, strict=True)
+    ):
+        if rid == request_id:
+            completion = got.setdefault(index, Completion())
+            assert completion.end is None, "a token after the completion's end"
+            completion.tokens.append(token)
+            if lps and lps[i].entries:
+                completion.logprobs.append(lps[i].entries[0].logprob)
+    for end in message.finished:
+        if end.request_id == request_id:
+            got.setdefault(end.index, Completion()).end = end
+
+
+def collect(sink: Sink, request_id: str, n: int = 1, got=None) -> dict[int, Completion]:
+    """Completion index -> what the sink got for it, up to the n-th end of the request."""
+    got = got if got is not None else {}
+    while sum(c.end is not None for c in got.values()) < n:
+        apply(sink.messages.get(timeout=TIMEOUT), request_id, got)
+    return got
+
+
+def collect_tokens(sink: Sink, request_id: str, index: int, count: int, got) -> None:
+    """Reads messages until completion `index` has `count` tokens."""
+    while len(got.get(index, Completion()).tokens) < count:
+        apply(sink.messages.get(timeout=TIMEOUT), request_id, got)
 
 
 @contextlib.contextmanager
 def serve(rank: FakeRank, async_scheduling=True, max_num_batched_tokens=64):
     """An engine over the rank, its page table as large as the rank's cache."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    worker_pb2_grpc.add_WorkerServicer_to_server(rank, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     config = SchedulerConfig(
         max_num_seqs=8,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -96,12 +86,14 @@ def serve(rank: FakeRank, async_scheduling=True, max_num_batched_tokens=64):
     page_table = PageTableManager(
         len(rank.worker.device), rank.worker.block_size, True, len(rank.worker.host)
     )
-    engine = Engine(Scheduler(config, page_table), PieceTokenizer(), [f"127.0.0.1:{port}"])
-    try:
-        yield engine
-    finally:
-        engine.stop()
-        server.stop(grace=None)
+    with serving(rank) as address:
+        worker = WorkerClient(address)
+        engine = Engine(Scheduler(config, page_table), [worker])
+        try:
+            yield engine
+        finally:
+            engine.stop()
+            worker.close()
 
 
 @pytest.fixture
@@ -115,8 +107,8 @@ def engine(rank):
         yield engine
 
 
-def submit(engine: Engine, rid: str, prompt=(1,), **params) -> "queue.Queue[Delta]":
-    deltas: queue.Queue[Delta] = queue.Queue()
+def submit(engine: Engine, rid: str, prompt=(1,), sink: Sink | None = None, **params) -> Sink:
+    sink = sink or Sink()
     request = Request(
         request_id=rid,
         prompt_token_ids=list(prompt),
@@ -124,95 +116,79 @@ def submit(engine: Engine, rid: str, prompt=(1,), **params) -> "queue.Queue[Delt
         eos_token_ids=frozenset([0]),
         max_model_len=64,
     )
-    engine.add_request(request, deltas.put)
-    return deltas
+    engine.add_request(request, sink)
+    return sink
 
 
-def until_final(deltas: "queue.Queue[Delta]", n: int = 1) -> list[Delta]:
-    """Every delta up to the n-th final one."""
-    got = []
-    while n:
-        got.append(deltas.get(timeout=TIMEOUT))
-        n -= got[-1].finish_reason is not None
-    return got
+def test_outputs_carry_tokens_and_the_end_its_reason_and_usage(engine):
+    [got] = collect(submit(engine, "a", prompt=(1, 1), max_tokens=4), "a").values()
+    assert got.tokens == [2, 3, 4, 5]
+    assert got.end.finish_reason == "length"
+    usage = got.end.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (2, 4)
+    assert 0 <= got.end.timings.time_to_first_token_ms <= got.end.timings.total_ms
 
 
-def test_deltas_carry_tokens_and_text_and_the_last_one_the_reason(engine):
-    got = until_final(submit(engine, "a", max_tokens=4))
-    assert [t for d in got for t in d.token_ids] == [2, 3, 4, 5]
-    assert "".join(d.text for d in got) == " cat sat on a"
-    assert got[-1].finish_reason == "length" and got[-1].num_output_tokens == 4
+def test_a_sink_gets_one_message_a_step_holding_all_its_requests(engine):
+    sink = Sink()
+    with engine.lock:  # both in the first step, so in every step
+        submit(engine, "a", sink=sink, max_tokens=3)
+        submit(engine, "b", prompt=(5,), sink=sink, max_tokens=3)
+    messages = [sink.messages.get(timeout=TIMEOUT) for _ in range(3)]
+    assert [list(m.request_ids) for m in messages] == [["a", "b"]] * 3
+    assert [list(m.token_ids) for m in messages] == [[2, 6], [3, 7], [4, 8]]
+    assert [e.request_id for e in messages[-1].finished] == ["a", "b"]
+    assert sink.messages.empty()
 
 
-def test_a_stop_string_across_tokens_ends_the_request_and_frees_it(engine):
-    got = until_final(submit(engine, "a", max_tokens=20, stop=["t on"]))
-    assert [t for d in got for t in d.token_ids] == [2, 3, 4]  # " cat", " sat", " on"
-    assert "".join(d.text for d in got) == " cat sa"
-    assert (got[-1].finish_reason, got[-1].stop_reason) == ("stop", "t on")
-    with engine.lock:
-        assert not engine.scheduler.requests and not engine.scheduler.has_work()
+def test_n_completions_finishing_in_one_step_each_get_their_end(engine):
+    got = collect(submit(engine, "a", max_tokens=3, n=3), "a", n=3)
+    assert sorted(got) == [0, 1, 2]
+    assert all(c.tokens == [2, 3, 4] and c.end.finish_reason == "length" for c in got.values())
 
 
-def test_n_completions_finishing_in_one_step_each_get_their_last_delta(engine):
-    got = until_final(submit(engine, "a", max_tokens=3, n=3), n=3)
-    finals = sorted(d.index for d in got if d.finish_reason is not None)
-    assert finals == [0, 1, 2]
+def test_logprobs_come_with_their_tokens(engine, rank):
+    rank.logprobs = True
+    [got] = collect(submit(engine, "a", max_tokens=3, logprobs=0), "a").values()
+    assert got.logprobs == [pytest.approx(-t / 10) for t in got.tokens]
 
 
-def test_an_abort_during_a_step_is_answered_last_at_the_step_s_end(engine, rank):
-    deltas = submit(engine, "a", max_tokens=50)
-    assert deltas.get(timeout=TIMEOUT).token_ids == [2]  # the prefill step's token
+def test_an_abort_during_a_step_ends_the_request_at_once_and_drops_the_step_s_token(engine, rank):
+    sink = submit(engine, "a", max_tokens=50)
+    assert list(sink.messages.get(timeout=TIMEOUT).token_ids) == [2]  # the prefill's token
     rank.hold = True
     assert rank.held.wait(TIMEOUT)  # a decode step is in flight, held by the rank
+    assert engine.abort("a")  # answered now, while the step is still held
+    got = collect(sink, "a")
+    assert got[0].end.finish_reason == "abort"
+    rank.release.set()
+    with pytest.raises(queue.Empty):  # nothing after the end
+        sink.messages.get(timeout=0.5)
     with engine.lock:
-        assert engine._in_step
-    assert engine.abort("a")
-    rank.release.set()
-    got = until_final(deltas)
-    assert got[-1].finish_reason == "abort"
-    assert all(d.finish_reason is None for d in got[:-1])
-    with pytest.raises(queue.Empty):  # nothing after the final delta
-        deltas.get(timeout=0.5)
+        assert not engine.scheduler.requests
+    assert not engine.abort("a")
 
 
-FINAL_ONLY = RequestOutputKind.FINAL_ONLY
+def test_a_stopped_completion_ends_with_its_stop_string_and_the_others_go_on(engine):
+    sink = submit(engine, "a", max_tokens=6, n=2)
+    got: dict[int, Completion] = {}
+    collect_tokens(sink, "a", 1, 2, got)
+    assert engine.stop_completion("a", 1, "t on")
+    collect(sink, "a", n=2, got=got)
+    assert (got[1].end.finish_reason, got[1].end.stop_str) == ("stop", "t on")
+    assert got[0].end.finish_reason == "length" and len(got[0].tokens) == 6
+    assert not engine.stop_completion("a", 1, "t on")
 
 
-def test_final_only_is_one_delta_holding_what_the_streamed_deltas_hold(engine, rank):
-    rank.logprobs = True
-    streamed = until_final(submit(engine, "a", max_tokens=4, logprobs=0))
-    [final] = until_final(submit(engine, "b", max_tokens=4, logprobs=0, output_kind=FINAL_ONLY))
-    assert final.token_ids == [t for d in streamed for t in d.token_ids] == [2, 3, 4, 5]
-    assert final.text == "".join(d.text for d in streamed) == " cat sat on a"
-    assert final.logprobs == [p for d in streamed for p in d.logprobs]
-    assert [p[t].logprob for p, t in zip(final.logprobs, final.token_ids, strict=True)] == [
-        pytest.approx(-t / 10) for t in final.token_ids
-    ]
-    assert final.logprobs[0][2].decoded_token == " cat"
-    assert final.cumulative_logprob == pytest.approx(streamed[-1].cumulative_logprob)
-    assert (final.finish_reason, final.num_output_tokens) == ("length", 4)
-
-
-def test_final_only_with_a_stop_string_and_n_completions(engine):
-    got = until_final(
-        submit(engine, "a", max_tokens=20, stop=["t on"], n=2, output_kind=FINAL_ONLY), n=2
-    )
-    assert sorted(d.index for d in got) == [0, 1]
-    for d in got:
-        assert (d.token_ids, d.text, d.stop_reason) == ([2, 3, 4], " cat sa", "t on")
-
-
-def test_an_aborted_final_only_request_gets_every_token_it_generated(engine, rank):
-    deltas = submit(engine, "a", max_tokens=50, output_kind=FINAL_ONLY)
-    rank.hold = True
-    assert rank.held.wait(TIMEOUT)  # a step is in flight; nothing was sent yet
-    assert deltas.empty()
-    assert engine.abort("a")
-    rank.release.set()
-    [final] = until_final(deltas)
-    assert final.finish_reason == "abort"
-    assert final.token_ids == [2, 3, 4, 5, 6, 7, 8, 9, 1, 2][: len(final.token_ids)]
-    assert final.text == "".join(PIECES[t] for t in final.token_ids)
+def test_abort_all_ends_one_sink_s_requests_only(engine, rank):
+    gone, other = Sink(), Sink()
+    for rid in ("a", "b"):
+        submit(engine, rid, sink=gone, max_tokens=50)
+    submit(engine, "c", sink=other, max_tokens=8)
+    assert engine.abort_all(gone) == 2
+    assert engine.num_unfinished(gone) == 0
+    [got] = collect(other, "c").values()
+    assert got.end.finish_reason == "length" and len(got.tokens) == 8
 
 
 # -- async scheduling against synchronous -----------------------------------------------------
@@ -224,8 +200,7 @@ MIX = [
     ("eos", [2, 3, 4, 5, 6, 7, 8], dict(max_tokens=30)),
     ("stop-token", [3, 1, 4, 1, 5, 9, 2], dict(max_tokens=30, stop_token_ids=[5], ignore_eos=True)),
     ("n3", [4, 4, 4, 4, 4, 4], dict(max_tokens=10, n=3, ignore_eos=True)),
-    ("stop-string", [5, 6, 5, 6, 5, 6], dict(max_tokens=30, stop=["e\n m"], ignore_eos=True)),
-    ("final-only", [6, 7, 8, 9, 1, 2, 3, 4], dict(max_tokens=16, output_kind=FINAL_ONLY)),
+    ("short", [6, 7, 8, 9, 1, 2, 3, 4], dict(max_tokens=16)),
     ("victim", [7, 7, 8, 8, 9, 9], dict(max_tokens=40, ignore_eos=True)),  # aborted
     *[(f"long{i}", [i + 1] * 12, dict(max_tokens=24, ignore_eos=True)) for i in range(3)],
 ]
@@ -239,26 +214,24 @@ def greedy_tokens(prompt: list[int], count: int) -> list[int]:
 
 
 def run_mix(async_scheduling: bool, num_blocks: int, num_host_blocks: int, budget: int):
-    """Every completion of MIX as the client saw it, the victim aborted after its second delta;
-    the tokens the rank sampled for each completion but the client never got; preemptions."""
+    """Every completion of MIX as its sink saw it (tokens, reason, stop token, completion
+    tokens), the victim aborted after its second token; the tokens the rank sampled for each
+    completion but the sink never got; preemptions."""
     rank = FakeRank(num_blocks, num_host_blocks, token=hashed)
     with serve(rank, async_scheduling, budget) as engine:
-        queues = {rid: submit(engine, rid, prompt, **params) for rid, prompt, params in MIX}
-        first = [queues["victim"].get(timeout=TIMEOUT) for _ in range(2)]
+        sinks = {rid: submit(engine, rid, prompt, **params) for rid, prompt, params in MIX}
+        victim: dict[int, Completion] = {}
+        collect_tokens(sinks["victim"], "victim", 0, 2, victim)
         engine.abort("victim")  # steps that sample for it are in flight
         completions = {}
         for rid, _, params in MIX:
-            deltas = until_final(queues[rid], params.get("n", 1))
-            if rid == "victim":
-                deltas = first + deltas
-            for index in range(params.get("n", 1)):
-                mine = [d for d in deltas if d.index == index]
+            got = collect(sinks[rid], rid, params.get("n", 1), victim if rid == "victim" else None)
+            for index, c in got.items():
                 completions[rid if index == 0 else f"{rid}#{index}"] = (
-                    [t for d in mine for t in d.token_ids],
-                    "".join(d.text for d in mine),
-                    mine[-1].finish_reason,
-                    mine[-1].stop_reason,
-                    mine[-1].num_output_tokens,
+                    c.tokens,
+                    c.end.finish_reason,
+                    c.end.stop_token_id if c.end.HasField("stop_token_id") else None,
+                    c.end.usage.completion_tokens,
                 )
         with engine.lock:
             num_preemptions = engine.scheduler.stats.num_preemptions
@@ -279,17 +252,17 @@ def test_async_scheduling_answers_what_sync_scheduling_answers(num_blocks, num_h
         assert sync_preemptions > 0 and preemptions > 0, "the cache is not tight enough"
     victim, victim_sync = got.pop("victim"), sync.pop("victim")
     assert got == sync
-    reasons = {(c[2], c[3]) for c in got.values()}
-    assert reasons == {("length", None), ("stop", None), ("stop", 5), ("stop", "e\n m")}
+    reasons = {(c[1], c[2]) for c in got.values()}
+    assert reasons == {("length", None), ("stop", None), ("stop", 5)}
+    assert all(len(c[0]) == c[3] for c in got.values())
     # The victim got a prefix of its tokens (how long depends on when the abort landed).
-    for tokens, text, reason, _, num in (victim, victim_sync):
+    for tokens, reason, _, num in (victim, victim_sync):
         assert reason == "abort" and len(tokens) == num >= 2
-        assert tokens == greedy_tokens(MIX[6][1], len(tokens))
-        assert text == "".join(PIECES[t] for t in tokens)
+        assert tokens == greedy_tokens(MIX[5][1], len(tokens))
     # A stopped completion cost at most one token sampled in vain, one ended by its length
     # none; synchronous scheduling never samples in vain but for an abort.
     assert all(n == 0 for cid, n in sync_discarded.items() if cid != "victim")
-    for cid, (_, _, reason, _, _) in got.items():
+    for cid, (_, reason, _, _) in got.items():
         assert discarded[cid] == 0 if reason == "length" else discarded[cid] <= 1, cid
     assert any(discarded[cid] == 1 for cid in got), "no plan went ahead of a result"
     assert discarded["victim"] <= 2 and sync_discarded["victim"] <= 1
@@ -339,9 +312,9 @@ class LookaheadRank(FakeRank):
 def test_with_async_scheduling_plan_n_plus_1_goes_before_result_n(async_scheduling):
     rank = LookaheadRank(wait_s=0.5)
     with serve(rank, async_scheduling) as engine:
-        got = until_final(submit(engine, "a", max_tokens=6))
+        [got] = collect(submit(engine, "a", max_tokens=6), "a").values()
         records = list(engine.step_records)
-    assert [t for d in got for t in d.token_ids] == [2, 3, 4, 5, 6, 7]
+    assert got.tokens == [2, 3, 4, 5, 6, 7]
     # Six steps, the first the prompt's: the sixth token's step is the last (no extra step).
     plans = [step for event, step in rank.events if event == "plan"]
     assert plans == [1, 2, 3, 4, 5, 6]
@@ -369,10 +342,11 @@ class FailingRank(FakeRank):
 
 def test_a_rank_failing_with_steps_in_flight_leaves_no_request_unanswered():
     with serve(FailingRank(fail_at=4)) as engine:
-        queues = [submit(engine, f"r{i}", max_tokens=20) for i in range(3)]
-        finals = [until_final(q)[-1] for q in queues]
-        assert all(d.finish_reason == "abort" and d.error for d in finals)
+        sinks = [submit(engine, f"r{i}", max_tokens=20) for i in range(3)]
+        ends = [collect(sink, f"r{i}")[0].end for i, sink in enumerate(sinks)]
+        assert all(e.finish_reason == "abort" and e.error.message for e in ends)
+        assert {e.error.code for e in ends} == {grpc.StatusCode.UNAVAILABLE.value[0]}
         with pytest.raises(RuntimeError, match="the engine has failed"):
             submit(engine, "late")
         with engine.lock:
-            assert not engine.scheduler.requests and not engine._in_step
+            assert not engine.scheduler.requests

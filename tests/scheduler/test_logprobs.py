@@ -1,5 +1,5 @@
 from protos import worker_pb2
-from scheduler.logprobs import Logprob, unpack_logprobs
+from scheduler.logprobs import unpack_logprobs
 
 
 def test_rows_unpack_their_own_top_k_and_the_sampled_token_comes_first():
@@ -13,9 +13,26 @@ def test_rows_unpack_their_own_top_k_and_the_sampled_token_comes_first():
         top_logprobs=[-0.25, -1.5],  # exact in float32
     )
     a, b, c = unpack_logprobs(result)
-    assert list(a.items()) == [(7, Logprob(-2.0, 3)), (1, Logprob(-0.25, 1)), (4, Logprob(-1.5, 2))]
+    assert [(e.token_id, e.logprob, e.rank) for e in a.entries] == [
+        (7, -2.0, 3),
+        (1, -0.25, 1),
+        (4, -1.5, 2),
+    ]
     assert b is None
-    assert c == {5: Logprob(-0.5, 1)}
+    assert [(e.token_id, e.logprob, e.rank) for e in c.entries] == [(5, -0.5, 1)]
+
+
+def test_the_sampled_token_among_the_top_k_is_named_once_with_its_rank():
+    result = worker_pb2.StepResult(
+        token_ids=[4],
+        sampled_logprobs=[-1.5],
+        sampled_ranks=[2],
+        num_top_logprobs=[2],
+        top_token_ids=[1, 4],
+        top_logprobs=[-0.25, -1.5],
+    )
+    [a] = unpack_logprobs(result)
+    assert [(e.token_id, e.rank) for e in a.entries] == [(4, 2), (1, 1)]
 
 
 def test_a_result_without_logprobs_unpacks_to_none_per_token():

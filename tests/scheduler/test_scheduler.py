@@ -14,12 +14,13 @@ from hypothesis.stateful import (
     rule,
 )
 
+from protos.step_plan import cached_requests
 from scheduler.config import POLICIES, SchedulerConfig
 from scheduler.page_table import PageTableManager
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import RequestRefused, Scheduler
-from tests.scheduler.fake_worker import FakeWorker, cached_requests
+from tests.scheduler.fake_worker import FakeWorker
 
 EOS = 2
 

@@ -5,8 +5,8 @@ import threading
 import pytest
 
 from scheduler.config import SchedulerConfig
-from scheduler.global_page_table import GlobalPageTable
 from scheduler.page_table import PageTableManager
+from scheduler.router import Router
 from scheduler.scheduler import Scheduler
 from tests.scheduler.test_scheduler import make_request
 
@@ -27,7 +27,7 @@ def test_a_request_goes_to_the_replica_with_its_longest_cached_prefix():
     shared = list(range(100, 112))
     cache_prompt(schedulers[1], shared[:4] + [1] * 8)  # one block of the prefix
     cache_prompt(schedulers[2], shared + [2])  # three blocks
-    table = GlobalPageTable(schedulers)
+    table = Router(schedulers)
     request = make_request("r", shared + [7, 7])
     assert table.cached_tokens(request) == {0: 0, 1: 4, 2: 12}
     assert table.route(request) == 2
@@ -35,7 +35,7 @@ def test_a_request_goes_to_the_replica_with_its_longest_cached_prefix():
 
 def test_ties_go_to_the_least_loaded_replica_then_the_first():
     schedulers = replicas(3)
-    table = GlobalPageTable(schedulers)
+    table = Router(schedulers)
     assert table.route(make_request("a", 5)) == 0
     schedulers[0].add_request(make_request("busy0", 5))
     schedulers[1].add_request(make_request("busy1", 5, n=2))  # two completions
@@ -50,7 +50,7 @@ def test_ties_go_to_the_least_loaded_replica_then_the_first():
 def test_routing_reads_each_replica_under_its_lock():
     schedulers = replicas(2)
     locks = [threading.Lock(), threading.Lock()]
-    table = GlobalPageTable(schedulers, locks)
+    table = Router(schedulers, locks)
     with locks[1]:
         done = threading.Event()
         worker = threading.Thread(target=lambda: (table.route(make_request("a", 5)), done.set()))
@@ -62,16 +62,16 @@ def test_routing_reads_each_replica_under_its_lock():
 
 def test_replicas_must_share_a_block_size():
     with pytest.raises(ValueError, match="block size"):
-        GlobalPageTable([*replicas(1, block_size=4), *replicas(1, block_size=8)])
+        Router([*replicas(1, block_size=4), *replicas(1, block_size=8)])
     with pytest.raises(ValueError, match="at least one"):
-        GlobalPageTable([])
+        Router([])
 
 
 def test_a_removed_replica_gets_no_new_request_and_an_added_one_does():
     schedulers = replicas(3)
     shared = list(range(100, 112))
     cache_prompt(schedulers[2], shared + [2])
-    table = GlobalPageTable(schedulers[:2])
+    table = Router(schedulers[:2])
     table.add(7, schedulers[2])
     request = make_request("r", shared + [7, 7])
     assert table.route(request) == 7  # the added replica caches the prefix

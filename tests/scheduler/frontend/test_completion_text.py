@@ -2,7 +2,7 @@
 
 import pytest
 
-from scheduler.completion_text import CompletionText
+from scheduler.frontend.completion_text import CompletionText
 from scheduler.sampling_params import SamplingParams
 
 PIECES = ["The", " answer", " is", " 4", "2", ".\n", "\nQ", ":", " next", " one"]

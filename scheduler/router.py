@@ -1,4 +1,5 @@
-"""The global page table: every serving replica's page table seen at once, to route new requests.
+"""The router: every serving replica's page table seen at once (the global page table), to route
+new requests.
 
 A new request goes to the replica that caches its longest prefix (the fewest tokens left to
 prefill); ties go to the replica with the fewest unfinished requests, then to the lowest id.
@@ -13,7 +14,7 @@ from scheduler.request import Request
 from scheduler.scheduler import Scheduler
 
 
-class GlobalPageTable:
+class Router:
     """schedulers[i] is replica i's (its page_table is the replica's pool); locks[i], if given,
     is held while reading replica i's state (its engine thread changes it). Replicas added later
     bring their own id."""
@@ -24,7 +25,7 @@ class GlobalPageTable:
         locks: Sequence[AbstractContextManager] | None = None,
     ) -> None:
         if not schedulers:
-            raise ValueError("a global page table needs at least one replica")
+            raise ValueError("a router needs at least one replica")
         self._members: dict[int, tuple[Scheduler, AbstractContextManager]] = {}
         self._membership = threading.Lock()
         locks = list(locks) if locks is not None else [nullcontext()] * len(schedulers)

@@ -12,8 +12,8 @@ A FINAL_ONLY completion without stop strings needs no text before its end: its t
 are detokenized once, by finish().
 """
 
+from scheduler.frontend.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
 from scheduler.sampling_params import RequestOutputKind, SamplingParams
-from scheduler.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
 
 
 class CompletionText:

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from scheduler.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
+from scheduler.frontend.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,210 @@
+"""The engine core's gRPC server (protos/frontend.proto): the fleet of replicas behind one
+EngineCore service that the frontends connect to.
+
+    frontend 1 --Connect (AddRequest, abort, stop / StepOutputs)--+
+    frontend 2 --Connect------------------------------------------+--> EngineCore --> Fleet
+    any frontend --Abort, GetServerInfo, Scale (forwarded)--------+     (replicas, router)
+
+The server listens from construction, so frontends connect while the workers load; start()
+brings the replicas up, then every connected frontend (and any that connects later) is sent
+the model it serves. Each Connect stream is a FrontendLink, the sink of the requests it adds;
+when the stream breaks, every request of that frontend is aborted and its blocks freed.
+"""
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+
+import grpc
+
+from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
+from scheduler.fleet import Fleet, Placer
+from scheduler.frontend_link import FrontendLink
+from scheduler.replica import EngineConfigs, ReplicaSpec
+from scheduler.request import Request
+from scheduler.sampling_params import SamplingParams
+from scheduler.scheduler import RequestRefused
+from scheduler.step_outputs import StepOutputsBuilder
+
+log = logging.getLogger(__name__)
+
+PID_METADATA = "frontend-pid"  # how a frontend names itself on its Connect stream
+_MAX_THREADS = 64  # a Connect stream holds one, each unary call one while it runs
+
+
+class EngineCore:
+    def __init__(self, model_name: str, host: str = "127.0.0.1") -> None:
+        """Starts the EngineCore gRPC server on host, any free port (`address`)."""
+        self.model_name = model_name
+        self.fleet: Fleet | None = None  # once start() has brought the replicas up
+        self._model_info: serving_pb2.ModelInfoResponse | None = None
+        self._links: list[FrontendLink] = []
+        self._links_lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(_MAX_THREADS, "core"))
+        frontend_pb2_grpc.add_EngineCoreServicer_to_server(_Service(self), self._server)
+        port = self._server.add_insecure_port(f"{host}:0")
+        if port == 0:
+            raise RuntimeError(f"the engine core cannot listen on {host}")
+        self.address = f"{host}:{port}"
+        self._server.start()
+
+    def start(
+        self, specs: Sequence[ReplicaSpec], configs: EngineConfigs, placer: Placer | None = None
+    ) -> None:
+        """Brings the replicas up; then the frontends learn the model and serve."""
+        fleet = Fleet(specs, configs, placer)
+        info = fleet.model_info
+        model_info = serving_pb2.ModelInfoResponse(
+            model=self.model_name,
+            architecture=info.architecture,
+            vocab_size=info.vocab_size,
+            max_model_len=fleet.max_model_len,
+            weight_bytes=info.weight_bytes,
+        )
+        with self._links_lock:
+            self.fleet, self._model_info = fleet, model_info
+            for link in self._links:
+                link.send_ready(model_info)
+
+    def connect(self, link: FrontendLink) -> None:
+        """A frontend's stream opened: it is told the model at once if the replicas serve."""
+        with self._links_lock:
+            self._links.append(link)
+            if self._model_info is not None:
+                link.send_ready(self._model_info)
+        log.info("frontend %d connected", link.pid)
+
+    def disconnect(self, link: FrontendLink) -> None:
+        """A frontend's stream ended: its requests are aborted."""
+        link.close()
+        with self._links_lock:
+            self._links.remove(link)
+            fleet = self.fleet
+        aborted = fleet.abort_all(link) if fleet is not None else 0
+        log.info("frontend %d disconnected; %d of its requests aborted", link.pid, aborted)
+
+    def add(self, link: FrontendLink, msg: frontend_pb2.AddRequest) -> None:
+        """Enqueues a frontend's request; a refusal is answered on its link."""
+        link.num_requests += 1
+        try:
+            if self.fleet is None:
+                raise RuntimeError("the model is still loading; retry shortly")
+            request = Request(
+                request_id=msg.request_id,
+                prompt_token_ids=list(msg.prompt_token_ids),
+                sampling_params=SamplingParams.from_proto(msg.params),
+                eos_token_ids=frozenset(msg.eos_token_ids),
+                max_model_len=self.fleet.max_model_len,
+                priority=msg.priority,
+                cache_salt=msg.cache_salt,
+            )
+            self.fleet.submit(request, link)
+        except RequestRefused as e:
+            self._refuse(link, msg.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ValueError as e:  # an id in use (the frontend checked the parameters)
+            self._refuse(link, msg.request_id, grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except RuntimeError as e:
+            self._refuse(link, msg.request_id, grpc.StatusCode.UNAVAILABLE, str(e))
+
+    @staticmethod
+    def _refuse(link: FrontendLink, request_id: str, code: grpc.StatusCode, why: str) -> None:
+        outputs = StepOutputsBuilder()
+        outputs.failed(request_id, code, why)
+        link.send(outputs.build())
+
+    def server_info(self) -> serving_pb2.ServerInfoResponse:
+        """The fleet's state and the frontends connected now."""
+        fleet = self.fleet
+        info = fleet.server_info()
+        info.model = self.model_name
+        with self._links_lock:
+            links = list(self._links)
+        info.frontends.extend(
+            serving_pb2.FrontendInfo(
+                pid=link.pid,
+                num_requests=link.num_requests,
+                num_unfinished=fleet.num_unfinished(link),
+            )
+            for link in links
+        )
+        return info
+
+    def stop(self) -> None:
+        """Ends every frontend's stream, stops serving, then stops the replicas."""
+        with self._links_lock:
+            links = list(self._links)
+        for link in links:
+            link.close()
+        self._server.stop(grace=1.0).wait(timeout=10)
+        if self.fleet is not None:
+            self.fleet.stop()
+
+
+class _Service(frontend_pb2_grpc.EngineCoreServicer):
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+
+    def Connect(self, request_iterator, context) -> Iterator[frontend_pb2.CoreMessage]:
+        metadata = dict(context.invocation_metadata())
+        link = FrontendLink(int(metadata.get(PID_METADATA, 0)))
+        core = self.core
+        core.connect(link)
+        context.add_callback(link.close)  # the stream ended: the response loop below ends too
+        reader = threading.Thread(
+            target=self._read, args=(request_iterator, link), name="frontend-link", daemon=True
+        )
+        reader.start()
+        try:
+            while (message := link.next()) is not None:
+                yield message
+        finally:
+            core.disconnect(link)
+
+    def _read(self, request_iterator, link: FrontendLink) -> None:
+        """Applies a frontend's messages in order, until its stream ends."""
+        core = self.core
+        try:
+            for msg in request_iterator:
+                for add in msg.add:
+                    core.add(link, add)
+                fleet = core.fleet
+                if fleet is None:
+                    continue  # nothing to abort or stop before the replicas serve
+                for request_id in msg.abort:
+                    fleet.abort(request_id)
+                for stop in msg.stop:
+                    fleet.stop_completion(stop.request_id, stop.index, stop.stop_str)
+        except grpc.RpcError:
+            pass  # the frontend went away: the stream's end handles it
+        finally:
+            link.close()
+
+    def _fleet(self, context) -> Fleet:
+        if self.core.fleet is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        return self.core.fleet
+
+    def Abort(self, request, context) -> serving_pb2.AbortResponse:
+        return serving_pb2.AbortResponse(found=self._fleet(context).abort(request.request_id))
+
+    def GetServerInfo(self, request, context) -> serving_pb2.ServerInfoResponse:
+        self._fleet(context)
+        return self.core.server_info()
+
+    def Scale(self, request, context) -> serving_pb2.ScaleResponse:
+        fleet = self._fleet(context)
+        if request.replicas < 1:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"replicas must be >= 1, got {request.replicas}"
+            )
+        if fleet.placer is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server cannot scale: it was started without a placer to start and stop "
+                "workers (a cluster started by `pagedserve up` has one)",
+            )
+        try:
+            return fleet.scale(request.replicas)
+        except RuntimeError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))

@@ -1,0 +1,154 @@
+"""A frontend process's server: the Serving gRPC service (with grpc.health.v1, reflection, token
+auth and TLS) on server.host:server.port, over a CoreBackend connected to the engine core.
+
+Several frontends listen on one port (SO_REUSEPORT: the kernel spreads connections over them).
+The server answers from the start, NOT_SERVING while the tokenizer loads and the core brings
+the replicas up, SERVING once both are done; NOT_SERVING again if the core's stream breaks.
+It runs its own event loop on a thread, so a host process (a Ray actor) stays free.
+"""
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import serving_pb2, serving_pb2_grpc
+from scheduler.auth import TokenAuthInterceptor
+from scheduler.config import ServerConfig
+from scheduler.frontend.core_backend import CoreBackend
+from scheduler.frontend.grpc_service import ServingService
+from scheduler.frontend.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
+_START_TIMEOUT_S = 30.0
+
+
+class FrontendServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        core_address: str,
+        load_tokenizer: Callable[[], Tokenizer],
+        model_name: str,
+    ) -> None:
+        """Listens (config.port, or any free port when 0: `port` says which) and connects to
+        the core; loads the tokenizer (load_tokenizer()) in the background."""
+        self._config = config
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(core_address, load_tokenizer, model_name),
+            name="frontend",
+            daemon=True,
+        )
+        self._thread.start()
+        if not self._started.wait(_START_TIMEOUT_S):
+            raise RuntimeError(f"the frontend did not start within {_START_TIMEOUT_S} s")
+        if self._start_error is not None:
+            raise self._start_error
+
+    def wait_ready(self, timeout: float) -> None:
+        """Returns once the frontend serves; raises TimeoutError after timeout seconds."""
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the frontend on port {self.port} was not ready in {timeout} s")
+        if self._start_error is not None:
+            raise self._start_error
+
+    def _run(
+        self, core_address: str, load_tokenizer: Callable[[], Tokenizer], model_name: str
+    ) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start(core_address, model_name))
+        except BaseException as e:
+            self._start_error = e
+            self._started.set()
+            return
+        self._started.set()
+        self._watch = self._loop.create_task(self._serve_when_ready(load_tokenizer))
+        self._loop.run_forever()
+
+    async def _start(self, core_address: str, model_name: str) -> None:
+        cfg = self._config
+        tokens = cfg.tokens()
+        self._server = grpc.aio.server(
+            interceptors=[TokenAuthInterceptor(tokens)] if tokens else None,
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_request_bytes),
+                ("grpc.so_reuseport", 1),
+            ],
+        )
+        self.backend = CoreBackend(model_name, core_address, cfg.max_concurrent_requests)
+        serving_pb2_grpc.add_ServingServicer_to_server(ServingService(self.backend), self._server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert_file is None:
+            port = self._server.add_insecure_port(address)
+        else:
+            client_ca = cfg.read("tls_client_ca_file")
+            credentials = grpc.ssl_server_credentials(
+                [(cfg.read("tls_key_file"), cfg.read("tls_cert_file"))],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = self._server.add_secure_port(address, credentials)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
+        self.port = port
+        self.address = f"{cfg.host}:{port}"
+        await self._server.start()
+        await self._set_health(False)
+        await self.backend.core.start()
+
+    async def _serve_when_ready(self, load_tokenizer: Callable[[], Tokenizer]) -> None:
+        """SERVING once the tokenizer is loaded and the core has sent the model; NOT_SERVING
+        when the core's stream ends."""
+        loop = asyncio.get_running_loop()
+        try:
+            with futures.ThreadPoolExecutor(max_workers=1) as pool:
+                tokenizer = await loop.run_in_executor(pool, load_tokenizer)
+        except Exception as e:  # wait_ready() raises it
+            log.exception("loading the tokenizer")
+            self._start_error = e
+            self._ready.set()
+            return
+        self.backend.set_tokenizer(tokenizer)
+        await self.backend.became_ready.wait()
+        await self._set_health(True)
+        self._ready.set()
+        log.info("frontend serving on %s", self.address)
+        await self.backend.core.closed.wait()
+        await self._set_health(False)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status.SERVING if serving else status.NOT_SERVING)
+
+    def stop(self) -> None:
+        """Stops serving (streams in flight end) and closes the core's stream."""
+
+        async def _stop() -> None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace=1.0)
+            await self.backend.core.close()
+            self._watch.cancel()
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=15)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

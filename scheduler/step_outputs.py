@@ -1,0 +1,95 @@
+"""What the engine core sends a frontend: its requests' share of a step, as one StepOutputs
+message (protos/frontend.proto), built here and nowhere else.
+
+    step N learned:   a: +17   b: +4 (finished, length)   c: +9      (a, b from frontend 1)
+    frontend 1 gets:  StepOutputs(request_ids=[a, b], indices=[0, 0], token_ids=[17, 4],
+                                  finished=[Finished(b, "length", usage, timings)])
+"""
+
+import time
+
+import grpc
+
+from protos import frontend_pb2, serving_pb2
+from scheduler.request import Request
+
+
+class StepOutputsBuilder:
+    """Collects one frontend's outputs of one step (tokens, then ends) into one message."""
+
+    def __init__(self) -> None:
+        self._request_ids: list[str] = []
+        self._indices: list[int] = []
+        self._token_ids: list[int] = []
+        # One entry per token once any token carries logprobs (an empty one where not asked).
+        self._logprobs: list[serving_pb2.TokenLogprobs] = []
+        self._finished: list[frontend_pb2.Finished] = []
+
+    def token(
+        self, request: Request, token: int, logprobs: serving_pb2.TokenLogprobs | None
+    ) -> None:
+        """A token the completion learned in this step (and its logprobs, when asked)."""
+        self._request_ids.append(request.group_id)
+        self._indices.append(request.index)
+        self._token_ids.append(token)
+        if logprobs is not None:
+            missing = len(self._token_ids) - 1 - len(self._logprobs)
+            self._logprobs.extend(serving_pb2.TokenLogprobs() for _ in range(missing))
+            self._logprobs.append(logprobs)
+        elif self._logprobs:
+            self._logprobs.append(serving_pb2.TokenLogprobs())
+
+    def finished(self, request: Request) -> None:
+        """The completion ended (after its tokens in this message)."""
+        self._finished.append(finished(request))
+
+    def failed(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
+        """The client request ended unanswered: refused, or lost with a failed replica."""
+        self._finished.append(failure(request_id, code, message))
+
+    def build(self) -> frontend_pb2.StepOutputs:
+        return frontend_pb2.StepOutputs(
+            request_ids=self._request_ids,
+            indices=self._indices,
+            token_ids=self._token_ids,
+            logprobs=self._logprobs,
+            finished=self._finished,
+        )
+
+
+def finished(request: Request) -> frontend_pb2.Finished:
+    """A finished completion's end: its reason, usage and timings."""
+    msg = frontend_pb2.Finished(
+        request_id=request.group_id,
+        index=request.index,
+        finish_reason=request.finish_reason,
+        usage=serving_pb2.Usage(
+            prompt_tokens=request.num_prompt_tokens,
+            completion_tokens=len(request.output_token_ids),
+            cached_tokens=request.num_cached_tokens,
+        ),
+        timings=serving_pb2.Timings(
+            queue_ms=_since(request.arrival_time, request.first_scheduled_time),
+            time_to_first_token_ms=_since(request.arrival_time, request.first_token_time),
+            total_ms=_since(request.arrival_time, time.monotonic()),
+        ),
+    )
+    if isinstance(request.stop_reason, str):
+        msg.stop_str = request.stop_reason
+    elif request.stop_reason is not None:
+        msg.stop_token_id = request.stop_reason
+    return msg
+
+
+def failure(request_id: str, code: grpc.StatusCode, message: str) -> frontend_pb2.Finished:
+    """The end of a client request that gets no answer, with the status its client is told."""
+    return frontend_pb2.Finished(
+        request_id=request_id,
+        finish_reason="abort",
+        error=frontend_pb2.Error(code=code.value[0], message=message),
+    )
+
+
+def _since(start: float, end: float | None) -> float:
+    """Milliseconds from start to end (0 when end never came: an abort before it)."""
+    return 0.0 if end is None else (end - start) * 1e3

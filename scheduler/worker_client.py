@@ -1,0 +1,74 @@
+"""The engine core's connection to one worker rank: one gRPC channel, made here and closed here,
+carrying every call to that rank (bring-up RPCs and the Execute stream).
+
+    WorkerClient(address) --one channel--> Worker service of one rank
+        .call(method, request)   a unary RPC as a future (bring-up: every rank at once)
+        .execute()               the long-lived Execute stream (WorkerStream)
+        .close()                 the channel and with it any stream on it
+"""
+
+import queue
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from protos import worker_pb2, worker_pb2_grpc
+
+WORKER_RPC_TIMEOUT_S = 600.0  # a bring-up RPC (loading a model, capturing graphs) may take long
+_MAX_MESSAGE_BYTES = 256 << 20  # a plan of new requests with long prompts
+
+
+class WorkerStream:
+    """The Execute stream to one rank: send() a plan, recv() its result, in order."""
+
+    def __init__(self, address: str, stub: worker_pb2_grpc.WorkerStub) -> None:
+        self.address = address
+        self._plans: queue.SimpleQueue = queue.SimpleQueue()
+        self._results = stub.Execute(self._iter_plans())
+
+    def _iter_plans(self) -> Iterator[worker_pb2.StepPlan]:
+        while (plan := self._plans.get()) is not None:
+            yield plan
+
+    def send(self, plan: worker_pb2.StepPlan) -> None:
+        self._plans.put(plan)
+
+    def recv(self) -> worker_pb2.StepResult:
+        return next(self._results)
+
+    def close(self) -> None:
+        """Ends the stream (the rank drops it); the channel stays open."""
+        self._plans.put(None)
+
+
+class WorkerClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+        )
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    def call(self, method: str, request, timeout: float = WORKER_RPC_TIMEOUT_S) -> grpc.Future:
+        """Starts the unary RPC `method` (InitCache, LoadModel, ...); returns its future."""
+        return getattr(self._stub, method).future(request, timeout=timeout)
+
+    def wait_until_up(self, timeout: float) -> worker_pb2.HealthResponse:
+        """Health, waiting for the rank's server to listen."""
+        return self._stub.Health(worker_pb2.Empty(), timeout=timeout, wait_for_ready=True)
+
+    def execute(self) -> WorkerStream:
+        """Opens the rank's Execute stream on this channel."""
+        return WorkerStream(self.address, self._stub)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def call_all(workers: Sequence[WorkerClient], method: str, requests) -> list:
+    """The RPC on every rank at once (collectives inside it need all ranks), then every answer
+    in rank order. requests: one message for all ranks, or a list of one per rank."""
+    if not isinstance(requests, list):
+        requests = [requests] * len(workers)
+    calls = [w.call(method, r) for w, r in zip(workers, requests, strict=True)]
+    return [call.result() for call in calls]

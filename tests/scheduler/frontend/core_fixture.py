@@ -1,0 +1,56 @@
+"""An engine core in this process over one fake rank (no model), and a tokenizer of its
+vocabulary, for frontend tests."""
+
+import contextlib
+from collections.abc import Iterator
+
+from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig
+from scheduler.engine_core import EngineCore
+from scheduler.replica import EngineConfigs, ReplicaSpec
+from tests.scheduler.fake_worker import FakeRank, serving
+
+BLOCK_SIZE = 8
+NUM_BLOCKS = 64
+MAX_MODEL_LEN = 64
+PIECES = ["<eos>", " the", " cat", " sat", " on", " a", " mat", ".", "\n", "\n"]
+
+
+class PieceTokenizer:
+    """Token i is PIECES[i] (the fake rank's vocabulary); 0 is EOS."""
+
+    eos_token_ids = frozenset([0])
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(PIECES[i] for i in token_ids)
+
+    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = True):
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+
+@contextlib.contextmanager
+def running_core(rank: FakeRank) -> Iterator[EngineCore]:
+    """An EngineCore serving one replica of the rank (its cache: NUM_BLOCKS x BLOCK_SIZE)."""
+    with serving(rank) as address:
+        core = EngineCore("fake")
+        try:
+            core.start(
+                [ReplicaSpec((address,), "fake-model")],
+                EngineConfigs(
+                    ModelConfig(max_model_len=MAX_MODEL_LEN),
+                    CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
+                    SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+                ),
+            )
+            yield core
+        finally:
+            core.stop()
+
+
+def blocks_in_use(core: EngineCore) -> int:
+    """KV blocks held by requests (free blocks may still cache a prefix)."""
+    [replica] = core.fleet.server_info().replicas
+    return replica.num_blocks - replica.num_free_blocks
+
+
+def fake_rank() -> FakeRank:
+    return FakeRank(NUM_BLOCKS, block_size=BLOCK_SIZE)

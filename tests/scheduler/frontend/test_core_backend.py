@@ -1,0 +1,202 @@
+"""A frontend's Backend against a real engine core over its real Connect stream, one fake rank
+behind it (token i + 1 follows token i): text, stop strings, FINAL_ONLY, logprobs, refusals,
+clients that leave and frontends whose stream breaks. The tokenizer's tokens are fixed pieces
+of text."""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from protos import serving_pb2
+from scheduler.frontend.backend import ServingError
+from scheduler.frontend.core_backend import CoreBackend
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
+from tests.scheduler.fake_worker import TIMEOUT
+from tests.scheduler.frontend.core_fixture import (
+    PieceTokenizer,
+    blocks_in_use,
+    fake_rank,
+    running_core,
+)
+
+FINAL_ONLY = RequestOutputKind.FINAL_ONLY
+
+
+@pytest.fixture
+def rank():
+    return fake_rank()
+
+
+@pytest.fixture
+def core(rank):
+    with running_core(rank) as core:
+        yield core
+
+
+async def connected(core) -> CoreBackend:
+    """A backend on this loop, connected and ready."""
+    backend = CoreBackend("fake", core.address)
+    await backend.core.start()
+    backend.set_tokenizer(PieceTokenizer())
+    await asyncio.wait_for(backend.became_ready.wait(), TIMEOUT)
+    return backend
+
+
+def with_backend(core, body):
+    """Runs body(backend) on a fresh event loop, the backend closed after it."""
+
+    async def main():
+        backend = await connected(core)
+        try:
+            return await asyncio.wait_for(body(backend), TIMEOUT)
+        finally:
+            await backend.core.close()
+
+    return asyncio.run(main())
+
+
+def request(prompt=(1,), request_id="", **params) -> serving_pb2.GenerateRequest:
+    msg = serving_pb2.GenerateRequest(
+        request_id=request_id, params=SamplingParams(temperature=0, **params).to_proto()
+    )
+    msg.prompt_token_ids.ids.extend(prompt)
+    return msg
+
+
+def bad_top_p() -> serving_pb2.GenerateRequest:
+    msg = request()
+    msg.params.top_p = 0
+    return msg
+
+
+async def responses(backend, msg) -> list[serving_pb2.GenerateResponse]:
+    return [r async for r in backend.generate(msg)]
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def test_tokens_and_text_are_streamed_and_the_last_message_carries_the_end(core):
+    got = with_backend(core, lambda b: responses(b, request((1, 1), max_tokens=4)))
+    assert [t for r in got for t in r.token_ids] == [2, 3, 4, 5]
+    assert "".join(r.text for r in got) == " cat sat on a"
+    last = got[-1]
+    assert (last.finish_reason, last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        "length",
+        2,
+        4,
+    )
+    assert list(last.prompt_token_ids) == [1, 1]
+    assert all(not r.finish_reason for r in got[:-1])
+
+
+def test_a_stop_string_across_tokens_ends_the_completion_and_the_core_frees_it(core):
+    got = with_backend(core, lambda b: responses(b, request(max_tokens=20, stop=["t on"])))
+    assert [t for r in got for t in r.token_ids] == [2, 3, 4]  # " cat", " sat", " on"
+    assert "".join(r.text for r in got) == " cat sa"
+    assert (got[-1].finish_reason, got[-1].stop_str) == ("stop", "t on")
+    assert got[-1].usage.completion_tokens == 3
+    wait_until(lambda: blocks_in_use(core) == 0, "the stopped request's blocks are free")
+
+
+def test_final_only_is_one_message_holding_what_the_stream_holds(core, rank):
+    rank.logprobs = True
+
+    async def both(backend):
+        streamed = await responses(backend, request(max_tokens=4, logprobs=0))
+        final = await responses(backend, request(max_tokens=4, logprobs=0, output_kind=FINAL_ONLY))
+        return streamed, final
+
+    streamed, [final] = with_backend(core, both)
+    assert list(final.token_ids) == [t for r in streamed for t in r.token_ids] == [2, 3, 4, 5]
+    assert final.text == "".join(r.text for r in streamed) == " cat sat on a"
+    assert list(final.logprobs) == [p for r in streamed for p in r.logprobs]
+    assert [p.entries[0].logprob for p in final.logprobs] == [
+        pytest.approx(-t / 10) for t in final.token_ids
+    ]
+    assert final.logprobs[0].entries[0].decoded_token == " cat"
+    assert final.cumulative_logprob == pytest.approx(streamed[-1].cumulative_logprob)
+    assert (final.finish_reason, final.usage.completion_tokens) == ("length", 4)
+
+
+def test_final_only_with_a_stop_string_and_n_completions(core):
+    msg = request(max_tokens=20, stop=["t on"], n=2, output_kind=FINAL_ONLY)
+    got = with_backend(core, lambda b: responses(b, msg))
+    assert sorted(r.index for r in got) == [0, 1]
+    for r in got:
+        assert (list(r.token_ids), r.text, r.stop_str) == ([2, 3, 4], " cat sa", "t on")
+
+
+@pytest.mark.parametrize(
+    "msg,code,words",
+    [
+        (request((1, 10)), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: 10 is outside"),
+        (bad_top_p(), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
+        (request((1,) * 64), grpc.StatusCode.INVALID_ARGUMENT, "shorter than max_model_len=64"),
+        # Refused by the core: more completions than a step holds.
+        (request(n=9), grpc.StatusCode.INVALID_ARGUMENT, "exceed scheduler.max_num_seqs=8"),
+    ],
+    ids=["vocabulary", "top_p", "too-long", "core-refuses"],
+)
+def test_bad_requests_are_refused_with_a_code_and_a_sentence(core, msg, code, words):
+    with pytest.raises(ServingError) as err:
+        with_backend(core, lambda b: responses(b, msg))
+    assert err.value.code == code and words in err.value.message
+
+
+def test_an_id_in_flight_is_refused_and_free_again_once_answered(core, rank):
+    async def twice(backend):
+        first = backend.generate(request(request_id="x", max_tokens=30))
+        await anext(first)
+        with pytest.raises(ServingError) as err:
+            await responses(backend, request(request_id="x", max_tokens=2))
+        async for _ in first:
+            pass
+        return err.value, await responses(backend, request(request_id="x", max_tokens=2))
+
+    error, again = with_backend(core, twice)
+    assert error.code == grpc.StatusCode.ALREADY_EXISTS and "'x' is already in use" in error.message
+    assert again[-1].finish_reason == "length"
+
+
+def test_a_client_that_leaves_aborts_its_request_and_frees_its_blocks(core):
+    async def leave(backend):
+        stream = backend.generate(request(request_id="gone", max_tokens=50))
+        await anext(stream)
+        await stream.aclose()
+
+    with_backend(core, leave)
+    wait_until(lambda: blocks_in_use(core) == 0, "the abandoned request's blocks are free")
+    assert not core.fleet.abort("gone")
+
+
+def test_a_frontend_whose_stream_breaks_loses_its_requests_and_the_others_go_on(core, rank):
+    async def two_frontends():
+        kept, lost = await connected(core), await connected(core)
+        try:
+            survivor = kept.generate(request((1, 1), max_tokens=40))
+            casualty = lost.generate(request((2, 2), max_tokens=40))
+            await anext(survivor), await anext(casualty)
+            info = await kept.server_info()
+            assert [f.num_unfinished for f in info.frontends] == [1, 1]
+            await lost.core.close()  # as when its process dies: the stream ends
+            with pytest.raises(ServingError) as err:
+                async for _ in casualty:
+                    pass
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            got = [r async for r in survivor]
+            return got, await kept.server_info()
+        finally:
+            await kept.core.close()
+            await lost.core.close()
+
+    got, info = asyncio.run(asyncio.wait_for(two_frontends(), TIMEOUT))
+    assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 40
+    assert len(info.frontends) == 1
+    wait_until(lambda: blocks_in_use(core) == 0, "the lost frontend's blocks are free")

@@ -1,0 +1,101 @@
+"""Two frontend servers in this process on one port (SO_REUSEPORT) in front of one engine core
+(a fake rank behind it), driven by plain gRPC clients: the Serving API, its errors as status
+codes, health, and an Abort that reaches a request whichever frontend holds it."""
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import serving_pb2, serving_pb2_grpc
+from scheduler.config import ServerConfig
+from scheduler.frontend.server import FrontendServer
+from tests.scheduler.fake_worker import TIMEOUT
+from tests.scheduler.frontend.core_fixture import PieceTokenizer, fake_rank, running_core
+
+
+@pytest.fixture(scope="module")
+def frontends():
+    """The core's address-sharing frontends: (address, [server, server])."""
+    with running_core(fake_rank()) as core:
+        first = FrontendServer(ServerConfig(port=0), core.address, PieceTokenizer, "fake")
+        second = None
+        try:
+            second = FrontendServer(
+                ServerConfig(port=first.port), core.address, PieceTokenizer, "fake"
+            )
+            first.wait_ready(TIMEOUT)
+            second.wait_ready(TIMEOUT)
+            yield first.address, [first, second]
+        finally:
+            first.stop()
+            if second is not None:
+                second.stop()
+
+
+def stub(address: str) -> tuple[grpc.Channel, serving_pb2_grpc.ServingStub]:
+    """A channel with a connection of its own (the kernel picks a frontend for each)."""
+    channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+    return channel, serving_pb2_grpc.ServingStub(channel)
+
+
+def generate(prompt=(1,), request_id="", **params) -> serving_pb2.GenerateRequest:
+    msg = serving_pb2.GenerateRequest(request_id=request_id)
+    msg.params.temperature = 0
+    for key, value in params.items():
+        setattr(msg.params, key, value)
+    msg.prompt_token_ids.ids.extend(prompt)
+    return msg
+
+
+def test_both_frontends_serve_on_one_port(frontends):
+    address, servers = frontends
+    assert servers[0].port == servers[1].port
+    for _ in range(40):
+        channel, serving = stub(address)
+        with channel:
+            got = list(serving.Generate(generate(max_tokens=3), timeout=TIMEOUT))
+            info = serving.GetServerInfo(serving_pb2.ServerInfoRequest(), timeout=TIMEOUT)
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="pagedserve.serving.Serving"),
+                timeout=TIMEOUT,
+            )
+        assert [t for r in got for t in r.token_ids] == [2, 3, 4]
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        if all(f.num_requests for f in info.frontends):
+            break
+    assert len(info.frontends) == 2
+    assert all(f.num_requests for f in info.frontends), "one frontend took every connection"
+
+
+def test_errors_reach_the_client_as_status_codes(frontends):
+    address, _ = frontends
+    channel, serving = stub(address)
+    with channel:
+        with pytest.raises(grpc.RpcError) as err:
+            list(serving.Generate(generate((1, 10)), timeout=TIMEOUT))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prompt_token_ids: 10 is outside the vocabulary [0, 10)" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            serving.Scale(serving_pb2.ScaleRequest(replicas=2), timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = serving.GetModelInfo(serving_pb2.ModelInfoRequest(), timeout=TIMEOUT)
+    assert (info.model, info.vocab_size, info.max_model_len) == ("fake", 10, 64)
+    assert list(info.eos_token_ids) == [0]  # the frontend's tokenizer's
+
+
+def test_abort_finds_a_request_on_any_frontend(frontends):
+    address, _ = frontends
+    channel, serving = stub(address)
+    with channel:
+        stream = serving.Generate(generate(request_id="long", max_tokens=60), timeout=TIMEOUT)
+        next(stream)
+        for _ in range(10):  # through fresh connections: some land on the other frontend
+            other, other_serving = stub(address)
+            with other:
+                found = other_serving.Abort(
+                    serving_pb2.AbortRequest(request_id="long"), timeout=TIMEOUT
+                ).found
+            if found:
+                break
+        assert found
+        assert [r.finish_reason for r in stream][-1] == "abort"
