@@ -109,14 +109,21 @@ class SchedulerActor:
 
 @ray.remote(num_cpus=0)
 class FrontendActor:
-    """One frontend process: serves the Serving gRPC API on server.host:server.port (shared
-    with the other frontends) in front of the engine core at core_address."""
+    """One frontend process: serves the Serving gRPC API on server.host:server.port and the
+    OpenAI-compatible HTTP API on server.http_port (both shared with the other frontends) in
+    front of the engine core at core_address."""
 
     def __init__(
-        self, config: Config, core_address: str, tokenizer_path: str, port: int | None = None
+        self,
+        config: Config,
+        core_address: str,
+        tokenizer_path: str,
+        metrics_dir: str,
+        ports: tuple[int, int] | None = None,
     ) -> None:
-        """port: the one the first frontend was given (when server.port is 0); None = the
-        configured one."""
+        """ports: the gRPC and HTTP ports the first frontend was given (where server.port or
+        http_port is 0); None = the configured ones. metrics_dir: the frontends' shared
+        metrics directory, on this node."""
         import dataclasses
         import functools
 
@@ -126,14 +133,19 @@ class FrontendActor:
         logging.basicConfig(level=config.logging.level)
         sys.setswitchinterval(0.0005)  # as the core's: streaming threads take turns promptly
         server = config.server
-        if port is not None:
-            server = dataclasses.replace(server, port=port)
+        if ports is not None:
+            server = dataclasses.replace(server, port=ports[0], http_port=ports[1])
         self._server = FrontendServer(
-            server, core_address, functools.partial(Tokenizer, tokenizer_path), config.model.model
+            server,
+            core_address,
+            functools.partial(Tokenizer, tokenizer_path),
+            config.model.model,
+            metrics_dir,
         )
 
-    def port(self) -> int:
-        return self._server.port
+    def ports(self) -> tuple[int, int]:
+        """The gRPC and the HTTP port it listens on."""
+        return self._server.port, self._server.http_port
 
     def pid(self) -> int:
         return os.getpid()

@@ -71,11 +71,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
         path = state_file()
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"pid": os.getpid(), "address": address}
+        state = {"pid": os.getpid(), "address": address, "http_url": cluster.http_url}
         if config.server.tls_cert_file is not None:
             state["tls_cert_file"] = os.path.abspath(config.server.tls_cert_file)
         path.write_text(json.dumps(state))
-        print(f"pagedserve is serving {config.model.model} on {address}", flush=True)
+        print(
+            f"pagedserve is serving {config.model.model} on {address} (gRPC) and "
+            f"{cluster.http_url}/v1 (OpenAI-compatible HTTP)",
+            flush=True,
+        )
         while not stop.wait(timeout=1.0):
             pass
         print("pagedserve: shutting down", flush=True)

@@ -22,7 +22,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
-    config = load_config(args.config, [*args.set, "server.port=0"])
+    config = load_config(args.config, [*args.set, "server.port=0", "server.http_port=0"])
     cluster = Cluster(config)
     start = time.monotonic()
     try:

@@ -10,6 +10,8 @@ Cluster.shutdown()       ->  stops the actors, and the embedded Ray if this proc
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -30,7 +32,9 @@ class Cluster:
         self.tokenizer_path = resolve_tokenizer(model.tokenizer, model.model, model.load_format)
         self.scheduler = None
         self.frontends: list = []  # FrontendActor handles
-        self.address: str | None = None
+        self.address: str | None = None  # the Serving gRPC API's host:port
+        self.http_url: str | None = None  # the OpenAI-compatible HTTP API's
+        self.metrics_dir: str | None = None
         self._owns_ray = False
 
     def start(self) -> str:
@@ -54,23 +58,27 @@ class Cluster:
             )
             core_address = ray.get(self.scheduler.address.remote(), timeout=timeout)
             # The frontends listen while the workers load (NOT_SERVING until they serve); with
-            # server.port 0 the first is given a free port and the others share it.
+            # server.port or http_port 0 the first is given a free port and the others share it.
+            # Their request metrics meet in one directory on this node (removed on shutdown).
+            self.metrics_dir = tempfile.mkdtemp(prefix="pagedserve-metrics-")
             frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here)
-            self.frontends.append(frontend.remote(cfg, core_address, self.tokenizer_path))
-            port = ray.get(self.frontends[0].port.remote(), timeout=timeout)
+            args = (cfg, core_address, self.tokenizer_path, self.metrics_dir)
+            self.frontends.append(frontend.remote(*args))
+            ports = ray.get(self.frontends[0].ports.remote(), timeout=timeout)
             self.frontends += [
-                frontend.remote(cfg, core_address, self.tokenizer_path, port)
-                for _ in range(cfg.server.frontends - 1)
+                frontend.remote(*args, ports) for _ in range(cfg.server.frontends - 1)
             ]
-            ray.get([f.port.remote() for f in self.frontends[1:]], timeout=timeout)
-            self.address = f"{cfg.server.host}:{port}"
+            ray.get([f.ports.remote() for f in self.frontends[1:]], timeout=timeout)
+            self.address = f"{cfg.server.host}:{ports[0]}"
+            scheme = "http" if cfg.server.tls_cert_file is None else "https"
+            self.http_url = f"{scheme}://{cfg.server.host}:{ports[1]}"
             # Placing the workers, then loading the model: each within the timeout.
             ray.get(self.scheduler.start.remote(), timeout=2 * timeout)
             ray.get([f.wait_ready.remote(timeout) for f in self.frontends], timeout=2 * timeout)
         except BaseException:
             self.shutdown()
             raise
-        log.info("pagedserve is serving on %s", self.address)
+        log.info("pagedserve is serving on %s (gRPC) and %s (HTTP)", self.address, self.http_url)
         return self.address
 
     def workers(self) -> list:
@@ -91,6 +99,9 @@ class Cluster:
                 log.warning("stopping a frontend: %s", e)
             ray.kill(frontend)
         self.frontends = []
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
         if self.scheduler is not None:
             try:
                 ray.get(self.scheduler.stop.remote(), timeout=120)

@@ -67,7 +67,7 @@ class LLM:
         )
         # The offline engine serves this process only: loopback, any free port, no TLS, tokens
         # or limits.
-        self.config = dataclasses.replace(config, server=ServerConfig(port=0))
+        self.config = dataclasses.replace(config, server=ServerConfig(port=0, http_port=0))
         self._cluster = Cluster(self.config)
         self.address = self._cluster.start()
         atexit.register(self.shutdown)

@@ -71,7 +71,7 @@ def _cluster(overrides: list[str]):
 
     config = load_config(
         os.path.join(REPO, "configs", "local.yaml"),
-        ["server.port=0", "cluster.num_cpus=2", *overrides],
+        ["server.port=0", "server.http_port=0", "cluster.num_cpus=2", *overrides],
     )
     cluster = Cluster(config)
     cluster.start()

@@ -226,7 +226,7 @@ def bench_cluster(config_path: str | None, overrides: list[str]) -> Iterator[Ben
     from cluster.config import load_config
     from cluster.launcher import Cluster
 
-    config = load_config(config_path, [*overrides, "server.port=0"])
+    config = load_config(config_path, [*overrides, "server.port=0", "server.http_port=0"])
     bandwidth = None
     if config.model.device != "cpu":
         bandwidth = measure_copy_bandwidth()  # before the workers take the card's memory

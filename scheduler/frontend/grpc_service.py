@@ -1,18 +1,21 @@
 """The Serving gRPC service (protos/serving.proto) of a frontend: a thin adapter over its
-Backend. A ServingError becomes the call's status (code and sentence)."""
+Backend. A ServingError becomes the call's status (code and sentence); Generate streams are
+observed by the frontend's metrics, as the HTTP API's are."""
 
 import grpc
 
 from protos import serving_pb2, serving_pb2_grpc
 from scheduler.frontend.backend import Backend, ServingError
+from scheduler.frontend.metrics import Metrics
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics) -> None:
         self.backend = backend
+        self.metrics = metrics
 
     async def Generate(self, request, context):
-        responses = self.backend.generate(request)
+        responses = self.metrics.track(request, self.backend.generate(request))
         try:
             async for response in responses:
                 yield response

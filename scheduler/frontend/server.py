@@ -1,7 +1,9 @@
 """A frontend process's server: the Serving gRPC service (with grpc.health.v1, reflection, token
-auth and TLS) on server.host:server.port, over a CoreBackend connected to the engine core.
+auth and TLS) on server.host:server.port and the OpenAI-compatible HTTP API (with /metrics) on
+server.host:server.http_port, both over one CoreBackend connected to the engine core.
 
-Several frontends listen on one port (SO_REUSEPORT: the kernel spreads connections over them).
+Several frontends listen on the same ports (SO_REUSEPORT: the kernel spreads connections over
+them); their request metrics meet in one multiprocess directory (scheduler.frontend.metrics).
 The server answers from the start, NOT_SERVING while the tokenizer loads and the core brings
 the replicas up, SERVING once both are done; NOT_SERVING again if the core's stream breaks.
 It runs its own event loop on a thread, so a host process (a Ray actor) stays free.
@@ -22,6 +24,9 @@ from scheduler.auth import TokenAuthInterceptor
 from scheduler.config import ServerConfig
 from scheduler.frontend.core_backend import CoreBackend
 from scheduler.frontend.grpc_service import ServingService
+from scheduler.frontend.http_server import HttpServer
+from scheduler.frontend.metrics import Metrics
+from scheduler.frontend.openai_api import make_app
 from scheduler.frontend.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,9 +42,11 @@ class FrontendServer:
         core_address: str,
         load_tokenizer: Callable[[], Tokenizer],
         model_name: str,
+        metrics_dir: str,
     ) -> None:
-        """Listens (config.port, or any free port when 0: `port` says which) and connects to
-        the core; loads the tokenizer (load_tokenizer()) in the background."""
+        """Listens (config.port and config.http_port, or free ports where 0: `port` and
+        `http_port` say which) and connects to the core; loads the tokenizer (load_tokenizer())
+        in the background. metrics_dir: the server's frontends' shared metrics directory."""
         self._config = config
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -47,7 +54,7 @@ class FrontendServer:
         self._ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run,
-            args=(core_address, load_tokenizer, model_name),
+            args=(core_address, load_tokenizer, model_name, metrics_dir),
             name="frontend",
             daemon=True,
         )
@@ -65,11 +72,15 @@ class FrontendServer:
             raise self._start_error
 
     def _run(
-        self, core_address: str, load_tokenizer: Callable[[], Tokenizer], model_name: str
+        self,
+        core_address: str,
+        load_tokenizer: Callable[[], Tokenizer],
+        model_name: str,
+        metrics_dir: str,
     ) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            self._loop.run_until_complete(self._start(core_address, model_name))
+            self._loop.run_until_complete(self._start(core_address, model_name, metrics_dir))
         except BaseException as e:
             self._start_error = e
             self._started.set()
@@ -78,7 +89,7 @@ class FrontendServer:
         self._watch = self._loop.create_task(self._serve_when_ready(load_tokenizer))
         self._loop.run_forever()
 
-    async def _start(self, core_address: str, model_name: str) -> None:
+    async def _start(self, core_address: str, model_name: str, metrics_dir: str) -> None:
         cfg = self._config
         tokens = cfg.tokens()
         self._server = grpc.aio.server(
@@ -89,7 +100,10 @@ class FrontendServer:
             ],
         )
         self.backend = CoreBackend(model_name, core_address, cfg.max_concurrent_requests)
-        serving_pb2_grpc.add_ServingServicer_to_server(ServingService(self.backend), self._server)
+        self.metrics = Metrics(model_name, metrics_dir)
+        serving_pb2_grpc.add_ServingServicer_to_server(
+            ServingService(self.backend, self.metrics), self._server
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -111,6 +125,9 @@ class FrontendServer:
         self.port = port
         self.address = f"{cfg.host}:{port}"
         await self._server.start()
+        self._http = HttpServer(make_app(self.backend, cfg, self.metrics), cfg)
+        self.http_port = self._http.port
+        await self._http.astart()
         await self._set_health(False)
         await self.backend.core.start()
 
@@ -144,6 +161,7 @@ class FrontendServer:
 
         async def _stop() -> None:
             await self.health.enter_graceful_shutdown()
+            await self._http.astop()
             await self._server.stop(grace=1.0)
             await self.backend.core.close()
             self._watch.cancel()

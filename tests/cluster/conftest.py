@@ -41,6 +41,7 @@ def start_cluster(config_name: str, tiny_dir, smollm2_path: str, *overrides: str
             "cache.num_blocks=256",
             "cache.block_size=8",
             "server.port=0",
+            "server.http_port=0",
             *overrides,
         ],
     )

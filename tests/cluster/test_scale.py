@@ -134,7 +134,7 @@ def test_a_cancelled_stream_frees_its_blocks_within_one_step(two_nodes, tiny_mod
         cluster.shutdown()
 
 
-def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smollm2_path):
+def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smollm2_path, tmp_path):
     """An engine core built directly (no Ray, no placer) over an in-process worker, a frontend
     in front of it."""
     from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
@@ -150,7 +150,11 @@ def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smol
     frontend = None
     try:
         frontend = FrontendServer(
-            ServerConfig(port=0), core.address, functools.partial(Tokenizer, smollm2_path), "tiny"
+            ServerConfig(port=0, http_port=0),
+            core.address,
+            functools.partial(Tokenizer, smollm2_path),
+            "tiny",
+            str(tmp_path),
         )
         core.start(
             [ReplicaSpec((worker.address,), str(path))],

@@ -1,12 +1,18 @@
-"""Two frontends in front of one engine core on a local Ray cluster: both serve on one port, and
-killing one loses only the streams it carried; the core frees what they held."""
+"""Two frontends in front of one engine core on a local Ray cluster: both serve the gRPC and the
+OpenAI-compatible HTTP API on shared ports (the official openai client, streamed and not), a
+scrape of either's /metrics counts every request both served, and killing one loses only the
+streams it carried; the core frees what they held."""
 
 import os
 import signal
 import time
 
 import grpc
+import httpx
+import openai
+import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.client import make_request
 from protos import serving_pb2, serving_pb2_grpc
@@ -45,56 +51,134 @@ def wait_for(condition, what: str, timeout: float = TIMEOUT):
     return value
 
 
-def test_two_frontends_serve_and_one_killed_loses_only_its_stream():
+@pytest.fixture(scope="module")
+def cluster():
+    """The embedded default behind two frontends (killed one by the module's last test)."""
     from cluster.config import load_config
     from cluster.launcher import Cluster
 
     config = load_config(
         os.path.join(REPO, "configs", "local.yaml"),
-        ["server.port=0", "cluster.num_cpus=2", "cache.cpu_cache_gb=0.5", "server.frontends=2"],
+        [
+            "server.port=0",
+            "server.http_port=0",
+            "cluster.num_cpus=2",
+            "cache.cpu_cache_gb=0.5",
+            "server.frontends=2",
+        ],
     )
     cluster = Cluster(config)
-    address = cluster.start()
+    cluster.start()
     try:
-        pids = set(ray.get([f.pid.remote() for f in cluster.frontends], timeout=TIMEOUT))
-        expected = answer(address)
-        assert "Paris" in expected
-        # Each connection lands on either frontend: until each has served one.
-        for _ in range(40):
-            info = server_info(address)
-            if all(f.num_requests for f in info.frontends):
-                break
-            channel, stub = fresh_stub(address)
-            with channel:
-                one = SamplingParams(temperature=0.0, max_tokens=1)
-                list(stub.Generate(make_request("Hi", one), timeout=TIMEOUT))
-        assert {f.pid for f in info.frontends} == pids and len(pids) == 2
-        assert all(f.num_requests for f in info.frontends), "one frontend served every request"
-
-        channel, stub = fresh_stub(address)
-        with channel:
-            long = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
-            stream = stub.Generate(make_request("Count to ten thousand:", long), timeout=TIMEOUT)
-            next(stream)  # in flight through one frontend: kill that one
-            [victim] = [f.pid for f in server_info(address).frontends if f.num_unfinished]
-            os.kill(victim, signal.SIGKILL)
-            start = time.monotonic()
-            try:
-                for _ in stream:
-                    pass
-                raise AssertionError("the stream through the killed frontend went on")
-            except grpc.RpcError as e:
-                assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-            assert time.monotonic() - start < TIMEOUT / 2
-
-        def freed():
-            info = server_info(address)
-            [replica] = info.replicas
-            in_use = replica.num_blocks - replica.num_free_blocks
-            return info if len(info.frontends) == 1 and in_use == 0 else None
-
-        info = wait_for(freed, "the core drops the dead frontend and frees its request's blocks")
-        assert [f.pid for f in info.frontends] == list(pids - {victim})
-        assert answer(address) == expected
+        yield cluster
     finally:
         cluster.shutdown()
+
+
+def chat(cluster, max_tokens: int = GREEDY.max_tokens, **kwargs):
+    """A chat completion of the question through the HTTP API, on a connection of its own (a
+    streamed one read to its end: the chunks)."""
+    with openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="none") as client:
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=QUESTION,
+            temperature=0.0,
+            max_tokens=max_tokens,
+            timeout=TIMEOUT,
+            **kwargs,
+        )
+        return list(reply) if kwargs.get("stream") else reply
+
+
+def test_the_openai_client_chats_streamed_and_not(cluster):
+    whole = chat(cluster)
+    text = whole.choices[0].message.content
+    assert "Paris" in text
+    assert 0 < whole.usage.completion_tokens <= GREEDY.max_tokens
+    chunks = chat(cluster, stream=True, stream_options={"include_usage": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    reasons = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert reasons == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert text == answer(cluster.address)  # gRPC answers the same
+
+
+def ttft_count(cluster) -> float:
+    """The time-to-first-token histogram's count, from /metrics on a connection of its own."""
+    reply = httpx.get(f"{cluster.http_url}/metrics", timeout=TIMEOUT)
+    reply.raise_for_status()
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            if sample.name == "pagedserve:time_to_first_token_seconds_count":
+                return sample.value
+    raise AssertionError("/metrics has no pagedserve:time_to_first_token_seconds")
+
+
+def test_metrics_count_every_request_of_both_frontends(cluster):
+    before = ttft_count(cluster)
+    served = {f.pid: f.num_requests for f in server_info(cluster.address).frontends}
+    assert len(served) == 2
+    sent = 0
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    # Each connection lands on either frontend: until both have served one of these.
+    while sent < 40:
+        if sent % 2:
+            chat(cluster, max_tokens=1)
+        else:
+            channel, stub = fresh_stub(cluster.address)
+            with channel:
+                list(stub.Generate(make_request("Hi", one), timeout=TIMEOUT))
+        sent += 1
+        now = {f.pid: f.num_requests for f in server_info(cluster.address).frontends}
+        if sent >= 4 and all(now[pid] > served[pid] for pid in served):
+            break
+    assert all(now[pid] > served[pid] for pid in served), "one frontend served every request"
+    # Every scrape lands on either frontend; each must count all of them.
+    counts = {ttft_count(cluster) for _ in range(8)}
+    assert counts == {before + sent}, (counts, before, sent)
+
+
+def test_two_frontends_serve_and_one_killed_loses_only_its_stream(cluster):
+    address = cluster.address
+    pids = set(ray.get([f.pid.remote() for f in cluster.frontends], timeout=TIMEOUT))
+    expected = answer(address)
+    assert "Paris" in expected
+    # Each connection lands on either frontend: until each has served one.
+    for _ in range(40):
+        info = server_info(address)
+        if all(f.num_requests for f in info.frontends):
+            break
+        channel, stub = fresh_stub(address)
+        with channel:
+            one = SamplingParams(temperature=0.0, max_tokens=1)
+            list(stub.Generate(make_request("Hi", one), timeout=TIMEOUT))
+    assert {f.pid for f in info.frontends} == pids and len(pids) == 2
+    assert all(f.num_requests for f in info.frontends), "one frontend served every request"
+
+    channel, stub = fresh_stub(address)
+    with channel:
+        long = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+        stream = stub.Generate(make_request("Count to ten thousand:", long), timeout=TIMEOUT)
+        next(stream)  # in flight through one frontend: kill that one
+        [victim] = [f.pid for f in server_info(address).frontends if f.num_unfinished]
+        os.kill(victim, signal.SIGKILL)
+        start = time.monotonic()
+        try:
+            for _ in stream:
+                pass
+            raise AssertionError("the stream through the killed frontend went on")
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert time.monotonic() - start < TIMEOUT / 2
+
+    def freed():
+        info = server_info(address)
+        [replica] = info.replicas
+        in_use = replica.num_blocks - replica.num_free_blocks
+        return info if len(info.frontends) == 1 and in_use == 0 else None
+
+    info = wait_for(freed, "the core drops the dead frontend and frees its request's blocks")
+    assert [f.pid for f in info.frontends] == list(pids - {victim})
+    assert answer(address) == expected

@@ -14,14 +14,21 @@ from tests.scheduler.frontend.core_fixture import PieceTokenizer, fake_rank, run
 
 
 @pytest.fixture(scope="module")
-def frontends():
+def frontends(tmp_path_factory):
     """The core's address-sharing frontends: (address, [server, server])."""
+    metrics_dir = str(tmp_path_factory.mktemp("metrics"))
     with running_core(fake_rank()) as core:
-        first = FrontendServer(ServerConfig(port=0), core.address, PieceTokenizer, "fake")
+        first = FrontendServer(
+            ServerConfig(port=0, http_port=0), core.address, PieceTokenizer, "fake", metrics_dir
+        )
         second = None
         try:
             second = FrontendServer(
-                ServerConfig(port=first.port), core.address, PieceTokenizer, "fake"
+                ServerConfig(port=first.port, http_port=first.http_port),
+                core.address,
+                PieceTokenizer,
+                "fake",
+                metrics_dir,
             )
             first.wait_ready(TIMEOUT)
             second.wait_ready(TIMEOUT)
