@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pagedserve-installed
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test lint protos clean
+.PHONY: demo test lint protos clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,14 @@ lint: $(STAMP)
 # Regenerates the committed stubs; tests/protos checks that they are never stale.
 protos: $(STAMP)
 	$(PY) -m protos.generate
+
+# The GPU host (../shared/gpu/README.md) has torch, transformers, grpcio and pyyaml, not the
+# frontends' HTTP stack: after ../shared/gpu/prepare.sh, this adds those wheels (Python 3.12,
+# with their dependencies) to .devcarry/whl, which .devcarry/activate.sh installs there.
+gpu-wheels:
+	python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 -d .devcarry/whl fastapi uvicorn prometheus-client
 
 clean:
 	rm -rf $(VENV)
