@@ -67,7 +67,7 @@ def _files(directory) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_path):
-    from scheduler.tokenizer import Tokenizer
+    from scheduler.frontend.tokenizer import Tokenizer
 
     return Tokenizer(smollm2_path)
 
@@ -140,7 +140,7 @@ def test_an_id_resolves_offline_from_the_cache_and_loads(hf_cache, tiny_models):
 
 
 def test_a_tokenizer_resolves_by_id_without_weights(hf_cache, smollm2_tokenizer):
-    from scheduler.tokenizer import Tokenizer
+    from scheduler.frontend.tokenizer import Tokenizer
 
     call = f"resolve_tokenizer({TOKENIZER_ID!r}, 'llama-3.2-1b', 'dummy')"
     done = _resolve(call, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hf_cache))
