@@ -156,8 +156,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             try:
                 for plan in request_iterator:
                     events.put(plan)
+            except grpc.RpcError:  # the stream broke (its client went away): it ended
+                pass
             finally:
-                events.put(None)  # the stream ended
+                events.put(None)
 
         def watch() -> None:
             while (step := watched.get()) is not None:

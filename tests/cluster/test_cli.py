@@ -64,6 +64,7 @@ def up(tmp_path):
             "configs/local.yaml",
             "--set",
             "server.port=0",
+            "--set",
             "server.http_port=0",
             "--set",
             "cluster.num_cpus=2",
