@@ -62,7 +62,7 @@ class SchedulerActor:
 
     def __init__(self, config: Config, model_path: str, gpus_per_worker: float) -> None:
         from cluster.placement import RayPlacer
-        from scheduler.engine_core import EngineCore
+        from scheduler.core.engine_core import EngineCore
 
         logging.basicConfig(level=config.logging.level)
         # Each replica's engine thread wakes when its workers answer a step; with Python's
@@ -79,7 +79,7 @@ class SchedulerActor:
 
     def start(self) -> None:
         """Places the configured replicas and brings them up (the frontends then serve)."""
-        from scheduler.replica import EngineConfigs
+        from scheduler.core.replica import EngineConfigs
 
         cfg = self._config
         try:

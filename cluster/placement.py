@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.actors import WorkerActor
 from cluster.config import Config
 from protos import serving_pb2
-from scheduler.replica import ReplicaSpec
+from scheduler.core.replica import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class _Placed:
 
 
 class RayPlacer:
-    """The Placer of scheduler.fleet on the Ray cluster this process is connected to."""
+    """The Placer of scheduler.core.fleet on the Ray cluster this process is connected to."""
 
     def __init__(self, config: Config, model_path: str, num_gpus: float) -> None:
         self.config = config

@@ -194,7 +194,7 @@ class ModelRunner:
                 tables.release(state.row)
         for rid in plan.swapped_request_ids:  # its blocks moved to host memory
             tables.replace(self.requests[rid].row, [])
-        # Before the forward pass, in this order (see scheduler/page_table.py for why).
+        # Before the forward pass, in this order (see scheduler/core/page_table.py for why).
         if plan.swap_out:
             self._swap_out(plan.swap_out)
         if plan.swap_in:

@@ -8,7 +8,7 @@ in the benchmark's own process before the cluster starts (a device-to-device cop
 buffer: bytes read + bytes written over the time, median of 10 after warm-up); without a CUDA
 device no roofline applies.
 
-The anatomy, from the scheduler's step records (scheduler.engine.StepRecord, as dicts):
+The anatomy, from the scheduler's step records (scheduler.core.engine.StepRecord, as dicts):
 interval_ms is a step's time (from learning the step before to learning it: with two steps in
 flight, duration_ms spans the step before too), worker_ms rank 0's time in Execute (from the
 launch to the answer, which waits for the step before on the device), worker_idle_ms rank 0's

@@ -25,10 +25,10 @@ import statistics
 import time
 
 from scheduler.config import SchedulerConfig
-from scheduler.page_table import PageTableManager
-from scheduler.request import Request
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.request import Request
+from scheduler.core.scheduler import Scheduler
 from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import Scheduler
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 16384

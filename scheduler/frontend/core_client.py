@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
-from scheduler.engine_core import PID_METADATA
+from scheduler.core.engine_core import PID_METADATA
 from scheduler.frontend.backend import ServingError
 
 log = logging.getLogger(__name__)

@@ -138,10 +138,10 @@ def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smol
     """An engine core built directly (no Ray, no placer) over an in-process worker, a frontend
     in front of it."""
     from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
-    from scheduler.engine_core import EngineCore
+    from scheduler.core.engine_core import EngineCore
+    from scheduler.core.replica import EngineConfigs, ReplicaSpec
     from scheduler.frontend.server import FrontendServer
     from scheduler.frontend.tokenizer import Tokenizer
-    from scheduler.replica import EngineConfigs, ReplicaSpec
     from worker.worker import WorkerServer
 
     path, _ = tiny_models["llama"]

@@ -5,8 +5,8 @@ import contextlib
 from collections.abc import Iterator
 
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig
-from scheduler.engine_core import EngineCore
-from scheduler.replica import EngineConfigs, ReplicaSpec
+from scheduler.core.engine_core import EngineCore
+from scheduler.core.replica import EngineConfigs, ReplicaSpec
 from tests.scheduler.fake_worker import FakeRank, serving
 
 BLOCK_SIZE = 8

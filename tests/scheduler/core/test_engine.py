@@ -13,12 +13,12 @@ import pytest
 
 from protos import frontend_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.engine import Engine
-from scheduler.page_table import PageTableManager
-from scheduler.request import Request
+from scheduler.core.engine import Engine
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.request import Request
+from scheduler.core.scheduler import Scheduler
+from scheduler.core.worker_client import WorkerClient
 from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import Scheduler
-from scheduler.worker_client import WorkerClient
 from tests.scheduler.fake_worker import TIMEOUT, FakeRank, serving
 
 

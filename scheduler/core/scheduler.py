@@ -41,10 +41,10 @@ from bisect import insort
 
 from protos import worker_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.page_table import BlockPairs, PageTableManager
-from scheduler.policy import make_policy
-from scheduler.request import Request, RequestStatus
-from scheduler.stats import SchedulerStats
+from scheduler.core.page_table import BlockPairs, PageTableManager
+from scheduler.core.policy import make_policy
+from scheduler.core.request import Request, RequestStatus
+from scheduler.core.stats import SchedulerStats
 
 
 class RequestRefused(ValueError):

@@ -13,7 +13,7 @@ Ties between the completions of one client request (same arrival) go by completi
 from collections.abc import Callable
 
 from scheduler.config import SchedulerConfig
-from scheduler.request import Request
+from scheduler.core.request import Request
 
 
 class Policy:

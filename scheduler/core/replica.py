@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from protos import serving_pb2, worker_pb2
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig
-from scheduler.engine import Engine
-from scheduler.page_table import PageTableManager
-from scheduler.scheduler import Scheduler
-from scheduler.worker_client import WorkerClient, call_all
+from scheduler.core.engine import Engine
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.scheduler import Scheduler
+from scheduler.core.worker_client import WorkerClient, call_all
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from protos.step_plan import cached_requests
 from scheduler.config import POLICIES, SchedulerConfig
-from scheduler.page_table import PageTableManager
-from scheduler.request import Request, RequestStatus
-from scheduler.scheduler import Scheduler
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.request import Request, RequestStatus
+from scheduler.core.scheduler import Scheduler
+from tests.scheduler.core.test_scheduler import make_request as scheduler_test_request
 from tests.scheduler.fake_worker import FakeWorker
-from tests.scheduler.test_scheduler import make_request as scheduler_test_request
 
 EOS = 2
 STOP_TOKEN = 9

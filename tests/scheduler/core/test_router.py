@@ -5,10 +5,10 @@ import threading
 import pytest
 
 from scheduler.config import SchedulerConfig
-from scheduler.page_table import PageTableManager
-from scheduler.router import Router
-from scheduler.scheduler import Scheduler
-from tests.scheduler.test_scheduler import make_request
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.router import Router
+from scheduler.core.scheduler import Scheduler
+from tests.scheduler.core.test_scheduler import make_request
 
 
 def replicas(count, block_size=4):

@@ -11,7 +11,7 @@ import time
 import grpc
 
 from protos import frontend_pb2, serving_pb2
-from scheduler.request import Request
+from scheduler.core.request import Request
 
 
 class StepOutputsBuilder:

@@ -19,13 +19,13 @@ from concurrent import futures
 import grpc
 
 from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
-from scheduler.fleet import Fleet, Placer
-from scheduler.frontend_link import FrontendLink
-from scheduler.replica import EngineConfigs, ReplicaSpec
-from scheduler.request import Request
+from scheduler.core.fleet import Fleet, Placer
+from scheduler.core.frontend_link import FrontendLink
+from scheduler.core.replica import EngineConfigs, ReplicaSpec
+from scheduler.core.request import Request
+from scheduler.core.scheduler import RequestRefused
+from scheduler.core.step_outputs import StepOutputsBuilder
 from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import RequestRefused
-from scheduler.step_outputs import StepOutputsBuilder
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from hypothesis.stateful import (
 
 from protos.step_plan import cached_requests
 from scheduler.config import POLICIES, SchedulerConfig
-from scheduler.page_table import PageTableManager
-from scheduler.request import Request, RequestStatus
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.request import Request, RequestStatus
+from scheduler.core.scheduler import RequestRefused, Scheduler
 from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import RequestRefused, Scheduler
 from tests.scheduler.fake_worker import FakeWorker
 
 EOS = 2

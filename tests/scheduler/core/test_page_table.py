@@ -8,9 +8,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from scheduler.block_hash import hash_block
-from scheduler.page_table import PageTableManager
-from scheduler.request import Request
+from scheduler.core.block_hash import hash_block
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.request import Request
 from scheduler.sampling_params import SamplingParams
 
 

@@ -33,9 +33,9 @@ same for host blocks, each held by at most one table.
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from scheduler.block_hash import hash_block
-from scheduler.block_pool import BlockPool
-from scheduler.request import Request
+from scheduler.core.block_hash import hash_block
+from scheduler.core.block_pool import BlockPool
+from scheduler.core.request import Request
 
 BlockPairs = list[tuple[int, int]]  # (src, dst)
 

@@ -35,11 +35,11 @@ from typing import Protocol
 import grpc
 
 from protos import frontend_pb2, worker_pb2
+from scheduler.core.request import Request
+from scheduler.core.scheduler import Scheduler
+from scheduler.core.step_outputs import StepOutputsBuilder
+from scheduler.core.worker_client import WorkerClient
 from scheduler.logprobs import unpack_logprobs
-from scheduler.request import Request
-from scheduler.scheduler import Scheduler
-from scheduler.step_outputs import StepOutputsBuilder
-from scheduler.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
 

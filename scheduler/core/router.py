@@ -10,8 +10,8 @@ import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
-from scheduler.request import Request
-from scheduler.scheduler import Scheduler
+from scheduler.core.request import Request
+from scheduler.core.scheduler import Scheduler
 
 
 class Router:

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from protos import serving_pb2
-from scheduler.engine import Engine, OutputSink
-from scheduler.replica import EngineConfigs, Replica, ReplicaSpec
-from scheduler.request import Request
-from scheduler.router import Router
+from scheduler.core.engine import Engine, OutputSink
+from scheduler.core.replica import EngineConfigs, Replica, ReplicaSpec
+from scheduler.core.request import Request
+from scheduler.core.router import Router
 
 log = logging.getLogger(__name__)
 
