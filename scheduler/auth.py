@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health
 
+from scheduler.grpc_handlers import handler_like
+
 _OPEN_SERVICES = (f"/{health.SERVICE_NAME}/",)
 
 
@@ -54,11 +56,6 @@ def _refusal(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHand
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
         yield  # an async generator, as streaming handlers are
 
-    deserialize, serialize = handler.request_deserializer, handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, deserialize, serialize)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, deserialize, serialize)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, deserialize, serialize)
-    return grpc.stream_stream_rpc_method_handler(abort_stream, deserialize, serialize)
+    return handler_like(
+        handler, handler.request_deserializer, abort, abort_stream, abort, abort_stream
+    )

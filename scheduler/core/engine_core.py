@@ -25,6 +25,7 @@ from scheduler.core.replica import EngineConfigs, ReplicaSpec
 from scheduler.core.request import Request
 from scheduler.core.scheduler import RequestRefused
 from scheduler.core.step_outputs import StepOutputsBuilder
+from scheduler.request_decoding import RequestDecoding
 from scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ class EngineCore:
         self._model_info: serving_pb2.ModelInfoResponse | None = None
         self._links: list[FrontendLink] = []
         self._links_lock = threading.Lock()
-        self._server = grpc.server(futures.ThreadPoolExecutor(_MAX_THREADS, "core"))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(_MAX_THREADS, "core"), interceptors=[RequestDecoding()]
+        )
         frontend_pb2_grpc.add_EngineCoreServicer_to_server(_Service(self), self._server)
         port = self._server.add_insecure_port(f"{host}:0")
         if port == 0:

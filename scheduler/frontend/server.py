@@ -28,6 +28,7 @@ from scheduler.frontend.http_server import HttpServer
 from scheduler.frontend.metrics import Metrics
 from scheduler.frontend.openai_api import make_app
 from scheduler.frontend.tokenizer import Tokenizer
+from scheduler.request_decoding import AsyncRequestDecoding
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ class FrontendServer:
     async def _start(self, core_address: str, model_name: str, metrics_dir: str) -> None:
         cfg = self._config
         tokens = cfg.tokens()
+        # Authentication first: a client without a token learns nothing of the decoding.
+        auth = [TokenAuthInterceptor(tokens)] if tokens else []
         self._server = grpc.aio.server(
-            interceptors=[TokenAuthInterceptor(tokens)] if tokens else None,
+            interceptors=[*auth, AsyncRequestDecoding()],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
                 ("grpc.so_reuseport", 1),
