@@ -64,6 +64,7 @@ class EngineCore:
             vocab_size=info.vocab_size,
             max_model_len=fleet.max_model_len,
             weight_bytes=info.weight_bytes,
+            max_num_seqs=configs.scheduler.max_num_seqs,
         )
         with self._links_lock:
             self.fleet, self._model_info = fleet, model_info

@@ -50,7 +50,9 @@ class CoreBackend:
     def _update_ready(self) -> None:
         if self._tokenizer is not None and self._model_info is not None:
             info = self._model_info
-            self._input = InputProcessor(self._tokenizer, info.vocab_size, info.max_model_len)
+            self._input = InputProcessor(
+                self._tokenizer, info.vocab_size, info.max_model_len, info.max_num_seqs
+            )
             self.became_ready.set()
 
     def ready(self) -> bool:
