@@ -6,10 +6,8 @@ import grpc
 import pytest
 
 from protos import serving_pb2
-from scheduler.config import ServerConfig
-from scheduler.frontend.server import FrontendServer
 from tests.scheduler.fake_worker import TIMEOUT
-from tests.scheduler.frontend.core_fixture import PieceTokenizer, fake_rank, running_core
+from tests.scheduler.frontend.core_fixture import fake_rank, running_core, running_frontend
 
 INVALID_UTF8_PROMPT = b"\x12\x02\xff\xfe"  # field 2 (prompt), 2 bytes that are not UTF-8
 TRUNCATED = b"\x12\x05ab"  # field 2 announces 5 bytes, 2 follow
@@ -21,18 +19,8 @@ INVALID_UTF8_ID = b"\x0a\x01\xff"  # field 1 (request_id), not UTF-8
 def served(tmp_path_factory):
     """(frontend address, core address)."""
     with running_core(fake_rank()) as core:
-        frontend = FrontendServer(
-            ServerConfig(port=0, http_port=0),
-            core.address,
-            PieceTokenizer,
-            "fake",
-            str(tmp_path_factory.mktemp("metrics")),
-        )
-        try:
-            frontend.wait_ready(TIMEOUT)
+        with running_frontend(core, str(tmp_path_factory.mktemp("metrics"))) as frontend:
             yield frontend.address, core.address
-        finally:
-            frontend.stop()
 
 
 def raw_call(channel: grpc.Channel, method: str, payload: bytes, streaming: bool) -> None:

@@ -4,7 +4,6 @@ clients that leave and frontends whose stream breaks. The tokenizer's tokens are
 of text."""
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -19,6 +18,7 @@ from tests.scheduler.frontend.core_fixture import (
     blocks_in_use,
     fake_rank,
     running_core,
+    wait_until,
 )
 
 FINAL_ONLY = RequestOutputKind.FINAL_ONLY
@@ -73,13 +73,6 @@ def bad_top_p() -> serving_pb2.GenerateRequest:
 
 async def responses(backend, msg) -> list[serving_pb2.GenerateResponse]:
     return [r async for r in backend.generate(msg)]
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def test_tokens_and_text_are_streamed_and_the_last_message_carries_the_end(core):
