@@ -133,6 +133,9 @@ class ServerConfig:
     # "authorization: Bearer <token>", or is refused UNAUTHENTICATED.
     auth_tokens: tuple[str, ...] = ()
     auth_tokens_file: str | None = None  # one token per line, added to auth_tokens
+    # Tokens of the admin role: they also serve as client tokens, and admin calls (Scale) take
+    # no other. Distinct from auth_tokens. With no token of either kind, every call is open.
+    admin_tokens: tuple[str, ...] = ()
     # Limits: Generate calls served at once by each frontend (RESOURCE_EXHAUSTED beyond; 0 = no
     # limit) and the largest request message accepted, in bytes.
     max_concurrent_requests: int = 0
@@ -140,6 +143,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens))
+        object.__setattr__(self, "admin_tokens", tuple(self.admin_tokens))
         for key in ("port", "http_port"):
             if not 0 <= getattr(self, key) < 65536:
                 raise ValueError(f"server.{key} must be in [0, 65535], got {getattr(self, key)}")
@@ -152,14 +156,17 @@ class ServerConfig:
             path = getattr(self, key)
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"server.{key}: no such file {path!r}")
-        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
-            raise ValueError("server.auth_tokens must be non-empty strings without whitespace")
+        for key in ("auth_tokens", "admin_tokens"):
+            if any(not t or any(c.isspace() for c in t) for t in getattr(self, key)):
+                raise ValueError(f"server.{key} must be non-empty strings without whitespace")
+        if set(self.auth_tokens) & set(self.admin_tokens):
+            raise ValueError("server.admin_tokens must differ from server.auth_tokens")
         check_int_range("server.max_concurrent_requests", self.max_concurrent_requests, 0)
         check_int_range("server.max_request_bytes", self.max_request_bytes, 1024)
 
     def tokens(self) -> frozenset[str]:
-        """Every accepted token: auth_tokens and the lines of auth_tokens_file."""
-        tokens = set(self.auth_tokens)
+        """Every accepted token: auth_tokens, the lines of auth_tokens_file and admin_tokens."""
+        tokens = set(self.auth_tokens) | set(self.admin_tokens)
         if self.auth_tokens_file is not None:
             with open(self.auth_tokens_file) as f:
                 tokens.update(line.strip() for line in f if line.strip())

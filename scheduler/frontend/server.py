@@ -94,7 +94,7 @@ class FrontendServer:
         cfg = self._config
         tokens = cfg.tokens()
         # Authentication first: a client without a token learns nothing of the decoding.
-        auth = [TokenAuthInterceptor(tokens)] if tokens else []
+        auth = [TokenAuthInterceptor(tokens, frozenset(cfg.admin_tokens))] if tokens else []
         self._server = grpc.aio.server(
             interceptors=[*auth, AsyncRequestDecoding()],
             options=[

@@ -60,11 +60,13 @@ def running_core(rank: FakeRank) -> Iterator[EngineCore]:
 
 
 @contextlib.contextmanager
-def running_frontend(core: EngineCore, metrics_dir: str) -> Iterator[FrontendServer]:
-    """A frontend server in front of the core, on free ports, serving (PieceTokenizer)."""
-    frontend = FrontendServer(
-        ServerConfig(port=0, http_port=0), core.address, PieceTokenizer, "fake", metrics_dir
-    )
+def running_frontend(
+    core: EngineCore, metrics_dir: str, config: ServerConfig | None = None
+) -> Iterator[FrontendServer]:
+    """A frontend server in front of the core, serving (PieceTokenizer); config's ports are 0
+    (free ones)."""
+    config = config or ServerConfig(port=0, http_port=0)
+    frontend = FrontendServer(config, core.address, PieceTokenizer, "fake", metrics_dir)
     try:
         frontend.wait_ready(TIMEOUT)
         yield frontend
