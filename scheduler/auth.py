@@ -6,6 +6,7 @@ so load balancers and orchestrators can probe without a secret. Admin calls (Sca
 the admin tokens, a role of their own: a client token is refused PERMISSION_DENIED.
 """
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 
@@ -48,6 +49,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 f"{name} needs an admin token (server.admin_tokens); this one is a client's",
             )
         return handler
+
+    def owner(self, header: str | None) -> str:
+        """Who a call that passed the check is, as requests record their owner: "" for an admin
+        (who may abort any request), else a digest of the token (never the token itself)."""
+        if _matches(header, self._admin_tokens):
+            return ""
+        token = header.partition(" ")[2].strip().encode()
+        return hashlib.sha256(b"pagedserve-owner:" + token).hexdigest()[:32]
 
     def _check(self, header: str | None) -> str | None:
         """None if the header names a configured token; else what is wrong with it."""

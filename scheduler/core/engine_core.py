@@ -102,6 +102,7 @@ class EngineCore:
                 max_model_len=self.fleet.max_model_len,
                 priority=msg.priority,
                 cache_salt=msg.cache_salt,
+                owner=msg.owner,
             )
             self.fleet.submit(request, link)
         except RequestRefused as e:
@@ -190,7 +191,8 @@ class _Service(frontend_pb2_grpc.EngineCoreServicer):
         return self.core.fleet
 
     def Abort(self, request, context) -> serving_pb2.AbortResponse:
-        return serving_pb2.AbortResponse(found=self._fleet(context).abort(request.request_id))
+        fleet = self._fleet(context)
+        return serving_pb2.AbortResponse(found=fleet.abort(request.request_id, request.owner))
 
     def GetServerInfo(self, request, context) -> serving_pb2.ServerInfoResponse:
         self._fleet(context)

@@ -94,9 +94,9 @@ class FrontendServer:
         cfg = self._config
         tokens = cfg.tokens()
         # Authentication first: a client without a token learns nothing of the decoding.
-        auth = [TokenAuthInterceptor(tokens, frozenset(cfg.admin_tokens))] if tokens else []
+        auth = TokenAuthInterceptor(tokens, frozenset(cfg.admin_tokens)) if tokens else None
         self._server = grpc.aio.server(
-            interceptors=[*auth, AsyncRequestDecoding()],
+            interceptors=[auth, AsyncRequestDecoding()] if auth else [AsyncRequestDecoding()],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
                 ("grpc.so_reuseport", 1),
@@ -105,7 +105,7 @@ class FrontendServer:
         self.backend = CoreBackend(model_name, core_address, cfg.max_concurrent_requests)
         self.metrics = Metrics(model_name, metrics_dir)
         serving_pb2_grpc.add_ServingServicer_to_server(
-            ServingService(self.backend, self.metrics), self._server
+            ServingService(self.backend, self.metrics, auth), self._server
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -1,7 +1,7 @@
 """Bearer tokens and the admin role on a real frontend in front of a real engine core (one fake
 rank): client tokens serve requests but not Scale (PERMISSION_DENIED), admin tokens serve both,
-a call without an accepted token is UNAUTHENTICATED before its bytes are even decoded, and the
-HTTP API takes both kinds."""
+a call without an accepted token is UNAUTHENTICATED before its bytes are even decoded, the HTTP
+API takes both kinds, and a client aborts only its own requests (an admin any)."""
 
 import grpc
 import httpx
@@ -12,13 +12,18 @@ from scheduler.config import ServerConfig
 from tests.scheduler.fake_worker import TIMEOUT
 from tests.scheduler.frontend.core_fixture import fake_rank, running_core, running_frontend
 
-CLIENT, ADMIN = "client-token", "admin-token"
+CLIENT, OTHER, ADMIN = "client-token", "other-client-token", "admin-token"
 
 
 @pytest.fixture(scope="module")
-def frontend(tmp_path_factory):
-    config = ServerConfig(port=0, http_port=0, auth_tokens=(CLIENT,), admin_tokens=(ADMIN,))
-    with running_core(fake_rank()) as core:
+def rank():
+    return fake_rank()
+
+
+@pytest.fixture(scope="module")
+def frontend(tmp_path_factory, rank):
+    config = ServerConfig(port=0, http_port=0, auth_tokens=(CLIENT, OTHER), admin_tokens=(ADMIN,))
+    with running_core(rank) as core:
         with running_frontend(core, str(tmp_path_factory.mktemp("metrics")), config) as server:
             yield server
 
@@ -27,11 +32,16 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def generate(serving: serving_pb2_grpc.ServingStub, token: str) -> str:
-    msg = serving_pb2.GenerateRequest()
+def request(request_id: str = "", max_tokens: int = 2) -> serving_pb2.GenerateRequest:
+    msg = serving_pb2.GenerateRequest(request_id=request_id)
     msg.prompt_token_ids.ids.append(1)
-    msg.params.max_tokens = 2
-    return list(serving.Generate(msg, metadata=bearer(token), timeout=TIMEOUT))[-1].finish_reason
+    msg.params.max_tokens = max_tokens
+    return msg
+
+
+def generate(serving: serving_pb2_grpc.ServingStub, token: str) -> str:
+    stream = serving.Generate(request(), metadata=bearer(token), timeout=TIMEOUT)
+    return list(stream)[-1].finish_reason
 
 
 def scale_code(serving: serving_pb2_grpc.ServingStub, token: str) -> tuple[grpc.StatusCode, str]:
@@ -75,3 +85,24 @@ def test_admin_tokens_are_checked_naming_the_key():
         ServerConfig(auth_tokens=("same",), admin_tokens=("same",))
     with pytest.raises(ValueError, match="server.admin_tokens must be non-empty strings"):
         ServerConfig(admin_tokens=("has space",))
+
+
+@pytest.mark.parametrize("aborter", [CLIENT, ADMIN], ids=["its-submitter", "an-admin"])
+def test_a_client_aborts_only_its_own_requests(frontend, rank, aborter):
+    with grpc.insecure_channel(frontend.address) as channel:
+        serving = serving_pb2_grpc.ServingStub(channel)
+        rank.held.clear()
+        rank.release.clear()
+        rank.hold = True  # the request's first step waits: the core holds it
+        try:
+            stream = serving.Generate(
+                request("mine", max_tokens=40), metadata=bearer(CLIENT), timeout=TIMEOUT
+            )
+            assert rank.held.wait(TIMEOUT)
+            mine = serving_pb2.AbortRequest(request_id="mine")
+            assert not serving.Abort(mine, metadata=bearer(OTHER), timeout=TIMEOUT).found
+            assert serving.Abort(mine, metadata=bearer(aborter), timeout=TIMEOUT).found
+        finally:
+            rank.hold = False
+            rank.release.set()
+        assert list(stream)[-1].finish_reason == "abort"

@@ -88,7 +88,7 @@ def test_the_engine_core_refuses_bytes_that_do_not_decode(served):
             channel,
             "/pagedserve.frontend.EngineCore/Abort",
             INVALID_UTF8_ID,
-            "pagedserve.serving.AbortRequest",
+            "pagedserve.frontend.AbortById",
         )
         # A Connect stream whose first message is garbage ends INVALID_ARGUMENT.
         connect = channel.stream_stream("/pagedserve.frontend.EngineCore/Connect")
