@@ -9,6 +9,7 @@ servicer runs. Stream requests are decoded message by message: a bad one ends th
 stream (the servicer sees it end) and the call ends INVALID_ARGUMENT.
 """
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -72,16 +73,29 @@ class AsyncRequestDecoding(grpc.aio.ServerInterceptor):
         async def unary_unary(raw, context):
             return await handler.unary_unary(await request(raw, context), context)
 
-        async def unary_stream(raw, context):
-            async for response in handler.unary_stream(await request(raw, context), context):
-                yield response
-
         async def stream_unary(raw, context):
             return await handler.stream_unary(requests(raw, context), context)
 
-        async def stream_stream(raw, context):
-            async for response in handler.stream_stream(requests(raw, context), context):
-                yield response
+        # A streaming method is an async generator, or a coroutine that writes its responses
+        # (context.write): the wrapper is the same kind, as gRPC tells them apart by it.
+        streaming = handler.unary_stream or handler.stream_stream
+        if inspect.iscoroutinefunction(streaming):
+
+            async def unary_stream(raw, context):
+                return await streaming(await request(raw, context), context)
+
+            async def stream_stream(raw, context):
+                return await streaming(requests(raw, context), context)
+
+        else:
+
+            async def unary_stream(raw, context):
+                async for response in streaming(await request(raw, context), context):
+                    yield response
+
+            async def stream_stream(raw, context):
+                async for response in streaming(requests(raw, context), context):
+                    yield response
 
         return handler_like(handler, None, unary_unary, unary_stream, stream_unary, stream_stream)
 

@@ -102,3 +102,22 @@ def test_the_engine_core_refuses_bytes_that_do_not_decode(served):
             response_deserializer=serving_pb2.ServerInfoResponse.FromString,
         )(serving_pb2.ServerInfoRequest(), timeout=TIMEOUT)
     assert len(info.replicas) == 1
+
+
+def test_streaming_services_behind_the_decoding_still_serve(served):
+    """Reflection (a request stream) and health's Watch (a response stream) pass through the
+    frontend's decoding interceptor as they are."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    address, _ = served
+    with grpc.insecure_channel(address) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "pagedserve.serving.Serving" in services
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
