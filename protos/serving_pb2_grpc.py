@@ -74,7 +74,9 @@ class ServingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops a request on any frontend. On a server with tokens it finds only the requests the
+        caller's token submitted (an admin token: any); found is false for others'.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
