@@ -20,7 +20,14 @@ from typing import Any
 
 import yaml
 
-from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+from scheduler.config import (
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+    check_int_range,
+    check_positive_float,
+)
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -41,8 +48,8 @@ class ClusterSection:
                 f"cluster.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                 f"got {self.placement_strategy!r}"
             )
-        if not self.startup_timeout_s > 0:
-            raise ValueError(f"cluster.startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+        check_positive_float("cluster.startup_timeout_s", self.startup_timeout_s)
+        check_int_range("cluster.num_cpus", self.num_cpus, 0)
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,8 @@ class ParallelConfig:
     replicas: int = 1  # tensor-parallel groups, each with its own KV cache, one scheduler
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(
-                f"parallel.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
-            )
-        if self.replicas < 1:
-            raise ValueError(f"parallel.replicas must be >= 1, got {self.replicas}")
+        check_int_range("parallel.tensor_parallel_size", self.tensor_parallel_size, 1)
+        check_int_range("parallel.replicas", self.replicas, 1)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import serving_pb2 as protos_dot_serving__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/frontend.proto\x12\x13pagedserve.frontend\x1a\x14protos/serving.proto\"\xab\x01\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".pagedserve.serving.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\"E\n\x0eStopCompletion\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08stop_str\x18\x03 \x01(\t\"\x81\x01\n\x0f\x46rontendMessage\x12,\n\x03\x61\x64\x64\x18\x01 \x03(\x0b\x32\x1f.pagedserve.frontend.AddRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\x12\x31\n\x04stop\x18\x03 \x03(\x0b\x32#.pagedserve.frontend.StopCompletion\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x83\x02\n\x08\x46inished\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\x08stop_str\x18\x04 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x05 \x01(\x05H\x00\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.pagedserve.serving.Usage\x12,\n\x07timings\x18\x07 \x01(\x0b\x32\x1b.pagedserve.serving.Timings\x12)\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1a.pagedserve.frontend.ErrorB\r\n\x0bstop_reason\"\xac\x01\n\x0bStepOutputs\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x0f\n\x07indices\x18\x02 \x03(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.pagedserve.serving.TokenLogprobs\x12/\n\x08\x66inished\x18\x05 \x03(\x0b\x32\x1d.pagedserve.frontend.Finished\"\x82\x01\n\x0b\x43oreMessage\x12\x36\n\x05ready\x18\x01 \x01(\x0b\x32%.pagedserve.serving.ModelInfoResponseH\x00\x12\x33\n\x07outputs\x18\x02 \x01(\x0b\x32 .pagedserve.frontend.StepOutputsH\x00\x42\x06\n\x04kind2\xdf\x02\n\nEngineCore\x12U\n\x07\x43onnect\x12$.pagedserve.frontend.FrontendMessage\x1a .pagedserve.frontend.CoreMessage(\x01\x30\x01\x12L\n\x05\x41\x62ort\x12 .pagedserve.serving.AbortRequest\x1a!.pagedserve.serving.AbortResponse\x12^\n\rGetServerInfo\x12%.pagedserve.serving.ServerInfoRequest\x1a&.pagedserve.serving.ServerInfoResponse\x12L\n\x05Scale\x12 .pagedserve.serving.ScaleRequest\x1a!.pagedserve.serving.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/frontend.proto\x12\x13pagedserve.frontend\x1a\x14protos/serving.proto\"\xba\x01\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".pagedserve.serving.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\r\n\x05owner\x18\x07 \x01(\t\".\n\tAbortById\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"E\n\x0eStopCompletion\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08stop_str\x18\x03 \x01(\t\"\x81\x01\n\x0f\x46rontendMessage\x12,\n\x03\x61\x64\x64\x18\x01 \x03(\x0b\x32\x1f.pagedserve.frontend.AddRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\x12\x31\n\x04stop\x18\x03 \x03(\x0b\x32#.pagedserve.frontend.StopCompletion\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x83\x02\n\x08\x46inished\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\x08stop_str\x18\x04 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x05 \x01(\x05H\x00\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.pagedserve.serving.Usage\x12,\n\x07timings\x18\x07 \x01(\x0b\x32\x1b.pagedserve.serving.Timings\x12)\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1a.pagedserve.frontend.ErrorB\r\n\x0bstop_reason\"\xac\x01\n\x0bStepOutputs\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x0f\n\x07indices\x18\x02 \x03(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.pagedserve.serving.TokenLogprobs\x12/\n\x08\x66inished\x18\x05 \x03(\x0b\x32\x1d.pagedserve.frontend.Finished\"\x82\x01\n\x0b\x43oreMessage\x12\x36\n\x05ready\x18\x01 \x01(\x0b\x32%.pagedserve.serving.ModelInfoResponseH\x00\x12\x33\n\x07outputs\x18\x02 \x01(\x0b\x32 .pagedserve.frontend.StepOutputsH\x00\x42\x06\n\x04kind2\xdd\x02\n\nEngineCore\x12U\n\x07\x43onnect\x12$.pagedserve.frontend.FrontendMessage\x1a .pagedserve.frontend.CoreMessage(\x01\x30\x01\x12J\n\x05\x41\x62ort\x12\x1e.pagedserve.frontend.AbortById\x1a!.pagedserve.serving.AbortResponse\x12^\n\rGetServerInfo\x12%.pagedserve.serving.ServerInfoRequest\x1a&.pagedserve.serving.ServerInfoResponse\x12L\n\x05Scale\x12 .pagedserve.serving.ScaleRequest\x1a!.pagedserve.serving.ScaleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.frontend_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADDREQUEST']._serialized_start=69
-  _globals['_ADDREQUEST']._serialized_end=240
-  _globals['_STOPCOMPLETION']._serialized_start=242
-  _globals['_STOPCOMPLETION']._serialized_end=311
-  _globals['_FRONTENDMESSAGE']._serialized_start=314
-  _globals['_FRONTENDMESSAGE']._serialized_end=443
-  _globals['_ERROR']._serialized_start=445
-  _globals['_ERROR']._serialized_end=483
-  _globals['_FINISHED']._serialized_start=486
-  _globals['_FINISHED']._serialized_end=745
-  _globals['_STEPOUTPUTS']._serialized_start=748
-  _globals['_STEPOUTPUTS']._serialized_end=920
-  _globals['_COREMESSAGE']._serialized_start=923
-  _globals['_COREMESSAGE']._serialized_end=1053
-  _globals['_ENGINECORE']._serialized_start=1056
-  _globals['_ENGINECORE']._serialized_end=1407
+  _globals['_ADDREQUEST']._serialized_end=255
+  _globals['_ABORTBYID']._serialized_start=257
+  _globals['_ABORTBYID']._serialized_end=303
+  _globals['_STOPCOMPLETION']._serialized_start=305
+  _globals['_STOPCOMPLETION']._serialized_end=374
+  _globals['_FRONTENDMESSAGE']._serialized_start=377
+  _globals['_FRONTENDMESSAGE']._serialized_end=506
+  _globals['_ERROR']._serialized_start=508
+  _globals['_ERROR']._serialized_end=546
+  _globals['_FINISHED']._serialized_start=549
+  _globals['_FINISHED']._serialized_end=808
+  _globals['_STEPOUTPUTS']._serialized_start=811
+  _globals['_STEPOUTPUTS']._serialized_end=983
+  _globals['_COREMESSAGE']._serialized_start=986
+  _globals['_COREMESSAGE']._serialized_end=1116
+  _globals['_ENGINECORE']._serialized_start=1119
+  _globals['_ENGINECORE']._serialized_end=1468
 # @@protoc_insertion_point(module_scope)

@@ -42,7 +42,7 @@ class EngineCoreStub:
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pagedserve.frontend.EngineCore/Abort',
-                request_serializer=protos_dot_serving__pb2.AbortRequest.SerializeToString,
+                request_serializer=protos_dot_frontend__pb2.AbortById.SerializeToString,
                 response_deserializer=protos_dot_serving__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
@@ -98,7 +98,7 @@ def add_EngineCoreServicer_to_server(servicer, server):
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_serving__pb2.AbortRequest.FromString,
+                    request_deserializer=protos_dot_frontend__pb2.AbortById.FromString,
                     response_serializer=protos_dot_serving__pb2.AbortResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
@@ -164,7 +164,7 @@ class EngineCore:
             request,
             target,
             '/pagedserve.frontend.EngineCore/Abort',
-            protos_dot_serving__pb2.AbortRequest.SerializeToString,
+            protos_dot_frontend__pb2.AbortById.SerializeToString,
             protos_dot_serving__pb2.AbortResponse.FromString,
             options,
             channel_credentials,

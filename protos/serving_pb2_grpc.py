@@ -74,7 +74,9 @@ class ServingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops a request on any frontend. On a server with tokens it finds only the requests the
+        caller's token submitted (an admin token: any); found is false for others'.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -94,7 +96,8 @@ class ServingServicer:
     def Scale(self, request, context):
         """Sets how many replicas serve. New ones are placed on any node Ray has (one placement group
         each); removed ones drain: they take no new request, finish what they hold, then stop. The
-        answer comes once the new replicas serve; draining goes on after it.
+        answer comes once the new replicas serve; draining goes on after it. On a server with
+        tokens it needs an admin token (server.admin_tokens): PERMISSION_DENIED for a client's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

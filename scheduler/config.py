@@ -3,6 +3,7 @@
 cluster/config.py composes these with the cluster-only sections and loads them from YAML.
 """
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -11,9 +12,30 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cuda", "cpu")
 
 
+INT32_MAX = 2**31 - 1  # what the protos' int32 fields (and gRPC's int options) carry
+UINT64_MAX = 2**64 - 1  # seeds: torch generators and the protos' uint64
+
+
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_int_range(field: str, value: int | None, low: int, high: int = INT32_MAX) -> None:
+    """A ValueError naming field unless value (when set) is in [low, high]."""
+    if value is not None and not low <= value <= high:
+        raise ValueError(f"{field} must be in [{low}, {high}], got {value}")
+
+
+def check_positive_float(field: str, value: float, allow_zero: bool = False) -> None:
+    """A ValueError naming field unless value is finite and > 0 (or >= 0 with allow_zero)."""
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        finite = False
+    if not (finite and (value >= 0 if allow_zero else value > 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{field} must be a finite number {bound}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -31,8 +53,8 @@ class ModelConfig:
         _check_choice("model.load_format", self.load_format, _LOAD_FORMATS)
         _check_choice("model.dtype", self.dtype, _DTYPES)
         _check_choice("model.device", self.device, _DEVICES)
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"model.max_model_len must be >= 2, got {self.max_model_len}")
+        check_int_range("model.max_model_len", self.max_model_len, 2)
+        check_int_range("model.seed", self.seed, 0, UINT64_MAX)
 
 
 @dataclass(frozen=True)
@@ -53,12 +75,9 @@ class CacheConfig:
             raise ValueError(
                 f"cache.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if not self.cpu_cache_gb > 0:
-            raise ValueError(f"cache.cpu_cache_gb must be > 0, got {self.cpu_cache_gb}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"cache.num_blocks must be >= 1, got {self.num_blocks}")
-        if not self.swap_space_gb >= 0:
-            raise ValueError(f"cache.swap_space_gb must be >= 0, got {self.swap_space_gb}")
+        check_positive_float("cache.cpu_cache_gb", self.cpu_cache_gb)
+        check_int_range("cache.num_blocks", self.num_blocks, 1)
+        check_positive_float("cache.swap_space_gb", self.swap_space_gb, allow_zero=True)
 
 
 POLICIES = ("fcfs", "priority", "cache_aware")
@@ -80,16 +99,12 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _check_choice("scheduler.policy", self.policy, POLICIES)
-        if self.max_steps_passed_over < 0:
-            raise ValueError(
-                f"scheduler.max_steps_passed_over must be >= 0, got {self.max_steps_passed_over}"
-            )
-        if self.max_num_seqs < 1:
-            raise ValueError(f"scheduler.max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"scheduler.max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
+        check_int_range("scheduler.max_steps_passed_over", self.max_steps_passed_over, 0)
+        check_int_range("scheduler.max_num_seqs", self.max_num_seqs, 1)
+        check_int_range("scheduler.max_num_batched_tokens", self.max_num_batched_tokens, 1)
+
+
+_MAX_FRONTENDS = 64  # processes on the head node, one event loop each
 
 
 def default_frontends() -> int:
@@ -118,6 +133,9 @@ class ServerConfig:
     # "authorization: Bearer <token>", or is refused UNAUTHENTICATED.
     auth_tokens: tuple[str, ...] = ()
     auth_tokens_file: str | None = None  # one token per line, added to auth_tokens
+    # Tokens of the admin role: they also serve as client tokens, and admin calls (Scale) take
+    # no other. Distinct from auth_tokens. With no token of either kind, every call is open.
+    admin_tokens: tuple[str, ...] = ()
     # Limits: Generate calls served at once by each frontend (RESOURCE_EXHAUSTED beyond; 0 = no
     # limit) and the largest request message accepted, in bytes.
     max_concurrent_requests: int = 0
@@ -125,11 +143,11 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens))
+        object.__setattr__(self, "admin_tokens", tuple(self.admin_tokens))
         for key in ("port", "http_port"):
             if not 0 <= getattr(self, key) < 65536:
                 raise ValueError(f"server.{key} must be in [0, 65535], got {getattr(self, key)}")
-        if self.frontends < 1:
-            raise ValueError(f"server.frontends must be >= 1, got {self.frontends}")
+        check_int_range("server.frontends", self.frontends, 1, _MAX_FRONTENDS)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("server.tls_cert_file and server.tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
@@ -138,20 +156,17 @@ class ServerConfig:
             path = getattr(self, key)
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"server.{key}: no such file {path!r}")
-        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
-            raise ValueError("server.auth_tokens must be non-empty strings without whitespace")
-        if self.max_concurrent_requests < 0:
-            raise ValueError(
-                f"server.max_concurrent_requests must be >= 0, got {self.max_concurrent_requests}"
-            )
-        if self.max_request_bytes < 1024:
-            raise ValueError(
-                f"server.max_request_bytes must be >= 1024, got {self.max_request_bytes}"
-            )
+        for key in ("auth_tokens", "admin_tokens"):
+            if any(not t or any(c.isspace() for c in t) for t in getattr(self, key)):
+                raise ValueError(f"server.{key} must be non-empty strings without whitespace")
+        if set(self.auth_tokens) & set(self.admin_tokens):
+            raise ValueError("server.admin_tokens must differ from server.auth_tokens")
+        check_int_range("server.max_concurrent_requests", self.max_concurrent_requests, 0)
+        check_int_range("server.max_request_bytes", self.max_request_bytes, 1024)
 
     def tokens(self) -> frozenset[str]:
-        """Every accepted token: auth_tokens and the lines of auth_tokens_file."""
-        tokens = set(self.auth_tokens)
+        """Every accepted token: auth_tokens, the lines of auth_tokens_file and admin_tokens."""
+        tokens = set(self.auth_tokens) | set(self.admin_tokens)
         if self.auth_tokens_file is not None:
             with open(self.auth_tokens_file) as f:
                 tokens.update(line.strip() for line in f if line.strip())

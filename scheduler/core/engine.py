@@ -118,12 +118,14 @@ class Engine:
             self._sinks[request.request_id] = sink
             self._cond.notify()
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, owner: str = "") -> bool:
         """Aborts a client request's unfinished completions; its sink gets their ends now (the
-        tokens steps in flight sample for them are discarded). Whether it was found."""
+        tokens steps in flight sample for them are discarded). Whether it was found: a request
+        of another owner is not (owner "" finds any)."""
         with self._cond:
             sink = self._sinks.get(request_id)
-            if sink is None:
+            group = self.scheduler.groups.get(request_id, ())
+            if sink is None or (owner and any(r.owner != owner for r in group)):
                 return False
             outputs = StepOutputsBuilder()
             for request in self.scheduler.abort_request(request_id):

@@ -25,6 +25,7 @@ from scheduler.core.replica import EngineConfigs, ReplicaSpec
 from scheduler.core.request import Request
 from scheduler.core.scheduler import RequestRefused
 from scheduler.core.step_outputs import StepOutputsBuilder
+from scheduler.request_decoding import RequestDecoding
 from scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ class EngineCore:
         self._model_info: serving_pb2.ModelInfoResponse | None = None
         self._links: list[FrontendLink] = []
         self._links_lock = threading.Lock()
-        self._server = grpc.server(futures.ThreadPoolExecutor(_MAX_THREADS, "core"))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(_MAX_THREADS, "core"), interceptors=[RequestDecoding()]
+        )
         frontend_pb2_grpc.add_EngineCoreServicer_to_server(_Service(self), self._server)
         port = self._server.add_insecure_port(f"{host}:0")
         if port == 0:
@@ -61,6 +64,7 @@ class EngineCore:
             vocab_size=info.vocab_size,
             max_model_len=fleet.max_model_len,
             weight_bytes=info.weight_bytes,
+            max_num_seqs=configs.scheduler.max_num_seqs,
         )
         with self._links_lock:
             self.fleet, self._model_info = fleet, model_info
@@ -98,6 +102,7 @@ class EngineCore:
                 max_model_len=self.fleet.max_model_len,
                 priority=msg.priority,
                 cache_salt=msg.cache_salt,
+                owner=msg.owner,
             )
             self.fleet.submit(request, link)
         except RequestRefused as e:
@@ -186,7 +191,8 @@ class _Service(frontend_pb2_grpc.EngineCoreServicer):
         return self.core.fleet
 
     def Abort(self, request, context) -> serving_pb2.AbortResponse:
-        return serving_pb2.AbortResponse(found=self._fleet(context).abort(request.request_id))
+        fleet = self._fleet(context)
+        return serving_pb2.AbortResponse(found=fleet.abort(request.request_id, request.owner))
 
     def GetServerInfo(self, request, context) -> serving_pb2.ServerInfoResponse:
         self._fleet(context)

@@ -86,9 +86,10 @@ class Fleet:
     def _engine(self, replica_id: int) -> Engine:
         return next(r.engine for r in self.replicas if r.replica_id == replica_id)
 
-    def abort(self, request_id: str) -> bool:
-        """Aborts a client request wherever it runs; whether it was found."""
-        return any(replica.engine.abort(request_id) for replica in self.replicas)
+    def abort(self, request_id: str, owner: str = "") -> bool:
+        """Aborts a client request wherever it runs, if owner ("" = any) submitted it; whether
+        it was found."""
+        return any(replica.engine.abort(request_id, owner) for replica in self.replicas)
 
     def stop_completion(self, request_id: str, index: int, stop_str: str) -> bool:
         """Finishes a completion whose text reached a stop string (Engine.stop_completion)."""

@@ -43,6 +43,7 @@ class Request:
     max_model_len: int
     priority: int = 0  # the "priority" policy serves lower values first
     cache_salt: str = ""  # requests share cached prefixes only with the same salt
+    owner: str = ""  # who submitted it (a digest of the client's token); "" without tokens
     parent_id: str | None = None  # the request this completion was forked from
     index: int = 0  # which of the client request's n completions
     arrival_time: float = field(default_factory=time.monotonic)
@@ -130,6 +131,7 @@ class Request:
             max_model_len=self.max_model_len,
             priority=self.priority,
             cache_salt=self.cache_salt,
+            owner=self.owner,
             parent_id=self.request_id,
             index=index,
             arrival_time=self.arrival_time,

@@ -78,6 +78,11 @@ class Scheduler:
         Raises ValueError if an id is in use, RequestRefused if it can never fit this replica.
         """
         params = request.sampling_params
+        if params.n > self.config.max_num_seqs:  # before a fork is built: n may be 2**31 - 1
+            raise RequestRefused(
+                f"n={params.n} completions exceed scheduler.max_num_seqs="
+                f"{self.config.max_num_seqs}, the requests one step can hold"
+            )
         completions = [request] + [request.fork(i) for i in range(1, params.n)]
         if request.request_id in self.groups or any(
             c.request_id in self.requests for c in completions
@@ -90,11 +95,6 @@ class Scheduler:
                 f"the request needs up to {num_blocks} KV cache blocks ({request.max_num_tokens} "
                 f"tokens: its prompt plus max_tokens) but the cache holds {pt.num_blocks}; "
                 "lower max_tokens or shorten the prompt"
-            )
-        if params.n > self.config.max_num_seqs:
-            raise RequestRefused(
-                f"n={params.n} completions exceed scheduler.max_num_seqs="
-                f"{self.config.max_num_seqs}, the requests one step can hold"
             )
         for completion in completions:
             self.requests[completion.request_id] = completion

@@ -38,15 +38,16 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, request: serving_pb2.GenerateRequest
+        self, request: serving_pb2.GenerateRequest, owner: str = ""
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         """Streams one request's completions: messages as the Serving API's Generate sends them
         (per completion `index`, the last one with finish_reason and usage). Closing the
-        iterator early (the client went away) aborts the request in the core."""
+        iterator early (the client went away) aborts the request in the core. owner: who
+        submits it (TokenAuthInterceptor.owner), the only caller its abort() finds it for."""
         ...
 
-    async def abort(self, request_id: str) -> bool:
-        """Stops a request; whether it was found."""
+    async def abort(self, request_id: str, owner: str = "") -> bool:
+        """Stops a request of owner ("" = any: no tokens, or an admin); whether it was found."""
         ...
 
     async def model_info(self) -> serving_pb2.ModelInfoResponse: ...

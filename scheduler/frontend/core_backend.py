@@ -50,7 +50,9 @@ class CoreBackend:
     def _update_ready(self) -> None:
         if self._tokenizer is not None and self._model_info is not None:
             info = self._model_info
-            self._input = InputProcessor(self._tokenizer, info.vocab_size, info.max_model_len)
+            self._input = InputProcessor(
+                self._tokenizer, info.vocab_size, info.max_model_len, info.max_num_seqs
+            )
             self.became_ready.set()
 
     def ready(self) -> bool:
@@ -63,7 +65,7 @@ class CoreBackend:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, CORE_GONE)
 
     async def generate(
-        self, request: serving_pb2.GenerateRequest
+        self, request: serving_pb2.GenerateRequest, owner: str = ""
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         self._require_ready()
         limit = self.max_concurrent_requests
@@ -79,6 +81,7 @@ class CoreBackend:
                 add, params = await loop.run_in_executor(None, self._input.process, request)
             except ValueError as e:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            add.owner = owner
             outputs = self.core.add(add)
             request_id, prompt = add.request_id, list(add.prompt_token_ids)
             streams = [
@@ -140,9 +143,9 @@ class CoreBackend:
             text = self._token_texts[token] = self._tokenizer.decode([token], False)
         return text
 
-    async def abort(self, request_id: str) -> bool:
+    async def abort(self, request_id: str, owner: str = "") -> bool:
         self._require_ready()
-        return await self.core.abort_by_id(request_id)
+        return await self.core.abort_by_id(request_id, owner)
 
     async def model_info(self) -> serving_pb2.ModelInfoResponse:
         self._require_ready()

@@ -90,10 +90,10 @@ class CoreClient:
         self._outgoing.stop.add(request_id=request_id, index=index, stop_str=stop_str)
         self._wake.set()
 
-    async def abort_by_id(self, request_id: str) -> bool:
-        """Abort of the Serving API, for a request on any frontend."""
-        reply = await self._unary(self._stub.Abort, serving_pb2.AbortRequest(request_id=request_id))
-        return reply.found
+    async def abort_by_id(self, request_id: str, owner: str) -> bool:
+        """Abort of the Serving API, for a request of owner ("" = any) on any frontend."""
+        abort = frontend_pb2.AbortById(request_id=request_id, owner=owner)
+        return (await self._unary(self._stub.Abort, abort)).found
 
     async def server_info(self) -> serving_pb2.ServerInfoResponse:
         return await self._unary(self._stub.GetServerInfo, serving_pb2.ServerInfoRequest())

@@ -1,19 +1,36 @@
 """A frontend's input side: a Serving GenerateRequest checked and tokenized into the AddRequest
 the engine core takes (token ids, the client's sampling parameters, the tokenizer's EOS ids).
-Every refusal is a ValueError with a sentence naming the field."""
+Every refusal is a ValueError with a sentence naming the field.
 
+Every field whose size the wire leaves open (up to the request's byte limit, or 2**31 - 1) is
+bounded here, before anything is built for the request: the frontend's detokenizer and the core
+pay per step for stop strings and stop token ids, the core for each of n completions and
+request ids and cache salts travel with every output.
+"""
+
+import math
 import uuid
 
 from protos import frontend_pb2, serving_pb2
 from scheduler.frontend.tokenizer import Tokenizer
 from scheduler.sampling_params import SamplingParams
 
+MAX_REQUEST_ID_CHARS = 256
+MAX_CACHE_SALT_CHARS = 256
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+
 
 class InputProcessor:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, max_num_seqs: int
+    ) -> None:
+        """max_num_seqs: the core's scheduler.max_num_seqs, the largest n it takes."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
 
     def process(
         self, msg: serving_pb2.GenerateRequest
@@ -21,6 +38,7 @@ class InputProcessor:
         """The request for the core (its id assigned when the client gave none) and its
         parameters, checked; raises ValueError naming the bad field."""
         kind = msg.WhichOneof("input")
+        self._check_sizes(msg)
         params = SamplingParams.from_proto(msg.params)
         token_ids = self._token_ids(msg, kind)
         if len(token_ids) >= self.max_model_len:
@@ -37,6 +55,37 @@ class InputProcessor:
             eos_token_ids=sorted(self.tokenizer.eos_token_ids),
         )
         return add, params
+
+    def _check_sizes(self, msg: serving_pb2.GenerateRequest) -> None:
+        """Refuses a field beyond its bound, before the parameters are built."""
+        for name, limit in (
+            ("request_id", MAX_REQUEST_ID_CHARS),
+            ("cache_salt", MAX_CACHE_SALT_CHARS),
+        ):
+            if len(getattr(msg, name)) > limit:
+                raise ValueError(f"{name} must be at most {limit} characters long")
+        params = msg.params
+        if params.HasField("n") and params.n > self.max_num_seqs:
+            raise ValueError(
+                f"n={params.n} completions exceed scheduler.max_num_seqs={self.max_num_seqs}, "
+                "the requests one step can hold"
+            )
+        if len(params.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(params.stop)}")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in params.stop):
+            raise ValueError(f"stop: a string must be at most {MAX_STOP_STRING_CHARS} characters")
+        stop_ids = params.stop_token_ids
+        if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(
+                f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(stop_ids)}"
+            )
+        if any(t >= self.vocab_size for t in stop_ids):
+            raise ValueError(
+                f"stop_token_ids: {max(stop_ids)} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        for name in ("temperature", "repetition_penalty"):
+            if params.HasField(name) and not math.isfinite(getattr(params, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(params, name)}")
 
     def _token_ids(self, msg: serving_pb2.GenerateRequest, kind: str | None) -> list[int]:
         vocab = self.vocab_size

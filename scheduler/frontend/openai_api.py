@@ -187,7 +187,7 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
     app.add_middleware(_BodyLimit, max_bytes=server_config.max_request_bytes)
     created = int(time.time())
     tokens = server_config.tokens()
-    auth = TokenAuthInterceptor(tokens) if tokens else None
+    auth = TokenAuthInterceptor(tokens, frozenset(server_config.admin_tokens)) if tokens else None
 
     async def authorized(request: Request) -> None:
         if auth is None:
@@ -274,7 +274,8 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
         messages = to_generate_requests(body, request_id)
         chat = isinstance(body, ChatCompletionRequest)
         builder = ResponseBuilder(request_id, body.model, chat, body.n or 1, body.top_logprobs_k())
-        stream = merged([metrics.track(m, backend.generate(m)) for m in messages])
+        owner = auth.owner(request.headers.get("authorization")) if auth is not None else ""
+        stream = merged([metrics.track(m, backend.generate(m, owner)) for m in messages])
         if not body.stream:
             response = await _unless_disconnected(request, collect(stream, builder))
             return JSONResponse(response) if response is not None else Response()

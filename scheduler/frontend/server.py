@@ -28,6 +28,7 @@ from scheduler.frontend.http_server import HttpServer
 from scheduler.frontend.metrics import Metrics
 from scheduler.frontend.openai_api import make_app
 from scheduler.frontend.tokenizer import Tokenizer
+from scheduler.request_decoding import AsyncRequestDecoding
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ class FrontendServer:
     async def _start(self, core_address: str, model_name: str, metrics_dir: str) -> None:
         cfg = self._config
         tokens = cfg.tokens()
+        # Authentication first: a client without a token learns nothing of the decoding.
+        auth = TokenAuthInterceptor(tokens, frozenset(cfg.admin_tokens)) if tokens else None
         self._server = grpc.aio.server(
-            interceptors=[TokenAuthInterceptor(tokens)] if tokens else None,
+            interceptors=[auth, AsyncRequestDecoding()] if auth else [AsyncRequestDecoding()],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
                 ("grpc.so_reuseport", 1),
@@ -102,7 +105,7 @@ class FrontendServer:
         self.backend = CoreBackend(model_name, core_address, cfg.max_concurrent_requests)
         self.metrics = Metrics(model_name, metrics_dir)
         serving_pb2_grpc.add_ServingServicer_to_server(
-            ServingService(self.backend, self.metrics), self._server
+            ServingService(self.backend, self.metrics, auth), self._server
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -35,7 +35,14 @@ class Tokenizer:
         """Renders the messages with the model's template, ready for the assistant's turn."""
         if not self.has_chat_template:
             raise ValueError("messages: this model has no chat template; send a prompt instead")
-        text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError
+
+        try:
+            text = self._tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError as e:  # the template's own raise_exception(): roles out of order...
+            raise ValueError(f"messages: the model's chat template refused them: {e}") from None
         return self._tok.encode(text, add_special_tokens=False)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

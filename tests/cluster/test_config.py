@@ -52,7 +52,7 @@ def test_server_security_settings_are_checked_naming_the_key(tmp_path):
         "auth_tokens: [ok, 3]": r"server\.auth_tokens must be a list of str",
         "auth_tokens: secret": r"server\.auth_tokens must be a list of str",
         "auth_tokens: ['has space']": "server.auth_tokens must be non-empty strings",
-        "max_concurrent_requests: -1": "server.max_concurrent_requests must be >= 0",
+        "max_concurrent_requests: -1": r"server\.max_concurrent_requests must be in \[0, ",
     }
     for body, message in cases.items():
         path.write_text(f"server:\n  {body}\n")
@@ -69,7 +69,7 @@ def test_server_security_settings_are_checked_naming_the_key(tmp_path):
 def test_the_number_of_frontends_is_checked_and_defaults_to_the_machine(tmp_path, monkeypatch):
     path = tmp_path / "server.yaml"
     for body, message in {
-        "frontends: 0": "server.frontends must be >= 1, got 0",
+        "frontends: 0": r"server\.frontends must be in \[1, 64\], got 0",
         "frontends: two": r"server\.frontends must be int",
     }.items():
         path.write_text(f"server:\n  {body}\n")
@@ -78,3 +78,48 @@ def test_the_number_of_frontends_is_checked_and_defaults_to_the_machine(tmp_path
     for cpus, frontends in [(1, 1), (2, 1), (8, 2), (64, 4)]:
         monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
         assert load_config(None).server.frontends == frontends
+
+
+@pytest.mark.parametrize(
+    "section, body, message",
+    [
+        ("cluster", "num_cpus: -1", r"cluster\.num_cpus must be in \[0, 2147483647\], got -1"),
+        ("cluster", "startup_timeout_s: .inf", r"cluster\.startup_timeout_s must be a finite"),
+        ("model", "seed: -1", r"model\.seed must be in \[0, 18446744073709551615\], got -1"),
+        ("model", f"seed: {2**64}", r"model\.seed must be in \[0, 18446744073709551615\]"),
+        ("model", f"max_model_len: {2**31}", r"model\.max_model_len must be in \[2, 2147483647\]"),
+        ("server", f"max_request_bytes: {2**31}", r"server\.max_request_bytes must be in \[1024, "),
+        ("server", "frontends: 65", r"server\.frontends must be in \[1, 64\], got 65"),
+        ("scheduler", f"max_num_seqs: {2**31}", r"scheduler\.max_num_seqs must be in \[1, "),
+        ("scheduler", f"max_num_batched_tokens: {2**40}", r"scheduler\.max_num_batched_tokens"),
+        ("cache", f"num_blocks: {2**31}", r"cache\.num_blocks must be in \[1, 2147483647\]"),
+        ("cache", "cpu_cache_gb: .inf", r"cache\.cpu_cache_gb must be a finite number > 0"),
+        ("cache", f"cpu_cache_gb: {10**400}", r"cache\.cpu_cache_gb must be a finite number > 0"),
+        ("cache", "swap_space_gb: .nan", r"cache\.swap_space_gb must be a finite number >= 0"),
+        ("parallel", f"replicas: {2**31}", r"parallel\.replicas must be in \[1, 2147483647\]"),
+        ("parallel", f"tensor_parallel_size: {2**31}", r"parallel\.tensor_parallel_size"),
+    ],
+)
+def test_numbers_the_cluster_cannot_use_fail_at_load_naming_the_file_and_key(
+    tmp_path, section, body, message
+):
+    path = tmp_path / "numbers.yaml"
+    path.write_text(f"{section}:\n  {body}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_the_largest_numbers_the_cluster_can_use_load(tmp_path):
+    path = tmp_path / "numbers.yaml"
+    path.write_text(
+        f"model:\n  seed: {2**64 - 1}\n"
+        f"server:\n  max_request_bytes: {2**31 - 1}\n"
+        "cluster:\n  num_cpus: 0\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.model.seed, cfg.server.max_request_bytes, cfg.cluster.num_cpus) == (
+        2**64 - 1,
+        2**31 - 1,
+        0,
+    )

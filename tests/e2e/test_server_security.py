@@ -9,7 +9,7 @@ from cluster.client import Client, Credentials
 from scheduler.sampling_params import SamplingParams
 
 TIMEOUT = 120
-TOKEN, FILE_TOKEN = "s3cret-token", "token-from-a-file"
+TOKEN, FILE_TOKEN, ADMIN_TOKEN = "s3cret-token", "token-from-a-file", "admin-token"
 PROMPT = [5, 17, 42, 99]  # token ids of the tiny model's 256-token vocabulary
 
 
@@ -51,6 +51,7 @@ def secure(local_cluster, tiny_models, smollm2_path, tmp_path_factory):
             "tls_client_ca_file": client_cert,
             "auth_tokens": (TOKEN,),
             "auth_tokens_file": str(tokens_file),
+            "admin_tokens": (ADMIN_TOKEN,),
             "max_concurrent_requests": 1,
             "max_request_bytes": 4096,
         },
@@ -142,6 +143,8 @@ def test_the_cli_connects_with_a_token_and_certificates(secure, capsys):
     tls += ["--tls-cert", client_cert, "--tls-key", client_key]
     assert main(["status", *tls, "--token", TOKEN]) == 0
     assert "replica 0 (serving)" in capsys.readouterr().out
-    assert main(["scale", "--replicas", "1", *tls, "--token", TOKEN]) == 0
+    assert main(["scale", "--replicas", "1", *tls, "--token", TOKEN]) == 1  # a client's token
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+    assert main(["scale", "--replicas", "1", *tls, "--token", ADMIN_TOKEN]) == 0
     assert main(["status", *tls]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err

@@ -264,6 +264,9 @@ def test_ids_in_use_and_requests_that_never_fit_are_refused():
     h.sched.add_request(make_request("c", 10, max_tokens=7))  # 16: fits exactly
     with pytest.raises(RequestRefused, match="max_num_seqs"):
         h.sched.add_request(make_request("d", 3, n=3))
+    # Refused before any fork is built: 2**31 - 1 of them would take minutes and gigabytes.
+    with pytest.raises(RequestRefused, match="max_num_seqs"):
+        h.sched.add_request(make_request("e", 3, n=2**31 - 1))
     assert set(h.sched.requests) == {"a", "c"}
 
 

@@ -2,12 +2,14 @@
 vocabulary, for frontend tests."""
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
-from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig
+from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from scheduler.core.engine_core import EngineCore
 from scheduler.core.replica import EngineConfigs, ReplicaSpec
-from tests.scheduler.fake_worker import FakeRank, serving
+from scheduler.frontend.server import FrontendServer
+from tests.scheduler.fake_worker import TIMEOUT, FakeRank, serving
 
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64
@@ -16,9 +18,20 @@ PIECES = ["<eos>", " the", " cat", " sat", " on", " a", " mat", ".", "\n", "\n"]
 
 
 class PieceTokenizer:
-    """Token i is PIECES[i] (the fake rank's vocabulary); 0 is EOS."""
+    """Token i is PIECES[i] (the fake rank's vocabulary); 0 is EOS. Text encodes one token per
+    character (never EOS); the chat template takes system, user and assistant turns."""
 
     eos_token_ids = frozenset([0])
+    roles = ("system", "user", "assistant")
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 9 + 1 for c in text]
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        for m in messages:
+            if m["role"] not in self.roles:
+                raise ValueError(f"messages: the chat template has no role {m['role']!r}")
+        return self.encode("".join(f"{m['role']}:{m['content']}\n" for m in messages))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(PIECES[i] for i in token_ids)
@@ -46,6 +59,21 @@ def running_core(rank: FakeRank) -> Iterator[EngineCore]:
             core.stop()
 
 
+@contextlib.contextmanager
+def running_frontend(
+    core: EngineCore, metrics_dir: str, config: ServerConfig | None = None
+) -> Iterator[FrontendServer]:
+    """A frontend server in front of the core, serving (PieceTokenizer); config's ports are 0
+    (free ones)."""
+    config = config or ServerConfig(port=0, http_port=0)
+    frontend = FrontendServer(config, core.address, PieceTokenizer, "fake", metrics_dir)
+    try:
+        frontend.wait_ready(TIMEOUT)
+        yield frontend
+    finally:
+        frontend.stop()
+
+
 def blocks_in_use(core: EngineCore) -> int:
     """KV blocks held by requests (free blocks may still cache a prefix)."""
     [replica] = core.fleet.server_info().replicas
@@ -54,3 +82,11 @@ def blocks_in_use(core: EngineCore) -> int:
 
 def fake_rank() -> FakeRank:
     return FakeRank(NUM_BLOCKS, block_size=BLOCK_SIZE)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Polls condition (state of another thread with no event to wait on) until TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)

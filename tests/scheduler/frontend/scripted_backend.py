@@ -68,14 +68,16 @@ class ScriptedBackend:
         self.holding = threading.Event()  # a stream waits at HOLD
         self.closed = threading.Event()  # a stream has ended, finished or closed
         self._closes = threading.Semaphore(0)  # released as each stream ends
+        self.owners: list[str] = []  # generate()'s owner of each of requests
 
     def ready(self) -> bool:
         return self._ready
 
     async def generate(
-        self, request: serving_pb2.GenerateRequest
+        self, request: serving_pb2.GenerateRequest, owner: str = ""
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         self.requests.append(request)
+        self.owners.append(owner)
         try:
             for item in self.script(request):
                 if item is HOLD:
@@ -93,7 +95,7 @@ class ScriptedBackend:
         """Whether num_streams streams end within timeout (each)."""
         return all(self._closes.acquire(timeout=timeout) for _ in range(num_streams))
 
-    async def abort(self, request_id: str) -> bool:
+    async def abort(self, request_id: str, owner: str = "") -> bool:
         return False
 
     async def model_info(self) -> serving_pb2.ModelInfoResponse:

@@ -4,7 +4,6 @@ clients that leave and frontends whose stream breaks. The tokenizer's tokens are
 of text."""
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -19,6 +18,7 @@ from tests.scheduler.frontend.core_fixture import (
     blocks_in_use,
     fake_rank,
     running_core,
+    wait_until,
 )
 
 FINAL_ONLY = RequestOutputKind.FINAL_ONLY
@@ -73,13 +73,6 @@ def bad_top_p() -> serving_pb2.GenerateRequest:
 
 async def responses(backend, msg) -> list[serving_pb2.GenerateResponse]:
     return [r async for r in backend.generate(msg)]
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def test_tokens_and_text_are_streamed_and_the_last_message_carries_the_end(core):
@@ -139,15 +132,62 @@ def test_final_only_with_a_stop_string_and_n_completions(core):
         (request((1, 10)), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: 10 is outside"),
         (bad_top_p(), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
         (request((1,) * 64), grpc.StatusCode.INVALID_ARGUMENT, "shorter than max_model_len=64"),
-        # Refused by the core: more completions than a step holds.
-        (request(n=9), grpc.StatusCode.INVALID_ARGUMENT, "exceed scheduler.max_num_seqs=8"),
     ],
-    ids=["vocabulary", "top_p", "too-long", "core-refuses"],
+    ids=["vocabulary", "top_p", "too-long"],
 )
 def test_bad_requests_are_refused_with_a_code_and_a_sentence(core, msg, code, words):
     with pytest.raises(ServingError) as err:
         with_backend(core, lambda b: responses(b, msg))
     assert err.value.code == code and words in err.value.message
+
+
+def with_field(name: str, value) -> serving_pb2.GenerateRequest:
+    msg = request()
+    if name in ("request_id", "cache_salt"):
+        setattr(msg, name, value)
+    elif isinstance(value, list):
+        getattr(msg.params, name).extend(value)
+    else:
+        setattr(msg.params, name, value)
+    return msg
+
+
+@pytest.mark.parametrize(
+    "msg,words",
+    [
+        (with_field("n", 9), "n=9 completions exceed scheduler.max_num_seqs=8"),
+        (with_field("n", 2**31 - 1), "n=2147483647 completions exceed scheduler.max_num_seqs=8"),
+        (with_field("request_id", "x" * 257), "request_id must be at most 256 characters"),
+        (with_field("cache_salt", "s" * 257), "cache_salt must be at most 256 characters"),
+        (with_field("stop", ["a"] * 65), "stop: at most 64 strings, got 65"),
+        (with_field("stop", ["a" * 1025]), "stop: a string must be at most 1024 characters"),
+        (with_field("stop_token_ids", [1] * 1025), "stop_token_ids: at most 1024 ids, got 1025"),
+        (with_field("stop_token_ids", [3, 10]), "stop_token_ids: 10 is outside the vocabulary"),
+        (with_field("temperature", float("inf")), "temperature must be a finite number"),
+        (with_field("repetition_penalty", float("nan")), "repetition_penalty must be a finite"),
+    ],
+    ids=[
+        "n",
+        "n-max-int32",
+        "request-id",
+        "cache-salt",
+        "stop-count",
+        "stop-length",
+        "stop-ids-count",
+        "stop-id-vocab",
+        "temperature",
+        "repetition-penalty",
+    ],
+)
+def test_unbounded_fields_are_refused_by_the_frontend_before_the_core_sees_them(core, msg, words):
+    async def refused(backend):
+        with pytest.raises(ServingError) as err:
+            await responses(backend, msg)
+        return err.value, await backend.server_info()
+
+    error, info = with_backend(core, refused)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and words in error.message
+    assert [f.num_requests for f in info.frontends] == [0]  # nothing was sent to the core
 
 
 def test_an_id_in_flight_is_refused_and_free_again_once_answered(core, rank):

@@ -389,6 +389,18 @@ def test_tokens(tmp_path):
         assert httpx.get(f"{url}/metrics").status_code == 200
 
 
+def test_requests_are_their_token_s_and_an_admin_s_are_anyone_s(tmp_path):
+    backend = ScriptedBackend()
+    tokens = {"auth_tokens": ("alice", "bob"), "admin_tokens": ("root",)}
+    with serving(backend, tmp_path, **tokens) as url:
+        for token in ("alice", "bob", "alice", "root"):
+            headers = {"authorization": f"Bearer {token}"}
+            assert _post(url, "/v1/completions", COMPLETION, headers=headers).status_code == 200
+    alice, bob, alice_again, root = backend.owners
+    assert alice == alice_again and len({alice, bob}) == 2 and "alice" not in alice
+    assert root == ""  # an admin's abort finds any request
+
+
 def test_unknown_model_and_route_are_404(tmp_path):
     with serving(ScriptedBackend(), tmp_path) as url:
         error = _error(_post(url, "/v1/completions", {**COMPLETION, "model": "gpt-4"}), 404)

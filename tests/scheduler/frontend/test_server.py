@@ -86,7 +86,12 @@ def test_errors_reach_the_client_as_status_codes(frontends):
             serving.Scale(serving_pb2.ScaleRequest(replicas=2), timeout=TIMEOUT)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         info = serving.GetModelInfo(serving_pb2.ModelInfoRequest(), timeout=TIMEOUT)
-    assert (info.model, info.vocab_size, info.max_model_len) == ("fake", 10, 64)
+    assert (info.model, info.vocab_size, info.max_model_len, info.max_num_seqs) == (
+        "fake",
+        10,
+        64,
+        8,
+    )
     assert list(info.eos_token_ids) == [0]  # the frontend's tokenizer's
 
 

@@ -53,3 +53,14 @@ def test_a_batched_step_streams_what_one_detokenizer_at_a_time_streams(tokenizer
     for a, b, ids, skip in zip(alone, batched, sequences, skips, strict=True):
         assert a.flush() == b.flush()
         assert a.text == b.text == tokenizer.decode(ids, skip)
+
+
+def test_messages_a_chat_template_refuses_are_a_value_error_naming_messages(smollm2_path):
+    tokenizer = Tokenizer(smollm2_path)
+    tokenizer._tok.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('a user speaks first') }}"
+        "{% endif %}{{ messages[0]['content'] }}"
+    )
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="messages: the model's chat template refused them: a us"):
+        tokenizer.apply_chat_template([{"role": "robot", "content": "hi"}])
