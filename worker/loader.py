@@ -99,8 +99,11 @@ def _restore_parameters(model: CausalLM, before: dict[str, torch.nn.Parameter]) 
 
 
 def _fill_dummy(model: CausalLM, seed: int) -> None:
-    """Seeded random weights (std 0.02), norms 1: every rank fills only its own shard."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Seeded random weights (std 0.02), norms 1: every rank fills only its own shard, drawn
+    on the parameters' device (an 8B model's 32 GB of float32 draws take a minute on one CPU
+    core, milliseconds on a GPU), so the weights depend on the seed and the device type."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -108,8 +111,10 @@ def _fill_dummy(model: CausalLM, seed: int) -> None:
             elif name.endswith("bias"):
                 param.zero_()
             else:
-                values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
-                param.copy_(values)
+                values = torch.randn(
+                    param.shape, generator=gen, dtype=torch.float32, device=device
+                )
+                param.copy_(values * 0.02)
 
 
 def _hf_dir_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
