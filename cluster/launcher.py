@@ -10,6 +10,7 @@ Cluster.shutdown()       ->  stops the actors, and the embedded Ray if this proc
 import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 
@@ -36,6 +37,9 @@ class Cluster:
         self.http_url: str | None = None  # the OpenAI-compatible HTTP API's
         self.metrics_dir: str | None = None
         self._owns_ray = False
+        # The cluster secret (protos/cluster_secret.py): new for every cluster, handed to the
+        # engine core and its workers through Ray only.
+        self.worker_secret = secrets.token_urlsafe(32)
 
     def start(self) -> str:
         """Brings the cluster up; returns the Serving gRPC address."""
@@ -54,7 +58,7 @@ class Cluster:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         try:
             self.scheduler = SchedulerActor.options(num_cpus=0, scheduling_strategy=here).remote(
-                cfg, self.model_path, gpus_per_worker(cfg.model.device)
+                cfg, self.model_path, gpus_per_worker(cfg.model.device), self.worker_secret
             )
             core_address = ray.get(self.scheduler.address.remote(), timeout=timeout)
             # The frontends listen while the workers load (NOT_SERVING until they serve); with
