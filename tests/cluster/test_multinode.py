@@ -1,16 +1,20 @@
 """Replicas on a simulated multi-node Ray (ray.cluster_utils.Cluster, fake GPUs, gloo): the two
 TP=2 replicas of configs/multinode.yaml, one per GPU node, answer 64 concurrent streams with the
 greedy tokens of configs/tp2.yaml's one replica, and both serve; their workers listen on their
-node's address and refuse any caller without the cluster secret."""
+node's address and refuse any caller without the cluster secret. A context beyond the model's
+fails before anything starts."""
 
 import grpc
 import pytest
 import ray
 
 from cluster.client import Client
+from cluster.config import ConfigError, load_config
+from cluster.launcher import Cluster
 from protos import worker_pb2, worker_pb2_grpc
 from protos.cluster_secret import METADATA_KEY
 from tests.cluster.conftest import PROMPTS, generate_all, start_cluster
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +64,20 @@ def test_workers_off_the_core_node_serve_the_core_alone(multinode, tp2_tokens):
             secret = ((METADATA_KEY, multinode.worker_secret),)
             assert stub.Health(worker_pb2.Empty(), metadata=secret, timeout=30).ready
     assert generate_all(multinode.address, PROMPTS[:4]) == tp2_tokens[:4]
+
+
+def test_a_context_beyond_the_model_fails_before_anything_starts(
+    two_nodes, tiny_models, smollm2_path
+):
+    """The tiny model's context is 256 tokens: asked for 512, the cluster is refused naming
+    the file and the key, with no scheduler actor (nor any worker) started."""
+    path = f"{REPO}/configs/multinode.yaml"
+    overrides = [f"model.model={tiny_models['llama'][0]}", f"model.tokenizer={smollm2_path}"]
+    cluster = Cluster(load_config(path, [*overrides, "model.max_model_len=512"]), path)
+    with pytest.raises(ConfigError) as err:
+        cluster.start()
+    assert str(err.value) == (
+        f"{path}: model.max_model_len=512 exceeds the model's context length of 256 tokens "
+        "(its max_position_embeddings); lower it"
+    )
+    assert cluster.scheduler is None
