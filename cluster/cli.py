@@ -63,7 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     stop = threading.Event()
-    cluster = Cluster(config)
+    cluster = Cluster(config, args.config or "<defaults>")
     try:
         address = cluster.start()
         # After start: ray.init installs a SIGTERM handler of its own that exits at once.
