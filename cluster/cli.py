@@ -131,6 +131,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{k} {v:g}" for k, v in sorted(n.resources.items()) if not k.startswith("node:")
         )
         print(f"node {n.node_id} {n.address} {'alive' if n.alive else 'dead'}: {resources}")
+    for f in info.frontends:
+        print(
+            f"frontend pid {f.pid}: {f.num_requests} requests since it connected, "
+            f"{f.num_unfinished} unfinished"
+        )
     for r in info.replicas:
         used = r.num_blocks - r.num_free_blocks
         hits = 100 * r.prefix_cache_hits / max(r.prefix_cache_queries, 1)
