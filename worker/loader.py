@@ -6,6 +6,7 @@ held twice; every parameter must be filled by the checkpoint (a missing one is a
 """
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,7 @@ def _fill_dummy(model: CausalLM, seed: int) -> None:
             elif name.endswith("bias"):
                 param.zero_()
             else:
-                values = torch.randn(
-                    param.shape, generator=gen, dtype=torch.float32, device=device
-                )
+                values = torch.randn(param.shape, generator=gen, dtype=torch.float32, device=device)
                 param.copy_(values * 0.02)
 
 
@@ -177,16 +176,25 @@ def gguf_hf_config(path: str) -> dict[str, Any]:
 
 
 def _gguf_weights(path: str, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf import GGUFReader
+    """The file's tensors, dequantized to float32 under their HF names, read from where the
+    header says each lies (the file memory-mapped; no GGUFReader, which parses every field)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
     heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-    for tensor in GGUFReader(path).tensors:
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for tensor in read_gguf_header(path).tensors:
         name = _gguf_to_hf_name(tensor.name)
         if name is None:
             continue
+        ggml_type = GGMLQuantizationType(tensor.ggml_type)
+        block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        num_bytes = math.prod(tensor.shape) // block_size * block_bytes
+        raw = data[tensor.offset : tensor.offset + num_bytes]
+        if len(raw) != num_bytes:
+            raise ValueError(f"{path}: tensor {tensor.name} runs past the end of the file")
         # ggml lists dimensions innermost first: reverse for torch's [out, in].
-        array = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape)))
+        array = dequantize(raw, ggml_type).reshape(tuple(reversed(tensor.shape)))
         if ".q_proj." in name:
             array = _unpermute_rotary(array, heads)
         elif ".k_proj." in name:

@@ -4,7 +4,8 @@ file or ends early, naming the file."""
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import dequantize, quantize
 
 from worker.gguf_header import read_gguf_header
 
@@ -24,6 +25,12 @@ def gguf_file(tmp_path_factory) -> str:
     writer.add_array("tokenizer.ggml.scores", [0.5, 1.5, 2.5])
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.add_tensor("blk.0.attn_q.weight", np.ones((8, 8), dtype=np.float16))
+    q8 = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    writer.add_tensor(
+        "blk.0.ffn_up.weight",
+        quantize(q8, GGMLQuantizationType.Q8_0),
+        raw_dtype=GGMLQuantizationType.Q8_0,
+    )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -45,6 +52,25 @@ def test_the_header_matches_the_gguf_packages_reading(gguf_file):
     assert header.metadata["a.name"] == "héllo"
     assert header.metadata["tokenizer.ggml.tokens"] == 4
     assert header.tensor_names == {t.name for t in reader.tensors}
+    assert [(t.name, t.shape, t.ggml_type, t.offset) for t in header.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), t.data_offset)
+        for t in reader.tensors
+    ]
+
+
+def test_each_tensor_read_from_its_offset_equals_the_gguf_packages(gguf_file):
+    from gguf import GGML_QUANT_SIZES
+
+    data = np.memmap(gguf_file, dtype=np.uint8, mode="r")
+    ours_and_theirs = zip(
+        read_gguf_header(gguf_file).tensors, GGUFReader(gguf_file).tensors, strict=True
+    )
+    for info, tensor in ours_and_theirs:
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+        raw = data[info.offset : info.offset + int(np.prod(info.shape)) // block * block_bytes]
+        ours = dequantize(raw, GGMLQuantizationType(info.ggml_type)).reshape(info.shape[::-1])
+        theirs = dequantize(tensor.data, tensor.tensor_type).reshape(info.shape[::-1])
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_what_is_not_a_whole_gguf_header_is_refused_naming_the_file(gguf_file, tmp_path):
