@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.client import make_request
 from protos import serving_pb2, serving_pb2_grpc
 from scheduler.sampling_params import SamplingParams
-from tests.conftest import REPO
+from tests.conftest import REPO, running_cluster
 
 TIMEOUT = 120
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -55,7 +55,6 @@ def wait_for(condition, what: str, timeout: float = TIMEOUT):
 def cluster():
     """The embedded default behind two frontends (killed one by the module's last test)."""
     from cluster.config import load_config
-    from cluster.launcher import Cluster
 
     config = load_config(
         os.path.join(REPO, "configs", "local.yaml"),
@@ -67,12 +66,7 @@ def cluster():
             "server.frontends=2",
         ],
     )
-    cluster = Cluster(config)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.shutdown()
+    yield from running_cluster(config)
 
 
 def chat(cluster, max_tokens: int = GREEDY.max_tokens, **kwargs):

@@ -13,9 +13,10 @@ import pytest
 
 from cluster.client import make_request
 from cluster.config import Config
-from cluster.launcher import Cluster, replace_sections
+from cluster.launcher import replace_sections
 from protos import serving_pb2, serving_pb2_grpc
 from scheduler.sampling_params import SamplingParams
+from tests.conftest import running_cluster
 
 TIMEOUT = 120
 NUM_STREAMS = 200
@@ -34,12 +35,7 @@ def tiny_cluster(local_cluster, tiny_models, smollm2_path):
         cache={"num_blocks": 1024, "block_size": 8},
         server={"port": 0, "http_port": 0},
     )
-    cluster = Cluster(config)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.shutdown()
+    yield from running_cluster(config)
 
 
 def blocks_in_use(info: serving_pb2.ServerInfoResponse) -> int:
