@@ -96,12 +96,17 @@ class SchedulerConfig:
     # device need not wait for planning, transport and detokenization. A request that stops
     # costs at most one more sampled token, discarded. False: one step in flight.
     async_scheduling: bool = True
+    # Requests waiting in the engine core to be scheduled, all replicas and frontends together
+    # (SGLang's max_queued_requests): a new request beyond it is refused RESOURCE_EXHAUSTED
+    # before anything is built for it. 0 = no limit.
+    max_queued_requests: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("scheduler.policy", self.policy, POLICIES)
         check_int_range("scheduler.max_steps_passed_over", self.max_steps_passed_over, 0)
         check_int_range("scheduler.max_num_seqs", self.max_num_seqs, 1)
         check_int_range("scheduler.max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        check_int_range("scheduler.max_queued_requests", self.max_queued_requests, 0)
 
 
 _MAX_FRONTENDS = 64  # processes on the head node, one event loop each
@@ -136,8 +141,9 @@ class ServerConfig:
     # Tokens of the admin role: they also serve as client tokens, and admin calls (Scale) take
     # no other. Distinct from auth_tokens. With no token of either kind, every call is open.
     admin_tokens: tuple[str, ...] = ()
-    # Limits: Generate calls served at once by each frontend (RESOURCE_EXHAUSTED beyond; 0 = no
-    # limit) and the largest request message accepted, in bytes.
+    # Limits: requests each frontend holds admitted and unfinished, from admission until the
+    # core has ended them (RESOURCE_EXHAUSTED, HTTP 429, beyond; 0 = no limit), and the largest
+    # request message accepted, in bytes.
     max_concurrent_requests: int = 0
     max_request_bytes: int = 4 << 20
 

@@ -64,19 +64,27 @@ def hf_gguf_model(path: str):
     return model.eval(), tokenizer
 
 
+def running_cluster(config):
+    """A fixture's body: a Cluster of config, started, yielded, then shut down."""
+    from cluster.launcher import Cluster
+
+    cluster = Cluster(config)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
 def _cluster(overrides: list[str]):
     """configs/local.yaml with overrides, started on a local Ray (any free port), then stopped."""
     from cluster.config import load_config
-    from cluster.launcher import Cluster
 
     config = load_config(
         os.path.join(REPO, "configs", "local.yaml"),
         ["server.port=0", "server.http_port=0", "cluster.num_cpus=2", *overrides],
     )
-    cluster = Cluster(config)
-    cluster.start()
-    yield cluster
-    cluster.shutdown()
+    yield from running_cluster(config)
 
 
 @pytest.fixture(scope="session")

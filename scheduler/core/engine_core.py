@@ -9,6 +9,11 @@ The server listens from construction, so frontends connect while the workers loa
 brings the replicas up, then every connected frontend (and any that connects later) is sent
 the model it serves. Each Connect stream is a FrontendLink, the sink of the requests it adds;
 when the stream breaks, every request of that frontend is aborted and its blocks freed.
+
+Admission: beyond scheduler.max_queued_requests requests waiting in the replicas' queues (all
+frontends together), a new request is refused RESOURCE_EXHAUSTED before anything is built for
+it. The count and the enqueueing are one step under a lock, so concurrent frontends cannot
+overshoot the bound together.
 """
 
 import logging
@@ -34,12 +39,18 @@ PID_METADATA = "frontend-pid"  # how a frontend names itself on its Connect stre
 _MAX_THREADS = 64  # a Connect stream holds one, each unary call one while it runs
 
 
+class _QueueFull(Exception):
+    """A new request would exceed scheduler.max_queued_requests."""
+
+
 class EngineCore:
     def __init__(self, model_name: str, host: str = "127.0.0.1") -> None:
         """Starts the EngineCore gRPC server on host, any free port (`address`)."""
         self.model_name = model_name
         self.fleet: Fleet | None = None  # once start() has brought the replicas up
         self._model_info: serving_pb2.ModelInfoResponse | None = None
+        self._max_queued_requests = 0  # scheduler.max_queued_requests, set by start()
+        self._admission = threading.Lock()  # a queue count and the enqueue it allows
         self._links: list[FrontendLink] = []
         self._links_lock = threading.Lock()
         self._server = grpc.server(
@@ -67,6 +78,7 @@ class EngineCore:
             max_num_seqs=configs.scheduler.max_num_seqs,
         )
         with self._links_lock:
+            self._max_queued_requests = configs.scheduler.max_queued_requests
             self.fleet, self._model_info = fleet, model_info
             for link in self._links:
                 link.send_ready(model_info)
@@ -94,23 +106,36 @@ class EngineCore:
         try:
             if self.fleet is None:
                 raise RuntimeError("the model is still loading; retry shortly")
-            request = Request(
-                request_id=msg.request_id,
-                prompt_token_ids=list(msg.prompt_token_ids),
-                sampling_params=SamplingParams.from_proto(msg.params),
-                eos_token_ids=frozenset(msg.eos_token_ids),
-                max_model_len=self.fleet.max_model_len,
-                priority=msg.priority,
-                cache_salt=msg.cache_salt,
-                owner=msg.owner,
-            )
-            self.fleet.submit(request, link)
+            with self._admission:
+                self._check_queue()
+                request = Request(
+                    request_id=msg.request_id,
+                    prompt_token_ids=list(msg.prompt_token_ids),
+                    sampling_params=SamplingParams.from_proto(msg.params),
+                    eos_token_ids=frozenset(msg.eos_token_ids),
+                    max_model_len=self.fleet.max_model_len,
+                    priority=msg.priority,
+                    cache_salt=msg.cache_salt,
+                    owner=msg.owner,
+                )
+                self.fleet.submit(request, link)
+        except _QueueFull as e:
+            self._refuse(link, msg.request_id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except RequestRefused as e:
             self._refuse(link, msg.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ValueError as e:  # an id in use (the frontend checked the parameters)
             self._refuse(link, msg.request_id, grpc.StatusCode.ALREADY_EXISTS, str(e))
         except RuntimeError as e:
             self._refuse(link, msg.request_id, grpc.StatusCode.UNAVAILABLE, str(e))
+
+    def _check_queue(self) -> None:
+        """Raises _QueueFull when scheduler.max_queued_requests requests wait already."""
+        limit = self._max_queued_requests
+        if limit and self.fleet.num_waiting() >= limit:
+            raise _QueueFull(
+                f"scheduler.max_queued_requests={limit} requests wait in the engine core "
+                "already; retry later"
+            )
 
     @staticmethod
     def _refuse(link: FrontendLink, request_id: str, code: grpc.StatusCode, why: str) -> None:

@@ -99,6 +99,11 @@ class Fleet:
         """Aborts every request of one sink, on every replica; how many."""
         return sum(replica.engine.abort_all(sink) for replica in self.replicas)
 
+    def num_waiting(self) -> int:
+        """Requests queued in every replica, not yet scheduled (read without the engines'
+        locks: a snapshot, for admission)."""
+        return sum(len(replica.engine.scheduler.waiting) for replica in self.replicas)
+
     def num_unfinished(self, sink: OutputSink) -> int:
         return sum(replica.engine.num_unfinished(sink) for replica in self.replicas)
 

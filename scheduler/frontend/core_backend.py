@@ -6,6 +6,11 @@ to the engine core as token ids, and streamed back as text.
       CoreClient.add                              -> the request's queue of CoreOutputs
       per batch of what the queue holds: CompletionStream per completion (text, stop strings;
       a stop string is sent to the core), then a GenerateResponse per completion with news
+
+Admission: a frontend holds at most server.max_concurrent_requests requests admitted and
+unfinished, counted from admission (before tokenizing) until the core has ended every
+completion, not until the client leaves: an abandoned request still holds its blocks until
+its abort reaches the core. Beyond it, generate() refuses RESOURCE_EXHAUSTED before any work.
 """
 
 import asyncio
@@ -29,10 +34,13 @@ class CoreBackend:
     (set_tokenizer) and the core has sent it (set_model_info)."""
 
     def __init__(self, model_name: str, core_address: str, max_concurrent_requests: int = 0):
+        """max_concurrent_requests: the most requests admitted and unfinished (0 = no limit)."""
         self.model_name = model_name
         self.core = CoreClient(core_address, self.set_model_info)
-        self.max_concurrent_requests = max_concurrent_requests  # 0 = no limit
-        self.num_in_flight = 0  # generate() calls being served (on the event loop: no lock)
+        self.max_concurrent_requests = max_concurrent_requests
+        # Admitted, being checked and tokenized, not yet registered with the core (event loop
+        # only: no lock). With core.num_requests, what max_concurrent_requests bounds.
+        self._num_preparing = 0
         self._tokenizer: Tokenizer | None = None
         self._model_info: serving_pb2.ModelInfoResponse | None = None
         self._input: InputProcessor | None = None
@@ -68,46 +76,56 @@ class CoreBackend:
         self, request: serving_pb2.GenerateRequest, owner: str = ""
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         self._require_ready()
-        limit = self.max_concurrent_requests
-        if limit and self.num_in_flight >= limit:
-            raise ServingError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server.max_concurrent_requests={limit} requests are in flight; retry later",
-            )
-        self.num_in_flight += 1
+        self._admit()
+        self._num_preparing += 1
         try:
             loop = asyncio.get_running_loop()
-            try:
-                add, params = await loop.run_in_executor(None, self._input.process, request)
-            except ValueError as e:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            add.owner = owner
-            outputs = self.core.add(add)
-            request_id, prompt = add.request_id, list(add.prompt_token_ids)
-            streams = [
-                CompletionStream(request_id, i, params, self._tokenizer, self._token_text)
-                for i in range(params.n)
-            ]
-            ended = False  # by the core: every completion, or an error
-            try:
-                while not ended:
-                    batch = [await outputs.get()]
-                    while not outputs.empty():  # a client that fell behind: merged
-                        batch.append(outputs.get_nowait())
-                    responses = self._advance(request_id, streams, batch, prompt)
-                    # Before they are sent: a client that leaves after its last one has
-                    # nothing to abort (the id may already be another request's).
-                    ended = all(s.sent_last for s in streams)
-                    for response in responses:
-                        yield response
-            except ServingError:
-                ended = True  # the core ended the request with an error
-                raise
-            finally:
-                if not ended:  # the client left: the core frees what the request holds
-                    self.core.abort(request_id)
+            add, params = await loop.run_in_executor(None, self._input.process, request)
+        except ValueError as e:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         finally:
-            self.num_in_flight -= 1
+            self._num_preparing -= 1
+        add.owner = owner
+        # Registered with no await since _num_preparing fell: the count never dips.
+        outputs = self.core.add(add)
+        request_id, prompt = add.request_id, list(add.prompt_token_ids)
+        streams = [
+            CompletionStream(request_id, i, params, self._tokenizer, self._token_text)
+            for i in range(params.n)
+        ]
+        ended = False  # by the core: every completion, or an error
+        try:
+            while not ended:
+                batch = [await outputs.get()]
+                while not outputs.empty():  # a client that fell behind: merged
+                    batch.append(outputs.get_nowait())
+                responses = self._advance(request_id, streams, batch, prompt)
+                # Before they are sent: a client that leaves after its last one has
+                # nothing to abort (the id may already be another request's).
+                ended = all(s.sent_last for s in streams)
+                for response in responses:
+                    yield response
+        except ServingError:
+            ended = True  # the core ended the request with an error
+            raise
+        finally:
+            if not ended:  # the client left (or its deadline passed): the core frees it
+                self.core.abort(request_id)
+
+    @property
+    def num_admitted(self) -> int:
+        """Requests admitted and not yet ended by the core (max_concurrent_requests bounds it)."""
+        return self._num_preparing + self.core.num_requests
+
+    def _admit(self) -> None:
+        """Refuses a request beyond max_concurrent_requests, before any work is done for it."""
+        limit = self.max_concurrent_requests
+        if limit and self.num_admitted >= limit:
+            raise ServingError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this frontend holds server.max_concurrent_requests={limit} unfinished "
+                "requests; retry later",
+            )
 
     def _advance(
         self,

@@ -66,6 +66,11 @@ class CoreClient:
         self.connected = True
         self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
 
+    @property
+    def num_requests(self) -> int:
+        """Requests sent to the core that it has not ended yet (nor refused)."""
+        return len(self._requests)
+
     def add(self, msg: frontend_pb2.AddRequest) -> asyncio.Queue:
         """Sends a request to the core; returns the queue its CoreOutputs arrive on."""
         if not self.connected:

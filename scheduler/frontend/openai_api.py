@@ -105,9 +105,16 @@ class ApiError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
+        """The error as JSON, ASCII-escaped: a message quoting a client's string renders even
+        when that string is not valid Unicode."""
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.json(), status_code=self.status, headers=headers)
+        return Response(
+            json.dumps(self.json()),
+            status_code=self.status,
+            headers=headers,
+            media_type="application/json",
+        )
 
 
 def _validation_error(error: RequestValidationError) -> ApiError:
@@ -207,27 +214,27 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
             )
 
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, error: ApiError) -> Response:
         return error.response()
 
     @app.exception_handler(ServingError)
-    async def _serving_error(request: Request, error: ServingError) -> JSONResponse:
+    async def _serving_error(request: Request, error: ServingError) -> Response:
         return ApiError.of(error).response()
 
     @app.exception_handler(InvalidField)
-    async def _invalid_field(request: Request, error: InvalidField) -> JSONResponse:
+    async def _invalid_field(request: Request, error: InvalidField) -> Response:
         return ApiError(400, error.message, error.param).response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+    async def _invalid_body(request: Request, error: RequestValidationError) -> Response:
         return _validation_error(error).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
         return ApiError(error.status_code, str(error.detail)).response()
 
     @app.exception_handler(Exception)
-    async def _failure(request: Request, error: Exception) -> JSONResponse:
+    async def _failure(request: Request, error: Exception) -> Response:
         # Starlette logs the exception (with its traceback) after this answer.
         return ApiError(500, f"the server failed: {type(error).__name__}").response()
 

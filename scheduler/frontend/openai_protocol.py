@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from protos import serving_pb2
 from scheduler.sampling_params import WIRE_NO_MAX_TOKENS, SamplingParams
@@ -32,6 +32,20 @@ class InvalidField(ValueError):
 
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
+
+
+def _encodable(text: str) -> str:
+    """JSON may escape a lone surrogate (\\ud800), which no UTF-8 string holds: refused."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
+# A string the wire (protobuf, UTF-8) can carry.
+Text = Annotated[str, AfterValidator(_encodable)]
+_TOKEN_ID_LIMIT = 2**31  # prompt token ids travel as int32
 
 
 def _joined_text(content: Any) -> Any:
@@ -68,6 +82,10 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     for i, one in enumerate(prompts):
         if not one:
             raise ValueError("must not be empty" if len(prompts) == 1 else f"prompt {i} is empty")
+        if isinstance(one, str):
+            _encodable(one)
+        elif not all(-_TOKEN_ID_LIMIT <= t < _TOKEN_ID_LIMIT for t in one):
+            raise ValueError("a token id is out of range")
     return prompts
 
 
@@ -82,14 +100,14 @@ class _SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: Text
     n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # vLLM's extension
     min_p: float | None = None  # vLLM's extension
     max_tokens: int | None = None
-    stop: Annotated[list[str] | None, BeforeValidator(_as_list)] = None
+    stop: Annotated[list[Text] | None, BeforeValidator(_as_list)] = None
     stop_token_ids: list[int] | None = None  # vLLM's extension
     seed: int | None = None
     presence_penalty: float | None = None
@@ -99,7 +117,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool | None = None  # vLLM's extension
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None  # OpenAI's end-user id: accepted, unused
+    user: Text | None = None  # OpenAI's end-user id: accepted, unused
 
 
 class CompletionRequest(_SamplingRequest):
@@ -117,8 +135,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_joined_text)]
-    name: str | None = None  # OpenAI's participant name: accepted, unused
+    content: Annotated[str, BeforeValidator(_joined_text), AfterValidator(_encodable)]
+    name: Text | None = None  # OpenAI's participant name: accepted, unused
 
 
 class ChatCompletionRequest(_SamplingRequest):

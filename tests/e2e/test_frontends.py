@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.client import make_request
 from protos import serving_pb2, serving_pb2_grpc
 from scheduler.sampling_params import SamplingParams
-from tests.conftest import REPO
+from tests.conftest import REPO, running_cluster
 
 TIMEOUT = 120
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -55,7 +55,6 @@ def wait_for(condition, what: str, timeout: float = TIMEOUT):
 def cluster():
     """The embedded default behind two frontends (killed one by the module's last test)."""
     from cluster.config import load_config
-    from cluster.launcher import Cluster
 
     config = load_config(
         os.path.join(REPO, "configs", "local.yaml"),
@@ -67,12 +66,7 @@ def cluster():
             "server.frontends=2",
         ],
     )
-    cluster = Cluster(config)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.shutdown()
+    yield from running_cluster(config)
 
 
 def chat(cluster, max_tokens: int = GREEDY.max_tokens, **kwargs):
@@ -140,40 +134,43 @@ def test_metrics_count_every_request_of_both_frontends(cluster):
     assert counts == {before + sent}, (counts, before, sent)
 
 
-def test_two_frontends_serve_and_one_killed_loses_only_its_stream(cluster):
+def blocks_in_use(info: serving_pb2.ServerInfoResponse) -> int:
+    [replica] = info.replicas
+    return replica.num_blocks - replica.num_free_blocks
+
+
+def test_two_frontends_serve_and_one_killed_loses_only_its_streams(cluster):
     address = cluster.address
     pids = set(ray.get([f.pid.remote() for f in cluster.frontends], timeout=TIMEOUT))
     expected = answer(address)
     assert "Paris" in expected
-    # Each connection lands on either frontend: until each has served one.
-    for _ in range(40):
-        info = server_info(address)
-        if all(f.num_requests for f in info.frontends):
-            break
+    baseline = blocks_in_use(server_info(address))
+    # Streams on connections of their own, until each frontend carries one (the kernel picks).
+    long = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    streams = []
+    for i in range(16):
         channel, stub = fresh_stub(address)
-        with channel:
-            one = SamplingParams(temperature=0.0, max_tokens=1)
-            list(stub.Generate(make_request("Hi", one), timeout=TIMEOUT))
-    assert {f.pid for f in info.frontends} == pids and len(pids) == 2
-    assert all(f.num_requests for f in info.frontends), "one frontend served every request"
-
-    channel, stub = fresh_stub(address)
-    with channel:
-        long = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
-        stream = stub.Generate(make_request("Count to ten thousand:", long), timeout=TIMEOUT)
-        next(stream)  # in flight through one frontend: kill that one
-        [victim] = [f.pid for f in server_info(address).frontends if f.num_unfinished]
-        os.kill(victim, signal.SIGKILL)
-        start = time.monotonic()
+        stream = stub.Generate(make_request(f"Count to {i + 10}:", long), timeout=TIMEOUT)
+        next(stream)
+        streams.append((channel, stream))
+        carried = {f.pid: f.num_unfinished for f in server_info(address).frontends}
+        if all(carried.values()):
+            break
+    assert carried.keys() == pids and all(carried.values()), "one frontend took every stream"
+    victim, survivor = sorted(pids)
+    os.kill(victim, signal.SIGKILL)
+    lost, kept = [], []
+    for channel, stream in streams:  # each of the survivor's streams goes on
         try:
-            for _ in stream:
-                pass
-            raise AssertionError("the stream through the killed frontend went on")
+            for _ in range(3):
+                assert not next(stream).finish_reason
+            kept.append(channel)
         except grpc.RpcError as e:
             assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-        assert time.monotonic() - start < TIMEOUT / 2
+            lost.append(channel)
+    assert (len(lost), len(kept)) == (carried[victim], carried[survivor])
 
-    def freed():
+    def dropped():
         try:
             info = server_info(address)
         except grpc.RpcError as e:
@@ -183,9 +180,16 @@ def test_two_frontends_serve_and_one_killed_loses_only_its_stream(cluster):
                 raise
             return None
         [replica] = info.replicas
-        in_use = replica.num_blocks - replica.num_free_blocks
-        return info if len(info.frontends) == 1 and in_use == 0 else None
+        held = replica.num_running + replica.num_waiting + replica.num_swapped
+        return info if len(info.frontends) == 1 and held == len(kept) else None
 
-    info = wait_for(freed, "the core drops the dead frontend and frees its request's blocks")
-    assert [f.pid for f in info.frontends] == list(pids - {victim})
-    assert answer(address) == expected
+    # The dead frontend's requests are aborted in the core; the survivor's still run.
+    info = wait_for(dropped, "the core drops the dead frontend and aborts its requests")
+    assert [(f.pid, f.num_unfinished) for f in info.frontends] == [(survivor, len(kept))]
+    assert answer(address) == expected  # a new request is served meanwhile
+    for channel in lost + kept:
+        channel.close()  # the survivor's clients leave: their requests are aborted too
+    wait_for(
+        lambda: blocks_in_use(server_info(address)) == baseline,
+        "every block is back at its baseline",
+    )

@@ -41,8 +41,9 @@ class PieceTokenizer:
 
 
 @contextlib.contextmanager
-def running_core(rank: FakeRank) -> Iterator[EngineCore]:
-    """An EngineCore serving one replica of the rank (its cache: NUM_BLOCKS x BLOCK_SIZE)."""
+def running_core(rank: FakeRank, **scheduler) -> Iterator[EngineCore]:
+    """An EngineCore serving one replica of the rank (its cache: NUM_BLOCKS x BLOCK_SIZE);
+    scheduler: SchedulerConfig fields over the fixture's (8 sequences, 64 tokens a step)."""
     with serving(rank) as address:
         core = EngineCore("fake")
         try:
@@ -51,7 +52,9 @@ def running_core(rank: FakeRank) -> Iterator[EngineCore]:
                 EngineConfigs(
                     ModelConfig(max_model_len=MAX_MODEL_LEN),
                     CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
-                    SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+                    SchedulerConfig(
+                        **{"max_num_seqs": 8, "max_num_batched_tokens": 64, **scheduler}
+                    ),
                 ),
             )
             yield core
