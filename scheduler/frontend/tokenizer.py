@@ -1,7 +1,14 @@
 """Tokenizer and incremental detokenizer (HF tokenizers; no model weights are touched)."""
 
+import hashlib
+import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -11,8 +18,7 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         if path.endswith(".gguf"):
-            directory, name = os.path.split(os.path.abspath(path))
-            self._tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            self._tok = _gguf_tokenizer(path)
         else:
             self._tok = AutoTokenizer.from_pretrained(path)
         eos = self._tok.eos_token_id
@@ -117,3 +123,45 @@ def add_batch(detokenizers: list[IncrementalDetokenizer], token_ids: list[list[i
         for k, i in enumerate(members):
             out[i] = detokenizers[i]._advance(texts[2 * k], texts[2 * k + 1])
     return out
+
+
+def _gguf_tokenizer(path: str) -> Any:
+    """The HF tokenizer of a GGUF file. transformers converts it from the file's vocabulary and
+    merges (SmolLM2's: 9 s of GGUF parsing and more of conversion on the 2-core CI machine, at
+    every frontend's start), so the result is kept in the cache directory, in HF's own format,
+    under a key of the file (path, size, modification time) and the transformers version:
+    later loads take a fraction of a second. No cache where none can be written."""
+    from transformers import AutoTokenizer
+
+    cache = _cache_dir() / "tokenizers" / _gguf_key(path)
+    if cache.is_dir():  # only ever complete: written elsewhere, then renamed into place
+        return AutoTokenizer.from_pretrained(cache)
+    directory, name = os.path.split(os.path.abspath(path))
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=cache.parent)
+        tok.save_pretrained(staging)
+        try:
+            os.rename(staging, cache)
+        except OSError:  # another process cached it first
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as e:
+        log.warning("the tokenizer of %s is not cached: %s", path, e)
+    return tok
+
+
+def _cache_dir() -> Path:
+    """$PAGEDSERVE_CACHE_DIR, else pagedserve/ under $XDG_CACHE_HOME (~/.cache)."""
+    explicit = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pagedserve"
+
+
+def _gguf_key(path: str) -> str:
+    import transformers
+
+    st = os.stat(path)
+    ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]

@@ -2,6 +2,7 @@
 random ids, so special tokens and byte pieces that end mid-character come up."""
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,36 @@ def test_messages_a_chat_template_refuses_are_a_value_error_naming_messages(smol
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="messages: the model's chat template refused them: a us"):
         tokenizer.apply_chat_template([{"role": "robot", "content": "hi"}])
+
+
+def test_a_gguf_tokenizer_loads_from_its_cache_as_from_the_file(
+    smollm2_path, tmp_path, monkeypatch
+):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
+    loads = []
+    load = AutoTokenizer.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        loads.append((str(args[0]), kwargs.get("gguf_file")))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(recording))
+    converted = Tokenizer(smollm2_path)
+    (entry,) = (tmp_path / "tokenizers").iterdir()
+    cached = Tokenizer(smollm2_path)
+    assert loads == [(str(Path(smollm2_path).parent), Path(smollm2_path).name), (str(entry), None)]
+
+    texts = ["Hello, world!", "  héllo 日本語 🙂\n\ttabs", "<|im_start|>user\nHi<|im_end|>", ""]
+    assert [cached.encode(t) for t in texts] == [converted.encode(t) for t in texts]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert cached.apply_chat_template(messages) == converted.apply_chat_template(messages)
+    assert (cached.eos_token_ids, cached.vocab_size) == (
+        converted.eos_token_ids,
+        converted.vocab_size,
+    )
+    assert cached._backend is not None
+    sequences = random_sequences(converted.vocab_size, 32, 12, seed=3)
+    for skip in (True, False):
+        assert cached.decode_batch(sequences, skip) == converted.decode_batch(sequences, skip)
