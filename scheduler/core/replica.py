@@ -3,7 +3,9 @@ gRPC (InitDistributed, LoadModel, ProfileMemory, InitCache), and its engine loop
 scheduler and the page table sized from the workers' reports.
 """
 
+import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from protos import serving_pb2, worker_pb2
@@ -38,15 +40,32 @@ class EngineConfigs:
     scheduler: SchedulerConfig
 
 
+class ReplicaState(enum.Enum):
+    """A replica's life as GetServerInfo shows it. Only a serving one is routed to."""
+
+    SERVING = "serving"
+    DRAINING = "draining"  # takes no new request, answers what it holds, then stops
+    FAILED = "failed"  # a worker failed: its requests went to the others; it waits to restart
+    RECOVERING = "recovering"  # its workers are being placed and brought up again
+
+
 class Replica:
     """A replica that serves: its workers hold the model and the KV cache, its engine runs. A
     draining replica takes no new request."""
 
-    def __init__(self, replica_id: int, spec: ReplicaSpec, configs: EngineConfigs) -> None:
-        """Brings the workers up and starts the engine; on failure closes what it opened."""
+    def __init__(
+        self,
+        replica_id: int,
+        spec: ReplicaSpec,
+        configs: EngineConfigs,
+        on_failure: Callable[["Replica"], None] | None = None,
+    ) -> None:
+        """Brings the workers up and starts the engine; on failure closes what it opened.
+        on_failure(replica) is called once a worker of the serving replica fails
+        (Engine's on_failure)."""
         self.replica_id = replica_id
         self.spec = spec
-        self.draining = False
+        self.state = ReplicaState.SERVING
         self._workers = [WorkerClient(address) for address in spec.worker_addresses]
         try:
             self.model_info, num_blocks, num_cpu_blocks = self._load(configs)
@@ -76,7 +95,11 @@ class Replica:
             page_table = PageTableManager(
                 num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks
             )
-            self.engine = Engine(Scheduler(scheduler, page_table), self._workers)
+            self.engine = Engine(
+                Scheduler(scheduler, page_table),
+                self._workers,
+                on_failure=None if on_failure is None else lambda _: on_failure(self),
+            )
         except BaseException:
             self._close_workers()
             raise
@@ -152,7 +175,7 @@ class Replica:
         with engine.lock:
             return serving_pb2.ReplicaInfo(
                 replica_id=self.replica_id,
-                state="draining" if self.draining else "serving",
+                state=self.state.value,
                 generated_tokens_per_s=throughput,
                 workers=workers,
                 num_blocks=pt.num_blocks,
