@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -79,8 +79,11 @@ class Fleet:
         specs: Sequence[ReplicaSpec],
         configs: EngineConfigs,
         placer: Placer | None = None,
+        on_serving: Callable[[bool], None] | None = None,
     ) -> None:
-        """Brings up the replicas (their workers are placed already) and routes to them."""
+        """Brings up the replicas (their workers are placed already) and routes to them.
+        on_serving(serving) is called (under the fleet's lock: it must not block) whenever
+        whether some replica serves changes."""
         if not specs:
             raise ValueError("a fleet needs at least one replica")
         self.placer = placer
@@ -95,7 +98,10 @@ class Fleet:
         self._next_replica_id = len(specs)
         self._drains: list[threading.Thread] = []
         self._restarts: list[threading.Thread] = []
+        self._restarting: set[int] = set()  # replicas whose restart goes on (_membership)
         self._unplaced: list[_Unplaced] = []  # oldest first, under _membership
+        self._on_serving = on_serving
+        self._was_serving = True  # what on_serving was told last (under _membership)
         self._closed = threading.Event()
         self._retired: Counter[str] = Counter()  # drained replicas' totals (replaced, as above)
         replicas: list[Replica] = []
@@ -125,7 +131,7 @@ class Fleet:
             if replica_id is not None:
                 self._engine(replica_id).add_request(request, sink)
                 return
-            if not any(r.state is ReplicaState.RECOVERING for r in self.replicas):
+            if not self._restarting:
                 raise RuntimeError(self._none_serving())
             self._unplaced.append(_Unplaced([request], sink, new=True))
 
@@ -251,7 +257,15 @@ class Fleet:
             self._fail(replica)
             return
         self.router.add(replica.replica_id, replica.engine.scheduler, replica.engine.lock)
+        self._tell_serving()
         self._place_unplaced()
+
+    def _tell_serving(self) -> None:
+        """Calls on_serving when whether some replica serves has changed (under _membership)."""
+        serving = self.serving()
+        if serving != self._was_serving and self._on_serving is not None:
+            self._on_serving(serving)
+        self._was_serving = serving
 
     def _replica_failed(self, replica: Replica) -> None:
         """A worker of the replica failed (its engine's on_failure, on the engine thread)."""
@@ -261,14 +275,16 @@ class Fleet:
 
     def _fail(self, replica: Replica) -> None:
         """Takes a failed replica out of routing, places its unfinished requests on the
-        replicas that serve (or holds them until one does) and starts its restart. Under
-        _membership; once per failure."""
+        replicas that serve (or holds them until one does) and starts its restart (unless it
+        was draining, or there is no placer). Under _membership; once per failure."""
         if replica.state in (ReplicaState.FAILED, ReplicaState.RECOVERING):
             return
-        draining = replica.state is ReplicaState.DRAINING
+        restart = replica.state is ReplicaState.SERVING and self.placer is not None
+        replica.state = ReplicaState.RECOVERING if restart else ReplicaState.FAILED
         if self.router.routes(replica.replica_id):
             self.router.remove(replica.replica_id)
-        replica.state = ReplicaState.FAILED
+        if restart:
+            self._restarting.add(replica.replica_id)
         held: list[HeldRequest] = replica.engine.take_unfinished()
         log.warning(
             "replica %d failed (%s); %d of its requests are recomputed elsewhere",
@@ -276,14 +292,13 @@ class Fleet:
             replica.engine.error,
             len(held),
         )
+        self._tell_serving()
         self._unplaced += [_Unplaced(completions, sink, new=False) for completions, sink in held]
         self._place_unplaced()
-        if draining:
-            return  # it was leaving anyway: its drain finds it empty and stops it
-        if self.placer is None:
-            self._fail_unplaced_if_none_serves()
-        else:
+        if restart:
             self._start(self._restarts, self._restart, replica, "restart")
+        else:  # a draining one's drain finds it empty and stops it
+            self._fail_unplaced_if_none_serves()
 
     def _place_unplaced(self) -> None:
         """Routes every request waiting in the fleet to a serving replica, oldest first, while
@@ -305,38 +320,40 @@ class Fleet:
 
     def _restart(self, replica: Replica) -> None:
         """Stops a failed replica's workers and places new ones, until it serves again or
-        RESTART_ATTEMPTS have failed (each logged; backoff between them)."""
+        RESTART_ATTEMPTS have failed (each logged; backoff between them). The replica shows
+        "recovering" meanwhile, "failed" if recovery gives up."""
         replica_id = replica.replica_id
         replica.stop()
         for attempt in range(1, RESTART_ATTEMPTS + 1):
-            replica.state = ReplicaState.RECOVERING
             log.info("replica %d: restart attempt %d of %d", replica_id, attempt, RESTART_ATTEMPTS)
             try:
                 self.placer.release(replica_id)
                 restarted = self._bring_up(replica_id)
             except Exception as e:
-                replica.state = ReplicaState.FAILED
-                wait = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S)) - 1]
                 log.warning("replica %d: restart attempt %d failed: %s", replica_id, attempt, e)
-                if attempt == RESTART_ATTEMPTS or self._closed.wait(wait):
-                    break
-                continue
+                backoff = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S)) - 1]
+                if attempt < RESTART_ATTEMPTS and not self._closed.wait(backoff):
+                    continue
+                break
             with self._membership:
                 if self._closed.is_set():
                     restarted.stop()
                     return
                 self.replicas = [restarted if r is replica else r for r in self.replicas]
+                self._restarting.discard(replica_id)
                 self._serve(restarted)
             log.info("replica %d recovered after %d attempt(s)", replica_id, attempt)
             return
         log.error("replica %d: recovery gave up after %d attempts", replica_id, attempt)
         with self._membership:
+            replica.state = ReplicaState.FAILED
+            self._restarting.discard(replica_id)
             self._fail_unplaced_if_none_serves()
 
     def _fail_unplaced_if_none_serves(self) -> None:
-        """With no replica serving and none recovering, the requests waiting in the fleet are
+        """With no replica serving and none restarting, the requests waiting in the fleet are
         answered UNAVAILABLE (under _membership)."""
-        if any(r.state in (ReplicaState.SERVING, ReplicaState.RECOVERING) for r in self.replicas):
+        if self.serving() or self._restarting:
             return
         unplaced, self._unplaced = self._unplaced, []
         for held in unplaced:

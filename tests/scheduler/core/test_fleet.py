@@ -47,8 +47,8 @@ def request(rid: str, prompt: int, n: int = 1) -> Request:
 
 
 @contextlib.contextmanager
-def fleet_of(num_replicas: int, placer: FakePlacer | None):
-    fleet = Fleet([placer.place(i) for i in range(num_replicas)], CONFIGS, placer)
+def fleet_of(num_replicas: int, placer: FakePlacer, on_serving=None):
+    fleet = Fleet([placer.place(i) for i in range(num_replicas)], CONFIGS, placer, on_serving)
     try:
         yield fleet
     finally:
@@ -127,7 +127,7 @@ def test_an_idle_replica_that_fails_leaves_routing_and_restarts_after_a_refused_
         placer.may_place.clear()
         placer.kill(0)  # idle: no step in flight sees it
         wait_for(lambda: not fleet.router.routes(0), "the idle failure is seen")
-        assert fleet.server_info().replicas[0].state in ("failed", "recovering")
+        assert fleet.server_info().replicas[0].state == "recovering"
         sent = submit_all(fleet, 3)  # all on replica 1
         placer.may_place.set()
         assert_all_complete(sent)
@@ -136,8 +136,8 @@ def test_an_idle_replica_that_fails_leaves_routing_and_restarts_after_a_refused_
 
 
 def test_with_no_replica_serving_requests_wait_for_the_restarted_one():
-    placer = FakePlacer()
-    with fleet_of(1, placer) as fleet:
+    placer, told = FakePlacer(), []
+    with fleet_of(1, placer, told.append) as fleet:
         sent = submit_all(fleet, 4)
         got = {rid: {} for rid in sent}
         for rid, (sink, _) in sent.items():
@@ -145,12 +145,28 @@ def test_with_no_replica_serving_requests_wait_for_the_restarted_one():
         placer.may_place.clear()
         hold_and_kill(placer, 0)
         wait_for(lambda: not fleet.serving(), "the failure is seen")
+        assert told == [False]
         late = Sink()
         fleet.submit(request("late", 5), late)  # waits in the fleet too
         placer.may_place.set()
         assert_all_complete({**sent, "late": (late, 5)}, got={**got, "late": {}})
-        assert fleet.serving()
+        assert fleet.serving() and told == [False, True]
         assert_blocks_free(fleet)
+
+
+def test_when_recovery_gives_up_the_waiting_requests_are_answered_unavailable(monkeypatch):
+    monkeypatch.setattr(fleet_module, "RESTART_BACKOFF_S", (0.01,))
+    placer = FakePlacer()
+    with fleet_of(1, placer) as fleet:
+        sink = Sink()
+        fleet.submit(request("a", 1), sink)
+        collect_tokens(sink, "a", 0, 1, got := {})
+        placer.failures_to_come = fleet_module.RESTART_ATTEMPTS
+        hold_and_kill(placer, 0)
+        [completion] = collect(sink, "a", 1, got).values()
+        assert completion.end.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "no replica serves (replica 0 failed)" in completion.end.error.message
+        assert fleet.server_info().replicas[0].state == "failed"
 
 
 def test_without_a_placer_the_failed_replicas_requests_are_answered_unavailable():
