@@ -104,6 +104,8 @@ class Fleet:
         self._was_serving = True  # what on_serving was told last (under _membership)
         self._closed = threading.Event()
         self._retired: Counter[str] = Counter()  # drained replicas' totals (replaced, as above)
+        self._num_failures = 0  # replica failures, under _membership
+        self._num_recovered = 0  # requests handed over by failed replicas, under _membership
         replicas: list[Replica] = []
         try:
             for replica_id, spec in enumerate(specs):
@@ -286,6 +288,8 @@ class Fleet:
         if restart:
             self._restarting.add(replica.replica_id)
         held: list[HeldRequest] = replica.engine.take_unfinished()
+        self._num_failures += 1
+        self._num_recovered += len(held)
         log.warning(
             "replica %d failed (%s); %d of its requests are recomputed elsewhere",
             replica.replica_id,
@@ -415,6 +419,8 @@ class Fleet:
             nodes=self.placer.nodes() if self.placer is not None else [],
             generated_tokens_per_s=sum(info.generated_tokens_per_s for info in infos),
             throughput_window_s=THROUGHPUT_WINDOW_S,
+            num_replica_failures=self._num_failures,
+            num_recovered_requests=self._num_recovered,
         )
 
     def stop(self) -> None:

@@ -110,8 +110,7 @@ class Replica:
         that fit cache.swap_space_gb on every rank."""
         model, cache, scheduler = configs.model, configs.cache, configs.scheduler
         workers, spec = self._workers, self.spec
-        for worker in workers:
-            worker.wait_until_up(_WORKER_UP_TIMEOUT_S)
+        self.worker_pids = [worker.wait_until_up(_WORKER_UP_TIMEOUT_S).pid for worker in workers]
         call_all(
             workers,
             "InitDistributed",
@@ -165,10 +164,10 @@ class Replica:
         node_ids = spec.worker_node_ids or ("",) * len(spec.worker_addresses)
         workers = [
             serving_pb2.WorkerInfo(
-                rank=rank, address=address, device=self.model_info.device, node_id=node_id
+                rank=rank, address=address, device=self.model_info.device, node_id=node_id, pid=pid
             )
-            for rank, (address, node_id) in enumerate(
-                zip(spec.worker_addresses, node_ids, strict=True)
+            for rank, (address, node_id, pid) in enumerate(
+                zip(spec.worker_addresses, node_ids, self.worker_pids, strict=True)
             )
         ]
         throughput = engine.generated_tokens_per_s(throughput_window_s)

@@ -110,6 +110,8 @@ def test_a_failed_replicas_requests_finish_on_the_other_and_it_comes_back():
         wait_for(lambda: victim.state is not ReplicaState.SERVING, "the failure is seen")
         assert not fleet.router.routes(1)
         assert_all_complete(sent, n=2, got=got)
+        info = fleet.server_info()
+        assert info.num_replica_failures == 1 and info.num_recovered_requests > 0
         wait_for(lambda: fleet.replicas[1].state is ReplicaState.SERVING, "replica 1 serves")
         assert fleet.router.routes(1) and placer.num_placed == 3
         again = submit_all(fleet, 4)
