@@ -35,6 +35,7 @@ from scheduler.core.engine import Engine, HeldRequest, OutputSink
 from scheduler.core.replica import EngineConfigs, Replica, ReplicaSpec, ReplicaState
 from scheduler.core.request import Request, RequestStatus
 from scheduler.core.router import Router
+from scheduler.core.scheduler import RequestRefused
 from scheduler.core.step_outputs import StepOutputsBuilder
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,13 @@ class _Unplaced:
     completions: list[Request]
     sink: OutputSink
     new: bool
+
+    def unfinished(self) -> list[Request]:
+        """Every completion the client still waits for (a new request's forks included)."""
+        if not self.new:
+            return self.completions
+        request = self.completions[0]
+        return [request, *(request.fork(i) for i in range(1, request.sampling_params.n))]
 
 
 class Fleet:
@@ -192,7 +200,7 @@ class Fleet:
     def _end(held: _Unplaced, status: RequestStatus) -> None:
         """Ends every completion of a request waiting in the fleet; its sink is told."""
         outputs = StepOutputsBuilder()
-        for completion in held.completions:
+        for completion in held.unfinished():
             completion.status = status
             outputs.finished(completion)
         held.sink.send(outputs.build())
@@ -319,8 +327,10 @@ class Fleet:
                     engine.add_request(held.completions[0], held.sink)
                 else:
                     engine.adopt(held.completions, held.sink)
-            except (ValueError, RuntimeError) as e:  # cannot fit the replica, or an id in use
-                self._answer_unavailable(held, f"it cannot be moved to replica {replica_id}: {e}")
+            except RequestRefused as e:  # it can never fit this replica
+                self._answer(held, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except ValueError as e:  # its id is in use there
+                self._answer(held, grpc.StatusCode.ALREADY_EXISTS, str(e))
 
     def _restart(self, replica: Replica) -> None:
         """Stops a failed replica's workers and places new ones, until it serves again or
@@ -361,16 +371,17 @@ class Fleet:
             return
         unplaced, self._unplaced = self._unplaced, []
         for held in unplaced:
-            self._answer_unavailable(held, self._none_serving())
+            self._answer(held, grpc.StatusCode.UNAVAILABLE, self._none_serving())
 
     def _none_serving(self) -> str:
         states = ", ".join(f"replica {r.replica_id} {r.state.value}" for r in self.replicas)
         return f"no replica serves ({states or 'none left'}); retry once one is back"
 
     @staticmethod
-    def _answer_unavailable(held: _Unplaced, why: str) -> None:
+    def _answer(held: _Unplaced, code: grpc.StatusCode, why: str) -> None:
+        """Ends a request waiting in the fleet unanswered (the error ends all its completions)."""
         outputs = StepOutputsBuilder()
-        outputs.failed(held.completions[0].group_id, grpc.StatusCode.UNAVAILABLE, why)
+        outputs.failed(held.completions[0].group_id, code, why)
         held.sink.send(outputs.build())
 
     def _retire(self, replica: Replica) -> None:

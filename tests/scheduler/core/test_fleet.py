@@ -191,3 +191,30 @@ def test_without_a_placer_the_failed_replicas_requests_are_answered_unavailable(
     finally:
         fleet.stop()
         server.close()
+
+
+def test_a_request_failed_before_its_first_token_forks_its_completions_on_the_other_replica():
+    placer = FakePlacer()
+    with fleet_of(2, placer) as fleet:
+        placer.ranks[0].hold = True  # an idle fleet routes to replica 0 first
+        sent = submit_all(fleet, 1, n=3)
+        assert placer.ranks[0].held.wait(TIMEOUT)  # its prompt's step: nothing learned yet
+        placer.kill(0)
+        assert_all_complete(sent, n=3)
+        assert placer.ranks[1].sampled["r0#1"] == MAX_TOKENS  # forked there, sampled there
+
+
+def test_a_request_waiting_for_a_replica_can_be_aborted_and_ends_every_completion():
+    placer = FakePlacer()
+    with fleet_of(1, placer) as fleet:
+        placer.may_place.clear()
+        placer.kill(0)
+        wait_for(lambda: not fleet.serving(), "the failure is seen")
+        sink = Sink()
+        fleet.submit(request("a", 1, n=2), sink)
+        assert fleet.num_unfinished(sink) == 1
+        assert fleet.abort("a")
+        ends = collect(sink, "a", 2)
+        assert [ends[i].end.finish_reason for i in (0, 1)] == ["abort", "abort"]
+        assert fleet.num_unfinished(sink) == 0
+        placer.may_place.set()
