@@ -14,6 +14,11 @@ from tests.scheduler.fake_worker import TIMEOUT, FakeRank, serving
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64
 MAX_MODEL_LEN = 64
+ENGINE_CONFIGS = EngineConfigs(
+    ModelConfig(max_model_len=MAX_MODEL_LEN),
+    CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
+    SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+)
 PIECES = ["<eos>", " the", " cat", " sat", " on", " a", " mat", ".", "\n", "\n"]
 
 
@@ -46,14 +51,7 @@ def running_core(rank: FakeRank) -> Iterator[EngineCore]:
     with serving(rank) as address:
         core = EngineCore("fake")
         try:
-            core.start(
-                [ReplicaSpec((address,), "fake-model")],
-                EngineConfigs(
-                    ModelConfig(max_model_len=MAX_MODEL_LEN),
-                    CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
-                    SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-                ),
-            )
+            core.start([ReplicaSpec((address,), "fake-model")], ENGINE_CONFIGS)
             yield core
         finally:
             core.stop()
