@@ -2,6 +2,7 @@
 same tokens as an undisturbed run: each draw's generator is seeded from (seed, output index),
 and a recomputed request's NewRequest tells its outputs from its prompt by prompt_len."""
 
+import pytest
 import torch
 
 from protos import worker_pb2
@@ -15,10 +16,10 @@ PREEMPT_AFTER = 4
 SAMPLING = worker_pb2.SamplingOptions(temperature=1.5, top_p=1.0, seed=1234, prompt_len=len(PROMPT))
 
 
-def _runner(path) -> ModelRunner:
-    cpu = torch.device("cpu")
+def _runner(path, device: str) -> ModelRunner:
+    dev = torch.device(device)
     runner = ModelRunner(
-        load_model(str(path), "auto", torch.float32, cpu, seed=0), cpu, torch.float32, seed=0
+        load_model(str(path), "auto", torch.float32, dev, seed=0), dev, torch.float32, seed=0
     )
     runner.init_cache(
         num_blocks=64, block_size=BLOCK, max_num_seqs=4, max_model_len=64, enforce_eager=True
@@ -74,11 +75,12 @@ class _Driver:
             self.outputs.append(result.token_ids[0])
 
 
-def test_a_seeded_request_recomputed_samples_what_an_undisturbed_run_samples(tiny_models):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_seeded_request_recomputed_samples_what_an_undisturbed_run_samples(tiny_models, device):
     path, _ = tiny_models["llama"]
-    undisturbed = _Driver(_runner(path))
+    undisturbed = _Driver(_runner(path, device))
     undisturbed.run(NEW_TOKENS)
-    disturbed = _Driver(_runner(path))
+    disturbed = _Driver(_runner(path, device))
     disturbed.run(PREEMPT_AFTER)
     disturbed.run(NEW_TOKENS, preempted=True)
     assert disturbed.outputs == undisturbed.outputs
