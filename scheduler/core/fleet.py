@@ -350,13 +350,15 @@ class Fleet:
                     continue
                 break
             with self._membership:
-                if self._closed.is_set():
-                    restarted.stop()
-                    return
-                self.replicas = [restarted if r is replica else r for r in self.replicas]
-                self._restarting.discard(replica_id)
-                self._serve(restarted)
-            log.info("replica %d recovered after %d attempt(s)", replica_id, attempt)
+                closed = self._closed.is_set()  # stop() already stopped the replicas it saw
+                if not closed:
+                    self.replicas = [restarted if r is replica else r for r in self.replicas]
+                    self._restarting.discard(replica_id)
+                    self._serve(restarted)
+            if closed:
+                restarted.stop()
+            else:
+                log.info("replica %d recovered after %d attempt(s)", replica_id, attempt)
             return
         log.error("replica %d: recovery gave up after %d attempts", replica_id, attempt)
         with self._membership:
