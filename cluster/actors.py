@@ -15,19 +15,24 @@ from cluster.config import Config
 
 @ray.remote(num_cpus=0)
 class WorkerActor:
-    """One rank: hosts a Worker gRPC server on this node's address.
+    """One rank: hosts a Worker gRPC server that serves only calls carrying the cluster secret,
+    listening on loopback (loopback: its replica and the engine core share this node) or else
+    on this node's address.
 
     cpu_ranks_on_node: for a rank that computes on the CPU, how many ranks of its replica this
     node holds (they share its cores: worker.threads); None for a GPU rank."""
 
-    def __init__(self, log_level: str = "INFO", cpu_ranks_on_node: int | None = None) -> None:
+    def __init__(
+        self, secret: str, loopback: bool, log_level: str, cpu_ranks_on_node: int | None
+    ) -> None:
         from worker.threads import configure_cpu_threads
         from worker.worker import WorkerServer
 
         logging.basicConfig(level=log_level)
         if cpu_ranks_on_node is not None:
             configure_cpu_threads(cpu_ranks_on_node)
-        self._server = WorkerServer(host=ray.util.get_node_ip_address())
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+        self._server = WorkerServer(host=host, secret=secret)
 
     def address(self) -> str:
         return self._server.address
@@ -58,9 +63,12 @@ class WorkerActor:
 class SchedulerActor:
     """The engine core: its EngineCore gRPC server listens from construction (frontends connect
     to `address()`); start() places every replica's workers (a RayPlacer, also on Scale) and
-    brings them up. What it places fate-shares with it."""
+    brings them up. What it places fate-shares with it. worker_secret: the cluster secret
+    (protos/cluster_secret.py) it hands its workers and sends them with every call."""
 
-    def __init__(self, config: Config, model_path: str, gpus_per_worker: float) -> None:
+    def __init__(
+        self, config: Config, model_path: str, gpus_per_worker: float, worker_secret: str
+    ) -> None:
         from cluster.placement import RayPlacer
         from scheduler.core.engine_core import EngineCore
 
@@ -70,7 +78,7 @@ class SchedulerActor:
         # the GIL for up to 5 ms first, stalling every step of every replica.
         sys.setswitchinterval(0.0005)
         self._config = config
-        self._placer = RayPlacer(config, model_path, gpus_per_worker)
+        self._placer = RayPlacer(config, model_path, gpus_per_worker, worker_secret)
         self._core = EngineCore(config.model.model, host=ray.util.get_node_ip_address())
 
     def address(self) -> str:

@@ -65,7 +65,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     stop = threading.Event()
-    cluster = Cluster(config)
+    cluster = Cluster(config, args.config or "<defaults>")
     try:
         address = cluster.start()
         # After start: ray.init installs a SIGTERM handler of its own that exits at once.
@@ -135,6 +135,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{k} {v:g}" for k, v in sorted(n.resources.items()) if not k.startswith("node:")
         )
         print(f"node {n.node_id} {n.address} {'alive' if n.alive else 'dead'}: {resources}")
+    for f in info.frontends:
+        print(
+            f"frontend pid {f.pid}: {f.num_requests} requests since it connected, "
+            f"{f.num_unfinished} unfinished"
+        )
     for r in info.replicas:
         used = r.num_blocks - r.num_free_blocks
         hits = 100 * r.prefix_cache_hits / max(r.prefix_cache_queries, 1)

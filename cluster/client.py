@@ -5,6 +5,7 @@ for delta in client.generate("Hello", SamplingParams(max_tokens=32)):
     print(delta.text, end="")
 """
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -204,6 +205,10 @@ class AsyncClient:
         return await self._stub.GetModelInfo(
             serving_pb2.ModelInfoRequest(), timeout=timeout, metadata=self._metadata
         )
+
+    async def wait_until_ready(self, timeout: float) -> None:
+        """Connects now (a channel connects lazily, on its first call); raises TimeoutError."""
+        await asyncio.wait_for(self._channel.channel_ready(), timeout)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -83,6 +83,18 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        """What no section can check alone (cluster.preflight checks what needs the model)."""
+        model, cache = self.model, self.cache
+        if model.max_model_len is not None and cache.num_blocks is not None:
+            capacity = cache.num_blocks * cache.block_size
+            if model.max_model_len > capacity:
+                raise ValueError(
+                    f"model.max_model_len={model.max_model_len} does not fit the KV cache: "
+                    f"cache.num_blocks={cache.num_blocks} x cache.block_size={cache.block_size}"
+                    f" = {capacity} tokens; lower model.max_model_len or raise cache.num_blocks"
+                )
+
 
 class ConfigError(ValueError):
     pass
@@ -121,7 +133,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
                 f"{source}: unknown section {name!r} (allowed: {', '.join(sections)})"
             )
         built[name] = _build_section(sections[name].default_factory, name, values or {}, source)
-    return Config(**built)
+    try:
+        return Config(**built)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def _build_section(cls: type, section: str, values: Any, source: str) -> Any:

@@ -10,6 +10,7 @@ Cluster.shutdown()       ->  stops the actors, and the embedded Ray if this proc
 import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 
@@ -17,16 +18,19 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.actors import FrontendActor, SchedulerActor
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 from cluster.models import resolve_model, resolve_tokenizer
 from cluster.placement import gpus_per_worker
+from cluster.preflight import check_before_loading, model_shape
 
 log = logging.getLogger(__name__)
 
 
 class Cluster:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, source: str = "<config>") -> None:
+        """source: where config was read (a file), named by the errors of its checks."""
         self.config = config
+        self.source = source
         model = config.model
         self.model_path = resolve_model(model.model, model.load_format)
         self.tokenizer_path = resolve_tokenizer(model.tokenizer, model.model, model.load_format)
@@ -36,6 +40,9 @@ class Cluster:
         self.http_url: str | None = None  # the OpenAI-compatible HTTP API's
         self.metrics_dir: str | None = None
         self._owns_ray = False
+        # The cluster secret (protos/cluster_secret.py): new for every cluster, handed to the
+        # engine core and its workers through Ray only.
+        self.worker_secret = secrets.token_urlsafe(32)
 
     def start(self) -> str:
         """Brings the cluster up; returns the Serving gRPC address."""
@@ -53,8 +60,21 @@ class Cluster:
             self._owns_ray = True
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         try:
+            num_gpus = gpus_per_worker(cfg.model.device)
+            # What the config and the model's own config show cannot work fails here, in a
+            # second, not after every worker has loaded the model.
+            try:
+                shape = model_shape(self.model_path)
+            except (OSError, KeyError, ValueError) as e:
+                raise ConfigError(
+                    f"{self.source}: model.model: cannot read the config of {self.model_path}: {e}"
+                ) from None
+            try:
+                check_before_loading(cfg, shape, cpu_workers=not num_gpus)
+            except ValueError as e:
+                raise ConfigError(f"{self.source}: {e}") from None
             self.scheduler = SchedulerActor.options(num_cpus=0, scheduling_strategy=here).remote(
-                cfg, self.model_path, gpus_per_worker(cfg.model.device)
+                cfg, self.model_path, num_gpus, self.worker_secret
             )
             core_address = ray.get(self.scheduler.address.remote(), timeout=timeout)
             # The frontends listen while the workers load (NOT_SERVING until they serve); with

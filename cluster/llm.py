@@ -54,6 +54,7 @@ class LLM:
         unknown = set(kwargs) - {*_MODEL_KEYS, *_PARALLEL_KEYS, *_CACHE_KEYS, *_SCHEDULER_KEYS}
         if unknown:
             raise TypeError(f"LLM() got unknown arguments: {', '.join(sorted(unknown))}")
+        source = config or "<LLM arguments>"  # what the config's errors name
         base = load_config(config) if config else Config()
         model_values = {k: kwargs[k] for k in _MODEL_KEYS if k in kwargs}
         if model is not None:
@@ -68,7 +69,7 @@ class LLM:
         # The offline engine serves this process only: loopback, any free port, no TLS, tokens
         # or limits.
         self.config = dataclasses.replace(config, server=ServerConfig(port=0, http_port=0))
-        self._cluster = Cluster(self.config)
+        self._cluster = Cluster(self.config, source)
         self.address = self._cluster.start()
         atexit.register(self.shutdown)
         # The engine client's loop, on a thread of its own: every call of this LLM runs there.

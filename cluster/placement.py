@@ -49,10 +49,13 @@ class _Placed:
 class RayPlacer:
     """The Placer of scheduler.core.fleet on the Ray cluster this process is connected to."""
 
-    def __init__(self, config: Config, model_path: str, num_gpus: float) -> None:
+    def __init__(self, config: Config, model_path: str, num_gpus: float, secret: str) -> None:
+        """secret: the cluster secret its workers demand of every call."""
         self.config = config
         self.model_path = model_path
         self.num_gpus = num_gpus  # per worker, decided once so that all replicas are alike
+        self._secret = secret
+        self._node_id = ray.get_runtime_context().get_node_id()  # the engine core's node
         self._placed: dict[int, _Placed] = {}
         self._lock = threading.Lock()
 
@@ -77,6 +80,8 @@ class RayPlacer:
             # CPU ranks on one node share its cores (worker.threads): how many share each one's?
             nodes = placement_group_table(placed.group)["bundles_to_node_id"]
             ranks_on_node = [list(nodes.values()).count(nodes[rank]) for rank in range(tp)]
+            # A replica wholly on the core's node listens on loopback: off-node, none reach it.
+            loopback = all(nodes[rank] == self._node_id for rank in range(tp))
             placed.workers = [
                 WorkerActor.options(
                     num_gpus=self.num_gpus,
@@ -84,7 +89,12 @@ class RayPlacer:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placed.group, placement_group_bundle_index=rank
                     ),
-                ).remote(cfg.logging.level, None if self.num_gpus else ranks_on_node[rank])
+                ).remote(
+                    self._secret,
+                    loopback,
+                    cfg.logging.level,
+                    None if self.num_gpus else ranks_on_node[rank],
+                )
                 for rank in range(tp)
             ]
             addresses = ray.get([w.address.remote() for w in placed.workers], timeout=timeout)
@@ -101,6 +111,7 @@ class RayPlacer:
             master_addr=addresses[0].rsplit(":", 1)[0],
             master_port=master_port,
             worker_node_ids=tuple(node_ids),
+            worker_secret=self._secret,
         )
 
     def release(self, replica_id: int) -> None:

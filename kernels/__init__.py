@@ -13,6 +13,7 @@ tensors go to the Triton kernels:
     copy_blocks       -> kernels.triton_copy_blocks
     rms_norm, fused_add_rms_norm -> kernels.triton_rms_norm (reference: kernels.rms_norm)
     rotary            -> kernels.triton_rotary (reference: kernels.rotary)
+    silu_and_mul      -> kernels.triton_activation (reference: kernels.activation)
 
 Triton is imported lazily, on the first CUDA call: a CPU process never imports it (and the CPU
 tests can turn on TRITON_INTERPRET before anything does).
@@ -23,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
+from kernels.activation import silu_and_mul_ref
 from kernels.copy_blocks import copy_blocks_ref
 from kernels.cpu_paged_attention import paged_attention_cpu
 from kernels.kv_cache import write_kv_cache_ref
@@ -32,6 +34,7 @@ from kernels.rotary import rotary_ref
 
 @functools.cache
 def _triton() -> SimpleNamespace:
+    from kernels.triton_activation import silu_and_mul as silu_and_mul_triton
     from kernels.triton_copy_blocks import copy_blocks as copy_blocks_triton
     from kernels.triton_decode_attention import decode_attention
     from kernels.triton_kv_cache import write_kv_cache as write_kv_cache_triton
@@ -48,6 +51,7 @@ def _triton() -> SimpleNamespace:
         rms_norm=rms_norm_triton,
         fused_add_rms_norm=fused_add_rms_norm_triton,
         rotary=rotary_triton,
+        silu_and_mul=silu_and_mul_triton,
     )
 
 
@@ -148,11 +152,20 @@ def rotary(
     return rotary_ref(positions, q, k, cos_cache, sin_cache)
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up [..., 2 * d] = [gate | up] (see kernels.activation); one
+    launch on CUDA."""
+    if gate_up.is_cuda:
+        return _triton().silu_and_mul(gate_up)
+    return silu_and_mul_ref(gate_up)
+
+
 __all__ = [
     "copy_blocks",
     "fused_add_rms_norm",
     "paged_attention",
     "rms_norm",
     "rotary",
+    "silu_and_mul",
     "write_kv_cache",
 ]

@@ -161,6 +161,15 @@ class ServerConfig:
                 raise ValueError(f"server.{key} must be non-empty strings without whitespace")
         if set(self.auth_tokens) & set(self.admin_tokens):
             raise ValueError("server.admin_tokens must differ from server.auth_tokens")
+        if self.auth_tokens_file is not None:
+            try:
+                file_tokens = self._file_tokens()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"server.auth_tokens_file: cannot read it: {e}") from None
+            if set(self.admin_tokens) & file_tokens:
+                raise ValueError(
+                    "server.admin_tokens must differ from the tokens of server.auth_tokens_file"
+                )
         check_int_range("server.max_concurrent_requests", self.max_concurrent_requests, 0)
         check_int_range("server.max_request_bytes", self.max_request_bytes, 1024)
 
@@ -168,9 +177,13 @@ class ServerConfig:
         """Every accepted token: auth_tokens, the lines of auth_tokens_file and admin_tokens."""
         tokens = set(self.auth_tokens) | set(self.admin_tokens)
         if self.auth_tokens_file is not None:
-            with open(self.auth_tokens_file) as f:
-                tokens.update(line.strip() for line in f if line.strip())
+            tokens |= self._file_tokens()
         return frozenset(tokens)
+
+    def _file_tokens(self) -> set[str]:
+        """The tokens of auth_tokens_file, one a line."""
+        with open(self.auth_tokens_file) as f:
+            return {line.strip() for line in f if line.strip()}
 
     def read(self, key: str) -> bytes | None:
         """The bytes of a file setting (tls_cert_file, ...), or None when unset."""

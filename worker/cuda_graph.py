@@ -55,9 +55,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((size, width), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
         lm_head = model.lm_head
-        self.logits = torch.zeros(
-            (size, lm_head.shard), dtype=lm_head.weight.dtype, device=device
-        )
+        self.logits = torch.zeros((size, lm_head.shard), dtype=lm_head.weight.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _forward(self, size: int) -> None:

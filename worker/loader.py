@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.gguf_header import read_gguf_header
 from worker.layers.rotary import RotaryEmbedding
 from worker.models import ARCHITECTURES, CausalLM
 from worker.models.presets import PRESETS
@@ -55,6 +56,16 @@ def read_hf_config(path: str) -> dict[str, Any]:
     return json.loads(config_path.read_text())
 
 
+def meta_model(hf_config: dict[str, Any]) -> CausalLM:
+    """The model of an HF config on the meta device: its structure (this rank's share of it),
+    no weights."""
+    arch = hf_config["architectures"][0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"architecture {arch} is not supported (have {', '.join(ARCHITECTURES)})")
+    with torch.device("meta"):
+        return ARCHITECTURES[arch](hf_config)
+
+
 def load_model(
     path: str, load_format: str, dtype: torch.dtype, device: torch.device, seed: int
 ) -> CausalLM:
@@ -63,11 +74,7 @@ def load_model(
     if fmt not in ("gguf", "safetensors", "dummy"):
         raise ValueError(f"load_format {load_format!r}: expected auto, gguf, safetensors or dummy")
     hf_config = read_hf_config(path)
-    arch = hf_config["architectures"][0]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"architecture {arch} is not supported (have {', '.join(ARCHITECTURES)})")
-    with torch.device("meta"):
-        model = ARCHITECTURES[arch](hf_config)
+    model = meta_model(hf_config)
     before = dict(model.named_parameters(remove_duplicate=False))
     model.to_empty(device=device)
     model.to(dtype)
@@ -99,8 +106,11 @@ def _restore_parameters(model: CausalLM, before: dict[str, torch.nn.Parameter]) 
 
 
 def _fill_dummy(model: CausalLM, seed: int) -> None:
-    """Seeded random weights (std 0.02), norms 1: every rank fills only its own shard."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Seeded random weights (std 0.02), norms 1: every rank fills only its own shard, drawn
+    on the parameters' device (an 8B model's 32 GB of float32 draws take a minute on one CPU
+    core, milliseconds on a GPU), so the weights depend on the seed and the device type."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -108,8 +118,10 @@ def _fill_dummy(model: CausalLM, seed: int) -> None:
             elif name.endswith("bias"):
                 param.zero_()
             else:
-                values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
-                param.copy_(values)
+                values = torch.randn(
+                    param.shape, generator=gen, dtype=torch.float32, device=device
+                )
+                param.copy_(values * 0.02)
 
 
 def _hf_dir_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -130,42 +142,38 @@ def _hf_dir_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def gguf_hf_config(path: str) -> dict[str, Any]:
-    """The HF config.json equivalent of a GGUF file's metadata (Llama architecture)."""
-    from gguf import GGUFReader
+    """The HF config.json equivalent of a GGUF file's metadata (Llama architecture), read from
+    the file's header alone."""
+    header = read_gguf_header(path)
+    fields = header.metadata
 
-    reader = GGUFReader(path)
-    arch = _gguf_field(reader, "general.architecture")
+    def field(key: str, default: Any = ...) -> Any:
+        if key not in fields and default is ...:
+            raise ValueError(f"GGUF metadata lacks {key}")
+        return fields.get(key, default)
+
+    arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} in {path} is not supported (have llama)")
-    names = {t.name for t in reader.tensors}
-    heads = int(_gguf_field(reader, "llama.attention.head_count"))
-    hidden = int(_gguf_field(reader, "llama.embedding_length"))
-    vocab = _gguf_field(reader, "llama.vocab_size", None)
+    heads = int(field("llama.attention.head_count"))
+    hidden = int(field("llama.embedding_length"))
+    vocab = field("llama.vocab_size", None)
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = field("tokenizer.ggml.tokens")  # an array: its length
     return {
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(_gguf_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_gguf_field(reader, "llama.block_count")),
+        "intermediate_size": int(field("llama.feed_forward_length")),
+        "num_hidden_layers": int(field("llama.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
-        "head_dim": int(_gguf_field(reader, "llama.rope.dimension_count", hidden // heads)),
-        "rms_norm_eps": float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_gguf_field(reader, "llama.context_length")),
-        "tie_word_embeddings": "output.weight" not in names,
+        "num_key_value_heads": int(field("llama.attention.head_count_kv", heads)),
+        "head_dim": int(field("llama.rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": float(field("llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(field("llama.context_length")),
+        "tie_word_embeddings": "output.weight" not in header.tensor_names,
     }
-
-
-def _gguf_field(reader: Any, key: str, default: Any = ...) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is ...:
-            raise ValueError(f"GGUF metadata lacks {key}")
-        return default
-    return field.contents()
 
 
 def _gguf_weights(path: str, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:

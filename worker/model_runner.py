@@ -429,9 +429,7 @@ class ModelRunner:
         )
         return self.model(self._input_ids(ids, sources), tensor(positions, torch.int64), meta)
 
-    def _sample(
-        self, local: torch.Tensor, greedy: torch.Tensor | None, step: LaunchedStep
-    ) -> None:
+    def _sample(self, local: torch.Tensor, greedy: torch.Tensor | None, step: LaunchedStep) -> None:
         """Picks each sampling request's token from this rank's logits of its last row
         (local [num_samplers, vocab_shard]; greedy: their greedy tokens, when a graph left
         them): the greedy argmax on every rank when every row is plain greedy, else rank 0

@@ -20,6 +20,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from worker import distributed
 from worker.loader import load_model
 from worker.model_runner import LaunchedStep, ModelRunner
+from worker.secret_check import ClusterSecretCheck
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +220,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
 class WorkerServer:
-    """Hosts the Worker service on host:port (port 0 picks a free one)."""
+    """Hosts the Worker service on host:port (port 0 picks a free one).
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    host: where the engine core reaches it, no wider: loopback when they share a node.
+    secret: the cluster secret every call must carry (protos/cluster_secret.py), or it is
+    refused UNAUTHENTICATED; None serves every call, for a worker inside a test's process."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, secret: str | None = None) -> None:
         self.shutdown_requested = threading.Event()
         self.service = WorkerService(self.shutdown_requested)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8),
+            interceptors=[ClusterSecretCheck(secret)] if secret is not None else [],
             options=[("grpc.max_receive_message_length", 256 << 20)],
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self._server)

@@ -13,7 +13,6 @@ a markdown table.
 """
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -68,7 +67,7 @@ def measure(
     for i in range(args.num_iters_warmup + args.num_iters):
         prompts = make_prompts(batch_size, args.input_len, bench.vocab_size, seed=seed + i)
         start = time.monotonic()
-        result = asyncio.run(run_workload(bench.address, prompts, args.output_len))
+        result = run_workload(bench.address, prompts, args.output_len)
         end = time.monotonic()
         if i >= args.num_iters_warmup:
             latencies.append(result["wall_s"])

@@ -19,6 +19,7 @@ cuda_graph whether the step replayed a CUDA graph, scheduled request id -> token
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import random
 import statistics
 import time
@@ -248,11 +249,91 @@ def make_prompts(num: int, input_len: int, vocab: int, seed: int = 0) -> list[li
     return [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(num)]
 
 
-async def run_workload(
-    address: str, prompts: list[list[int]], output_len: int, stream: bool = False
+def run_workload(
+    address: str,
+    prompts: list[list[int]],
+    output_len: int,
+    stream: bool = False,
+    clients: int = 1,
 ) -> dict:
     """Sends every prompt at once (greedy, ignore_eos, exactly output_len tokens each) and waits
-    for all: requests, output tokens, wall time, output tokens/s and the median TTFT."""
+    for all: requests, output tokens, wall time, output tokens/s and the median TTFT.
+
+    clients > 1 splits the prompts round-robin over that many client processes, each with its
+    own connection (so the server's frontends, which share the port, each take some): one
+    Python process reading streamed tokens saturates near 7k messages a second, which would
+    measure the client, not the server. They start sending together; the wall time runs from
+    that start to the last answer.
+    """
+    if clients <= 1:
+        parts = [asyncio.run(_send_all(address, prompts, output_len, stream))]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        ready = ctx.Barrier(clients)
+        results = ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=_client_process,
+                args=(address, prompts[i::clients], output_len, stream, ready, results),
+                daemon=True,
+            )
+            for i in range(clients)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            parts = [results.get(timeout=_CLIENT_TIMEOUT_S) for _ in procs]
+        finally:
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+        errors = [part for part in parts if isinstance(part, str)]
+        if errors:
+            raise RuntimeError(f"a client process failed: {errors[0]}")
+    counts = [c for part in parts for c in part.counts]
+    ttfts = [t for part in parts for t in part.ttfts_s]
+    wall = max(part.end for part in parts) - min(part.start for part in parts)
+    return {
+        "requests": len(prompts),
+        "output_tokens": sum(counts),
+        "wall_s": wall,
+        "tok_per_s": sum(counts) / wall,
+        "ttft_ms": statistics.median(ttfts) * 1e3,
+    }
+
+
+_CLIENT_TIMEOUT_S = 3600.0
+
+
+@dataclass
+class _ClientResult:
+    counts: list[int]  # output tokens, one per request
+    ttfts_s: list[float]
+    start: float  # time.monotonic(): system-wide on Linux, comparable across processes
+    end: float
+
+
+def _client_process(
+    address: str,
+    prompts: list[list[int]],
+    output_len: int,
+    stream: bool,
+    ready,  # multiprocessing Barrier: every client connected
+    results,  # multiprocessing Queue: a _ClientResult, or the error as a string
+) -> None:
+    try:
+        result = asyncio.run(_send_all(address, prompts, output_len, stream, ready))
+    except Exception as e:  # reported to the parent, which raises it
+        ready.abort()
+        results.put(f"{type(e).__name__}: {e}")
+    else:
+        results.put(result)
+
+
+async def _send_all(
+    address: str, prompts: list[list[int]], output_len: int, stream: bool, ready=None
+) -> _ClientResult:
     from cluster.client import AsyncClient
     from cluster.outputs import OutputCollector
     from scheduler.sampling_params import RequestOutputKind, SamplingParams
@@ -265,30 +346,26 @@ async def run_workload(
     ttfts: list[float] = []
 
     async def one(prompt: list[int]) -> int:
-        start = time.perf_counter()
+        start = time.monotonic()
         collector = OutputCollector()
-        async for msg in client.generate(prompt, params, timeout=3600):
+        async for msg in client.generate(prompt, params, timeout=_CLIENT_TIMEOUT_S):
             if stream and not collector.output().outputs[0].token_ids:
-                ttfts.append(time.perf_counter() - start)
+                ttfts.append(time.monotonic() - start)
             collector.add(msg)
         out = collector.result().outputs[0]
         if not stream:
             ttfts.append(out.timings.time_to_first_token_ms * 1e-3)
         return len(out.token_ids)
 
-    start = time.perf_counter()
     try:
+        if ready is not None:
+            await client.wait_until_ready(timeout=60)
+            ready.wait(timeout=120)  # the clients start sending together
+        start = time.monotonic()
         counts = await asyncio.gather(*(one(p) for p in prompts))
-        wall = time.perf_counter() - start
+        return _ClientResult(counts, ttfts, start, time.monotonic())
     finally:
         await client.close()
-    return {
-        "requests": len(prompts),
-        "output_tokens": sum(counts),
-        "wall_s": wall,
-        "tok_per_s": sum(counts) / wall,
-        "ttft_ms": statistics.median(ttfts) * 1e3,
-    }
 
 
 def fmt(value: float | None, spec: str = ".2f", missing: str = "-") -> str:

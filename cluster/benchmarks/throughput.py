@@ -9,7 +9,8 @@ on the same prompts and card as the baseline.
 (`python -m cluster.benchmarks.throughput` takes the same arguments.) Every request generates
 exactly --output-len tokens (ignore_eos), greedy. Each completion comes back in one message
 (output_kind FINAL_ONLY, as vLLM's offline LLM and its throughput benchmark); --stream has every
-step's tokens streamed instead (DELTA, as a chat client). The workload runs twice and the second
+step's tokens streamed instead (DELTA, as a chat client). --clients processes send the requests
+(default two per frontend; see report.run_workload). The workload runs twice and the second
 pass is timed (the first compiles kernels). Prints the card, the roofline of a decode step next
 to the timed pass's median decode step, the anatomy of the timed pass's steps, and last a
 markdown table: output tokens, wall time, output tokens per second, median time to first token
@@ -18,7 +19,6 @@ median decode step and the roofline's share of it.
 """
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream", action="store_true", help="stream every step's tokens (output_kind DELTA)"
     )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="client processes, each on its own connection (default: 2 per frontend)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,13 +101,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--num-requests, --input-len and --output-len must be >= 1")
     rows = []
     with bench_cluster(args.config, args.set) as bench:
+        clients = args.clients or 2 * bench.config.server.frontends
         prompts = make_prompts(args.num_requests, args.input_len, bench.vocab_size)
         # A first pass of other random prompts (no prefix the timed pass could reuse) compiles
         # the Triton kernels for the batch shapes the workload meets; the second is timed.
         warm_up = make_prompts(args.num_requests, args.input_len, bench.vocab_size, seed=1)
-        asyncio.run(run_workload(bench.address, warm_up, args.output_len, args.stream))
+        run_workload(bench.address, warm_up, args.output_len, args.stream, clients)
         since = time.monotonic()  # system-wide on Linux: comparable with the actor's records
-        timed = asyncio.run(run_workload(bench.address, prompts, args.output_len, args.stream))
+        timed = run_workload(bench.address, prompts, args.output_len, args.stream, clients)
         steps = records_between(bench.step_records(), since, time.monotonic())
     anatomy = step_anatomy(steps)
     decode_ms = None if anatomy is None else anatomy.median_decode_step_ms

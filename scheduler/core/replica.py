@@ -6,7 +6,7 @@ scheduler and the page table sized from the workers' reports.
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protos import serving_pb2, worker_pb2
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -29,6 +29,8 @@ class ReplicaSpec:
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     worker_node_ids: tuple[str, ...] = ()  # each rank's cluster node, where the placer knows it
+    # The cluster secret the workers demand (protos/cluster_secret.py); None: they demand none.
+    worker_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ class Replica:
         self.replica_id = replica_id
         self.spec = spec
         self.state = ReplicaState.SERVING
-        self._workers = [WorkerClient(address) for address in spec.worker_addresses]
+        self._workers = [
+            WorkerClient(address, spec.worker_secret) for address in spec.worker_addresses
+        ]
         try:
             self.model_info, num_blocks, num_cpu_blocks = self._load(configs)
             model, cache, scheduler = configs.model, configs.cache, configs.scheduler

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from protos.cluster_secret import METADATA_KEY
 
 WORKER_RPC_TIMEOUT_S = 600.0  # a bring-up RPC (loading a model, capturing graphs) may take long
 _MAX_MESSAGE_BYTES = 256 << 20  # a plan of new requests with long prompts
@@ -21,10 +22,12 @@ _MAX_MESSAGE_BYTES = 256 << 20  # a plan of new requests with long prompts
 class WorkerStream:
     """The Execute stream to one rank: send() a plan, recv() its result, in order."""
 
-    def __init__(self, address: str, stub: worker_pb2_grpc.WorkerStub) -> None:
+    def __init__(
+        self, address: str, stub: worker_pb2_grpc.WorkerStub, metadata: tuple = ()
+    ) -> None:
         self.address = address
         self._plans: queue.SimpleQueue = queue.SimpleQueue()
-        self._results = stub.Execute(self._iter_plans())
+        self._results = stub.Execute(self._iter_plans(), metadata=metadata)
 
     def _iter_plans(self) -> Iterator[worker_pb2.StepPlan]:
         while (plan := self._plans.get()) is not None:
@@ -52,8 +55,10 @@ class WorkerStream:
 
 
 class WorkerClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, secret: str | None = None) -> None:
+        """secret: the cluster secret, sent with every call (protos/cluster_secret.py)."""
         self.address = address
+        self._metadata = ((METADATA_KEY, secret),) if secret is not None else ()
         self._channel = grpc.insecure_channel(
             address, options=[("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
         )
@@ -61,15 +66,17 @@ class WorkerClient:
 
     def call(self, method: str, request, timeout: float = WORKER_RPC_TIMEOUT_S) -> grpc.Future:
         """Starts the unary RPC `method` (InitCache, LoadModel, ...); returns its future."""
-        return getattr(self._stub, method).future(request, timeout=timeout)
+        return getattr(self._stub, method).future(request, timeout=timeout, metadata=self._metadata)
 
     def wait_until_up(self, timeout: float) -> worker_pb2.HealthResponse:
         """Health, waiting for the rank's server to listen."""
-        return self._stub.Health(worker_pb2.Empty(), timeout=timeout, wait_for_ready=True)
+        return self._stub.Health(
+            worker_pb2.Empty(), timeout=timeout, wait_for_ready=True, metadata=self._metadata
+        )
 
     def execute(self) -> WorkerStream:
         """Opens the rank's Execute stream on this channel."""
-        return WorkerStream(self.address, self._stub)
+        return WorkerStream(self.address, self._stub, self._metadata)
 
     def close(self) -> None:
         self._channel.close()

@@ -3,6 +3,7 @@ embedded Ray. After `down` or Ctrl-C, none of the processes `up` started is left
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,6 +108,11 @@ def test_up_generate_status_down(up):
     status = _cli("status", env=env)
     assert status.returncode == 0, status.stderr
     assert "replica 0" in status.stdout and "rank 0" in status.stdout
+    frontends = re.findall(
+        r"frontend pid \d+: (\d+) requests since it connected, (\d+) unf", status.stdout
+    )
+    assert frontends and sum(int(n) for n, _ in frontends) == 1  # the generate above
+    assert all(unfinished == "0" for _, unfinished in frontends)
     down = _cli("down", env=env)
     assert down.returncode == 0, down.stdout + down.stderr
     assert proc.wait(timeout=60) == 0

@@ -98,6 +98,12 @@ def test_the_number_of_frontends_is_checked_and_defaults_to_the_machine(tmp_path
         ("cache", "swap_space_gb: .nan", r"cache\.swap_space_gb must be a finite number >= 0"),
         ("parallel", f"replicas: {2**31}", r"parallel\.replicas must be in \[1, 2147483647\]"),
         ("parallel", f"tensor_parallel_size: {2**31}", r"parallel\.tensor_parallel_size"),
+        (
+            "model",
+            "max_model_len: 321\ncache:\n  num_blocks: 20",
+            r"model\.max_model_len=321 does not fit the KV cache: cache\.num_blocks=20 x "
+            r"cache\.block_size=16 = 320 tokens",
+        ),
     ],
 )
 def test_numbers_the_cluster_cannot_use_fail_at_load_naming_the_file_and_key(
@@ -123,3 +129,21 @@ def test_the_largest_numbers_the_cluster_can_use_load(tmp_path):
         2**31 - 1,
         0,
     )
+
+
+def test_an_admin_token_in_the_client_tokens_file_fails_at_load(tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("client-1\n\n  shared  \n")
+    path = tmp_path / "server.yaml"
+    path.write_text(f"server:\n  auth_tokens_file: {tokens}\n  admin_tokens: [shared]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}: server.admin_tokens must differ from the tokens of server.auth_tokens_file"
+    )
+    tokens.write_bytes(b"client-1\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"server\.auth_tokens_file: cannot read it: 'utf-8'"):
+        load_config(path)
+    tokens.write_text("client-1\n")
+    server = load_config(path).server
+    assert server.tokens() == frozenset({"client-1", "shared"})

@@ -96,6 +96,9 @@ def test_scale_up_places_the_new_replica_on_the_node_that_joined(
             info = client.server_info()
         new = info.replicas[1]
         assert [w.node_id for w in new.workers] == [joined_node]
+        # The core's node's replica listens on loopback, the joined node's on that node's address.
+        assert info.replicas[0].workers[0].address.startswith("127.0.0.1:")
+        assert not new.workers[0].address.startswith("127.0.0.1:")
         assert new.num_prompt_tokens_computed > 0, "the joined node's replica served nothing"
         joined = [n for n in info.nodes if n.node_id == joined_node]
         assert len(joined) == 1 and joined[0].alive

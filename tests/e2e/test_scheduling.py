@@ -85,24 +85,20 @@ def test_a_workload_three_times_the_cache_matches_an_unconstrained_run(
 
 
 def test_requests_sharing_a_system_prompt_compute_it_once(local_cluster, tokenizer):
-    system = text_tokens(tokenizer, 100, 512)  # 32 full blocks
-    questions = [tokenizer.encode(f" Question {i}: what comes after {i}?") for i in range(32)]
+    system = text_tokens(tokenizer, 100, 256)  # 16 full blocks
+    questions = [tokenizer.encode(f" Question {i}: what comes after {i}?") for i in range(16)]
     prompts = [system + q for q in questions]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     before = replica_info(local_cluster)
     cached = generate_all(local_cluster.address, prompts, params)
     after = replica_info(local_cluster)
     computed = after.num_prompt_tokens_computed - before.num_prompt_tokens_computed
-    assert computed == 512 + sum(len(q) for q in questions)  # the prefix once, then suffixes
-    assert after.prefix_cache_hits - before.prefix_cache_hits == 31 * 512
-    # Every prompt again, each with its own cache salt: nothing shared, all computed. In two
-    # halves, as 32 unshared prompts would not fit the cache together (no preemption here).
+    assert computed == 256 + sum(len(q) for q in questions)  # the prefix once, then suffixes
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 15 * 256
+    # Every prompt again, each with its own cache salt: nothing shared, all computed (they fit
+    # the cache together: no preemption).
     salts = [f"uncached-{i}" for i in range(len(prompts))]
-    uncached = [
-        tokens
-        for half in (slice(0, 16), slice(16, 32))
-        for tokens in generate_all(local_cluster.address, prompts[half], params, salts[half])
-    ]
+    uncached = generate_all(local_cluster.address, prompts, params, salts)
     final = replica_info(local_cluster)
     assert final.num_preemptions == before.num_preemptions
     computed = final.num_prompt_tokens_computed - after.num_prompt_tokens_computed

@@ -29,7 +29,10 @@ class RotaryEmbedding(nn.Module):
         self.rope_type = rope_type
         self.register_buffer("cos_cache", torch.empty(0), persistent=False)
         self.register_buffer("sin_cache", torch.empty(0), persistent=False)
-        self.build_cache(torch.device("cpu"))
+        # Built on the meta device (the loader; a model's shape read), it has no tables to fill:
+        # the loader builds them on the target device once the model is materialized.
+        if torch.get_default_device().type != "meta":
+            self.build_cache(torch.device("cpu"))
 
     def build_cache(self, device: torch.device) -> None:
         """(Re)computes cos/sin in float32, as HF does, for every position; keeps them on device."""
