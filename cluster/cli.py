@@ -4,6 +4,7 @@ pagedserve up -c configs/local.yaml [--set section.key=value ...]   serve until 
 pagedserve generate "What is the capital of France?" [--stream]
 pagedserve status
 pagedserve scale --replicas N
+pagedserve chaos [-c CONFIG | --address A] --kill worker:1@300t [--cancel-fraction 0.1]
 pagedserve down
 pagedserve bench latency -c configs/local.yaml [--batch-size 1 8 32] [--output-len 512]
 pagedserve bench throughput -c configs/local.yaml [--num-requests 256] [--hf-batch 64]
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from cluster import chaos
 from cluster.client import Client, Credentials
 from cluster.config import ConfigError, load_config
 from cluster.outputs import OutputCollector
@@ -120,11 +122,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         info = client.server_info()
+        health = client.health()
     print(
-        f"model {info.model}: {info.num_steps} steps, {info.num_finished_requests} "
+        f"model {info.model} ({health}): {info.num_steps} steps, {info.num_finished_requests} "
         f"requests finished, {info.num_generated_tokens} tokens generated; "
         f"{info.generated_tokens_per_s:.1f} tokens/s over the last "
-        f"{info.throughput_window_s:g} s"
+        f"{info.throughput_window_s:g} s; {info.num_replica_failures} replica failures, "
+        f"{info.num_recovered_requests} requests recomputed elsewhere"
     )
     for n in info.nodes:
         resources = ", ".join(
@@ -149,8 +153,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for w in r.workers:
             node = f" on node {w.node_id}" if w.node_id else ""
-            print(f"  rank {w.rank}: {w.address} ({w.device}){node}")
+            print(f"  rank {w.rank}: {w.address} ({w.device}) pid {w.pid}{node}")
     return 0
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    """Faults under streaming load (cluster/chaos.py); fails (1) when a request was lost, a
+    stream differs from the fault-free run, blocks stayed in use or a replica did not recover."""
+    if args.config is None:
+        with _connect(args) as client:
+            report = chaos.chaos(client, args)
+    else:
+        from cluster.launcher import Cluster
+
+        cluster = Cluster(load_config(args.config, args.set))
+        try:
+            with Client(cluster.start()) as client:
+                report = chaos.chaos(client, args)
+        finally:
+            cluster.shutdown()
+    print("\n".join(report.lines()))
+    recovered = len(report.recovery_s) == sum(f.kind != "frontend" for f in args.kill)
+    clean = not report.mismatched and report.blocks_after == report.blocks_before
+    return 0 if clean and recovered and not report.lost else 1
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
@@ -257,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=1800.0, help="seconds to wait for new replicas"
     )
     scale.set_defaults(func=cmd_scale)
+    chaos_verb = sub.add_parser(
+        "chaos",
+        help="kill workers, replicas or frontends under streaming load; report what was lost",
+        parents=[connect],
+    )
+    chaos.add_arguments(chaos_verb)
+    chaos_verb.set_defaults(func=cmd_chaos)
     down = sub.add_parser("down", help="stop the cluster that `up` started")
     down.add_argument("--timeout", type=float, default=60.0)
     down.set_defaults(func=cmd_down)

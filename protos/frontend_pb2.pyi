@@ -96,9 +96,11 @@ class StepOutputs(_message.Message):
     def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., indices: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_serving_pb2.TokenLogprobs, _Mapping]]] = ..., finished: _Optional[_Iterable[_Union[Finished, _Mapping]]] = ...) -> None: ...
 
 class CoreMessage(_message.Message):
-    __slots__ = ("ready", "outputs")
+    __slots__ = ("ready", "outputs", "serving")
     READY_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     ready: _serving_pb2.ModelInfoResponse
     outputs: StepOutputs
-    def __init__(self, ready: _Optional[_Union[_serving_pb2.ModelInfoResponse, _Mapping]] = ..., outputs: _Optional[_Union[StepOutputs, _Mapping]] = ...) -> None: ...
+    serving: bool
+    def __init__(self, ready: _Optional[_Union[_serving_pb2.ModelInfoResponse, _Mapping]] = ..., outputs: _Optional[_Union[StepOutputs, _Mapping]] = ..., serving: _Optional[bool] = ...) -> None: ...

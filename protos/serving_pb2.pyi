@@ -197,16 +197,18 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("rank", "address", "device", "node_id")
+    __slots__ = ("rank", "address", "device", "node_id", "pid")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     address: str
     device: str
     node_id: str
-    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+    pid: int
+    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., node_id: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
     __slots__ = ("replica_id", "workers", "num_blocks", "num_free_blocks", "block_size", "num_running", "num_waiting", "num_swapped", "kv_usage", "num_cpu_blocks", "num_free_cpu_blocks", "num_preemptions", "num_swapped_out", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "state", "generated_tokens_per_s")
@@ -278,7 +280,7 @@ class FrontendInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_unfinished: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens", "nodes", "generated_tokens_per_s", "throughput_window_s", "frontends")
+    __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens", "nodes", "generated_tokens_per_s", "throughput_window_s", "frontends", "num_replica_failures", "num_recovered_requests")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +290,8 @@ class ServerInfoResponse(_message.Message):
     GENERATED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     FRONTENDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLICA_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECOVERED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
     num_steps: int
@@ -297,7 +301,9 @@ class ServerInfoResponse(_message.Message):
     generated_tokens_per_s: float
     throughput_window_s: float
     frontends: _containers.RepeatedCompositeFieldContainer[FrontendInfo]
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., num_steps: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., generated_tokens_per_s: _Optional[float] = ..., throughput_window_s: _Optional[float] = ..., frontends: _Optional[_Iterable[_Union[FrontendInfo, _Mapping]]] = ...) -> None: ...
+    num_replica_failures: int
+    num_recovered_requests: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., num_steps: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., generated_tokens_per_s: _Optional[float] = ..., throughput_window_s: _Optional[float] = ..., frontends: _Optional[_Iterable[_Union[FrontendInfo, _Mapping]]] = ..., num_replica_failures: _Optional[int] = ..., num_recovered_requests: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("replicas",)

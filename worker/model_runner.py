@@ -35,7 +35,14 @@ from worker import distributed
 from worker.block_table import BlockTables
 from worker.cuda_graph import DecodeGraphs
 from worker.layers.attention import AttentionMetadata
-from worker.sampler import GREEDY_EPS, Penalties, SampleOutput, SamplingBatch, sample
+from worker.sampler import (
+    GREEDY_EPS,
+    Penalties,
+    SampleOutput,
+    SamplingBatch,
+    draw_seed,
+    sample,
+)
 
 
 @dataclass
@@ -47,7 +54,6 @@ class RequestState:
     row: int
     num_computed_tokens: int
     sampling: worker_pb2.SamplingOptions
-    generator: torch.Generator | None = field(default=None, repr=False)
     num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids (0, 1 or 2)
     pending_index: int = -1  # its row in the newest launched step's sampled tokens, if pending
     # Greedy with nothing else asked (no logprobs, penalties or min_tokens bans): its token is
@@ -249,15 +255,11 @@ class ModelRunner:
 
     def _new_state(self, new: worker_pb2.NewRequest) -> RequestState:
         opts = new.sampling
-        gen = None
-        if opts.HasField("seed"):
-            gen = torch.Generator(device=self.device).manual_seed(opts.seed)
         state = RequestState(
             token_ids=list(new.token_ids),
             row=self.block_tables.add(list(new.block_ids)),
             num_computed_tokens=new.num_computed_tokens,
             sampling=opts,
-            generator=gen,
         )
         state.plain_greedy = (
             opts.temperature < GREEDY_EPS
@@ -272,7 +274,12 @@ class ModelRunner:
         opts = [s.sampling for s in states]
         batch = SamplingBatch(
             temperatures=tensor([o.temperature for o in opts], torch.float32),
-            generators=[s.generator for s in states],
+            # Each row samples its next output token: the one at index num_output_tokens (the
+            # prompt_len of a recomputed request's NewRequest keeps its outputs apart).
+            seeds=[
+                draw_seed(o.seed, s.num_output_tokens) if o.HasField("seed") else None
+                for o, s in zip(opts, states, strict=True)
+            ],
             all_greedy=all(o.temperature < GREEDY_EPS for o in opts),
         )
         if any(o.top_k > 0 or o.top_p < 1 for o in opts):

@@ -5,7 +5,9 @@ the argmax -> temperature -> min-p -> top-k -> top-p -> draw. Logprobs describe 
 distribution (log-softmax of the logits before any of these steps).
 
 Random draws use the exponential trick: argmax(p / q) with q ~ Exp(1) samples from p. A request
-with a seed draws its q from its own generator, so its tokens do not depend on its batch.
+with a seed draws the q of its i-th output token from a generator seeded with draw_seed(seed, i),
+so its tokens depend neither on its batch nor on the worker's history: a request recomputed after
+a preemption or on another replica (its outputs so far sent again) resumes at the right draw.
 """
 
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ class SamplingBatch:
     """Per-row parameters, on the logits' device."""
 
     temperatures: torch.Tensor  # [num_rows] float32; 0 = greedy
-    generators: list[torch.Generator | None]  # per row; None = the shared generator
+    seeds: list[int | None]  # per row: its draw's seed (draw_seed); None = the shared generator
     # Every row greedy, known on the host: argmax alone, with no device sync to find out.
     all_greedy: bool = False
     # top_ps and top_ks come together, or neither when no row uses them (no sort of the vocab).
@@ -52,6 +54,19 @@ class SampleOutput:
     sampled_ranks: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+
+
+_MASK_64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, output_index: int) -> int:
+    """The generator seed of a seeded request's draw of output token `output_index` (a 64-bit
+    mix of both, SplitMix64's finalizer, so that neighbouring seeds and indices do not give
+    correlated streams)."""
+    z = (seed + (output_index + 1) * 0x9E3779B97F4A7C15) & _MASK_64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    return z ^ (z >> 31)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator) -> SampleOutput:
@@ -95,7 +110,7 @@ def _choose(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator)
     if batch.top_ks is not None and batch.top_ps is not None:
         logits = _mask_top_k_top_p(logits, batch.top_ks, batch.top_ps)
     probs = torch.softmax(logits, dim=-1)
-    noise = _exponential_noise(probs, batch.generators, shared)
+    noise = _exponential_noise(probs, batch.seeds, shared)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(greedy, greedy_ids, sampled)
 
@@ -146,12 +161,13 @@ def _mask_top_k_top_p(
 
 
 def _exponential_noise(
-    probs: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator
+    probs: torch.Tensor, seeds: list[int | None], shared: torch.Generator
 ) -> torch.Tensor:
     noise = torch.empty_like(probs)
-    if any(g is None for g in generators):
+    if any(seed is None for seed in seeds):
         noise.exponential_(generator=shared)
-    for row, gen in enumerate(generators):
-        if gen is not None:
+    for row, seed in enumerate(seeds):
+        if seed is not None:
+            gen = torch.Generator(device=probs.device).manual_seed(seed)
             noise[row].exponential_(generator=gen)
     return noise

@@ -22,13 +22,20 @@ overlap the device's work on step N. The plan never carries back a token the wor
 (they append their own samples), so plan N+1 needs none of step N's: see scheduler.py for what
 a request's pending tokens change, and why a request that stops costs at most one more token,
 discarded. Without it the loop keeps one step in flight.
+
+A worker that fails (its process dies, its Execute stream breaks or answers an error) fails the
+engine within moments, busy or idle: each stream's end is watched (a done-callback on the call)
+and wakes the loop. The engine then stops stepping and calls its on_failure (the fleet), which
+takes its unfinished requests (take_unfinished) to recompute them elsewhere: the tokens of steps
+in flight that were never learned are simply not emitted, they will be sampled again. An engine
+without on_failure answers them lost (UNAVAILABLE).
 """
 
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +45,7 @@ from protos import frontend_pb2, worker_pb2
 from scheduler.core.request import Request
 from scheduler.core.scheduler import Scheduler
 from scheduler.core.step_outputs import StepOutputsBuilder
-from scheduler.core.worker_client import WorkerClient
+from scheduler.core.worker_client import WorkerClient, WorkerStream
 from scheduler.logprobs import unpack_logprobs
 
 log = logging.getLogger(__name__)
@@ -79,13 +86,25 @@ class _SentStep:
     num_waiting: int  # waiting requests when it was planned
 
 
+# A client request's unfinished completions and the sink of its outputs, as a failed engine
+# hands them over.
+HeldRequest = tuple[list[Request], OutputSink]
+
+
+class WorkerFailed(RuntimeError):
+    """A worker's Execute stream ended while the engine was running."""
+
+
 class Engine:
     def __init__(
         self,
         scheduler: Scheduler,
         workers: Sequence[WorkerClient],
         max_step_records: int = 4096,
+        on_failure: Callable[["Engine"], None] | None = None,
     ) -> None:
+        """on_failure: called (on the engine thread, no lock held) once a worker failed and the
+        engine stopped stepping; it takes the unfinished requests with take_unfinished()."""
         self.scheduler = scheduler
         self.step_records: deque[StepRecord] = deque(maxlen=max_step_records)
         self.num_steps = 0
@@ -93,7 +112,12 @@ class Engine:
         self.num_generated_tokens = 0
         self._recorded_tokens = 0  # num_generated_tokens when the last step record was written
         self._last_learned: float | None = None  # time.monotonic() the newest step was learned
-        self.error: str | None = None
+        self.error: str | None = None  # why a worker failed, once one has
+        self._on_failure = on_failure
+        # A worker's stream ended unasked (set by its done-callback): the loop fails on it.
+        self._broken: str | None = None
+        # No request is taken any more: the engine failed and handed its requests over.
+        self._closed = False
         self._streams = [worker.execute() for worker in workers]
         # Steps sent, oldest first (engine thread): at most 2 with async scheduling, else 1.
         self._in_flight: deque[_SentStep] = deque()
@@ -105,18 +129,45 @@ class Engine:
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+        for stream in self._streams:
+            stream.on_end(self._stream_ended)
 
     def add_request(self, request: Request, sink: OutputSink) -> None:
         """Queues a request; sink receives the outputs of its n completions.
 
-        Raises RuntimeError if the engine has failed, and what Scheduler.add_request raises.
+        Raises RuntimeError if the engine has failed and handed its requests over, and what
+        Scheduler.add_request raises.
         """
         with self._cond:
-            if self.error is not None:
-                raise RuntimeError(f"the engine has failed: {self.error}")
+            self._check_open()
             self.scheduler.add_request(request)
             self._sinks[request.request_id] = sink
             self._cond.notify()
+
+    def adopt(self, completions: list[Request], sink: OutputSink) -> None:
+        """Takes over a client request's unfinished completions from a failed replica, to be
+        recomputed here (Scheduler.adopt); its sink keeps receiving its outputs, continuing
+        from the tokens it already got. Raises as add_request does."""
+        with self._cond:
+            self._check_open()
+            self.scheduler.adopt(completions)
+            self._sinks[completions[0].group_id] = sink
+            self._cond.notify()
+
+    def take_unfinished(self) -> list[HeldRequest]:
+        """Hands over every unfinished client request of a failed engine (its completions
+        ready to be recomputed, and its sink); the engine takes no request afterwards."""
+        with self._cond:
+            assert self.error is not None, "only a failed engine hands its requests over"
+            self._closed = True
+            groups = self.scheduler.release_all()
+            held = [(groups[request_id], sink) for request_id, sink in self._sinks.items()]
+            self._sinks.clear()
+            return held
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the engine has failed: {self.error}")
 
     def abort(self, request_id: str, owner: str = "") -> bool:
         """Aborts a client request's unfinished completions; its sink gets their ends now (the
@@ -188,10 +239,14 @@ class Engine:
             while True:
                 plan = None
                 with self._cond:
-                    while not self._stopped and not in_flight and not self.scheduler.has_work():
-                        self._cond.wait(timeout=1.0)
+                    while not (
+                        self._stopped or self._broken or in_flight or self.scheduler.has_work()
+                    ):
+                        self._cond.wait()
                     if self._stopped:
                         return
+                    if self._broken:
+                        raise WorkerFailed(self._broken)
                     if len(in_flight) < self._max_in_flight and self.scheduler.has_work():
                         # While a step is in flight, one that computes nothing (each running
                         # request waits on a pending token) waits for its result instead.
@@ -205,9 +260,21 @@ class Engine:
                 result = self._receive(step.plan)
                 self._learn(result)
                 self._record(step, result)
-        except Exception as e:  # a worker failed: every request still held is lost to it
+        except Exception as e:  # a worker failed: its requests go to the failure handler
+            with self._cond:
+                if self._stopped:
+                    return  # stop() closed the streams under a step: no failure
             log.exception("engine step failed")
-            self._fail(f"{type(e).__name__}: {e}")
+            self._fail(self._broken or f"{type(e).__name__}: {e}")
+
+    def _stream_ended(self, stream: WorkerStream, why: str) -> None:
+        """A rank's Execute stream ended (its done-callback): unless the engine stops, the rank
+        failed, and the loop, waiting or stepping, fails on it now."""
+        with self._cond:
+            if self._stopped or self._broken is not None:
+                return
+            self._broken = f"worker {stream.address} failed: {why}"
+            self._cond.notify()
 
     def _learn(self, result: worker_pb2.StepResult) -> None:
         """Appends a step's tokens; each sink gets its requests' tokens and ends in one
@@ -284,10 +351,17 @@ class Engine:
         self._recorded_tokens = self.num_generated_tokens
 
     def _fail(self, error: str) -> None:
-        """A worker failed: every request still held is lost, and answered so."""
+        """A worker failed: the engine steps no more. The failure handler takes its requests
+        (to recompute them elsewhere); without one, every request still held is lost, and
+        answered so."""
         with self._cond:
             self.error = error
-            self._in_flight.clear()
+            self._in_flight.clear()  # their tokens are never learned: sampled again elsewhere
+        if self._on_failure is not None:
+            self._on_failure(self)
+            return
+        with self._cond:
+            self._closed = True
             for request_id, sink in list(self._sinks.items()):
                 self.scheduler.abort_request(request_id)
                 outputs = StepOutputsBuilder()

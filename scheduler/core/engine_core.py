@@ -7,8 +7,10 @@ EngineCore service that the frontends connect to.
 
 The server listens from construction, so frontends connect while the workers load; start()
 brings the replicas up, then every connected frontend (and any that connects later) is sent
-the model it serves. Each Connect stream is a FrontendLink, the sink of the requests it adds;
-when the stream breaks, every request of that frontend is aborted and its blocks freed.
+the model it serves. While a failed replica recovers and none serves, every frontend is told
+(its health is NOT_SERVING until one serves again). Each Connect stream is a FrontendLink, the
+sink of the requests it adds; when the stream breaks, every request of that frontend is aborted
+and its blocks freed.
 
 Admission: beyond scheduler.max_queued_requests requests waiting in the replicas' queues (all
 frontends together), a new request is refused RESOURCE_EXHAUSTED before anything is built for
@@ -67,7 +69,7 @@ class EngineCore:
         self, specs: Sequence[ReplicaSpec], configs: EngineConfigs, placer: Placer | None = None
     ) -> None:
         """Brings the replicas up; then the frontends learn the model and serve."""
-        fleet = Fleet(specs, configs, placer)
+        fleet = Fleet(specs, configs, placer, on_serving=self._tell_serving)
         info = fleet.model_info
         model_info = serving_pb2.ModelInfoResponse(
             model=self.model_name,
@@ -89,7 +91,16 @@ class EngineCore:
             self._links.append(link)
             if self._model_info is not None:
                 link.send_ready(self._model_info)
+                if not self.fleet.serving():
+                    link.send_serving(False)
         log.info("frontend %d connected", link.pid)
+
+    def _tell_serving(self, serving: bool) -> None:
+        """Some replica serves again, or none does: every frontend is told (its health)."""
+        log.warning("the fleet %s", "serves again" if serving else "has no replica serving")
+        with self._links_lock:
+            for link in self._links:
+                link.send_serving(serving)
 
     def disconnect(self, link: FrontendLink) -> None:
         """A frontend's stream ended: its requests are aborted."""

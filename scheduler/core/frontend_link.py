@@ -26,6 +26,10 @@ class FrontendLink:
     def send_ready(self, model_info: serving_pb2.ModelInfoResponse) -> None:
         self._queue.put(frontend_pb2.CoreMessage(ready=model_info))
 
+    def send_serving(self, serving: bool) -> None:
+        """Whether some replica serves, now (the frontend's health follows it)."""
+        self._queue.put(frontend_pb2.CoreMessage(serving=serving))
+
     def next(self) -> frontend_pb2.CoreMessage | None:
         """The next message for the stream; None once the link is closed."""
         return self._queue.get()

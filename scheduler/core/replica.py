@@ -3,7 +3,9 @@ gRPC (InitDistributed, LoadModel, ProfileMemory, InitCache), and its engine loop
 scheduler and the page table sized from the workers' reports.
 """
 
+import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protos import serving_pb2, worker_pb2
@@ -40,15 +42,32 @@ class EngineConfigs:
     scheduler: SchedulerConfig
 
 
+class ReplicaState(enum.Enum):
+    """A replica's life as GetServerInfo shows it. Only a serving one is routed to."""
+
+    SERVING = "serving"
+    DRAINING = "draining"  # takes no new request, answers what it holds, then stops
+    FAILED = "failed"  # a worker failed: its requests went to the others; it waits to restart
+    RECOVERING = "recovering"  # its workers are being placed and brought up again
+
+
 class Replica:
     """A replica that serves: its workers hold the model and the KV cache, its engine runs. A
     draining replica takes no new request."""
 
-    def __init__(self, replica_id: int, spec: ReplicaSpec, configs: EngineConfigs) -> None:
-        """Brings the workers up and starts the engine; on failure closes what it opened."""
+    def __init__(
+        self,
+        replica_id: int,
+        spec: ReplicaSpec,
+        configs: EngineConfigs,
+        on_failure: Callable[["Replica"], None] | None = None,
+    ) -> None:
+        """Brings the workers up and starts the engine; on failure closes what it opened.
+        on_failure(replica) is called once a worker of the serving replica fails
+        (Engine's on_failure)."""
         self.replica_id = replica_id
         self.spec = spec
-        self.draining = False
+        self.state = ReplicaState.SERVING
         self._workers = [
             WorkerClient(address, spec.worker_secret) for address in spec.worker_addresses
         ]
@@ -80,7 +99,11 @@ class Replica:
             page_table = PageTableManager(
                 num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks
             )
-            self.engine = Engine(Scheduler(scheduler, page_table), self._workers)
+            self.engine = Engine(
+                Scheduler(scheduler, page_table),
+                self._workers,
+                on_failure=None if on_failure is None else lambda _: on_failure(self),
+            )
         except BaseException:
             self._close_workers()
             raise
@@ -91,8 +114,7 @@ class Replica:
         that fit cache.swap_space_gb on every rank."""
         model, cache, scheduler = configs.model, configs.cache, configs.scheduler
         workers, spec = self._workers, self.spec
-        for worker in workers:
-            worker.wait_until_up(_WORKER_UP_TIMEOUT_S)
+        self.worker_pids = [worker.wait_until_up(_WORKER_UP_TIMEOUT_S).pid for worker in workers]
         call_all(
             workers,
             "InitDistributed",
@@ -146,17 +168,17 @@ class Replica:
         node_ids = spec.worker_node_ids or ("",) * len(spec.worker_addresses)
         workers = [
             serving_pb2.WorkerInfo(
-                rank=rank, address=address, device=self.model_info.device, node_id=node_id
+                rank=rank, address=address, device=self.model_info.device, node_id=node_id, pid=pid
             )
-            for rank, (address, node_id) in enumerate(
-                zip(spec.worker_addresses, node_ids, strict=True)
+            for rank, (address, node_id, pid) in enumerate(
+                zip(spec.worker_addresses, node_ids, self.worker_pids, strict=True)
             )
         ]
         throughput = engine.generated_tokens_per_s(throughput_window_s)
         with engine.lock:
             return serving_pb2.ReplicaInfo(
                 replica_id=self.replica_id,
-                state="draining" if self.draining else "serving",
+                state=self.state.value,
                 generated_tokens_per_s=throughput,
                 workers=workers,
                 num_blocks=pt.num_blocks,

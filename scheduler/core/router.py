@@ -3,7 +3,8 @@ new requests.
 
 A new request goes to the replica that caches its longest prefix (the fewest tokens left to
 prefill); ties go to the replica with the fewest unfinished requests, then to the lowest id.
-Replicas join (scale-up) and leave (a draining replica takes no new request) while it routes.
+Replicas join (scale-up, a recovered replica) and leave (a draining or failed replica takes no
+new request) while it routes; with none left, route() says so and the fleet holds the request.
 """
 
 import threading
@@ -46,21 +47,26 @@ class Router:
             self._members = {**self._members, replica_id: (scheduler, lock or nullcontext())}
 
     def remove(self, replica_id: int) -> None:
-        """Routes no new request to this replica (it drains); the last one cannot leave."""
+        """Routes no new request to this replica (it drains, or failed)."""
         with self._membership:
             if replica_id not in self._members:
                 raise ValueError(f"replica {replica_id} is not routed to")
-            if len(self._members) == 1:
-                raise ValueError("the last replica that takes requests cannot be removed")
             self._members = {i: m for i, m in self._members.items() if i != replica_id}
+
+    def routes(self, replica_id: int) -> bool:
+        """Whether new requests may go to this replica."""
+        return replica_id in self._members
 
     def cached_tokens(self, request: Request) -> dict[int, int]:
         """Per replica id, how many of the request's tokens its prefix cache holds."""
         return self._cached_tokens(self._members, request)
 
-    def route(self, request: Request) -> int:
-        """The id of the replica for a new request: longest cached prefix, then least loaded."""
+    def route(self, request: Request) -> int | None:
+        """The id of the replica for a new request: longest cached prefix, then least loaded;
+        None when no replica takes requests."""
         members = self._members  # replaced, never changed: a consistent snapshot
+        if not members:
+            return None
         loads = {}
         for replica_id, (scheduler, lock) in members.items():
             with lock:

@@ -84,10 +84,60 @@ class Scheduler:
                 f"{self.config.max_num_seqs}, the requests one step can hold"
             )
         completions = [request] + [request.fork(i) for i in range(1, params.n)]
-        if request.request_id in self.groups or any(
+        self._check_fits(completions)
+        for completion in completions:
+            self.requests[completion.request_id] = completion
+        self.groups[request.request_id] = list(completions)
+        if params.n > 1:
+            self._unforked[request.request_id] = completions[1:]
+        insort(self.waiting, request, key=self.policy.rank)
+        return completions
+
+    def adopt(self, completions: list[Request]) -> None:
+        """Queues a client request's unfinished completions that a failed replica held, to be
+        recomputed here as a preempted request is: each from its prompt and the outputs learned
+        so far (its blocks allocated afresh, its prefix cache looked up). Completions that had
+        not forked (their parent's first token was not learned) fork from it again.
+
+        Raises as add_request does (ValueError, RequestRefused)."""
+        self._check_fits(completions)
+        group_id = completions[0].group_id
+        parent = next((c for c in completions if c.request_id == group_id), None)
+        unforked = []
+        for completion in completions:
+            completion.num_computed_tokens = 0
+            completion.num_pending_tokens = 0  # never learned: the steps sample them again
+            completion.status = RequestStatus.WAITING
+            self.requests[completion.request_id] = completion
+            if parent is not None and completion is not parent and not parent.output_token_ids:
+                unforked.append(completion)  # forked only once the parent's first token is
+            else:
+                insort(self.waiting, completion, key=self.policy.rank)
+        self.groups[group_id] = list(completions)
+        if unforked:
+            self._unforked[group_id] = unforked
+
+    def release_all(self) -> dict[str, list[Request]]:
+        """Lets go of every unfinished request (the replica failed: adopt() queues them
+        elsewhere) and frees their blocks; returns them by client request id."""
+        groups = self.groups
+        for request_id in self.requests:
+            self.page_table.free(request_id)
+        self.requests, self.groups, self._unforked = {}, {}, {}
+        self.waiting, self.running, self.swapped = [], [], []
+        self._num_blocks_sent.clear()
+        self._discarded.clear()
+        self._dropped, self._preempted, self._swapped_ids = [], [], []
+        return groups
+
+    def _check_fits(self, completions: list[Request]) -> None:
+        """Raises ValueError if an id is in use, RequestRefused if the request can never fit
+        this replica's cache."""
+        request = completions[0]
+        if request.group_id in self.groups or any(
             c.request_id in self.requests for c in completions
         ):
-            raise ValueError(f"request_id {request.request_id!r} is already in use")
+            raise ValueError(f"request_id {request.group_id!r} is already in use")
         pt = self.page_table
         num_blocks = pt.blocks_for(request.max_num_tokens - 1)  # the last token is never computed
         if num_blocks > pt.num_blocks:
@@ -96,13 +146,6 @@ class Scheduler:
                 f"tokens: its prompt plus max_tokens) but the cache holds {pt.num_blocks}; "
                 "lower max_tokens or shorten the prompt"
             )
-        for completion in completions:
-            self.requests[completion.request_id] = completion
-        self.groups[request.request_id] = list(completions)
-        if params.n > 1:
-            self._unforked[request.request_id] = completions[1:]
-        insort(self.waiting, request, key=self.policy.rank)
-        return completions
 
     def stop_request(self, request: Request, stop_reason: str) -> None:
         """Finishes a completion whose text reached a stop string. One that ended on the same

@@ -8,7 +8,7 @@ carrying every call to that rank (bring-up RPCs and the Execute stream).
 """
 
 import queue
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
@@ -38,6 +38,16 @@ class WorkerStream:
 
     def recv(self) -> worker_pb2.StepResult:
         return next(self._results)
+
+    def on_end(self, callback: Callable[["WorkerStream", str], None]) -> None:
+        """Calls callback(stream, why) once the stream has ended, however it ends: the rank
+        answered its last result, failed, or went away (why: the call's status and details).
+        It runs on a gRPC thread, at once if the stream has ended already."""
+
+        def ended(call: grpc.Future) -> None:
+            callback(self, f"{call.code().name}: {call.details()}")
+
+        self._results.add_done_callback(ended)
 
     def close(self) -> None:
         """Ends the stream (the rank drops it); the channel stays open."""

@@ -64,7 +64,7 @@ class CoreBackend:
             self.became_ready.set()
 
     def ready(self) -> bool:
-        return self._input is not None and self.core.connected
+        return self._input is not None and self.core.connected and self.core.serving
 
     def _require_ready(self) -> None:
         if self._input is None:

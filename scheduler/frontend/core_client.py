@@ -52,6 +52,10 @@ class CoreClient:
         self._on_ready = on_ready
         self.connected = False  # the stream is open (the core may not be ready yet)
         self.closed = asyncio.Event()  # set when the stream has ended
+        # Whether some replica of the core serves (the core says when it changes); set()
+        # and cleared by the server that watches it, which re-reads `serving`.
+        self.serving = True
+        self.serving_changed = asyncio.Event()
         self._requests: dict[str, _Registered] = {}
         self._outgoing = frontend_pb2.FrontendMessage()
         self._wake = asyncio.Event()
@@ -138,6 +142,9 @@ class CoreClient:
             async for message in self._call:
                 if message.HasField("ready"):
                     self._on_ready(message.ready)
+                elif message.HasField("serving"):
+                    self.serving = message.serving
+                    self.serving_changed.set()
                 else:
                     self._dispatch(message.outputs)
         except grpc.aio.AioRpcError as e:

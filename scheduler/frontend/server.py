@@ -136,7 +136,7 @@ class FrontendServer:
 
     async def _serve_when_ready(self, load_tokenizer: Callable[[], Tokenizer]) -> None:
         """SERVING once the tokenizer is loaded and the core has sent the model; NOT_SERVING
-        when the core's stream ends."""
+        while no replica of the core serves (one recovers), and once the core's stream ends."""
         loop = asyncio.get_running_loop()
         try:
             with futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -151,7 +151,14 @@ class FrontendServer:
         await self._set_health(True)
         self._ready.set()
         log.info("frontend serving on %s", self.address)
-        await self.backend.core.closed.wait()
+        core = self.backend.core
+        closed = asyncio.ensure_future(core.closed.wait())
+        while not core.closed.is_set():
+            changed = asyncio.ensure_future(core.serving_changed.wait())
+            await asyncio.wait((closed, changed), return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            core.serving_changed.clear()
+            await self._set_health(core.serving and not core.closed.is_set())
         await self._set_health(False)
 
     async def _set_health(self, serving: bool) -> None:

@@ -104,7 +104,8 @@ def test_scale_up_places_the_new_replica_on_the_node_that_joined(
         assert len(joined) == 1 and joined[0].alive
         assert joined[0].resources[JOINED_RESOURCE] == 1
         assert main(["status", "--address", address]) == 0
-        assert f"rank 0: {new.workers[0].address} (cpu) on node {joined_node}" in (
+        rank = new.workers[0]
+        assert f"rank 0: {rank.address} (cpu) pid {rank.pid} on node {joined_node}" in (
             capsys.readouterr().out
         )
     finally:

@@ -220,7 +220,11 @@ def test_scale_and_status_through_the_cli_then_shutdown_stops_everything(
         assert f"replica {r.replica_id} (serving): KV " in status
         worker = r.workers[0]
         assert worker.node_id in alive
-        assert f"rank 0: {worker.address} ({worker.device}) on node {worker.node_id}" in status
+        assert worker.pid > 0
+        assert (
+            f"rank 0: {worker.address} ({worker.device}) pid {worker.pid} on node {worker.node_id}"
+            in status
+        )
     assert re.search(r"\d+\.\d tokens/s over the last 10 s", status)
     assert len(workers) == 2
     for worker in workers:

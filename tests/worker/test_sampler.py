@@ -3,19 +3,19 @@
 import pytest
 import torch
 
-from worker.sampler import Penalties, SamplingBatch, apply_penalties, sample
+from worker.sampler import Penalties, SamplingBatch, apply_penalties, draw_seed, sample
 
 VOCAB = 6
 LOGITS = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])  # sorted descending
 
 
-def _batch(n, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, generators=None, **extra):
+def _batch(n, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seeds=None, **extra):
     return SamplingBatch(
         temperatures=torch.full((n,), temperature),
         top_ps=torch.full((n,), top_p),
         top_ks=torch.full((n,), top_k, dtype=torch.int64),
         min_ps=torch.full((n,), min_p),
-        generators=generators or [None] * n,
+        seeds=seeds or [None] * n,
         **extra,
     )
 
@@ -108,14 +108,26 @@ def test_logprobs_are_the_raw_distribution():
 def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(2))
 
-    def seeded():
-        return torch.Generator().manual_seed(1234)
-
-    alone = sample(logits[:1], _batch(1, generators=[seeded()]), torch.Generator()).token_ids
+    seed = draw_seed(1234, 0)
+    alone = sample(logits[:1], _batch(1, seeds=[seed]), torch.Generator()).token_ids
     batched = sample(
-        logits, _batch(4, generators=[seeded(), None, None, None]), torch.Generator().manual_seed(9)
+        logits, _batch(4, seeds=[seed, None, None, None]), torch.Generator().manual_seed(9)
     ).token_ids
     assert alone[0] == batched[0]
+
+
+def test_a_seeded_request_draws_anew_for_each_output_token():
+    """Each output index seeds its own draw: the same distribution gives varied tokens across
+    indices (a draw seeded by the seed alone would repeat one token), and the same token again
+    for the same (seed, index)."""
+    uniform = torch.zeros(1, 1000)
+    tokens = [
+        int(sample(uniform, _batch(1, seeds=[draw_seed(7, i)]), torch.Generator()).token_ids[0])
+        for i in range(8)
+    ]
+    assert len(set(tokens)) == 8
+    again = sample(uniform, _batch(1, seeds=[draw_seed(7, 3)]), torch.Generator()).token_ids
+    assert int(again[0]) == tokens[3]
 
 
 def test_without_top_k_or_top_p_the_vocab_is_not_sorted_and_the_draws_are_the_same(monkeypatch):
@@ -123,7 +135,7 @@ def test_without_top_k_or_top_p_the_vocab_is_not_sorted_and_the_draws_are_the_sa
 
     rows = LOGITS.expand(4000, -1).contiguous()
     masked = sample(rows, _batch(4000, temperature=0.7), torch.Generator().manual_seed(0))
-    plain = SamplingBatch(temperatures=torch.full((4000,), 0.7), generators=[None] * 4000)
+    plain = SamplingBatch(temperatures=torch.full((4000,), 0.7), seeds=[None] * 4000)
 
     def no_sort(*args):
         raise AssertionError("the top-k / top-p mask ran for a batch that uses neither")

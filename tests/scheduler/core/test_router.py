@@ -80,8 +80,10 @@ def test_a_removed_replica_gets_no_new_request_and_an_added_one_does():
     assert table.route(request) == 0
     table.remove(0)
     assert table.route(request) == 1
-    with pytest.raises(ValueError, match="last replica"):
-        table.remove(1)
+    table.remove(1)  # failed: no replica is left
+    assert table.route(request) is None
+    table.add(1, schedulers[1])  # recovered
+    assert table.route(request) == 1
     with pytest.raises(ValueError, match="already"):
         table.add(1, schedulers[1])
     with pytest.raises(ValueError, match="block size"):

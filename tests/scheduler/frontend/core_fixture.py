@@ -2,6 +2,7 @@
 vocabulary, for frontend tests."""
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -14,6 +15,11 @@ from tests.scheduler.fake_worker import TIMEOUT, FakeRank, serving
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64
 MAX_MODEL_LEN = 64
+ENGINE_CONFIGS = EngineConfigs(
+    ModelConfig(max_model_len=MAX_MODEL_LEN),
+    CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
+    SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+)
 PIECES = ["<eos>", " the", " cat", " sat", " on", " a", " mat", ".", "\n", "\n"]
 
 
@@ -47,16 +53,11 @@ def running_core(rank: FakeRank, **scheduler) -> Iterator[EngineCore]:
     with serving(rank) as address:
         core = EngineCore("fake")
         try:
-            core.start(
-                [ReplicaSpec((address,), "fake-model")],
-                EngineConfigs(
-                    ModelConfig(max_model_len=MAX_MODEL_LEN),
-                    CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
-                    SchedulerConfig(
-                        **{"max_num_seqs": 8, "max_num_batched_tokens": 64, **scheduler}
-                    ),
-                ),
+            configs = dataclasses.replace(
+                ENGINE_CONFIGS,
+                scheduler=dataclasses.replace(ENGINE_CONFIGS.scheduler, **scheduler),
             )
+            core.start([ReplicaSpec((address,), "fake-model")], configs)
             yield core
         finally:
             core.stop()

@@ -1,6 +1,7 @@
 """Two frontend servers in this process on one port (SO_REUSEPORT) in front of one engine core
 (a fake rank behind it), driven by plain gRPC clients: the Serving API, its errors as status
-codes, health, and an Abort that reaches a request whichever frontend holds it."""
+codes, health (NOT_SERVING while the core's only replica recovers), and an Abort that reaches a
+request whichever frontend holds it."""
 
 import grpc
 import pytest
@@ -8,9 +9,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import serving_pb2, serving_pb2_grpc
 from scheduler.config import ServerConfig
+from scheduler.core.engine_core import EngineCore
 from scheduler.frontend.server import FrontendServer
+from tests.scheduler.core.fake_placer import FakePlacer
 from tests.scheduler.fake_worker import TIMEOUT
-from tests.scheduler.frontend.core_fixture import PieceTokenizer, fake_rank, running_core
+from tests.scheduler.frontend.core_fixture import (
+    BLOCK_SIZE,
+    ENGINE_CONFIGS,
+    NUM_BLOCKS,
+    PieceTokenizer,
+    fake_rank,
+    running_core,
+    running_frontend,
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +122,30 @@ def test_abort_finds_a_request_on_any_frontend(frontends):
                 break
         assert found
         assert [r.finish_reason for r in stream][-1] == "abort"
+
+
+def test_health_is_not_serving_while_no_replica_serves_and_requests_wait_for_one(tmp_path):
+    placer = FakePlacer(NUM_BLOCKS, BLOCK_SIZE)
+    core = EngineCore("fake")
+    try:
+        core.start([placer.place(0)], ENGINE_CONFIGS, placer)
+        with running_frontend(core, str(tmp_path)) as frontend:
+            channel, serving = stub(frontend.address)
+            with channel:
+                watch = health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(service="pagedserve.serving.Serving"),
+                    timeout=TIMEOUT,
+                )
+                status = health_pb2.HealthCheckResponse
+                assert next(watch).status == status.SERVING
+                placer.may_place.clear()  # the restart waits
+                placer.kill(0)
+                assert next(watch).status == status.NOT_SERVING
+                call = serving.Generate(generate(max_tokens=3), timeout=TIMEOUT)
+                placer.may_place.set()
+                assert next(watch).status == status.SERVING
+                assert [t for r in call for t in r.token_ids] == [2, 3, 4]
+                watch.cancel()
+    finally:
+        core.stop()
+        placer.release(0)

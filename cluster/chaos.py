@@ -1,0 +1,354 @@
+"""`pagedserve chaos`: faults injected into a running server under streaming load, and what the
+clients saw of them.
+
+    reference   N greedy requests of token-id prompts (ignore_eos), fault-free, all at once
+    chaos run   the same N again, streaming; some cancelled at random after a random number of
+                tokens; at chosen moments (seconds after the start, or once the streams have
+                received so many tokens) a worker, every worker of a replica, or a frontend is
+                killed with SIGKILL (its pid from GetServerInfo: this host's processes only)
+    report      requests finished / cancelled / lost (ended with an error), tokens duplicated
+                or missing against the reference (a cancelled stream must be a prefix of it),
+                each pool's used blocks before and after (once the server has settled), and
+                each killed replica's time to serve again with new workers
+
+Greedy decoding makes the reference exact, so any token repeated, dropped or changed by the
+recovery shows up.
+"""
+
+import argparse
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from cluster.client import Client
+from protos import serving_pb2
+from scheduler.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+KINDS = ("worker", "replica", "frontend")
+_POLL_S = 0.1  # how often GetServerInfo is asked while waiting on the server
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Kill `kind` ("worker": rank 0 of the replica, "replica": all its ranks, "frontend": the
+    target-th frontend) at_s seconds after the chaos run starts, or once the streams have
+    received after_tokens tokens in all."""
+
+    kind: str
+    target: int = 0
+    at_s: float | None = None
+    after_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Fault":
+        """KIND[:TARGET]@WHEN, WHEN "2.5s" (seconds) or "300t" (tokens): "worker:1@300t"."""
+        what, sep, when = text.partition("@")
+        kind, _, target = what.partition(":")
+        if kind not in KINDS or not sep or not when[:-1] or when[-1] not in "st":
+            raise ValueError(
+                f"--kill {text!r}: expected KIND[:TARGET]@WHEN with KIND one of {KINDS} and "
+                "WHEN seconds (2.5s) or streamed tokens (300t)"
+            )
+        try:
+            number, index = float(when[:-1]), int(target or 0)
+        except ValueError:
+            raise ValueError(f"--kill {text!r}: TARGET and WHEN must be numbers") from None
+        if number < 0 or index < 0:
+            raise ValueError(f"--kill {text!r}: TARGET and WHEN must be >= 0")
+        if when[-1] == "s":
+            return cls(kind, index, at_s=number)
+        return cls(kind, index, after_tokens=int(number))
+
+
+@dataclass
+class Stream:
+    """What one chaos request's client got."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    error: str = ""  # the status that ended it, if one did
+    cancelled: bool = False
+
+
+@dataclass
+class Report:
+    num_requests: int
+    finished: int  # answered in full, with a finish reason
+    cancelled: int  # cancelled by this tool
+    lost: list[str]  # "request: status" of those ended by an error
+    mismatched: list[str]  # "request: what differs" against the reference
+    duplicated_tokens: int  # tokens beyond the reference's (a token sent twice)
+    missing_tokens: int  # tokens of the reference never received
+    blocks_before: dict[int, int]  # replica id -> blocks in use before the chaos run
+    blocks_after: dict[int, int]  # ... and once the server settled after it
+    recovery_s: dict[str, float]  # fault -> seconds until its replica served again
+    num_recovered_requests: int  # requests the server moved off failed replicas meanwhile
+    outputs: dict[str, Stream]
+
+    def lines(self) -> list[str]:
+        out = [
+            f"requests: {self.num_requests}, finished {self.finished}, cancelled "
+            f"{self.cancelled}, lost {len(self.lost)}",
+            f"against the fault-free run: {len(self.mismatched)} differ, "
+            f"{self.duplicated_tokens} tokens duplicated, {self.missing_tokens} missing",
+            f"blocks in use before: {self.blocks_before}, after: {self.blocks_after}",
+            f"requests moved off failed replicas: {self.num_recovered_requests}",
+        ]
+        out += [f"recovered {fault} in {s:.1f} s" for fault, s in self.recovery_s.items()]
+        out += [f"lost {line}" for line in self.lost]
+        out += [f"differs {line}" for line in self.mismatched]
+        return out
+
+
+def blocks_in_use(info: serving_pb2.ServerInfoResponse) -> dict[int, int]:
+    return {r.replica_id: r.num_blocks - r.num_free_blocks for r in info.replicas}
+
+
+def run(
+    client: Client,
+    prompts: list[list[int]],
+    max_tokens: int,
+    faults: list[Fault],
+    cancel_fraction: float = 0.0,
+    seed: int = 0,
+    reference: list[list[int]] | None = None,
+    timeout: float = 300.0,
+) -> Report:
+    """The chaos run (after a fault-free reference run, unless one is given) and its report;
+    waits up to timeout for the streams and again for the server to settle."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    if reference is None:
+        reference = _reference(client, prompts, params, timeout)
+    info = client.server_info()
+    before, recovered = blocks_in_use(info), info.num_recovered_requests
+    rng = random.Random(seed)
+    cancel_at = {
+        i: rng.randrange(1, max_tokens)
+        for i in range(len(prompts))
+        if max_tokens > 1 and rng.random() < cancel_fraction
+    }
+    streams = [Stream() for _ in prompts]
+    received = _Counter()
+    threads = [
+        threading.Thread(
+            target=_stream,
+            args=(client, f"chaos-{i}", prompt, params, timeout, cancel_at.get(i), s, received),
+            daemon=True,
+        )
+        for i, (prompt, s) in enumerate(zip(prompts, streams, strict=True))
+    ]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    recovery = _Injector(client, faults, start, received, timeout)
+    for thread in threads:
+        thread.join(timeout)
+    recovery_s = recovery.join()
+    after = _settled(client, before, timeout)
+    report = _report(streams, reference, before, after, recovery_s)
+    report.num_recovered_requests = client.server_info().num_recovered_requests - recovered
+    return report
+
+
+def _reference(client, prompts, params, timeout) -> list[list[int]]:
+    calls = [client.generate(p, params, timeout=timeout) for p in prompts]
+    return [[t for delta in call for t in delta.token_ids] for call in calls]
+
+
+class _Counter:
+    """Tokens the streams have received in all; waiters wake as it grows."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._cond = threading.Condition()
+
+    def add(self, n: int) -> None:
+        with self._cond:
+            self.value += n
+            self._cond.notify_all()
+
+    def wait_for(self, target: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.value >= target, timeout)
+
+
+def _stream(client, request_id, prompt, params, timeout, cancel_after, out: Stream, received):
+    call = client.generate(prompt, params, request_id, timeout=timeout)
+    try:
+        for delta in call:
+            out.tokens += delta.token_ids
+            received.add(len(delta.token_ids))
+            if delta.finish_reason:
+                out.finish_reason = delta.finish_reason
+            if cancel_after is not None and len(out.tokens) >= cancel_after:
+                out.cancelled = True
+                call.cancel()
+                return
+    except grpc.RpcError as e:
+        if not out.cancelled:
+            out.error = f"{e.code().name}: {e.details()}"
+
+
+class _Injector:
+    """Fires each fault at its moment on a thread of its own, then times its replica's
+    recovery (serving again, with none of the killed pids)."""
+
+    def __init__(self, client, faults, start, received, timeout) -> None:
+        self.recovery_s: dict[str, float] = {}
+        self._threads = [
+            threading.Thread(
+                target=self._fire, args=(client, f, start, received, timeout), daemon=True
+            )
+            for f in faults
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def join(self) -> dict[str, float]:
+        for thread in self._threads:
+            thread.join()
+        return self.recovery_s
+
+    def _fire(self, client, fault: Fault, start, received, timeout) -> None:
+        if fault.after_tokens is not None:
+            received.wait_for(fault.after_tokens, timeout)
+        else:
+            time.sleep(max(start + fault.at_s - time.monotonic(), 0))
+        killed_at = time.monotonic()
+        pids = _pids(client.server_info(), fault)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        log.warning("killed %s: pids %s", fault, pids)
+        if fault.kind == "frontend":
+            return
+        name = f"{fault.kind} {fault.target}"
+        deadline = killed_at + timeout
+        while time.monotonic() < deadline:
+            try:
+                replicas = {r.replica_id: r for r in client.server_info().replicas}
+            except grpc.RpcError:
+                replicas = {}
+            replica = replicas.get(fault.target)
+            if replica is not None and replica.state == "serving":
+                if not {w.pid for w in replica.workers} & set(pids):
+                    self.recovery_s[name] = time.monotonic() - killed_at
+                    return
+            time.sleep(_POLL_S)
+
+
+def _pids(info: serving_pb2.ServerInfoResponse, fault: Fault) -> list[int]:
+    if fault.kind == "frontend":
+        if fault.target >= len(info.frontends):
+            raise ValueError(f"no frontend {fault.target}: the server has {len(info.frontends)}")
+        return [info.frontends[fault.target].pid]
+    replica = next((r for r in info.replicas if r.replica_id == fault.target), None)
+    if replica is None:
+        raise ValueError(f"no replica {fault.target} in {[r.replica_id for r in info.replicas]}")
+    workers = replica.workers if fault.kind == "replica" else replica.workers[:1]
+    return [w.pid for w in workers]
+
+
+def _settled(client: Client, before: dict[int, int], timeout: float) -> dict[int, int]:
+    """Blocks in use once they are back to `before` (or when timeout has passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = blocks_in_use(client.server_info())
+        if after == before or time.monotonic() > deadline:
+            return after
+        time.sleep(_POLL_S)
+
+
+def _report(streams, reference, before, after, recovery_s) -> Report:
+    lost, mismatched, duplicated, missing = [], [], 0, 0
+    for i, (got, want) in enumerate(zip(streams, reference, strict=True)):
+        rid = f"chaos-{i}"
+        if got.error:
+            lost.append(f"{rid}: {got.error}")
+            continue
+        expected = want[: len(got.tokens)] if got.cancelled else want
+        if got.tokens == expected:
+            continue
+        common = next(
+            (k for k, (a, b) in enumerate(zip(got.tokens, expected, strict=False)) if a != b),
+            min(len(got.tokens), len(expected)),
+        )
+        duplicated += max(len(got.tokens) - len(expected), 0)
+        missing += max(len(expected) - len(got.tokens), 0)
+        mismatched.append(
+            f"{rid}: {len(got.tokens)} tokens, {len(expected)} expected, first difference "
+            f"at token {common}"
+        )
+    return Report(
+        num_requests=len(streams),
+        finished=sum(bool(s.finish_reason) and not s.error for s in streams),
+        cancelled=sum(s.cancelled for s in streams),
+        lost=lost,
+        mismatched=mismatched,
+        duplicated_tokens=duplicated,
+        missing_tokens=missing,
+        blocks_before=before,
+        blocks_after=after,
+        recovery_s=recovery_s,
+        num_recovered_requests=0,
+        outputs={f"chaos-{i}": s for i, s in enumerate(streams)},
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=None, help="start this cluster (else connect)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--cancel-fraction", type=float, default=0.0)
+    parser.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        type=_fault_argument,
+        metavar="KIND[:TARGET]@WHEN",
+        help=f"KIND in {KINDS}; WHEN 2.5s (seconds into the run) or 300t (tokens streamed)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=300.0)
+
+
+def _fault_argument(text: str) -> Fault:
+    try:
+        return Fault.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def prompts_for(vocab_size: int, num: int, length: int, seed: int) -> list[list[int]]:
+    """num token-id prompts of `length` tokens, from seed alone."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+def chaos(client: Client, args: argparse.Namespace) -> Report:
+    """The chaos run that the parsed arguments ask for, against client's server."""
+    for name in ("num_requests", "prompt_len", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.cancel_fraction <= 1:
+        raise ValueError(f"--cancel-fraction must be in [0, 1], got {args.cancel_fraction}")
+    vocab = client.model_info().vocab_size
+    prompts = prompts_for(vocab, args.num_requests, args.prompt_len, args.seed)
+    return run(
+        client,
+        prompts,
+        args.max_tokens,
+        args.kill,
+        args.cancel_fraction,
+        args.seed,
+        timeout=args.timeout,
+    )
