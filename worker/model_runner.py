@@ -42,6 +42,7 @@ from worker.cuda_graph import DecodeGraphs
 from worker.layers.attention import AttentionMetadata
 from worker.request_rows import RequestRows
 from worker.sampler import GREEDY_EPS, Penalties, SampleOutput, SamplingBatch, sample
+from worker.step_staging import StepStaging
 
 
 @dataclass
@@ -89,6 +90,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.block_tables = BlockTables(max_blocks=0)
         self.rows = RequestRows()
+        self.staging = StepStaging(device)  # the eager steps' inputs, one copy a step
         self.graphs: DecodeGraphs | None = None
         self._last_done = time.perf_counter()  # the newest finished step's tokens reached the host
         self._launched: LaunchedStep | None = None  # the newest launched step
@@ -360,7 +362,6 @@ class ModelRunner:
         sample_rows = rows[sample_seqs]
         if len(sample_seqs) < len(rows):
             request_ids = [request_ids[i] for i in sample_seqs]
-        width = int(-(-ends.max() // bs))
         max_query_len = int(counts.max())
         graph_size = None
         if self.graphs is not None and max_query_len == 1:
@@ -369,6 +370,7 @@ class ModelRunner:
         greedy = None  # the samplers' greedy tokens, in place where the next graph reads them
         if graph_size is not None:
             # Decodes alone: one token per sequence, at position starts[i].
+            width = int(-(-ends.max() // bs))
             local, greedy = self.graphs.run(
                 graph_size, ids, sources, positions, slots, tables.table[rows, :width]
             )
@@ -376,22 +378,11 @@ class ModelRunner:
                 local = local[torch.from_numpy(sample_seqs).to(self.device)]
                 greedy = None  # the graph's are in sequence order, not the samplers
         else:
-            meta = AttentionMetadata(
-                slot_mapping=self._to_device(slots, torch.int64),
-                block_tables=self._to_device(tables.table[rows, :width], torch.int32),
-                seq_lens=self._to_device(ends, torch.int32),
-                query_start_loc=self._to_device(query_start_loc, torch.int32),
-                max_query_len=max_query_len,
-                max_seq_len=int(ends.max()),
-            )
-            hidden = self.model(
-                self._input_ids(ids, sources), self._to_device(positions, torch.int64), meta
+            last_inputs = query_start_loc[1:][sample_seqs] - 1  # [num_samplers] in the batch
+            hidden = self._run_eager(
+                ids, sources, positions, slots, query_start_loc, ends, rows, last_inputs
             )
             if len(sample_seqs):
-                sample_tokens = query_start_loc[1:][sample_seqs] - 1  # each one's last input
-                if len(sample_tokens) < hidden.shape[0]:
-                    index = torch.from_numpy(sample_tokens).to(self.device, non_blocking=True)
-                    hidden = hidden[index]
                 local = self.model.lm_head.local_logits(hidden)
         step = LaunchedStep(result, request_ids, sample_rows, held.epoch[sample_rows])
         if len(sample_rows):
@@ -408,17 +399,43 @@ class ModelRunner:
             return 0.0
         return (time.perf_counter() - self._last_done) * 1e3
 
-    def _input_ids(self, ids: np.ndarray, sources: np.ndarray) -> torch.Tensor:
-        """The step's input ids on the device: ids, except where sources >= 0 names a token of
-        the newest launched step's sampled tokens."""
-        device_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
-        if (sources < 0).all():
-            return device_ids
-        src = torch.from_numpy(sources).to(self.device, non_blocking=True)
-        return torch.where(src >= 0, self._sampled[src.clamp(min=0)], device_ids)
-
-    def _to_device(self, data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(data).to(device=self.device, dtype=dtype, non_blocking=True)
+    def _run_eager(
+        self,
+        ids: np.ndarray,
+        sources: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        query_start_loc: np.ndarray,
+        ends: np.ndarray,
+        rows: np.ndarray,
+        last_inputs: np.ndarray,
+    ) -> torch.Tensor:
+        """The forward pass over any batch of n sequences and num_tokens tokens (sequence i's
+        are query_start_loc[i]:query_start_loc[i + 1]): per token ids, sources, positions,
+        slots [num_tokens]; per sequence query_start_loc [n + 1], ends [n], rows [n]. Its
+        inputs move to the device in one copy. Returns the hidden states of the tokens
+        last_inputs [num_samplers]: [num_samplers, hidden]."""
+        max_seq_len = int(ends.max())
+        tables = self.block_tables.table[rows, : -(-max_seq_len // self.block_size)]
+        in_flight = bool((sources >= 0).any())
+        select = len(last_inputs) < len(ids)
+        int64 = [ids, positions, slots, last_inputs, *([sources] if in_flight else [])]
+        (ids_d, positions_d, slots_d, last_d, *sources_d), (tables_d, seq_lens_d, qsl_d) = (
+            self.staging.to_device(int64, [tables, ends, query_start_loc])
+        )
+        if in_flight:  # a token not on the host yet: the newest step's sampled one
+            src = sources_d[0]
+            ids_d = torch.where(src >= 0, self._sampled[src.clamp(min=0)], ids_d)
+        meta = AttentionMetadata(
+            slot_mapping=slots_d,
+            block_tables=tables_d,
+            seq_lens=seq_lens_d,
+            query_start_loc=qsl_d,
+            max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
+            max_seq_len=max_seq_len,
+        )
+        hidden = self.model(ids_d, positions_d, meta)
+        return hidden[last_d] if select else hidden
 
     def _sample(self, local: torch.Tensor, greedy: torch.Tensor | None, step: LaunchedStep) -> None:
         """Picks each sampling request's token from this rank's logits of its last row
