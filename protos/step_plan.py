@@ -72,17 +72,17 @@ def cached_arrays(plan: worker_pb2.StepPlan) -> CachedArrays:
         if len(values) != n:
             raise ValueError(f"a plan's cached_requests.{name} has {len(values)} entries, not {n}")
     block_starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(c.num_new_blocks, np.int64, n), out=block_starts[1:])
-    blocks = np.fromiter(c.new_block_ids, np.int32, len(c.new_block_ids))
+    np.cumsum(np.array(c.num_new_blocks, np.int64), out=block_starts[1:])
+    blocks = np.array(c.new_block_ids, np.int32)
     if block_starts[-1] != len(blocks):
         raise ValueError(
             f"a plan's num_new_blocks sum to {block_starts[-1]}, new_block_ids has {len(blocks)}"
         )
     return CachedArrays(
         list(c.request_ids),
-        np.fromiter(c.num_computed_tokens, np.int64, n),
-        np.fromiter(c.num_scheduled_tokens, np.int64, n),
+        np.array(c.num_computed_tokens, np.int64),
+        np.array(c.num_scheduled_tokens, np.int64),
         block_starts,
         blocks,
-        np.fromiter(c.replace_block_table, bool, n),
+        np.array(c.replace_block_table, bool),
     )
