@@ -12,18 +12,19 @@ same order.
 
 Static buffers (device), rows [0, size) read by the graph of that size:
 
-    ids        [4, max_size] int64      input_ids | sources | positions | slot_mapping
+    inputs     GraphInputs: one int64 buffer holding, as views,
+      ids          [4, max_size] int64      input_ids | sources | positions | slot_mapping
+      seq_lens     [max_size] int32
+      block_tables [max_size, max_blocks] int32
     sampled    [max_size] int64         the previous step's sampled tokens; the graph then
                                         writes its greedy tokens over them
-    seq_lens   [max_size] int32
-    block_tables [max_size, max_blocks] int32
     logits     [max_size, vocab_shard]  this rank's logits of the rows (the model's dtype)
 
 Row i's input token is sampled[sources[i]] when sources[i] >= 0 (a token still on its way to
-the host; the graph gathers it), else input_ids[i]. The buffers are filled from pinned host
-staging (three copies a step). Two sets of staging alternate: a step's set is rewritten two
-steps later, after the step between has finished, so its copies have completed. All graphs
-share one memory pool, captured largest first.
+the host; the graph gathers it), else input_ids[i]. The inputs are filled from a pinned host
+copy of the same layout in one copy a step (its prefix up to the step's last block-table row).
+Two host copies alternate: a step's is rewritten two steps later, after the step between has
+finished, so its copy has completed. All graphs share one memory pool, captured largest first.
 """
 
 import numpy as np
@@ -46,13 +47,14 @@ class DecodeGraphs:
         self.model = model
         self.sizes = capture_sizes(max_num_seqs)
         self.max_size = self.sizes[-1]
-        size, width = self.max_size, max_blocks
-        self._staging = [_Staging(size, width) for _ in range(2)]
+        size = self.max_size
+        self.inputs = GraphInputs(size, max_blocks, device)
+        self._staging = [GraphInputs(size, max_blocks, torch.device("cpu")) for _ in range(2)]
         self._num_runs = 0
-        self.ids = torch.zeros((4, size), dtype=torch.int64, device=device)
+        self.ids = self.inputs.ids
+        self.seq_lens = self.inputs.seq_lens
+        self.block_tables = self.inputs.block_tables
         self.sampled = torch.zeros(size, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((size, width), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
         lm_head = model.lm_head
         self.logits = torch.zeros((size, lm_head.shard), dtype=lm_head.weight.dtype, device=device)
@@ -115,26 +117,48 @@ class DecodeGraphs:
         n, width = len(input_ids), block_tables.shape[1]
         staging = self._staging[self._num_runs % 2]
         self._num_runs += 1
-        ids = staging.ids
+        ids = staging.host_ids
         ids[0, :n], ids[1, :n], ids[2, :n], ids[3, :n] = input_ids, sources, positions, slot_mapping
         ids[0, n:size], ids[1, n:size], ids[2, n:size], ids[3, n:size] = 0, -1, 0, -1
-        staging.seq_lens[:n] = positions + 1
-        staging.seq_lens[n:size] = 0
-        staging.tables[:n, :width] = block_tables
-        self.ids.copy_(staging.pinned_ids, non_blocking=True)
-        self.seq_lens[:size].copy_(staging.pinned_seq_lens[:size], non_blocking=True)
-        self.block_tables[:n].copy_(staging.pinned_tables[:n], non_blocking=True)
+        staging.host_seq_lens[:n] = positions + 1
+        staging.host_seq_lens[n:size] = 0
+        staging.host_tables[:n, :width] = block_tables
+        self.inputs.copy_from(staging, num_table_rows=n)
         self.graphs[size].replay()
         return self.logits[:n], self.sampled[:n]
 
 
-class _Staging:
-    """Pinned host copies of the graphs' input buffers, with numpy views to fill them."""
+class GraphInputs:
+    """The graphs' integer inputs in one int64 buffer on a device (pinned on the host when
+    CUDA is there), so that a step moves them with one copy. Views (max_size rows):
 
-    def __init__(self, size: int, width: int) -> None:
-        self.pinned_ids = torch.zeros((4, size), dtype=torch.int64, pin_memory=True)
-        self.pinned_seq_lens = torch.zeros(size, dtype=torch.int32, pin_memory=True)
-        self.pinned_tables = torch.zeros((size, width), dtype=torch.int32, pin_memory=True)
-        self.ids = self.pinned_ids.numpy()
-        self.seq_lens = self.pinned_seq_lens.numpy()
-        self.tables = self.pinned_tables.numpy()
+        ids           [4, max_size] int64          buffer[: 4 * max_size]
+        seq_lens      [max_size] int32             then, as int32: max_size entries (padded to
+                                                   16 bytes, where the tables start)
+        block_tables  [max_size, max_blocks] int32 then max_size * max_blocks entries
+
+    On the host, host_ids / host_seq_lens / host_tables are numpy views of the same memory."""
+
+    def __init__(self, max_size: int, max_blocks: int, device: torch.device) -> None:
+        self.max_size, self.max_blocks = max_size, max_blocks
+        self._tables_at = -(-max_size // 4) * 4  # in int32 entries after the ids
+        num_int32 = self._tables_at + max_size * max_blocks
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        self.buffer = torch.zeros(
+            4 * max_size + -(-num_int32 // 2), dtype=torch.int64, device=device, pin_memory=pin
+        )
+        self.ids = self.buffer[: 4 * max_size].view(4, max_size)
+        int32 = self.buffer[4 * max_size :].view(torch.int32)
+        self.seq_lens = int32[:max_size]
+        self.block_tables = int32[self._tables_at : num_int32].view(max_size, max_blocks)
+        if device.type == "cpu":
+            self.host_ids = self.ids.numpy()
+            self.host_seq_lens = self.seq_lens.numpy()
+            self.host_tables = self.block_tables.numpy()
+
+    def copy_from(self, host: "GraphInputs", num_table_rows: int) -> None:
+        """One copy of host's ids, seq_lens and first num_table_rows block-table rows into
+        these (asynchronous from pinned memory; the other rows keep what they held)."""
+        num_int32 = self._tables_at + num_table_rows * self.max_blocks
+        end = 4 * self.max_size + -(-num_int32 // 2)
+        self.buffer[:end].copy_(host.buffer[:end], non_blocking=True)

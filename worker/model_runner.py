@@ -5,9 +5,12 @@ samples.
 A request samples a token when its computed tokens catch up with its total (the end of a
 prefill, or every decode step); a partial prefill chunk only fills the cache.
 
-The batch is built with numpy from per-request counters and the host block tables
-(worker.block_table), never from lists of every token. On CUDA a step of decodes alone replays
-a captured graph (worker.cuda_graph); prefill and mixed steps run eagerly.
+Each request held is one row of host arrays: its tokens and counters (worker.request_rows)
+and its block table (worker.block_table), the same row in both. A plan's diff is applied to
+them in place and the batch gathered from them with numpy, with no Python loop over the
+scheduled requests but the one mapping their ids to rows; the sampled tokens are appended
+with one scatter. On CUDA a step of decodes alone replays a captured graph
+(worker.cuda_graph), its inputs moved in one copy; prefill and mixed steps run eagerly.
 
 A step is launched, then finished: launch() queues the device work and the copy of the sampled
 tokens to the host; finish() waits for them and appends them. The worker launches step N+1
@@ -18,8 +21,10 @@ the host between them:
     device  ...  N-1 ....|........ N ..........|........ N+1 .........
 
 A request decoding in N+1 whose token from N has not reached the host yet reads it from N's
-sampled tokens on the device (its `pending_index`). Rows with penalties need their whole
-history on the host: a plan that has such a row with a token in flight finishes first.
+sampled tokens on the device (its row's `pending_index`). A row given to another request
+before N's tokens arrive takes none of them (its `epoch` changed). Rows with penalties need
+their whole history on the host: a plan that has such a row with a token in flight finishes
+first.
 """
 
 import time
@@ -30,11 +35,12 @@ import torch
 
 from kernels import copy_blocks
 from protos import worker_pb2
-from protos.step_plan import cached_requests
+from protos.step_plan import cached_arrays
 from worker import distributed
 from worker.block_table import BlockTables
 from worker.cuda_graph import DecodeGraphs
 from worker.layers.attention import AttentionMetadata
+from worker.request_rows import RequestRows
 from worker.sampler import (
     GREEDY_EPS,
     Penalties,
@@ -43,30 +49,19 @@ from worker.sampler import (
     draw_seed,
     sample,
 )
+from worker.step_staging import StepStaging
 
 
 @dataclass
 class RequestState:
-    """What this rank holds of one request. token_ids grows by the tokens rank 0 samples; its
-    block table is row `row` of the runner's BlockTables."""
+    """What this rank holds of one request besides its row of the runner's RequestRows and
+    BlockTables (its tokens and counters live there, row `row`)."""
 
-    token_ids: list[int]
     row: int
-    num_computed_tokens: int
     sampling: worker_pb2.SamplingOptions
-    num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids (0, 1 or 2)
-    pending_index: int = -1  # its row in the newest launched step's sampled tokens, if pending
     # Greedy with nothing else asked (no logprobs, penalties or min_tokens bans): its token is
     # the LM head's greedy argmax, which needs no gathered logits and no sampler.
     plain_greedy: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids) + self.num_pending
-
-    @property
-    def num_output_tokens(self) -> int:
-        return self.num_tokens - self.sampling.prompt_len
 
     @property
     def penalized(self) -> bool:
@@ -81,10 +76,13 @@ class LaunchedStep:
     """A step queued on the device whose sampled tokens are on their way to the host."""
 
     result: worker_pb2.StepResult  # everything but the tokens and logprobs
-    samplers: list[tuple[str, RequestState]] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)  # the sampling requests, in order
+    rows: np.ndarray | None = None  # [num_samplers] their rows in RequestRows
+    epochs: np.ndarray | None = None  # [num_samplers] those rows' epochs at the launch
     tokens: torch.Tensor | None = None  # [num_samplers] int64 on the host once `done` fired
     done: torch.cuda.Event | None = None  # None on the CPU: already done
     out: SampleOutput | None = None  # rank 0's logprobs, when asked
+    logprob_options: list[worker_pb2.SamplingOptions] | None = None  # each row's, when asked
 
 
 class ModelRunner:
@@ -97,6 +95,8 @@ class ModelRunner:
         self.block_size = 0
         self.requests: dict[str, RequestState] = {}
         self.block_tables = BlockTables(max_blocks=0)
+        self.rows = RequestRows()
+        self.staging = StepStaging(device)  # the eager steps' inputs, one copy a step
         self.graphs: DecodeGraphs | None = None
         self._last_done = time.perf_counter()  # the newest finished step's tokens reached the host
         self._launched: LaunchedStep | None = None  # the newest launched step
@@ -142,6 +142,7 @@ class ModelRunner:
         self.requests.clear()
         max_blocks = -(-max_model_len // block_size) if max_model_len else num_blocks
         self.block_tables = BlockTables(max(max_blocks, 1))
+        self.rows = RequestRows()
         self.graphs = None
         if self.device.type == "cuda" and not enforce_eager and max_num_seqs and num_blocks:
             self.graphs = DecodeGraphs(self.model, max_num_seqs, max(max_blocks, 1), self.device)
@@ -184,11 +185,19 @@ class ModelRunner:
     def needs_host_tokens(self, plan: worker_pb2.StepPlan) -> bool:
         """Whether a request of the plan samples with penalties while a token of it is still on
         its way to the host: then the launched step must finish before this plan launches."""
+        rows = self.rows
+        if not rows.penalized.any():
+            return False
         for rid in plan.cached_requests.request_ids:
             state = self.requests.get(rid)
-            if state is not None and state.num_pending and state.penalized:
-                return True
+            if state is not None and rows.penalized[state.row]:
+                if rows.num_tokens[state.row] > rows.num_known[state.row]:
+                    return True
         return False
+
+    def _release(self, row: int) -> None:
+        self.block_tables.release(row)
+        self.rows.release(row)
 
     @torch.inference_mode()
     def launch(self, plan: worker_pb2.StepPlan) -> LaunchedStep:
@@ -197,7 +206,7 @@ class ModelRunner:
         for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
             state = self.requests.pop(rid, None)
             if state is not None:
-                tables.release(state.row)
+                self._release(state.row)
         for rid in plan.swapped_request_ids:  # its blocks moved to host memory
             tables.replace(self.requests[rid].row, [])
         # Before the forward pass, in this order (see scheduler/core/page_table.py for why).
@@ -207,28 +216,41 @@ class ModelRunner:
             self._swap_in(plan.swap_in)
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
-        scheduled: list[tuple[str, RequestState, int]] = []
+        # The scheduled requests in plan order: the new ones, then the cached ones.
+        request_ids: list[str] = []
+        new_rows: list[int] = []
+        new_counts: list[int] = []
         for new in plan.new_requests:
             if (old := self.requests.get(new.request_id)) is not None:
-                tables.release(old.row)
+                self._release(old.row)
             state = self._new_state(new)
             self.requests[new.request_id] = state
-            scheduled.append((new.request_id, state, new.num_scheduled_tokens))
-        for rid, num_computed, n, blocks, replace in cached_requests(plan):
-            state = self.requests[rid]
-            if state.num_computed_tokens != num_computed:
-                raise RuntimeError(
-                    f"request {rid}: worker computed {state.num_computed_tokens} "
-                    f"tokens, plan says {num_computed}"
-                )
-            if replace:
-                tables.replace(state.row, blocks)
-            elif blocks:
-                tables.append(state.row, blocks)
-            scheduled.append((rid, state, n))
-        if not scheduled:
+            request_ids.append(new.request_id)
+            new_rows.append(state.row)
+            new_counts.append(new.num_scheduled_tokens)
+        cached = cached_arrays(plan)
+        cached_rows = np.array([self.requests[rid].row for rid in cached.request_ids], np.int64)
+        wrong = np.flatnonzero(self.rows.num_computed[cached_rows] != cached.num_computed_tokens)
+        if len(wrong):
+            i = wrong[0]
+            raise RuntimeError(
+                f"request {cached.request_ids[i]}: worker computed "
+                f"{self.rows.num_computed[cached_rows[i]]} tokens, plan says "
+                f"{cached.num_computed_tokens[i]}"
+            )
+        starts = cached.block_starts
+        for i in np.flatnonzero((starts[1:] > starts[:-1]) | cached.replace_block_table):
+            blocks = cached.new_block_ids[starts[i] : starts[i + 1]]
+            if cached.replace_block_table[i]:
+                tables.replace(cached_rows[i], blocks)
+            else:
+                tables.append(cached_rows[i], blocks)
+        if not request_ids and not cached.request_ids:
             return LaunchedStep(worker_pb2.StepResult())
-        return self._run(scheduled)
+        request_ids += cached.request_ids
+        rows = np.concatenate([np.array(new_rows, np.int64), cached_rows])
+        counts = np.concatenate([np.array(new_counts, np.int64), cached.num_scheduled_tokens])
+        return self._run(request_ids, rows, counts)
 
     @staticmethod
     def wait(step: LaunchedStep) -> None:
@@ -238,27 +260,23 @@ class ModelRunner:
 
     def finish(self, step: LaunchedStep) -> worker_pb2.StepResult:
         """Waits for a launched step's tokens and appends them; returns its StepResult."""
-        if not step.samplers:
+        if not step.request_ids:
             return step.result
         self.wait(step)
-        tokens = step.tokens.tolist()
-        for (_, state), token in zip(step.samplers, tokens, strict=True):
-            state.token_ids.append(token)
-            state.num_pending -= 1
+        tokens = step.tokens.numpy()  # the one host copy of the step's tokens
+        self.rows.append(step.rows, step.epochs, tokens)
         self._last_done = time.perf_counter()
         result = step.result
-        result.request_ids.extend(rid for rid, _ in step.samplers)
-        result.token_ids.extend(tokens)
-        if step.out is not None and step.out.sampled_logprobs is not None:
-            _add_logprobs(result, [s.sampling for _, s in step.samplers], step.out)
+        result.request_ids.extend(step.request_ids)
+        result.token_ids.extend(tokens.tolist())
+        if step.logprob_options is not None:
+            _add_logprobs(result, step.logprob_options, step.out)
         return result
 
     def _new_state(self, new: worker_pb2.NewRequest) -> RequestState:
         opts = new.sampling
         state = RequestState(
-            token_ids=list(new.token_ids),
             row=self.block_tables.add(list(new.block_ids)),
-            num_computed_tokens=new.num_computed_tokens,
             sampling=opts,
         )
         state.plain_greedy = (
@@ -267,17 +285,24 @@ class ModelRunner:
             and not state.penalized
             and not (opts.min_tokens and opts.banned_until_min_tokens)
         )
+        token_ids = np.fromiter(new.token_ids, dtype=np.int32, count=len(new.token_ids))
+        self.rows.add(
+            state.row, token_ids, new.num_computed_tokens, state.plain_greedy, state.penalized
+        )
         return state
 
     def _sampling_batch(self, states: list[RequestState], vocab: int, tensor) -> SamplingBatch:
         """Per-row parameters; penalty and min_tokens tensors only when some row needs them."""
         opts = [s.sampling for s in states]
+        num_tokens = self.rows.num_tokens  # [rows] before this step's sampled token
         batch = SamplingBatch(
             temperatures=tensor([o.temperature for o in opts], torch.float32),
             # Each row samples its next output token: the one at index num_output_tokens (the
             # prompt_len of a recomputed request's NewRequest keeps its outputs apart).
             seeds=[
-                draw_seed(o.seed, s.num_output_tokens) if o.HasField("seed") else None
+                draw_seed(o.seed, int(num_tokens[s.row]) - o.prompt_len)
+                if o.HasField("seed")
+                else None
                 for o, s in zip(opts, states, strict=True)
             ],
             all_greedy=all(o.temperature < GREEDY_EPS for o in opts),
@@ -293,7 +318,7 @@ class ModelRunner:
         banned = [
             (row, list(s.sampling.banned_until_min_tokens))
             for row, s in enumerate(states)
-            if s.num_output_tokens < s.sampling.min_tokens
+            if num_tokens[s.row] - s.sampling.prompt_len < s.sampling.min_tokens
         ]
         if banned:
             suppressed = torch.zeros(len(states), vocab, dtype=torch.bool)
@@ -305,9 +330,10 @@ class ModelRunner:
             prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool)
             for row, s in enumerate(states):
                 prompt_len = s.sampling.prompt_len
-                output = torch.tensor(s.token_ids[prompt_len:], dtype=torch.int64)
+                history = torch.from_numpy(self.rows.history(s.row).astype(np.int64))
+                output = history[prompt_len:]
                 counts[row].index_add_(0, output, torch.ones(len(output)))
-                prompt_mask[row, torch.tensor(s.token_ids[:prompt_len], dtype=torch.int64)] = True
+                prompt_mask[row, history[:prompt_len]] = True
             batch.penalties = Penalties(
                 presence=tensor([o.presence_penalty for o in opts], torch.float32),
                 frequency=tensor([o.frequency_penalty for o in opts], torch.float32),
@@ -317,64 +343,60 @@ class ModelRunner:
             )
         return batch
 
-    def _run(self, scheduled: list[tuple[str, RequestState, int]]) -> LaunchedStep:
-        bs, tables = self.block_size, self.block_tables
-        num_seqs = len(scheduled)
-        rows = np.empty(num_seqs, dtype=np.int64)
-        starts = np.empty(num_seqs, dtype=np.int64)  # computed tokens before this step
-        counts = np.empty(num_seqs, dtype=np.int64)  # tokens computed in this step
-        input_ids: list[int] = []
-        # Per input token: its row in the newest launched step's sampled tokens (still on the
-        # device), or -1 when input_ids holds it.
-        from_device: list[int] = []
-        samplers: list[tuple[str, RequestState]] = []
-        sample_seqs: list[int] = []  # which sequence each sampling request is
-        for i, (rid, state, n) in enumerate(scheduled):
-            start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            if end > state.num_tokens or end > tables.num_blocks(state.row) * bs:
-                raise RuntimeError(f"request {rid}: {n} tokens scheduled past its tokens or blocks")
-            rows[i], starts[i], counts[i] = state.row, start, n
-            known = state.token_ids[start:end]
-            input_ids.extend(known)
-            from_device.extend([-1] * len(known))
-            if len(known) < n:  # its newest token is in flight: at most one, the last input
-                input_ids.append(0)
-                from_device.append(state.pending_index)
-            if end == state.num_tokens:
-                samplers.append((rid, state))
-                sample_seqs.append(i)
-        ends = starts + counts  # [num_seqs] each sequence's context after this step
-        width = int(-(-ends.max() // bs))
+    def _run(self, request_ids: list[str], rows: np.ndarray, counts: np.ndarray) -> LaunchedStep:
+        """Builds and launches the step of sequences i = 0..n-1: counts[i] tokens [n] of the
+        request of request_ids[i], rows[i] [n] of RequestRows and BlockTables."""
+        bs, tables, held = self.block_size, self.block_tables, self.rows
+        starts = held.num_computed[rows]  # [n] computed tokens before this step
+        ends = starts + counts  # [n] each sequence's context after this step
+        beyond = (ends > held.num_tokens[rows]) | (ends > tables.lengths[rows] * bs)
+        if beyond.any():
+            i = int(np.argmax(beyond))
+            raise RuntimeError(
+                f"request {request_ids[i]}: {counts[i]} tokens scheduled past its tokens or blocks"
+            )
+        query_start_loc = np.zeros(len(rows) + 1, dtype=np.int64)  # [n + 1]
+        np.cumsum(counts, out=query_start_loc[1:])
+        # Per input token [num_tokens]: its sequence, its row, its position in its request.
+        token_seq = np.repeat(np.arange(len(rows)), counts)
+        token_rows = rows[token_seq]
+        positions = np.arange(query_start_loc[-1]) - query_start_loc[token_seq] + starts[token_seq]
+        slots = tables.table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        # A token not on the host yet (at most one a sequence, its last input) is read on the
+        # device from the newest launched step's sampled tokens, at its row there (sources).
+        on_host = positions < held.num_known[token_rows]
+        ids = np.where(on_host, held.tokens[token_rows, positions], 0).astype(np.int64)
+        sources = np.where(on_host, -1, held.pending_index[token_rows])
+        sample_seqs = np.flatnonzero(ends == held.num_tokens[rows])  # the sequences that sample
+        sample_rows = rows[sample_seqs]
+        if len(sample_seqs) < len(rows):
+            request_ids = [request_ids[i] for i in sample_seqs]
         max_query_len = int(counts.max())
         graph_size = None
         if self.graphs is not None and max_query_len == 1:
-            graph_size = self.graphs.size_for(num_seqs)
+            graph_size = self.graphs.size_for(len(rows))
         result = worker_pb2.StepResult(cuda_graph=graph_size is not None, idle_ms=self._idle_ms())
-        ids = np.asarray(input_ids, dtype=np.int64)
-        sources = np.asarray(from_device, dtype=np.int64)
         greedy = None  # the samplers' greedy tokens, in place where the next graph reads them
         if graph_size is not None:
             # Decodes alone: one token per sequence, at position starts[i].
-            slots = tables.table[rows, starts // bs] * bs + starts % bs
+            width = int(-(-ends.max() // bs))
             local, greedy = self.graphs.run(
-                graph_size, ids, sources, starts, slots, tables.table[rows, :width]
+                graph_size, ids, sources, positions, slots, tables.table[rows, :width]
             )
-            if len(samplers) < num_seqs:  # a one-token prefill chunk that does not sample
-                local = local[torch.from_numpy(np.asarray(sample_seqs)).to(self.device)]
+            if len(sample_seqs) < len(rows):  # a one-token prefill chunk that does not sample
+                local = local[torch.from_numpy(sample_seqs).to(self.device)]
                 greedy = None  # the graph's are in sequence order, not the samplers
-        elif samplers:
-            hidden = self._run_eager(ids, sources, rows, starts, counts, width, max_query_len)
-            sample_rows = np.cumsum(counts)[sample_seqs] - 1
-            if len(sample_rows) < hidden.shape[0]:
-                hidden = hidden[torch.from_numpy(sample_rows).to(self.device, non_blocking=True)]
-            local = self.model.lm_head.local_logits(hidden)
         else:
-            self._run_eager(ids, sources, rows, starts, counts, width, max_query_len)
-        for _, state, n in scheduled:
-            state.num_computed_tokens += n
-        step = LaunchedStep(result, samplers)
-        if samplers:
+            last_inputs = query_start_loc[1:][sample_seqs] - 1  # [num_samplers] in the batch
+            hidden = self._run_eager(
+                ids, sources, positions, slots, query_start_loc, ends, rows, last_inputs
+            )
+            if len(sample_seqs):
+                local = self.model.lm_head.local_logits(hidden)
+        step = LaunchedStep(result, request_ids, sample_rows, held.epoch[sample_rows])
+        if len(sample_rows):
             self._sample(local, greedy, step)
+        held.launched(rows, counts, sample_rows)
         self._launched = step
         return step
 
@@ -386,48 +408,43 @@ class ModelRunner:
             return 0.0
         return (time.perf_counter() - self._last_done) * 1e3
 
-    def _input_ids(self, ids: np.ndarray, sources: np.ndarray) -> torch.Tensor:
-        """The step's input ids on the device: ids, except where sources >= 0 names a token of
-        the newest launched step's sampled tokens."""
-        device_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
-        if (sources < 0).all():
-            return device_ids
-        src = torch.from_numpy(sources).to(self.device, non_blocking=True)
-        return torch.where(src >= 0, self._sampled[src.clamp(min=0)], device_ids)
-
     def _run_eager(
         self,
         ids: np.ndarray,
         sources: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        query_start_loc: np.ndarray,
+        ends: np.ndarray,
         rows: np.ndarray,
-        starts: np.ndarray,
-        counts: np.ndarray,
-        width: int,
-        max_query_len: int,
+        last_inputs: np.ndarray,
     ) -> torch.Tensor:
-        """The forward pass over any batch: [num_tokens] flat, sequence i's tokens are rows
-        query_start_loc[i]:query_start_loc[i + 1]."""
-        bs = self.block_size
-        query_start_loc = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=query_start_loc[1:])
-        # Token t of sequence i sits at position starts[i] + (t - query_start_loc[i]).
-        token_seq = np.repeat(np.arange(len(counts)), counts)  # [num_tokens]
-        positions = np.arange(query_start_loc[-1]) - query_start_loc[token_seq] + starts[token_seq]
-        table = self.block_tables.table
-        slots = table[rows[token_seq], positions // bs] * bs + positions % bs
-
-        def tensor(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(data).to(device=self.device, dtype=dtype, non_blocking=True)
-
-        meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(table[rows, :width], torch.int32),
-            seq_lens=tensor(starts + counts, torch.int32),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            max_query_len=max_query_len,
-            max_seq_len=int((starts + counts).max()),
+        """The forward pass over any batch of n sequences and num_tokens tokens (sequence i's
+        are query_start_loc[i]:query_start_loc[i + 1]): per token ids, sources, positions,
+        slots [num_tokens]; per sequence query_start_loc [n + 1], ends [n], rows [n]. Its
+        inputs move to the device in one copy. Returns the hidden states of the tokens
+        last_inputs [num_samplers]: [num_samplers, hidden]."""
+        max_seq_len = int(ends.max())
+        tables = self.block_tables.table[rows, : -(-max_seq_len // self.block_size)]
+        in_flight = bool((sources >= 0).any())
+        select = len(last_inputs) < len(ids)
+        int64 = [ids, positions, slots, last_inputs, *([sources] if in_flight else [])]
+        (ids_d, positions_d, slots_d, last_d, *sources_d), (tables_d, seq_lens_d, qsl_d) = (
+            self.staging.to_device(int64, [tables, ends, query_start_loc])
         )
-        return self.model(self._input_ids(ids, sources), tensor(positions, torch.int64), meta)
+        if in_flight:  # a token not on the host yet: the newest step's sampled one
+            src = sources_d[0]
+            ids_d = torch.where(src >= 0, self._sampled[src.clamp(min=0)], ids_d)
+        meta = AttentionMetadata(
+            slot_mapping=slots_d,
+            block_tables=tables_d,
+            seq_lens=seq_lens_d,
+            query_start_loc=qsl_d,
+            max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
+            max_seq_len=max_seq_len,
+        )
+        hidden = self.model(ids_d, positions_d, meta)
+        return hidden[last_d] if select else hidden
 
     def _sample(self, local: torch.Tensor, greedy: torch.Tensor | None, step: LaunchedStep) -> None:
         """Picks each sampling request's token from this rank's logits of its last row
@@ -436,30 +453,30 @@ class ModelRunner:
         gathers the logits, samples and broadcasts. Every rank keeps the tokens on the device
         for the next step's inputs and starts their copy to the host (finish() appends them)."""
         lm_head = self.model.lm_head
-        states = [state for _, state in step.samplers]
-        if all(state.plain_greedy for state in states):
+        num_samplers = len(step.rows)
+        if self.rows.plain_greedy[step.rows].all():
             sampled = greedy if greedy is not None else lm_head.greedy(local)
         else:
             logits = lm_head.gather_logits(local)
             if logits is None:
-                sampled = torch.empty(len(states), dtype=torch.int64, device=self.device)
+                sampled = torch.empty(num_samplers, dtype=torch.int64, device=self.device)
             else:
 
                 def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
                     return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
+                states = [self.requests[rid] for rid in step.request_ids]
                 batch = self._sampling_batch(states, logits.shape[-1], tensor)
                 step.out = sample(logits, batch, self.shared_generator)
+                if step.out.sampled_logprobs is not None:
+                    step.logprob_options = [s.sampling for s in states]
                 sampled = step.out.token_ids
             sampled = distributed.broadcast_from_rank0(sampled)
         self._sampled = sampled
         if self.graphs is not None and sampled is not greedy:
-            self.graphs.sampled[: len(states)].copy_(sampled)
-        for index, state in enumerate(states):
-            state.num_pending += 1
-            state.pending_index = index
+            self.graphs.sampled[:num_samplers].copy_(sampled)
         if self.device.type == "cuda":
-            step.tokens = torch.empty(len(states), dtype=torch.int64, pin_memory=True)
+            step.tokens = torch.empty(num_samplers, dtype=torch.int64, pin_memory=True)
             step.tokens.copy_(sampled, non_blocking=True)
             step.done = torch.cuda.Event()
             step.done.record()

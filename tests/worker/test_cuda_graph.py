@@ -2,11 +2,12 @@
 eagerly, for every captured batch size and for sizes between them (padded rows), in float32.
 The size ladder is checked on the CPU; the tensor-parallel graphs by tests/e2e on two GPUs."""
 
+import numpy as np
 import pytest
 import torch
 
 from tests.worker.conftest import greedy_plan_runner
-from worker.cuda_graph import capture_sizes
+from worker.cuda_graph import GraphInputs, capture_sizes
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
 
@@ -61,3 +62,16 @@ def test_graph_replay_equals_eager_for_every_captured_size(tiny_models, arch):
         # The first step prefills; each later one decodes every request: a replay.
         assert graphed.graph_steps == [False] + [True] * 5, f"batch {batch}"
         assert not any(eager.graph_steps)
+
+
+def test_graph_inputs_move_in_one_copy_of_the_rows_a_step_uses():
+    device, host = GraphInputs(6, 3, torch.device("cpu")), GraphInputs(6, 3, torch.device("cpu"))
+    device.block_tables.fill_(-7)
+    host.host_ids[:] = np.arange(24).reshape(4, 6)
+    host.host_seq_lens[:] = np.arange(6) + 1
+    host.host_tables[:] = np.arange(18).reshape(6, 3)
+    device.copy_from(host, num_table_rows=2)
+    assert torch.equal(device.ids, torch.arange(24).view(4, 6))
+    assert device.seq_lens.tolist() == [1, 2, 3, 4, 5, 6]
+    assert device.block_tables[:2].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert (device.block_tables[2:] == -7).all()  # rows past the step's keep what they held

@@ -99,7 +99,10 @@ def test_launching_ahead_gives_the_tokens_of_one_step_at_a_time(tiny_llama_dir, 
     launch = runner.launch
 
     def recording_launch(plan):
-        launched_ahead.append(any(s.num_pending for s in runner.requests.values()))
+        rows = [s.row for s in runner.requests.values()]
+        launched_ahead.append(
+            bool((runner.rows.num_tokens[rows] > runner.rows.num_known[rows]).any())
+        )
         return launch(plan)
 
     runner.launch = recording_launch
