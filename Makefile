@@ -36,7 +36,7 @@ protos: $(STAMP)
 gpu-wheels:
 	python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-		--platform manylinux_2_28_x86_64 -d .devcarry/whl fastapi uvicorn prometheus-client
+		--platform manylinux_2_28_x86_64 -d .devcarry/whl fastapi uvicorn prometheus-client openai pytest-timeout
 
 clean:
 	rm -rf $(VENV)

@@ -153,7 +153,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for w in r.workers:
             node = f" on node {w.node_id}" if w.node_id else ""
-            print(f"  rank {w.rank}: {w.address} ({w.device}) pid {w.pid}{node}")
+            reduce = f", all-reduce {w.all_reduce}" if w.all_reduce else ""
+            print(f"  rank {w.rank}: {w.address} ({w.device}{reduce}) pid {w.pid}{node}")
     return 0
 
 

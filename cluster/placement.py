@@ -40,6 +40,21 @@ def gpus_per_worker(device: str) -> float:
     return 1 if has_gpu else 0
 
 
+def gpus_seen(node_ids: list[str], gpu_ids: list[list[str]]) -> list[list[str]]:
+    """Per rank, the GPUs its process is shown: its own, then those of the replica's other
+    ranks on its node, in rank order. node_ids[r], gpu_ids[r]: rank r's node and Ray GPUs."""
+    seen = []
+    for rank, node in enumerate(node_ids):
+        peers = [
+            gpu
+            for other, other_node in enumerate(node_ids)
+            if other != rank and other_node == node
+            for gpu in gpu_ids[other]
+        ]
+        seen.append([*gpu_ids[rank], *peers])
+    return seen
+
+
 @dataclass
 class _Placed:
     group: PlacementGroup
@@ -99,6 +114,17 @@ class RayPlacer:
             ]
             addresses = ray.get([w.address.remote() for w in placed.workers], timeout=timeout)
             node_ids = ray.get([w.node_id.remote() for w in placed.workers], timeout=timeout)
+            if self.num_gpus >= 1 and tp > 1:
+                gpu_ids = ray.get([w.gpu_ids.remote() for w in placed.workers], timeout=timeout)
+                ray.get(
+                    [
+                        w.see_gpus.remote(seen)
+                        for w, seen in zip(
+                            placed.workers, gpus_seen(node_ids, gpu_ids), strict=True
+                        )
+                    ],
+                    timeout=timeout,
+                )
             master_port = ray.get(placed.workers[0].free_port.remote(), timeout=timeout)
         except BaseException:
             _free(placed)

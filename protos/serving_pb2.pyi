@@ -197,18 +197,20 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("rank", "address", "device", "node_id", "pid")
+    __slots__ = ("rank", "address", "device", "node_id", "pid", "all_reduce")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    ALL_REDUCE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     address: str
     device: str
     node_id: str
     pid: int
-    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., node_id: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    all_reduce: str
+    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., node_id: _Optional[str] = ..., pid: _Optional[int] = ..., all_reduce: _Optional[str] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
     __slots__ = ("replica_id", "workers", "num_blocks", "num_free_blocks", "block_size", "num_running", "num_waiting", "num_swapped", "kv_usage", "num_cpu_blocks", "num_free_cpu_blocks", "num_preemptions", "num_swapped_out", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "state", "generated_tokens_per_s")

@@ -37,7 +37,7 @@ class LoadModelRequest(_message.Message):
     def __init__(self, model_path: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "vocab_size", "num_layers", "num_kv_heads", "head_dim", "max_position_embeddings", "device", "dtype", "weight_bytes")
+    __slots__ = ("architecture", "vocab_size", "num_layers", "num_kv_heads", "head_dim", "max_position_embeddings", "device", "dtype", "weight_bytes", "all_reduce")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALL_REDUCE_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     vocab_size: int
     num_layers: int
@@ -56,7 +57,8 @@ class ModelInfo(_message.Message):
     device: str
     dtype: str
     weight_bytes: int
-    def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    all_reduce: str
+    def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., all_reduce: _Optional[str] = ...) -> None: ...
 
 class ProfileMemoryRequest(_message.Message):
     __slots__ = ("block_size", "max_num_batched_tokens", "gpu_memory_utilization", "cpu_cache_gb")

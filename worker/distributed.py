@@ -2,13 +2,29 @@
 
 NCCL on CUDA, gloo on CPU. With a single rank every collective is the identity, so the same
 model code serves tensor-parallel and single-device use.
+
+Small all-reduces on CUDA (a decode step's activations: up to SMALL_ALL_REDUCE_BYTES) take
+torch's symmetric-memory one-shot all-reduce when the ranks' GPUs can map each other's memory
+(NVLink P2P; never multicast): each rank copies its part into its buffer, then reads every
+peer's buffer directly, one kernel with a barrier on entry and exit, no NCCL protocol. It needs
+every rank's GPU visible in every rank's process (cluster/actors.py arranges it: Ray shows each
+worker its own card only). enable_small_all_reduce sets it up, checks it against NCCL once and
+leaves NCCL serving every all-reduce wherever it is unavailable. Both are captured in graphs.
 """
+
+import logging
+import warnings
 
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
+
+SMALL_ALL_REDUCE_BYTES = 4 << 20  # a decode step of 256 sequences of 4096 bf16 is 2 MiB
+
 _rank = 0
 _world_size = 1
+_small: "_SymmetricAllReduce | None" = None
 
 
 def init(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -25,6 +41,8 @@ def init(rank: int, world_size: int, master_addr: str, master_port: int) -> None
 
 
 def destroy() -> None:
+    global _small
+    _small = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -38,10 +56,87 @@ def tp_size() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sums x over the ranks, in place."""
-    if _world_size > 1:
-        dist.all_reduce(x)
+    """Sums x over the ranks; returns the sum (x itself, summed in place, or a new tensor)."""
+    if _world_size == 1:
+        return x
+    if _small is not None and _small.fits(x):
+        return _small(x)
+    dist.all_reduce(x)
     return x
+
+
+def all_reduce_kind() -> str:
+    """How all_reduce sums: "" with one rank, else the paths it takes, smallest messages first."""
+    if _world_size == 1:
+        return ""
+    if _small is None:
+        return "nccl"
+    return f"symmetric-memory one-shot <= {SMALL_ALL_REDUCE_BYTES >> 20} MiB, nccl"
+
+
+class _SymmetricAllReduce:
+    """One-shot all-reduce through a symmetric-memory buffer of SMALL_ALL_REDUCE_BYTES.
+
+    The buffer is reused by every call: the kernel's exit barrier keeps a rank from writing
+    its next input there before every peer has read the current one."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.dtype = dtype
+        self.capacity = SMALL_ALL_REDUCE_BYTES // torch.tensor([], dtype=dtype).element_size()
+        self.group_name = dist.group.WORLD.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required before torch 2.12
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(self.group_name)
+        self.buffer = symm_mem.empty(self.capacity, dtype=dtype, device=device)  # [capacity]
+        symm_mem.rendezvous(self.buffer, self.group_name)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        # The kernel reads 16 bytes at a time: sizes that are multiples of 16 bytes only.
+        nbytes = x.numel() * x.element_size()
+        return (
+            x.dtype == self.dtype
+            and x.numel() <= self.capacity
+            and nbytes % 16 == 0
+            and x.is_contiguous()
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        staged = self.buffer[: x.numel()]
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(
+            staged, x.view(-1), "sum", self.group_name
+        ).view(x.shape)
+
+
+def enable_small_all_reduce(dtype: torch.dtype, device: torch.device) -> bool:
+    """Sets up the one-shot all-reduce for small tensors of dtype (every rank together); True
+    if it is used, False if unavailable (NCCL then serves every all-reduce)."""
+    global _small
+    if _small is not None and _small.dtype == dtype:
+        return True
+    _small = None
+    if _world_size == 1 or device.type != "cuda":
+        return False
+    small = None
+    try:
+        small = _SymmetricAllReduce(dtype, device)
+        probe = torch.arange(4096, device=device, dtype=torch.float32).mul_(_rank + 1).to(dtype)
+        want = probe.clone()
+        dist.all_reduce(want)
+        ok = torch.equal(small(probe), want)
+    except Exception as e:  # an older torch, GPUs that cannot map each other's memory, ...
+        log.warning("symmetric-memory all-reduce unavailable, NCCL serves all: %s", e)
+        ok = False
+    # Every rank takes the same path, or the ranks would wait on different collectives.
+    agreed = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if agreed.item():
+        _small = small
+    elif ok:
+        log.warning("a peer cannot use the symmetric-memory all-reduce: NCCL serves all")
+    return _small is not None
 
 
 def gather_to_rank0(x: torch.Tensor) -> torch.Tensor | None:

@@ -60,7 +60,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def InitDistributed(self, request, context):
         self.rank, self.world_size = request.rank, request.world_size
-        # Ray shows each GPU worker its own card only (CUDA_VISIBLE_DEVICES): NCCL if present.
         distributed.init(request.rank, request.world_size, request.master_addr, request.master_port)
         return worker_pb2.Empty()
 
@@ -75,6 +74,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except (ValueError, FileNotFoundError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.runner = ModelRunner(model, self.device, dtype, request.seed)
+        distributed.enable_small_all_reduce(dtype, self.device)
         num_layers, kv_heads, head_dim = model.kv_cache_spec()
         return worker_pb2.ModelInfo(
             architecture=type(model).__name__,
@@ -86,6 +86,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             device=_device_name(self.device),
             dtype=str(dtype).removeprefix("torch."),
             weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            all_reduce=distributed.all_reduce_kind(),
         )
 
     def ProfileMemory(self, request, context):

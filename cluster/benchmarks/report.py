@@ -236,7 +236,10 @@ def bench_cluster(config_path: str | None, overrides: list[str]) -> Iterator[Ben
         address = cluster.start()
         with Client(address) as client:
             info = client.model_info()
-            card = client.server_info().replicas[0].workers[0].device
+            rank0 = client.server_info().replicas[0].workers[0]
+            card = rank0.device
+            if rank0.all_reduce:
+                card += f"; tensor-parallel all-reduce: {rank0.all_reduce}"
         roofline = make_roofline(card, info.weight_bytes, bandwidth)
         yield BenchCluster(config, cluster, address, info.vocab_size, roofline)
     finally:

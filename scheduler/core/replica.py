@@ -168,7 +168,12 @@ class Replica:
         node_ids = spec.worker_node_ids or ("",) * len(spec.worker_addresses)
         workers = [
             serving_pb2.WorkerInfo(
-                rank=rank, address=address, device=self.model_info.device, node_id=node_id, pid=pid
+                rank=rank,
+                address=address,
+                device=self.model_info.device,
+                node_id=node_id,
+                pid=pid,
+                all_reduce=self.model_info.all_reduce,
             )
             for rank, (address, node_id, pid) in enumerate(
                 zip(spec.worker_addresses, node_ids, self.worker_pids, strict=True)
