@@ -53,17 +53,18 @@ class WorkerActor:
         """The GPUs Ray gave this rank, as CUDA_VISIBLE_DEVICES names them; none on a CPU rank."""
         return [str(i) for i in ray.get_gpu_ids()]
 
-    def see_gpus(self, gpu_ids: list[str]) -> None:
-        """Shows this process gpu_ids, its own first (it computes on cuda:0), and starts CUDA
-        on them: the ranks of a replica on one node can then map each other's memory (the
-        one-shot all-reduce of worker.distributed). Ray shows each rank only its own GPU and
-        sets that again before every actor call, so CUDA must start here, before any other."""
+    def see_gpus(self, gpu_ids: list[str], index: int) -> None:
+        """Shows this process gpu_ids, gpu_ids[index] its own, and starts CUDA on them: the
+        ranks of a replica on one node can then map each other's memory (the one-shot
+        all-reduce of worker.distributed). Ray shows each rank only its own GPU and sets that
+        again before every actor call, so CUDA must start here, before any other use."""
         import torch
 
         if torch.cuda.is_initialized():
             raise RuntimeError("CUDA started in this worker before its GPUs were set")
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         torch.cuda.init()
+        self._server.service.cuda_index = index
 
     def free_port(self) -> int:
         """A port free on this node now (rank 0's: the tensor-parallel group's rendezvous)."""

@@ -40,18 +40,15 @@ def gpus_per_worker(device: str) -> float:
     return 1 if has_gpu else 0
 
 
-def gpus_seen(node_ids: list[str], gpu_ids: list[list[str]]) -> list[list[str]]:
-    """Per rank, the GPUs its process is shown: its own, then those of the replica's other
-    ranks on its node, in rank order. node_ids[r], gpu_ids[r]: rank r's node and Ray GPUs."""
+def gpus_seen(node_ids: list[str], gpu_ids: list[list[str]]) -> list[tuple[list[str], int]]:
+    """Per rank, the GPUs its process is shown and which of them is its own: every GPU of the
+    replica's ranks on its node, in rank order, the same list for all of them (each rank's
+    device index differs: torch's symmetric memory tells ranks apart by it).
+    node_ids[r], gpu_ids[r]: rank r's node and its Ray GPU ids (one each)."""
     seen = []
     for rank, node in enumerate(node_ids):
-        peers = [
-            gpu
-            for other, other_node in enumerate(node_ids)
-            if other != rank and other_node == node
-            for gpu in gpu_ids[other]
-        ]
-        seen.append([*gpu_ids[rank], *peers])
+        on_node = [gpu for other, n in enumerate(node_ids) if n == node for gpu in gpu_ids[other]]
+        seen.append((on_node, on_node.index(gpu_ids[rank][0])))
     return seen
 
 
@@ -118,8 +115,8 @@ class RayPlacer:
                 gpu_ids = ray.get([w.gpu_ids.remote() for w in placed.workers], timeout=timeout)
                 ray.get(
                     [
-                        w.see_gpus.remote(seen)
-                        for w, seen in zip(
+                        w.see_gpus.remote(seen, index)
+                        for w, (seen, index) in zip(
                             placed.workers, gpus_seen(node_ids, gpu_ids), strict=True
                         )
                     ],

@@ -27,11 +27,14 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, cuda_index: int = 0) -> torch.device:
+    """The device a rank computes on: cuda_index among the CUDA devices its process sees."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but this worker sees no CUDA device")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but this worker sees no CUDA device")
+        return torch.device("cuda", cuda_index)
     return torch.device(device)
 
 
@@ -50,11 +53,18 @@ def _device_name(device: torch.device) -> str:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """The handlers run on the gRPC server's threads: each one that touches CUDA first makes
+    this rank's device current on its thread (CUDA's current device is per thread, and kernel
+    launches, graphs, streams and events take the current one)."""
+
     def __init__(self, on_shutdown: threading.Event) -> None:
         self.rank = 0
         self.world_size = 1
         self.runner: ModelRunner | None = None
         self.device = torch.device("cpu")
+        # Which of the CUDA devices this process sees is this rank's: 0, unless the process
+        # sees its replica-mates' too (cluster/actors.py, for the one-shot all-reduce).
+        self.cuda_index = 0
         self._on_shutdown = on_shutdown
         self._ready = False
 
@@ -65,7 +75,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def LoadModel(self, request, context):
         try:
-            self.device = resolve_device(request.device)
+            self.device = resolve_device(request.device, self.cuda_index)
+            self._use_device()
             dtype = resolve_dtype(request.dtype, self.device)
             torch.manual_seed(request.seed)
             model = load_model(
@@ -91,6 +102,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def ProfileMemory(self, request, context):
         runner = self._runner(context)
+        self._use_device()
         per_block = runner.bytes_per_block(request.block_size)
         if self.device.type == "cuda":
             peak = self._profile_cuda_peak(
@@ -131,7 +143,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return peak - num_blocks * runner.bytes_per_block(block_size)
 
     def InitCache(self, request, context):
-        self._runner(context).init_cache(
+        runner = self._runner(context)
+        self._use_device()
+        runner.init_cache(
             request.num_blocks,
             request.block_size,
             request.num_cpu_blocks,
@@ -151,6 +165,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         flight) or the step's tokens (answered at once). A reader thread puts the plans and a
         watcher thread the finished steps on one queue."""
         runner = self._runner(context)
+        self._use_device()
         events: queue.SimpleQueue = queue.SimpleQueue()  # plans, None (the end), _Finished
         watched: queue.SimpleQueue = queue.SimpleQueue()  # launched steps to watch, None: stop
 
@@ -164,6 +179,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 events.put(None)
 
         def watch() -> None:
+            self._use_device()
             while (step := watched.get()) is not None:
                 runner.wait(step)
                 events.put(_Finished(step))
@@ -213,6 +229,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Shutdown(self, request, context):
         self._on_shutdown.set()
         return worker_pb2.Empty()
+
+    def _use_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def _runner(self, context) -> ModelRunner:
         if self.runner is None:

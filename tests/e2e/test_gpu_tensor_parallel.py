@@ -1,6 +1,6 @@
-"""On two GPUs: a TP=2 replica (one-shot all-reduce, NCCL) agrees with a TP=1 replica, on SmolLM2 (9 query / 3 KV
-heads: uneven shards) and on a ~1B Llama (random weights saved as an HF checkpoint), bf16,
-through the whole cluster path.
+"""On two GPUs: a TP=2 replica (one-shot all-reduce, NCCL) agrees with a TP=1 replica, on
+SmolLM2 (9 query / 3 KV heads: uneven shards) and on a ~1B Llama (random weights saved as an HF
+checkpoint), bf16, through the whole cluster path.
 
 TP=1 generates 8 x 128 greedy tokens; TP=2 then predicts every next token teacher-forced (one
 request per prefix, max_tokens=1): the all-reduce sums bf16 partial products in another order,

@@ -1,5 +1,5 @@
 """On two GPUs: the one-shot symmetric-memory all-reduce is taken where each rank's process sees
-both cards, its own first (as cluster.placement shows them), and sums exactly as NCCL does
+both cards, in the same order (as cluster.placement shows them), and sums exactly as NCCL does
 (two bf16 addends: one rounding either way), eagerly and as a chain of 64 replayed in a CUDA
 graph (each all-reduce's input is the last one's output: a rank writing its next input into
 the shared buffer before its peer read the last would show)."""
@@ -26,13 +26,14 @@ def _chain(x: torch.Tensor, all_reduce) -> torch.Tensor:
 
 
 def _rank(rank: int, port: int) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = f"{rank},{1 - rank}"
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0,1"
     import torch.distributed as dist
 
     from worker import distributed
 
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
     distributed.init(rank, 2, "127.0.0.1", port)
-    device = torch.device("cuda")
     try:
         assert distributed.enable_small_all_reduce(torch.bfloat16, device)
         assert distributed.all_reduce_kind().startswith("symmetric-memory one-shot")
