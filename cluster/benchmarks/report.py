@@ -58,6 +58,7 @@ class Anatomy:
     median_decode_step_ms: float | None  # None when no step was decode-only
     median_worker_ms: float  # rank 0's time in Execute
     median_idle_ms: float  # rank 0's host time between steps: the device idles
+    median_turnaround_ms: float  # the engine's, from learning a step to sending the next plan
     idle_pct: float  # median_idle_ms as % of median_step_ms
     graph_hit_decode: float | None  # fraction of decode-only steps that replayed a CUDA graph
     graph_hit_all: float  # fraction of all steps that did
@@ -80,6 +81,7 @@ def step_anatomy(records: list[dict]) -> Anatomy | None:
         ),
         median_worker_ms=worker,
         median_idle_ms=idle,
+        median_turnaround_ms=statistics.median(r["turnaround_ms"] for r in records),
         idle_pct=100 * idle / step if step > 0 else float("nan"),
         graph_hit_decode=(
             sum(bool(r["cuda_graph"]) for r in decodes) / len(decodes) if decodes else None
@@ -101,6 +103,8 @@ def format_anatomy(anatomy: Anatomy | None, what: str = "timed steps") -> list[s
         f"  median worker Execute (rank 0): {a.median_worker_ms:.2f} ms",
         f"  median worker idle between steps: {a.median_idle_ms:.2f} ms "
         f"({a.idle_pct:.1f}% of the median step)",
+        f"  median engine turnaround (a step learned -> the next plan sent): "
+        f"{a.median_turnaround_ms:.2f} ms",
         f"  CUDA graph hit rate: {hits} of decode-only steps, {100 * a.graph_hit_all:.1f}% of "
         f"all steps",
     ]

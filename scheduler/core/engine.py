@@ -7,8 +7,15 @@
                                                  scheduler.update()
                                                  each sink (a frontend): one StepOutputs
 
-    engine    plan N+1, send | receive N, learn N | plan N+2, send | receive N+1, learn N+1 |
-    workers   ------ step N ------|------ step N+1 ------|------ step N+2 ------|
+    engine    plan N+1, send | receive N, learn N | plan N+2, send | N's outputs | receive N+1 ...
+    workers   ------ step N ------|------ step N+1 ---------------------------------|-- N+2 --
+
+Between learning step N and sending plan N+2 the device has only step N+1 left: that turnaround
+is the engine's time on the device's critical path, so it holds only what the next plan needs
+(Scheduler.update, then schedule()). Step N's outputs (one message per sink) and its record are
+made after the plan is sent, while the workers run; anything else that sends a sink a message
+(an abort, a stop string's end, a failure) sends the unsent outputs first, so each request's
+messages stay in order.
 
 Every client request has a sink (the frontend that added it). Each learned step gives each sink
 one message holding its requests' new tokens, logprobs and ends; an abort or a stop answers the
@@ -41,7 +48,7 @@ from typing import Protocol
 
 import grpc
 
-from protos import frontend_pb2, worker_pb2
+from protos import frontend_pb2, serving_pb2, worker_pb2
 from scheduler.core.request import Request
 from scheduler.core.scheduler import Scheduler
 from scheduler.core.step_outputs import StepOutputsBuilder
@@ -75,6 +82,9 @@ class StepRecord:
     worker_ms: float = 0.0  # rank 0's time in Execute (the step's device work and its Python)
     worker_idle_ms: float = 0.0  # rank 0's host time before this step's launch (device idle)
     cuda_graph: bool = False  # the step replayed a captured decode graph
+    # From receiving the result of the step learned just before this plan was sent, to
+    # sending it: the engine's own time on the device's critical path (0: sent without one).
+    turnaround_ms: float = 0.0
 
 
 @dataclass
@@ -84,6 +94,20 @@ class _SentStep:
     plan: worker_pb2.StepPlan
     sent: float  # time.monotonic() when it was sent
     num_waiting: int  # waiting requests when it was planned
+    turnaround_ms: float  # see StepRecord
+
+
+@dataclass
+class _Learned:
+    """A step learned by the scheduler whose outputs the sinks have not been sent yet."""
+
+    step: _SentStep
+    result: worker_pb2.StepResult
+    received: float  # time.monotonic() when its result arrived
+    updates: list[tuple[Request, int]]  # what Scheduler.update answered
+    sinks: list[OutputSink]  # each update's sink, taken before any request was dropped
+    # Request id -> its token's logprobs (None: not asked); None when no request asked any.
+    logprobs: dict[str, serving_pb2.TokenLogprobs | None] | None
 
 
 # A client request's unfinished completions and the sink of its outputs, as a failed engine
@@ -112,6 +136,8 @@ class Engine:
         self.num_generated_tokens = 0
         self._recorded_tokens = 0  # num_generated_tokens when the last step record was written
         self._last_learned: float | None = None  # time.monotonic() the newest step was learned
+        # time.monotonic() the newest result arrived, until a plan is sent after it.
+        self._received: float | None = None
         self.error: str | None = None  # why a worker failed, once one has
         self._on_failure = on_failure
         # A worker's stream ended unasked (set by its done-callback): the loop fails on it.
@@ -124,6 +150,8 @@ class Engine:
         self._max_in_flight = 2 if scheduler.config.async_scheduling else 1
         # Client request id -> its sink, while any of its completions is unfinished.
         self._sinks: dict[str, OutputSink] = {}
+        # The newest learned step, until its outputs are sent (see the module doc).
+        self._unsent: _Learned | None = None
         self._cond = threading.Condition()
         self.lock = self._cond  # held to read the scheduler's state from another thread
         self._stopped = False
@@ -159,6 +187,7 @@ class Engine:
         ready to be recomputed, and its sink); the engine takes no request afterwards."""
         with self._cond:
             assert self.error is not None, "only a failed engine hands its requests over"
+            self._send_outputs()
             self._closed = True
             groups = self.scheduler.release_all()
             held = [(groups[request_id], sink) for request_id, sink in self._sinks.items()]
@@ -174,6 +203,7 @@ class Engine:
         tokens steps in flight sample for them are discarded). Whether it was found: a request
         of another owner is not (owner "" finds any)."""
         with self._cond:
+            self._send_outputs()
             sink = self._sinks.get(request_id)
             group = self.scheduler.groups.get(request_id, ())
             if sink is None or (owner and any(r.owner != owner for r in group)):
@@ -195,6 +225,7 @@ class Engine:
         """Finishes completion `index` of a client request whose text reached stop_str (the
         frontend matched it); its sink gets the end now. Whether it was unfinished."""
         with self._cond:
+            self._send_outputs()
             group = self.scheduler.groups.get(request_id, ())
             request = next((r for r in group if r.index == index), None)
             if request is None:
@@ -242,6 +273,7 @@ class Engine:
                     while not (
                         self._stopped or self._broken or in_flight or self.scheduler.has_work()
                     ):
+                        self._send_outputs()
                         self._cond.wait()
                     if self._stopped:
                         return
@@ -256,10 +288,12 @@ class Engine:
                     self._send(plan, num_waiting)
                     if len(in_flight) < self._max_in_flight:
                         continue  # plan the next step before waiting on this one
+                with self._cond:
+                    self._send_outputs()  # the step learned last, while the workers run
                 step = in_flight.popleft()  # never empty here: see the wait above
                 result = self._receive(step.plan)
-                self._learn(result)
-                self._record(step, result)
+                self._received = time.monotonic()
+                self._learn(step, result, self._received)
         except Exception as e:  # a worker failed: its requests go to the failure handler
             with self._cond:
                 if self._stopped:
@@ -276,30 +310,45 @@ class Engine:
             self._broken = f"worker {stream.address} failed: {why}"
             self._cond.notify()
 
-    def _learn(self, result: worker_pb2.StepResult) -> None:
-        """Appends a step's tokens; each sink gets its requests' tokens and ends in one
-        message."""
+    def _learn(self, step: _SentStep, result: worker_pb2.StepResult, received: float) -> None:
+        """Appends a step's tokens to the scheduler's requests; their outputs wait for
+        _send_outputs."""
         ids = list(result.request_ids)
-        # A request samples once a step: its id names its position's logprobs, where asked.
-        logprobs = dict(zip(ids, unpack_logprobs(result), strict=True))
+        # A request samples once a step: its id names its position's logprobs, where asked
+        # (none asked: no map at all, the common case).
+        logprobs = None
+        if result.sampled_logprobs:
+            logprobs = dict(zip(ids, unpack_logprobs(result), strict=True))
         with self._cond:
+            assert self._unsent is None, "a learned step's outputs were never sent"
             updates = self.scheduler.update(ids, list(result.token_ids))
             # Taken before any is dropped: the n completions of a request share one sink.
             sinks = [self._sinks[request.group_id] for request, _ in updates]
-            batches: dict[OutputSink, StepOutputsBuilder] = {}
-            for (request, token), sink in zip(updates, sinks, strict=True):
-                outputs = batches.get(sink)
-                if outputs is None:
-                    outputs = batches[sink] = StepOutputsBuilder()
-                outputs.token(request, token, logprobs[request.request_id])
-                self.num_generated_tokens += 1
-                if request.status.finished:
-                    outputs.finished(request)
-                    group = request.group_id
-                    if group not in self.scheduler.groups and group in self._sinks:
-                        self._end(group)  # its last completion ended
-            for sink, outputs in batches.items():
-                sink.send(outputs.build())
+            self.num_generated_tokens += len(updates)
+            self._unsent = _Learned(step, result, received, updates, sinks, logprobs)
+
+    def _send_outputs(self) -> None:
+        """Sends each sink the unsent learned step's tokens and ends in one message, and
+        records the step (under the lock)."""
+        learned, self._unsent = self._unsent, None
+        if learned is None:
+            return
+        batches: dict[OutputSink, StepOutputsBuilder] = {}
+        logprobs = learned.logprobs
+        for (request, token), sink in zip(learned.updates, learned.sinks, strict=True):
+            outputs = batches.get(sink)
+            if outputs is None:
+                outputs = batches[sink] = StepOutputsBuilder()
+            lps = None if logprobs is None else logprobs[request.request_id]
+            outputs.token(request, token, lps)
+            if request.status.finished:
+                outputs.finished(request)
+                group = request.group_id
+                if group not in self.scheduler.groups and group in self._sinks:
+                    self._end(group)  # its last completion ended
+        for sink, outputs in batches.items():
+            sink.send(outputs.build())
+        self._record(learned)
 
     def _end(self, request_id: str) -> None:
         """The client request's last completion ended (under the lock)."""
@@ -307,7 +356,10 @@ class Engine:
         self.num_finished += 1
 
     def _send(self, plan: worker_pb2.StepPlan, num_waiting: int) -> None:
-        self._in_flight.append(_SentStep(plan, time.monotonic(), num_waiting))
+        now = time.monotonic()
+        turnaround = 0.0 if self._received is None else (now - self._received) * 1e3
+        self._received = None
+        self._in_flight.append(_SentStep(plan, now, num_waiting, turnaround))
         for stream in self._streams:
             stream.send(plan)
 
@@ -322,14 +374,14 @@ class Engine:
                 )
         return results[0]
 
-    def _record(self, step: _SentStep, result: worker_pb2.StepResult) -> None:
+    def _record(self, learned: _Learned) -> None:
         """A learned step's record; its duration runs from sending its plan to learning it."""
+        step, result, now = learned.step, learned.result, learned.received
         plan = step.plan
         scheduled = {r.request_id: r.num_scheduled_tokens for r in plan.new_requests}
         cached = plan.cached_requests
         scheduled.update(zip(cached.request_ids, cached.num_scheduled_tokens, strict=True))
         self.num_steps += 1
-        now = time.monotonic()
         since = step.sent if self._last_learned is None else max(step.sent, self._last_learned)
         self._last_learned = now
         self.step_records.append(
@@ -346,6 +398,7 @@ class Engine:
                 worker_ms=result.execute_ms,
                 worker_idle_ms=result.idle_ms,
                 cuda_graph=result.cuda_graph,
+                turnaround_ms=step.turnaround_ms,
             )
         )
         self._recorded_tokens = self.num_generated_tokens
@@ -355,6 +408,7 @@ class Engine:
         (to recompute them elsewhere); without one, every request still held is lost, and
         answered so."""
         with self._cond:
+            self._send_outputs()  # what was learned reaches its clients before the handover
             self.error = error
             self._in_flight.clear()  # their tokens are never learned: sampled again elsewhere
         if self._on_failure is not None:

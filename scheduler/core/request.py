@@ -1,5 +1,6 @@
 import dataclasses
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -16,11 +17,12 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (
-            RequestStatus.FINISHED_STOPPED,
-            RequestStatus.FINISHED_LENGTH,
-            RequestStatus.FINISHED_ABORTED,
-        )
+        return self in _FINISHED  # a set built once: read for every request every step
+
+
+_FINISHED = frozenset(
+    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+)
 
 
 @dataclass(eq=False)  # identity: a request is one object, found in queues by `is`
@@ -80,9 +82,10 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    @property
+    @functools.cached_property
     def max_num_tokens(self) -> int:
-        """The most tokens this request can reach: its prompt plus every output it may sample."""
+        """The most tokens this request can reach: its prompt plus every output it may sample
+        (fixed for its life: read for every running request every step)."""
         max_tokens = self.sampling_params.max_tokens
         if max_tokens is None:
             return self.max_model_len

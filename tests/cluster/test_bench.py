@@ -40,6 +40,7 @@ def _record(start, duration, worker, idle, graph, scheduled):
         "worker_idle_ms": idle,
         "cuda_graph": graph,
         "scheduled": scheduled,
+        "turnaround_ms": duration / 4,
     }
 
 
@@ -72,12 +73,14 @@ def test_step_anatomy():
     assert a.median_decode_step_ms == 4.5  # of 4, 4.5, 5
     assert a.median_worker_ms == 3.5  # of 3, 3, 3.5, 4, 6
     assert a.median_idle_ms == 0.5  # of 0.25, 0.5, 0.5, 1, 1
+    assert a.median_turnaround_ms == 1.25  # a quarter of each step here
     assert a.idle_pct == pytest.approx(10.0)
     assert a.graph_hit_decode == pytest.approx(2 / 3)
     assert a.graph_hit_all == pytest.approx(2 / 5)
     text = "\n".join(format_anatomy(a))
     assert "5 (3 decode-only)" in text and "66.7% of decode-only steps" in text
     assert "40.0% of all steps" in text and "(10.0% of the median step)" in text
+    assert "next plan sent): 1.25 ms" in text
 
 
 def test_step_anatomy_without_decode_steps_or_steps():
@@ -322,3 +325,14 @@ def test_the_http_backend_needs_a_vocabulary_size():
 
     with pytest.raises(ValueError, match="--vocab-size"):
         asyncio.run(setup())
+
+
+def test_engine_step_measures_every_decode_step_after_the_warm_up():
+    from cluster.benchmarks import engine_step
+
+    steps = engine_step.WARMUP_STEPS + 20
+    result = engine_step.run(running=4, steps=steps, profile=False)
+    # max_tokens = steps: each step samples one token of all 4 requests (the first is the
+    # prefill's, within the warm-up).
+    assert result["steps"] == steps - engine_step.WARMUP_STEPS
+    assert 0 < result["turnaround_ms"] < result["interval_ms"]

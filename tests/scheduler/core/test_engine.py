@@ -169,6 +169,32 @@ def test_an_abort_during_a_step_ends_the_request_at_once_and_drops_the_step_s_to
     assert not engine.abort("a")
 
 
+def test_an_abort_before_a_learned_step_s_outputs_went_out_sends_them_first(engine):
+    """The engine sends the next plan before the outputs of the step it just learned: an abort
+    landing in between gets the learned tokens out first, then the end, nothing after it."""
+    sending, resume = threading.Event(), threading.Event()
+    send = engine._send
+
+    def held_send(plan, num_waiting):  # the engine thread, outputs of a learned step unsent
+        if engine._unsent is not None and not sending.is_set():
+            sending.set()
+            assert resume.wait(TIMEOUT)
+        send(plan, num_waiting)
+
+    engine._send = held_send
+    sink = submit(engine, "a", max_tokens=50)
+    assert sending.wait(TIMEOUT)
+    with engine.lock:
+        learned = len(engine.scheduler.requests["a"].output_token_ids)
+    assert engine.abort("a")
+    resume.set()
+    got = collect(sink, "a")  # apply() fails on a token after the end
+    assert got[0].end.finish_reason == "abort"
+    assert len(got[0].tokens) == learned  # every learned token, the unsent step's included
+    with pytest.raises(queue.Empty):
+        sink.messages.get(timeout=0.5)
+
+
 def test_a_stopped_completion_ends_with_its_stop_string_and_the_others_go_on(engine):
     sink = submit(engine, "a", max_tokens=6, n=2)
     got: dict[int, Completion] = {}

@@ -1,0 +1,155 @@
+"""The engine's host work per step on the CPU: one replica's step loop (scheduler.core.engine)
+driving a rank that answers at once, so every millisecond of a step is the engine's Python
+(plan, send, receive, learn, the frontends' messages) and the gRPC between them. On a GPU this
+time must hide under the device's step; what does not shows as the worker's idle time.
+
+    python -m cluster.benchmarks.engine_step [--running 256] [--steps 400] [--profile]
+
+The rank runs in a process of its own (as a worker does) and answers each plan with one token
+for every scheduled request (prompts are scheduled whole, so each one samples). The engine's
+outputs go to a sink that serializes each message on another thread, as the engine core's link
+to a frontend does. Reports, over the steps after the first 50 (all decodes of --running
+requests): the median interval between learned steps, the engine's turnaround (from learning a
+step to sending the next plan: what the device waits on when the engine is late), and with
+--profile the engine thread's cProfile.
+"""
+
+import argparse
+import cProfile
+import multiprocessing
+import pstats
+import queue
+import statistics
+import threading
+from concurrent import futures
+
+import grpc
+
+from protos import frontend_pb2, worker_pb2, worker_pb2_grpc
+from scheduler.config import SchedulerConfig
+from scheduler.core.engine import Engine
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.request import Request
+from scheduler.core.scheduler import Scheduler
+from scheduler.core.worker_client import WorkerClient
+from scheduler.sampling_params import SamplingParams
+
+BLOCK_SIZE = 16
+PROMPT_LEN = 16
+WARMUP_STEPS = 50
+TOKEN = 7
+
+
+class _InstantRank(worker_pb2_grpc.WorkerServicer):
+    """Rank 0 of a replica without a model: every scheduled request samples TOKEN."""
+
+    def Execute(self, request_iterator, context):
+        for plan in request_iterator:
+            ids = [r.request_id for r in plan.new_requests]
+            ids += plan.cached_requests.request_ids
+            yield worker_pb2.StepResult(
+                step_id=plan.step_id, request_ids=ids, token_ids=[TOKEN] * len(ids)
+            )
+
+
+def _serve_rank(port: multiprocessing.Queue, stop: multiprocessing.Event) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    worker_pb2_grpc.add_WorkerServicer_to_server(_InstantRank(), server)
+    port.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    stop.wait()
+    server.stop(0)
+
+
+class _SerializingSink:
+    """A frontend link: each message is queued and serialized on another thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.num_messages = 0
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def send(self, outputs: frontend_pb2.StepOutputs) -> None:
+        self._queue.put(frontend_pb2.CoreMessage(outputs=outputs))
+
+    def _drain(self) -> None:
+        while (message := self._queue.get()) is not None:
+            message.SerializeToString()
+            self.num_messages += 1
+
+
+def run(running: int, steps: int, profile: bool) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    port, stop = ctx.Queue(), ctx.Event()
+    rank = ctx.Process(target=_serve_rank, args=(port, stop), daemon=True)
+    rank.start()
+    worker = WorkerClient(f"127.0.0.1:{port.get(timeout=60)}")
+    num_blocks = running * (-(-(PROMPT_LEN + steps + 1) // BLOCK_SIZE) + 1)
+    config = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=running * PROMPT_LEN)
+    profiler = cProfile.Profile() if profile else None
+
+    class _Engine(Engine):
+        def _loop(self) -> None:  # the engine thread's calls, profiled when asked
+            if profiler is not None:
+                profiler.enable()
+            try:
+                super()._loop()
+            finally:
+                if profiler is not None:
+                    profiler.disable()
+
+    engine = _Engine(Scheduler(config, PageTableManager(num_blocks, BLOCK_SIZE, True)), [worker])
+    sink = _SerializingSink()
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    try:
+        with engine.lock:
+            for i in range(running):
+                prompt = [100 + (i * PROMPT_LEN + j) % 30000 for j in range(PROMPT_LEN)]
+                request = Request(f"r{i}", prompt, params, frozenset([0]), max_model_len=4096)
+                engine.add_request(request, sink)
+        deadline = 600.0
+        done = threading.Event()
+
+        def finished() -> None:
+            while engine.num_unfinished():
+                if done.wait(0.05):
+                    return
+            done.set()
+
+        watcher = threading.Thread(target=finished, daemon=True)
+        watcher.start()
+        if not done.wait(deadline):
+            raise TimeoutError(f"the engine did not finish {running} x {steps} in {deadline} s")
+        records = [
+            r for r in list(engine.step_records)[WARMUP_STEPS:] if len(r.scheduled) == running
+        ]
+    finally:
+        engine.stop()
+        worker.close()
+        stop.set()
+        rank.join(timeout=10)
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    return {
+        "steps": len(records),
+        "interval_ms": statistics.median(r.interval_ms for r in records),
+        "turnaround_ms": statistics.median(r.turnaround_ms for r in records),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--running", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--profile", action="store_true", help="cProfile the largest batch")
+    args = parser.parse_args()
+    print("| running | steps | median interval (ms) | median turnaround (ms) |")
+    print("|---|---|---|---|")
+    for running in args.running:
+        profile = args.profile and running == max(args.running)
+        r = run(running, args.steps, profile)
+        print(f"| {running} | {r['steps']} | {r['interval_ms']:.3f} | {r['turnaround_ms']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
