@@ -121,7 +121,7 @@ def run(running: int, steps: int, profile: bool) -> dict:
         if not done.wait(deadline):
             raise TimeoutError(f"the engine did not finish {running} x {steps} in {deadline} s")
         records = [
-            r for r in list(engine.step_records)[WARMUP_STEPS:] if len(r.scheduled) == running
+            r for r in list(engine.step_records)[WARMUP_STEPS:] if len(r.scheduled_ids) == running
         ]
     finally:
         engine.stop()

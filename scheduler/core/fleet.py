@@ -413,7 +413,7 @@ class Fleet:
     def step_records(self) -> list[dict]:
         """Every replica's recent steps, as dicts (replica by replica)."""
         return [
-            dataclasses.asdict(record)
+            record.as_dict()
             for replica in self.replicas
             for record in list(replica.engine.step_records)
         ]

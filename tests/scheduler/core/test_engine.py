@@ -376,3 +376,19 @@ def test_a_rank_failing_with_steps_in_flight_leaves_no_request_unanswered():
             submit(engine, "late")
         with engine.lock:
             assert not engine.scheduler.requests
+
+
+def test_throughput_counts_every_token_of_the_window_beyond_the_records_kept():
+    rank = FakeRank()
+    page_table = PageTableManager(len(rank.worker.device), rank.worker.block_size, True)
+    with serving(rank) as address:
+        worker = WorkerClient(address)
+        engine = Engine(Scheduler(SchedulerConfig(max_num_seqs=8), page_table), [worker], 4)
+        try:
+            [got] = collect(submit(engine, "a", max_tokens=20, ignore_eos=True), "a").values()
+            assert len(got.tokens) == 20
+            assert len(engine.step_records) == 4  # the last 4 steps only
+            assert engine.generated_tokens_per_s(10.0) == pytest.approx(20 / 10.0)
+        finally:
+            engine.stop()
+            worker.close()
