@@ -153,6 +153,24 @@ class PageTableManager:
         """
         rid, bs, pool = request.request_id, self.block_size, self.pool
         table = self.block_tables.get(rid)
+        if table and not cached_blocks:
+            # Most decodes: the new tokens go into the last block, which this table alone holds
+            # and the prefix cache does not, and no block is due to be offered: nothing to do.
+            start = request.num_computed_tokens
+            end = start + num_new_tokens
+            held = len(table) * bs
+            last = table[-1]
+            if (
+                held - bs <= start
+                and end <= held
+                and pool.ref_counts[last] == 1
+                and pool.block_hashes[last] is None
+                and not (
+                    self.enable_prefix_caching
+                    and min(end, request.num_tokens) // bs > self._num_offered.get(rid, 0)
+                )
+            ):
+                return True
         if table is None:
             table = []
         assert not cached_blocks or (not table and request.num_computed_tokens == 0)
