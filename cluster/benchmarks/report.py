@@ -220,7 +220,15 @@ class BenchCluster:
     roofline: Roofline
 
     def step_records(self) -> list[dict]:
+        """The latest steps of every replica (each keeps a bounded window of them)."""
         return self.cluster.step_records()
+
+    def num_steps(self) -> int:
+        """Steps learned so far over all replicas (not bounded by the records' window)."""
+        from cluster.client import Client
+
+        with Client(self.address) as client:
+            return client.server_info().num_steps
 
 
 @contextlib.contextmanager

@@ -107,9 +107,10 @@ def run(args: argparse.Namespace) -> int:
         # the Triton kernels for the batch shapes the workload meets; the second is timed.
         warm_up = make_prompts(args.num_requests, args.input_len, bench.vocab_size, seed=1)
         run_workload(bench.address, warm_up, args.output_len, args.stream, clients)
-        since = time.monotonic()  # system-wide on Linux: comparable with the actor's records
+        since, steps_before = time.monotonic(), bench.num_steps()  # monotonic: system-wide
         timed = run_workload(bench.address, prompts, args.output_len, args.stream, clients)
         steps = records_between(bench.step_records(), since, time.monotonic())
+        num_steps = bench.num_steps() - steps_before
     anatomy = step_anatomy(steps)
     decode_ms = None if anatomy is None else anatomy.median_decode_step_ms
     rows.append(("pagedserve (streamed)" if args.stream else "pagedserve", timed, decode_ms))
@@ -122,9 +123,11 @@ def run(args: argparse.Namespace) -> int:
     )
     print("\n".join(format_roofline(bench.roofline, decode_ms)))
     if steps:
+        kept = "" if len(steps) == num_steps else f" (the last {len(steps)} kept as records)"
         print(
-            f"timed pass: {len(steps)} engine steps over all replicas, mean "
+            f"timed pass: {num_steps} engine steps over all replicas, mean "
             f"{statistics.mean(len(r['scheduled']) for r in steps):.0f} sequences per step"
+            f"{kept}"
         )
     print("\n".join(format_anatomy(anatomy, "the timed pass's steps, all replicas")))
     print(

@@ -366,11 +366,12 @@ class Engine:
             self._unsent = _Learned(step, result, received, updates, sinks, logprobs)
 
     def _send_outputs(self) -> None:
-        """Sends each sink the unsent learned step's tokens and ends in one message, and
-        records the step (under the lock)."""
+        """Records the unsent learned step and sends each sink its tokens and ends in one
+        message (under the lock)."""
         learned, self._unsent = self._unsent, None
         if learned is None:
             return
+        self._record(learned)  # first: a client that got the step's outputs finds its record
         batches: dict[OutputSink, StepOutputsBuilder] = {}
         logprobs = learned.logprobs
         for (request, token), sink in zip(learned.updates, learned.sinks, strict=True):
@@ -386,7 +387,6 @@ class Engine:
                     self._end(group)  # its last completion ended
         for sink, outputs in batches.items():
             sink.send(outputs.build())
-        self._record(learned)
 
     def _end(self, request_id: str) -> None:
         """The client request's last completion ended (under the lock)."""

@@ -327,6 +327,44 @@ def test_the_http_backend_needs_a_vocabulary_size():
         asyncio.run(setup())
 
 
+def test_bench_throughput_on_the_cpu(capsys):
+    """`pagedserve bench throughput` through the CLI, tiny sizes: the timed pass's steps are
+    counted by the engines, and 4 x 3 output tokens reported."""
+    code = cli.main(
+        [
+            "bench",
+            "throughput",
+            "-c",
+            f"{REPO}/configs/local.yaml",
+            "--set",
+            "cluster.num_cpus=2",
+            "--set",
+            "cache.cpu_cache_gb=0.5",
+            "--set",
+            "model.device=cpu",
+            "--num-requests",
+            "4",
+            "--input-len",
+            "8",
+            "--output-len",
+            "3",
+            "--clients",
+            "1",
+        ]
+    )
+    out = capsys.readouterr().out
+    print(out)
+    assert code == 0
+    # The engines' count of the timed pass's steps agrees with the records kept (far fewer
+    # than the window); each request samples 3 tokens, one a step.
+    steps = re.search(
+        r"timed pass: (\d+) engine steps over all replicas, mean \d+ sequences per step\n", out
+    )
+    assert steps and int(steps.group(1)) >= 3
+    assert f"  steps: {steps.group(1)} (" in out
+    assert re.search(r"\| pagedserve \| 12 \| [\d.]+ \| \d+ \|", out)
+
+
 def test_engine_step_measures_every_decode_step_after_the_warm_up():
     from cluster.benchmarks import engine_step
 
