@@ -5,11 +5,13 @@ clients saw of them.
     chaos run   the same N again, streaming; some cancelled at random after a random number of
                 tokens; at chosen moments (seconds after the start, or once the streams have
                 received so many tokens) a worker, every worker of a replica, or a frontend is
-                killed with SIGKILL (its pid from GetServerInfo: this host's processes only)
+                killed with SIGKILL, or a worker or replica hung with SIGSTOP (alive, silent);
+                pids from GetServerInfo: this host's processes only
     report      requests finished / cancelled / lost (ended with an error), tokens duplicated
                 or missing against the reference (a cancelled stream must be a prefix of it),
                 each pool's used blocks before and after (once the server has settled), and
-                each killed replica's time to serve again with new workers
+                each killed or hung replica's time to serve again with new workers, and any
+                hung process the server left alive (the tool kills it: nothing stays stopped)
 
 Greedy decoding makes the reference exact, so any token repeated, dropped or changed by the
 recovery shows up.
@@ -33,6 +35,8 @@ from scheduler.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 KINDS = ("worker", "replica", "frontend")
+HANG_KINDS = ("worker", "replica")  # a hung frontend is not detected by the core
+_GONE_WITHIN_S = 10.0  # a hung process's replica serves again: the server kills it within this
 _POLL_S = 0.1  # how often GetServerInfo is asked while waiting on the server
 
 
@@ -40,32 +44,37 @@ _POLL_S = 0.1  # how often GetServerInfo is asked while waiting on the server
 class Fault:
     """Kill `kind` ("worker": rank 0 of the replica, "replica": all its ranks, "frontend": the
     target-th frontend) at_s seconds after the chaos run starts, or once the streams have
-    received after_tokens tokens in all."""
+    received after_tokens tokens in all; hang: stop it (SIGSTOP) instead, alive but silent."""
 
     kind: str
     target: int = 0
     at_s: float | None = None
     after_tokens: int | None = None
+    hang: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "Fault":
+    def parse(cls, text: str, hang: bool = False) -> "Fault":
         """KIND[:TARGET]@WHEN, WHEN "2.5s" (seconds) or "300t" (tokens): "worker:1@300t"."""
+        option, kinds = ("--hang", HANG_KINDS) if hang else ("--kill", KINDS)
         what, sep, when = text.partition("@")
         kind, _, target = what.partition(":")
-        if kind not in KINDS or not sep or not when[:-1] or when[-1] not in "st":
+        if kind not in kinds or not sep or not when[:-1] or when[-1] not in "st":
             raise ValueError(
-                f"--kill {text!r}: expected KIND[:TARGET]@WHEN with KIND one of {KINDS} and "
+                f"{option} {text!r}: expected KIND[:TARGET]@WHEN with KIND one of {kinds} and "
                 "WHEN seconds (2.5s) or streamed tokens (300t)"
             )
         try:
             number, index = float(when[:-1]), int(target or 0)
         except ValueError:
-            raise ValueError(f"--kill {text!r}: TARGET and WHEN must be numbers") from None
+            raise ValueError(f"{option} {text!r}: TARGET and WHEN must be numbers") from None
         if number < 0 or index < 0:
-            raise ValueError(f"--kill {text!r}: TARGET and WHEN must be >= 0")
+            raise ValueError(f"{option} {text!r}: TARGET and WHEN must be >= 0")
         if when[-1] == "s":
-            return cls(kind, index, at_s=number)
-        return cls(kind, index, after_tokens=int(number))
+            return cls(kind, index, at_s=number, hang=hang)
+        return cls(kind, index, after_tokens=int(number), hang=hang)
+
+    def __str__(self) -> str:
+        return f"{'hang' if self.hang else 'kill'} {self.kind} {self.target}"
 
 
 @dataclass
@@ -92,6 +101,9 @@ class Report:
     recovery_s: dict[str, float]  # fault -> seconds until its replica served again
     num_recovered_requests: int  # requests the server moved off failed replicas meanwhile
     outputs: dict[str, Stream]
+    # Hung (stopped) pids still alive _GONE_WITHIN_S after their replica served again, or when
+    # the run ended: the server did not kill them (this tool did).
+    hung_left_alive: list[int] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [
@@ -103,6 +115,7 @@ class Report:
             f"requests moved off failed replicas: {self.num_recovered_requests}",
         ]
         out += [f"recovered {fault} in {s:.1f} s" for fault, s in self.recovery_s.items()]
+        out += [f"hung pid {pid} was left alive by the server" for pid in self.hung_left_alive]
         out += [f"lost {line}" for line in self.lost]
         out += [f"differs {line}" for line in self.mismatched]
         return out
@@ -155,6 +168,7 @@ def run(
     after = _settled(client, before, timeout)
     report = _report(streams, reference, before, after, recovery_s)
     report.num_recovered_requests = client.server_info().num_recovered_requests - recovered
+    report.hung_left_alive = recovery.hung_left_alive
     return report
 
 
@@ -203,6 +217,7 @@ class _Injector:
 
     def __init__(self, client, faults, start, received, timeout) -> None:
         self.recovery_s: dict[str, float] = {}
+        self.hung_left_alive: list[int] = []
         self._threads = [
             threading.Thread(
                 target=self._fire, args=(client, f, start, received, timeout), daemon=True
@@ -225,11 +240,18 @@ class _Injector:
         killed_at = time.monotonic()
         pids = _pids(client.server_info(), fault)
         for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        log.warning("killed %s: pids %s", fault, pids)
+            os.kill(pid, signal.SIGSTOP if fault.hang else signal.SIGKILL)
+        log.warning("%s: pids %s", fault, pids)
         if fault.kind == "frontend":
             return
-        name = f"{fault.kind} {fault.target}"
+        try:
+            self._time_recovery(client, fault, pids, killed_at, timeout)
+        finally:
+            if fault.hang:  # the server should have killed them; none is left stopped
+                self.hung_left_alive += _kill_survivors(pids, _GONE_WITHIN_S)
+
+    def _time_recovery(self, client, fault: Fault, pids, killed_at, timeout) -> None:
+        """Waits until the fault's replica serves again without the pids, and records when."""
         deadline = killed_at + timeout
         while time.monotonic() < deadline:
             try:
@@ -239,9 +261,29 @@ class _Injector:
             replica = replicas.get(fault.target)
             if replica is not None and replica.state == "serving":
                 if not {w.pid for w in replica.workers} & set(pids):
-                    self.recovery_s[name] = time.monotonic() - killed_at
+                    self.recovery_s[str(fault)] = time.monotonic() - killed_at
                     return
             time.sleep(_POLL_S)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs or is stopped (not gone, not a zombie awaiting its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _kill_survivors(pids: list[int], within_s: float) -> list[int]:
+    """Waits up to within_s for the pids to be gone; SIGKILLs those still alive, returned."""
+    deadline = time.monotonic() + within_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    return survivors
 
 
 def _pids(info: serving_pb2.ServerInfoResponse, fault: Fault) -> list[int]:
@@ -309,23 +351,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--cancel-fraction", type=float, default=0.0)
-    parser.add_argument(
-        "--kill",
-        action="append",
-        default=[],
-        type=_fault_argument,
-        metavar="KIND[:TARGET]@WHEN",
-        help=f"KIND in {KINDS}; WHEN 2.5s (seconds into the run) or 300t (tokens streamed)",
-    )
+    for option, parse, what in (
+        ("--kill", _fault_argument, f"SIGKILL; KIND in {KINDS}"),
+        ("--hang", _hang_argument, f"SIGSTOP (alive, silent); KIND in {HANG_KINDS}"),
+    ):
+        parser.add_argument(
+            option,
+            action="append",
+            default=[],
+            type=parse,
+            metavar="KIND[:TARGET]@WHEN",
+            help=f"{what}; WHEN 2.5s (seconds into the run) or 300t (tokens streamed)",
+        )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0)
 
 
-def _fault_argument(text: str) -> Fault:
+def _fault_argument(text: str, hang: bool = False) -> Fault:
     try:
-        return Fault.parse(text)
+        return Fault.parse(text, hang)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _hang_argument(text: str) -> Fault:
+    return _fault_argument(text, hang=True)
 
 
 def prompts_for(vocab_size: int, num: int, length: int, seed: int) -> list[list[int]]:
@@ -347,7 +397,7 @@ def chaos(client: Client, args: argparse.Namespace) -> Report:
         client,
         prompts,
         args.max_tokens,
-        args.kill,
+        args.kill + args.hang,
         args.cancel_fraction,
         args.seed,
         timeout=args.timeout,

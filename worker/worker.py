@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from protos import worker_pb2, worker_pb2_grpc
+from protos import keepalive, worker_pb2, worker_pb2_grpc
 from worker import distributed
 from worker.loader import load_model
 from worker.model_runner import LaunchedStep, ModelRunner
@@ -232,7 +232,8 @@ class WorkerServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8),
             interceptors=[ClusterSecretCheck(secret)] if secret is not None else [],
-            options=[("grpc.max_receive_message_length", 256 << 20)],
+            # The core pings this server (protos/keepalive.py): a stopped worker is found.
+            options=[("grpc.max_receive_message_length", 256 << 20), *keepalive.SERVER_OPTIONS],
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")

@@ -29,6 +29,16 @@ and wakes the loop. The engine then stops stepping and calls its on_failure (the
 takes its unfinished requests (take_unfinished) to recompute them elsewhere: the tokens of steps
 in flight that were never learned are simply not emitted, they will be sampled again. An engine
 without on_failure answers them lost (UNAVAILABLE).
+
+A worker that hangs without dying fails the engine the same way. Its channel's keepalive
+(protos/keepalive.py) ends the stream of a stopped process or a vanished host within seconds; a
+live process stuck inside a step (a hung kernel, a deadlocked collective) still answers pings,
+so a watchdog thread fails the engine once the oldest step in flight has waited
+scheduler.step_timeout_s for a rank's result: its reason names the rank, the step and the
+seconds, and it cancels every rank's stream, which ends the loop's wait. A step's clock starts
+when it becomes the one the loop waits for (sent, and the step before it learned), so a step
+queued behind another on the workers is not charged for that one's time, and an idle engine
+(nothing in flight) is never charged at all.
 """
 
 import logging
@@ -49,6 +59,8 @@ from scheduler.core.worker_client import WorkerClient, WorkerStream
 from scheduler.logprobs import unpack_logprobs
 
 log = logging.getLogger(__name__)
+
+_WATCHDOG_POLL_S = 1.0  # the step watchdog looks this often (or 4 times a step_timeout_s)
 
 
 class OutputSink(Protocol):
@@ -84,6 +96,16 @@ class _SentStep:
     plan: worker_pb2.StepPlan
     sent: float  # time.monotonic() when it was sent
     num_waiting: int  # waiting requests when it was planned
+
+
+@dataclass(frozen=True)
+class _Awaited:
+    """The result the loop waits for now: step step_id's, from rank `rank`, since `since`
+    (time.monotonic(): the step was sent and the one before it learned)."""
+
+    step_id: int
+    rank: int
+    since: float
 
 
 # A client request's unfinished completions and the sink of its outputs, as a failed engine
@@ -127,8 +149,13 @@ class Engine:
         self._cond = threading.Condition()
         self.lock = self._cond  # held to read the scheduler's state from another thread
         self._stopped = False
+        # Set by the loop thread alone, without the lock (the watchdog reads a snapshot).
+        self._awaited: _Awaited | None = None
+        self._watchdog_done = threading.Event()  # stop() or a failure: the watchdog ends
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
+        self._watchdog.start()
         for stream in self._streams:
             stream.on_end(self._stream_ended)
 
@@ -227,6 +254,8 @@ class Engine:
         with self._cond:
             self._stopped = True
             self._cond.notify()
+        self._watchdog_done.set()
+        self._watchdog.join(timeout=10)
         self._thread.join(timeout=10)
         for stream in self._streams:
             stream.close()
@@ -257,7 +286,7 @@ class Engine:
                     if len(in_flight) < self._max_in_flight:
                         continue  # plan the next step before waiting on this one
                 step = in_flight.popleft()  # never empty here: see the wait above
-                result = self._receive(step.plan)
+                result = self._receive(step)
                 self._learn(result)
                 self._record(step, result)
         except Exception as e:  # a worker failed: its requests go to the failure handler
@@ -266,6 +295,39 @@ class Engine:
                     return  # stop() closed the streams under a step: no failure
             log.exception("engine step failed")
             self._fail(self._broken or f"{type(e).__name__}: {e}")
+
+    def _watch(self) -> None:
+        """The step watchdog (its own thread): fails the engine once the result the loop waits
+        for is scheduler.step_timeout_s late."""
+        timeout = self.scheduler.config.step_timeout_s
+        while not self._watchdog_done.wait(min(timeout / 4, _WATCHDOG_POLL_S)):
+            awaited = self._awaited
+            if awaited is None:
+                continue
+            waited = time.monotonic() - awaited.since
+            if waited < timeout:
+                continue
+            # With tensor parallelism a rank stuck in a collective with a hung peer looks the
+            # same: the rank named is the first whose result is missing.
+            address = self._streams[awaited.rank].address
+            self._break(
+                f"step {awaited.step_id} hangs: worker rank {awaited.rank} ({address}) sent no "
+                f"result in {waited:.1f} s (scheduler.step_timeout_s={timeout:g})",
+                awaited,
+            )
+            return
+
+    def _break(self, why: str, awaited: _Awaited) -> None:
+        """Fails the engine on a hung rank, unless the awaited result came meanwhile: the
+        reason first, then every stream cancelled, so the loop's wait ends and fails on it."""
+        with self._cond:
+            if self._stopped or self._broken is not None or self._awaited is not awaited:
+                return
+            self._broken = why
+            self._cond.notify()
+        log.error("%s", why)
+        for stream in self._streams:
+            stream.cancel()
 
     def _stream_ended(self, stream: WorkerStream, why: str) -> None:
         """A rank's Execute stream ended (its done-callback): unless the engine stops, the rank
@@ -311,9 +373,15 @@ class Engine:
         for stream in self._streams:
             stream.send(plan)
 
-    def _receive(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
-        """Every rank's result of the oldest step in flight; rank 0's carries the tokens."""
-        results = [stream.recv() for stream in self._streams]
+    def _receive(self, step: _SentStep) -> worker_pb2.StepResult:
+        """Every rank's result of the oldest step in flight; rank 0's carries the tokens. The
+        watchdog sees which result is awaited, and since when."""
+        plan, since = step.plan, self._charged_since(step)
+        results = []
+        for rank, stream in enumerate(self._streams):
+            self._awaited = _Awaited(plan.step_id, rank, since)
+            results.append(stream.recv())
+        self._awaited = None
         for stream, result in zip(self._streams, results, strict=True):
             if result.step_id != plan.step_id:
                 raise RuntimeError(
@@ -321,6 +389,11 @@ class Engine:
                     f"expected {plan.step_id}"
                 )
         return results[0]
+
+    def _charged_since(self, step: _SentStep) -> float:
+        """When the oldest step in flight began to be the workers' business alone: it was sent,
+        and the step before it learned (the watchdog's clock, and the record's interval)."""
+        return step.sent if self._last_learned is None else max(step.sent, self._last_learned)
 
     def _record(self, step: _SentStep, result: worker_pb2.StepResult) -> None:
         """A learned step's record; its duration runs from sending its plan to learning it."""
@@ -330,7 +403,7 @@ class Engine:
         scheduled.update(zip(cached.request_ids, cached.num_scheduled_tokens, strict=True))
         self.num_steps += 1
         now = time.monotonic()
-        since = step.sent if self._last_learned is None else max(step.sent, self._last_learned)
+        since = self._charged_since(step)
         self._last_learned = now
         self.step_records.append(
             StepRecord(
@@ -354,6 +427,7 @@ class Engine:
         """A worker failed: the engine steps no more. The failure handler takes its requests
         (to recompute them elsewhere); without one, every request still held is lost, and
         answered so."""
+        self._watchdog_done.set()
         with self._cond:
             self.error = error
             self._in_flight.clear()  # their tokens are never learned: sampled again elsewhere

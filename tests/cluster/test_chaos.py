@@ -1,6 +1,6 @@
-"""`pagedserve chaos`'s parts that need no server: the --kill syntax, and how streams are judged
-against the fault-free run (a cancelled one must be a prefix of it; a token sent twice or
-never sent is counted). tests/e2e/test_recovery.py runs it against a cluster."""
+"""`pagedserve chaos`'s parts that need no server: the --kill and --hang syntax, and how
+streams are judged against the fault-free run (a cancelled one must be a prefix of it; a token
+sent twice or never sent is counted). tests/e2e/test_recovery.py runs it against a cluster."""
 
 import pytest
 
@@ -13,6 +13,9 @@ def test_kill_specs_parse_and_bad_ones_say_what_is_expected():
     for bad in ("worker", "gpu:1@2s", "replica:x@2s", "replica:1@2m", "worker@s", "worker:-1@2s"):
         with pytest.raises(ValueError, match="--kill"):
             Fault.parse(bad)
+    assert Fault.parse("replica:1@2s", hang=True) == Fault("replica", 1, at_s=2.0, hang=True)
+    with pytest.raises(ValueError, match="--hang 'frontend@2s': .* KIND one of"):
+        Fault.parse("frontend@2s", hang=True)  # the core does not watch its frontends hang
 
 
 def test_streams_are_judged_against_the_reference():
