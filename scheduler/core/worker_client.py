@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from protos.cluster_secret import METADATA_KEY
+from protos.cluster_secret import secret_metadata
 from protos.keepalive import Keepalive
 
 WORKER_RPC_TIMEOUT_S = 600.0  # a bring-up RPC (loading a model, capturing graphs) may take long
@@ -71,7 +71,7 @@ class WorkerClient:
         """secret: the cluster secret, sent with every call (protos/cluster_secret.py).
         keepalive: how the channel pings the rank."""
         self.address = address
-        self._metadata = ((METADATA_KEY, secret),) if secret is not None else ()
+        self._metadata = secret_metadata(secret)
         self._channel = grpc.insecure_channel(
             address,
             options=[

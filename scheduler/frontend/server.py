@@ -44,11 +44,14 @@ class FrontendServer:
         load_tokenizer: Callable[[], Tokenizer],
         model_name: str,
         metrics_dir: str,
+        core_secret: str | None = None,
     ) -> None:
         """Listens (config.port and config.http_port, or free ports where 0: `port` and
         `http_port` say which) and connects to the core; loads the tokenizer (load_tokenizer())
-        in the background. metrics_dir: the server's frontends' shared metrics directory."""
+        in the background. metrics_dir: the server's frontends' shared metrics directory.
+        core_secret: the cluster secret the core demands (protos/cluster_secret.py)."""
         self._config = config
+        self._core_secret = core_secret
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -102,7 +105,9 @@ class FrontendServer:
                 ("grpc.so_reuseport", 1),
             ],
         )
-        self.backend = CoreBackend(model_name, core_address, cfg.max_concurrent_requests)
+        self.backend = CoreBackend(
+            model_name, core_address, cfg.max_concurrent_requests, self._core_secret
+        )
         self.metrics = Metrics(model_name, metrics_dir)
         serving_pb2_grpc.add_ServingServicer_to_server(
             ServingService(self.backend, self.metrics, auth), self._server
