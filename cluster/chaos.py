@@ -15,9 +15,15 @@ clients saw of them.
 
 Greedy decoding makes the reference exact, so any token repeated, dropped or changed by the
 recovery shows up.
+
+An error of the tool's own calls (not a measured stream's: those are counted as lost) ends the
+run with a ChaosError naming its phase: submit (sending a request), stream (reading one of the
+reference run), status (GetModelInfo / GetServerInfo), kill (finding and signalling a fault's
+processes) or wait-recovered (waiting for a fault's replica to serve again).
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -38,6 +44,34 @@ KINDS = ("worker", "replica", "frontend")
 HANG_KINDS = ("worker", "replica")  # a hung frontend is not detected by the core
 _GONE_WITHIN_S = 10.0  # a hung process's replica serves again: the server kills it within this
 _POLL_S = 0.1  # how often GetServerInfo is asked while waiting on the server
+
+
+PHASES = ("submit", "stream", "status", "kill", "wait-recovered")
+
+
+class ChaosError(RuntimeError):
+    """A call of the chaos tool itself failed; the message names the phase and what it did."""
+
+    def __init__(self, phase: str, what: str, error: str) -> None:
+        assert phase in PHASES, phase
+        super().__init__(f"chaos {phase} ({what}): {error}")
+        self.phase = phase
+
+
+@contextlib.contextmanager
+def _phase(phase: str, what: str):
+    """Turns an RPC's (or a signal's) error into a ChaosError naming phase and what."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise ChaosError(phase, what, f"{e.code().name}: {e.details()}") from e
+    except OSError as e:
+        raise ChaosError(phase, what, f"{type(e).__name__}: {e}") from e
+
+
+def _server_info(client: Client, what: str) -> serving_pb2.ServerInfoResponse:
+    with _phase("status", what):
+        return client.server_info()
 
 
 @dataclass(frozen=True)
@@ -140,7 +174,7 @@ def run(
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     if reference is None:
         reference = _reference(client, prompts, params, timeout)
-    info = client.server_info()
+    info = _server_info(client, "blocks in use before the chaos run")
     before, recovered = blocks_in_use(info), info.num_recovered_requests
     rng = random.Random(seed)
     cancel_at = {
@@ -167,14 +201,25 @@ def run(
     recovery_s = recovery.join()
     after = _settled(client, before, timeout)
     report = _report(streams, reference, before, after, recovery_s)
-    report.num_recovered_requests = client.server_info().num_recovered_requests - recovered
+    moved = _server_info(client, "requests moved off failed replicas").num_recovered_requests
+    report.num_recovered_requests = moved - recovered
     report.hung_left_alive = recovery.hung_left_alive
     return report
 
 
 def _reference(client, prompts, params, timeout) -> list[list[int]]:
-    calls = [client.generate(p, params, timeout=timeout) for p in prompts]
-    return [[t for delta in call for t in delta.token_ids] for call in calls]
+    """The fault-free run, all requests at once: "reference-I" (ids a server's log shows)."""
+    ids = [f"reference-{i}" for i in range(len(prompts))]
+    with _phase("submit", "the fault-free reference run"):
+        calls = [
+            client.generate(p, params, rid, timeout)
+            for p, rid in zip(prompts, ids, strict=True)
+        ]
+    tokens = []
+    for rid, call in zip(ids, calls, strict=True):
+        with _phase("stream", f"{rid} of the fault-free reference run"):
+            tokens.append([t for delta in call for t in delta.token_ids])
+    return tokens
 
 
 class _Counter:
@@ -195,8 +240,9 @@ class _Counter:
 
 
 def _stream(client, request_id, prompt, params, timeout, cancel_after, out: Stream, received):
-    call = client.generate(prompt, params, request_id, timeout=timeout)
+    """One measured stream: what ends it, error included, is recorded in out."""
     try:
+        call = client.generate(prompt, params, request_id, timeout=timeout)
         for delta in call:
             out.tokens += delta.token_ids
             received.add(len(delta.token_ids))
@@ -213,11 +259,13 @@ def _stream(client, request_id, prompt, params, timeout, cancel_after, out: Stre
 
 class _Injector:
     """Fires each fault at its moment on a thread of its own, then times its replica's
-    recovery (serving again, with none of the killed pids)."""
+    recovery (serving again, with none of the killed pids). join() raises the first ChaosError
+    a fault's thread met."""
 
     def __init__(self, client, faults, start, received, timeout) -> None:
         self.recovery_s: dict[str, float] = {}
         self.hung_left_alive: list[int] = []
+        self._errors: list[ChaosError] = []
         self._threads = [
             threading.Thread(
                 target=self._fire, args=(client, f, start, received, timeout), daemon=True
@@ -230,17 +278,27 @@ class _Injector:
     def join(self) -> dict[str, float]:
         for thread in self._threads:
             thread.join()
+        if self._errors:
+            raise self._errors[0]
         return self.recovery_s
 
     def _fire(self, client, fault: Fault, start, received, timeout) -> None:
+        try:
+            self._inject(client, fault, start, received, timeout)
+        except ChaosError as e:
+            log.error("%s", e)
+            self._errors.append(e)
+
+    def _inject(self, client, fault: Fault, start, received, timeout) -> None:
         if fault.after_tokens is not None:
             received.wait_for(fault.after_tokens, timeout)
         else:
             time.sleep(max(start + fault.at_s - time.monotonic(), 0))
         killed_at = time.monotonic()
-        pids = _pids(client.server_info(), fault)
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP if fault.hang else signal.SIGKILL)
+        with _phase("kill", str(fault)):
+            pids = _pids(client.server_info(), fault)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP if fault.hang else signal.SIGKILL)
         log.warning("%s: pids %s", fault, pids)
         if fault.kind == "frontend":
             return
@@ -251,19 +309,25 @@ class _Injector:
                 self.hung_left_alive += _kill_survivors(pids, _GONE_WITHIN_S)
 
     def _time_recovery(self, client, fault: Fault, pids, killed_at, timeout) -> None:
-        """Waits until the fault's replica serves again without the pids, and records when."""
-        deadline = killed_at + timeout
+        """Waits until the fault's replica serves again without the pids, and records when.
+        A failed status call is asked again (the server may be busy recovering); at the
+        deadline, the last error is raised, if there was one."""
+        deadline, error = killed_at + timeout, None
         while time.monotonic() < deadline:
             try:
-                replicas = {r.replica_id: r for r in client.server_info().replicas}
-            except grpc.RpcError:
-                replicas = {}
+                with _phase("wait-recovered", str(fault)):
+                    replicas = {r.replica_id: r for r in client.server_info().replicas}
+            except ChaosError as e:
+                replicas, error = {}, e
+                log.warning("%s (asking again)", e)
             replica = replicas.get(fault.target)
             if replica is not None and replica.state == "serving":
                 if not {w.pid for w in replica.workers} & set(pids):
                     self.recovery_s[str(fault)] = time.monotonic() - killed_at
                     return
             time.sleep(_POLL_S)
+        if error is not None:
+            raise error
 
 
 def _alive(pid: int) -> bool:
@@ -302,7 +366,7 @@ def _settled(client: Client, before: dict[int, int], timeout: float) -> dict[int
     """Blocks in use once they are back to `before` (or when timeout has passed)."""
     deadline = time.monotonic() + timeout
     while True:
-        after = blocks_in_use(client.server_info())
+        after = blocks_in_use(_server_info(client, "blocks in use after the chaos run"))
         if after == before or time.monotonic() > deadline:
             return after
         time.sleep(_POLL_S)
@@ -391,7 +455,8 @@ def chaos(client: Client, args: argparse.Namespace) -> Report:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.cancel_fraction <= 1:
         raise ValueError(f"--cancel-fraction must be in [0, 1], got {args.cancel_fraction}")
-    vocab = client.model_info().vocab_size
+    with _phase("status", "the model's vocabulary"):
+        vocab = client.model_info().vocab_size
     prompts = prompts_for(vocab, args.num_requests, args.prompt_len, args.seed)
     return run(
         client,

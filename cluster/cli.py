@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         print(f"pagedserve: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except chaos.ChaosError as e:  # the chaos tool's own call failed: its phase is named
+        print(f"pagedserve: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
