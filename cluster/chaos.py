@@ -259,13 +259,13 @@ def _stream(client, request_id, prompt, params, timeout, cancel_after, out: Stre
 
 class _Injector:
     """Fires each fault at its moment on a thread of its own, then times its replica's
-    recovery (serving again, with none of the killed pids). join() raises the first ChaosError
-    a fault's thread met."""
+    recovery (serving again, with none of the killed pids). join() raises the first error a
+    fault's thread met: a ChaosError, or a ValueError (a fault naming no such replica)."""
 
     def __init__(self, client, faults, start, received, timeout) -> None:
         self.recovery_s: dict[str, float] = {}
         self.hung_left_alive: list[int] = []
-        self._errors: list[ChaosError] = []
+        self._errors: list[ChaosError | ValueError] = []
         self._threads = [
             threading.Thread(
                 target=self._fire, args=(client, f, start, received, timeout), daemon=True
@@ -285,7 +285,7 @@ class _Injector:
     def _fire(self, client, fault: Fault, start, received, timeout) -> None:
         try:
             self._inject(client, fault, start, received, timeout)
-        except ChaosError as e:
+        except (ChaosError, ValueError) as e:
             log.error("%s", e)
             self._errors.append(e)
 
