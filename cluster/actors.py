@@ -79,12 +79,18 @@ class WorkerActor:
 @ray.remote(num_cpus=0)
 class SchedulerActor:
     """The engine core: its EngineCore gRPC server listens from construction (frontends connect
-    to `address()`); start() places every replica's workers (a RayPlacer, also on Scale) and
-    brings them up. What it places fate-shares with it. worker_secret: the cluster secret
-    (protos/cluster_secret.py) it hands its workers and sends them with every call."""
+    to `address()`; on loopback if `loopback`: every frontend is on this node) and serves only
+    calls carrying the cluster secret (protos/cluster_secret.py), which it also hands its
+    workers and sends them with every call; start() places every replica's workers (a
+    RayPlacer, also on Scale) and brings them up. What it places fate-shares with it."""
 
     def __init__(
-        self, config: Config, model_path: str, gpus_per_worker: float, worker_secret: str
+        self,
+        config: Config,
+        model_path: str,
+        gpus_per_worker: float,
+        secret: str,
+        loopback: bool,
     ) -> None:
         from cluster.placement import RayPlacer
         from scheduler.core.engine_core import EngineCore
@@ -95,8 +101,9 @@ class SchedulerActor:
         # the GIL for up to 5 ms first, stalling every step of every replica.
         sys.setswitchinterval(0.0005)
         self._config = config
-        self._placer = RayPlacer(config, model_path, gpus_per_worker, worker_secret)
-        self._core = EngineCore(config.model.model, host=ray.util.get_node_ip_address())
+        self._placer = RayPlacer(config, model_path, gpus_per_worker, secret)
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+        self._core = EngineCore(config.model.model, host, secret)
 
     def address(self) -> str:
         """The EngineCore service's address, for the frontends."""
@@ -142,13 +149,14 @@ class FrontendActor:
         self,
         config: Config,
         core_address: str,
+        core_secret: str,
         tokenizer_path: str,
         metrics_dir: str,
         ports: tuple[int, int] | None = None,
     ) -> None:
         """ports: the gRPC and HTTP ports the first frontend was given (where server.port or
         http_port is 0); None = the configured ones. metrics_dir: the frontends' shared
-        metrics directory, on this node."""
+        metrics directory, on this node. core_secret: the cluster secret the core demands."""
         import dataclasses
         import functools
 
@@ -166,6 +174,7 @@ class FrontendActor:
             functools.partial(Tokenizer, tokenizer_path),
             config.model.model,
             metrics_dir,
+            core_secret,
         )
 
     def ports(self) -> tuple[int, int]:

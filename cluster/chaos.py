@@ -5,17 +5,25 @@ clients saw of them.
     chaos run   the same N again, streaming; some cancelled at random after a random number of
                 tokens; at chosen moments (seconds after the start, or once the streams have
                 received so many tokens) a worker, every worker of a replica, or a frontend is
-                killed with SIGKILL (its pid from GetServerInfo: this host's processes only)
+                killed with SIGKILL, or a worker or replica hung with SIGSTOP (alive, silent);
+                pids from GetServerInfo: this host's processes only
     report      requests finished / cancelled / lost (ended with an error), tokens duplicated
                 or missing against the reference (a cancelled stream must be a prefix of it),
                 each pool's used blocks before and after (once the server has settled), and
-                each killed replica's time to serve again with new workers
+                each killed or hung replica's time to serve again with new workers, and any
+                hung process the server left alive (the tool kills it: nothing stays stopped)
 
 Greedy decoding makes the reference exact, so any token repeated, dropped or changed by the
 recovery shows up.
+
+An error of the tool's own calls (not a measured stream's: those are counted as lost) ends the
+run with a ChaosError naming its phase: submit (sending a request), stream (reading one of the
+reference run), status (GetModelInfo / GetServerInfo), kill (finding and signalling a fault's
+processes) or wait-recovered (waiting for a fault's replica to serve again).
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -33,39 +41,74 @@ from scheduler.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 KINDS = ("worker", "replica", "frontend")
+HANG_KINDS = ("worker", "replica")  # a hung frontend is not detected by the core
+_GONE_WITHIN_S = 10.0  # a hung process's replica serves again: the server kills it within this
 _POLL_S = 0.1  # how often GetServerInfo is asked while waiting on the server
+
+
+PHASES = ("submit", "stream", "status", "kill", "wait-recovered")
+
+
+class ChaosError(RuntimeError):
+    """A call of the chaos tool itself failed; the message names the phase and what it did."""
+
+    def __init__(self, phase: str, what: str, error: str) -> None:
+        assert phase in PHASES, phase
+        super().__init__(f"chaos {phase} ({what}): {error}")
+        self.phase = phase
+
+
+@contextlib.contextmanager
+def _phase(phase: str, what: str):
+    """Turns an RPC's (or a signal's) error into a ChaosError naming phase and what."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise ChaosError(phase, what, f"{e.code().name}: {e.details()}") from e
+    except OSError as e:
+        raise ChaosError(phase, what, f"{type(e).__name__}: {e}") from e
+
+
+def _server_info(client: Client, what: str) -> serving_pb2.ServerInfoResponse:
+    with _phase("status", what):
+        return client.server_info()
 
 
 @dataclass(frozen=True)
 class Fault:
     """Kill `kind` ("worker": rank 0 of the replica, "replica": all its ranks, "frontend": the
     target-th frontend) at_s seconds after the chaos run starts, or once the streams have
-    received after_tokens tokens in all."""
+    received after_tokens tokens in all; hang: stop it (SIGSTOP) instead, alive but silent."""
 
     kind: str
     target: int = 0
     at_s: float | None = None
     after_tokens: int | None = None
+    hang: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "Fault":
+    def parse(cls, text: str, hang: bool = False) -> "Fault":
         """KIND[:TARGET]@WHEN, WHEN "2.5s" (seconds) or "300t" (tokens): "worker:1@300t"."""
+        option, kinds = ("--hang", HANG_KINDS) if hang else ("--kill", KINDS)
         what, sep, when = text.partition("@")
         kind, _, target = what.partition(":")
-        if kind not in KINDS or not sep or not when[:-1] or when[-1] not in "st":
+        if kind not in kinds or not sep or not when[:-1] or when[-1] not in "st":
             raise ValueError(
-                f"--kill {text!r}: expected KIND[:TARGET]@WHEN with KIND one of {KINDS} and "
+                f"{option} {text!r}: expected KIND[:TARGET]@WHEN with KIND one of {kinds} and "
                 "WHEN seconds (2.5s) or streamed tokens (300t)"
             )
         try:
             number, index = float(when[:-1]), int(target or 0)
         except ValueError:
-            raise ValueError(f"--kill {text!r}: TARGET and WHEN must be numbers") from None
+            raise ValueError(f"{option} {text!r}: TARGET and WHEN must be numbers") from None
         if number < 0 or index < 0:
-            raise ValueError(f"--kill {text!r}: TARGET and WHEN must be >= 0")
+            raise ValueError(f"{option} {text!r}: TARGET and WHEN must be >= 0")
         if when[-1] == "s":
-            return cls(kind, index, at_s=number)
-        return cls(kind, index, after_tokens=int(number))
+            return cls(kind, index, at_s=number, hang=hang)
+        return cls(kind, index, after_tokens=int(number), hang=hang)
+
+    def __str__(self) -> str:
+        return f"{'hang' if self.hang else 'kill'} {self.kind} {self.target}"
 
 
 @dataclass
@@ -92,6 +135,9 @@ class Report:
     recovery_s: dict[str, float]  # fault -> seconds until its replica served again
     num_recovered_requests: int  # requests the server moved off failed replicas meanwhile
     outputs: dict[str, Stream]
+    # Hung (stopped) pids still alive _GONE_WITHIN_S after their replica served again, or when
+    # the run ended: the server did not kill them (this tool did).
+    hung_left_alive: list[int] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [
@@ -103,6 +149,7 @@ class Report:
             f"requests moved off failed replicas: {self.num_recovered_requests}",
         ]
         out += [f"recovered {fault} in {s:.1f} s" for fault, s in self.recovery_s.items()]
+        out += [f"hung pid {pid} was left alive by the server" for pid in self.hung_left_alive]
         out += [f"lost {line}" for line in self.lost]
         out += [f"differs {line}" for line in self.mismatched]
         return out
@@ -127,7 +174,7 @@ def run(
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     if reference is None:
         reference = _reference(client, prompts, params, timeout)
-    info = client.server_info()
+    info = _server_info(client, "blocks in use before the chaos run")
     before, recovered = blocks_in_use(info), info.num_recovered_requests
     rng = random.Random(seed)
     cancel_at = {
@@ -154,13 +201,25 @@ def run(
     recovery_s = recovery.join()
     after = _settled(client, before, timeout)
     report = _report(streams, reference, before, after, recovery_s)
-    report.num_recovered_requests = client.server_info().num_recovered_requests - recovered
+    moved = _server_info(client, "requests moved off failed replicas").num_recovered_requests
+    report.num_recovered_requests = moved - recovered
+    report.hung_left_alive = recovery.hung_left_alive
     return report
 
 
 def _reference(client, prompts, params, timeout) -> list[list[int]]:
-    calls = [client.generate(p, params, timeout=timeout) for p in prompts]
-    return [[t for delta in call for t in delta.token_ids] for call in calls]
+    """The fault-free run, all requests at once: "reference-I" (ids a server's log shows)."""
+    ids = [f"reference-{i}" for i in range(len(prompts))]
+    with _phase("submit", "the fault-free reference run"):
+        calls = [
+            client.generate(p, params, rid, timeout)
+            for p, rid in zip(prompts, ids, strict=True)
+        ]
+    tokens = []
+    for rid, call in zip(ids, calls, strict=True):
+        with _phase("stream", f"{rid} of the fault-free reference run"):
+            tokens.append([t for delta in call for t in delta.token_ids])
+    return tokens
 
 
 class _Counter:
@@ -181,8 +240,9 @@ class _Counter:
 
 
 def _stream(client, request_id, prompt, params, timeout, cancel_after, out: Stream, received):
-    call = client.generate(prompt, params, request_id, timeout=timeout)
+    """One measured stream: what ends it, error included, is recorded in out."""
     try:
+        call = client.generate(prompt, params, request_id, timeout=timeout)
         for delta in call:
             out.tokens += delta.token_ids
             received.add(len(delta.token_ids))
@@ -199,10 +259,13 @@ def _stream(client, request_id, prompt, params, timeout, cancel_after, out: Stre
 
 class _Injector:
     """Fires each fault at its moment on a thread of its own, then times its replica's
-    recovery (serving again, with none of the killed pids)."""
+    recovery (serving again, with none of the killed pids). join() raises the first error a
+    fault's thread met: a ChaosError, or a ValueError (a fault naming no such replica)."""
 
     def __init__(self, client, faults, start, received, timeout) -> None:
         self.recovery_s: dict[str, float] = {}
+        self.hung_left_alive: list[int] = []
+        self._errors: list[ChaosError | ValueError] = []
         self._threads = [
             threading.Thread(
                 target=self._fire, args=(client, f, start, received, timeout), daemon=True
@@ -215,33 +278,76 @@ class _Injector:
     def join(self) -> dict[str, float]:
         for thread in self._threads:
             thread.join()
+        if self._errors:
+            raise self._errors[0]
         return self.recovery_s
 
     def _fire(self, client, fault: Fault, start, received, timeout) -> None:
+        try:
+            self._inject(client, fault, start, received, timeout)
+        except (ChaosError, ValueError) as e:
+            log.error("%s", e)
+            self._errors.append(e)
+
+    def _inject(self, client, fault: Fault, start, received, timeout) -> None:
         if fault.after_tokens is not None:
             received.wait_for(fault.after_tokens, timeout)
         else:
             time.sleep(max(start + fault.at_s - time.monotonic(), 0))
         killed_at = time.monotonic()
-        pids = _pids(client.server_info(), fault)
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        log.warning("killed %s: pids %s", fault, pids)
+        with _phase("kill", str(fault)):
+            pids = _pids(client.server_info(), fault)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP if fault.hang else signal.SIGKILL)
+        log.warning("%s: pids %s", fault, pids)
         if fault.kind == "frontend":
             return
-        name = f"{fault.kind} {fault.target}"
-        deadline = killed_at + timeout
+        try:
+            self._time_recovery(client, fault, pids, killed_at, timeout)
+        finally:
+            if fault.hang:  # the server should have killed them; none is left stopped
+                self.hung_left_alive += _kill_survivors(pids, _GONE_WITHIN_S)
+
+    def _time_recovery(self, client, fault: Fault, pids, killed_at, timeout) -> None:
+        """Waits until the fault's replica serves again without the pids, and records when.
+        A failed status call is asked again (the server may be busy recovering); at the
+        deadline, the last error is raised, if there was one."""
+        deadline, error = killed_at + timeout, None
         while time.monotonic() < deadline:
             try:
-                replicas = {r.replica_id: r for r in client.server_info().replicas}
-            except grpc.RpcError:
-                replicas = {}
+                with _phase("wait-recovered", str(fault)):
+                    replicas = {r.replica_id: r for r in client.server_info().replicas}
+            except ChaosError as e:
+                replicas, error = {}, e
+                log.warning("%s (asking again)", e)
             replica = replicas.get(fault.target)
             if replica is not None and replica.state == "serving":
                 if not {w.pid for w in replica.workers} & set(pids):
-                    self.recovery_s[name] = time.monotonic() - killed_at
+                    self.recovery_s[str(fault)] = time.monotonic() - killed_at
                     return
             time.sleep(_POLL_S)
+        if error is not None:
+            raise error
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs or is stopped (not gone, not a zombie awaiting its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _kill_survivors(pids: list[int], within_s: float) -> list[int]:
+    """Waits up to within_s for the pids to be gone; SIGKILLs those still alive, returned."""
+    deadline = time.monotonic() + within_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    return survivors
 
 
 def _pids(info: serving_pb2.ServerInfoResponse, fault: Fault) -> list[int]:
@@ -260,7 +366,7 @@ def _settled(client: Client, before: dict[int, int], timeout: float) -> dict[int
     """Blocks in use once they are back to `before` (or when timeout has passed)."""
     deadline = time.monotonic() + timeout
     while True:
-        after = blocks_in_use(client.server_info())
+        after = blocks_in_use(_server_info(client, "blocks in use after the chaos run"))
         if after == before or time.monotonic() > deadline:
             return after
         time.sleep(_POLL_S)
@@ -309,23 +415,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--cancel-fraction", type=float, default=0.0)
-    parser.add_argument(
-        "--kill",
-        action="append",
-        default=[],
-        type=_fault_argument,
-        metavar="KIND[:TARGET]@WHEN",
-        help=f"KIND in {KINDS}; WHEN 2.5s (seconds into the run) or 300t (tokens streamed)",
-    )
+    for option, parse, what in (
+        ("--kill", _fault_argument, f"SIGKILL; KIND in {KINDS}"),
+        ("--hang", _hang_argument, f"SIGSTOP (alive, silent); KIND in {HANG_KINDS}"),
+    ):
+        parser.add_argument(
+            option,
+            action="append",
+            default=[],
+            type=parse,
+            metavar="KIND[:TARGET]@WHEN",
+            help=f"{what}; WHEN 2.5s (seconds into the run) or 300t (tokens streamed)",
+        )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0)
 
 
-def _fault_argument(text: str) -> Fault:
+def _fault_argument(text: str, hang: bool = False) -> Fault:
     try:
-        return Fault.parse(text)
+        return Fault.parse(text, hang)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _hang_argument(text: str) -> Fault:
+    return _fault_argument(text, hang=True)
 
 
 def prompts_for(vocab_size: int, num: int, length: int, seed: int) -> list[list[int]]:
@@ -341,13 +455,14 @@ def chaos(client: Client, args: argparse.Namespace) -> Report:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.cancel_fraction <= 1:
         raise ValueError(f"--cancel-fraction must be in [0, 1], got {args.cancel_fraction}")
-    vocab = client.model_info().vocab_size
+    with _phase("status", "the model's vocabulary"):
+        vocab = client.model_info().vocab_size
     prompts = prompts_for(vocab, args.num_requests, args.prompt_len, args.seed)
     return run(
         client,
         prompts,
         args.max_tokens,
-        args.kill,
+        args.kill + args.hang,
         args.cancel_fraction,
         args.seed,
         timeout=args.timeout,

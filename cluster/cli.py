@@ -151,6 +151,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{r.prefix_cache_queries} tokens; {r.num_preemptions} preemptions "
             f"({r.num_swapped_out} by swap)"
         )
+        if r.last_failure:
+            print(f"  last failure: {r.last_failure}")
         for w in r.workers:
             node = f" on node {w.node_id}" if w.node_id else ""
             reduce = f", all-reduce {w.all_reduce}" if w.all_reduce else ""
@@ -160,7 +162,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_chaos(args: argparse.Namespace) -> int:
     """Faults under streaming load (cluster/chaos.py); fails (1) when a request was lost, a
-    stream differs from the fault-free run, blocks stayed in use or a replica did not recover."""
+    stream differs from the fault-free run, blocks stayed in use, a replica did not recover
+    or a hung process was left alive."""
     if args.config is None:
         with _connect(args) as client:
             report = chaos.chaos(client, args)
@@ -174,9 +177,10 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         finally:
             cluster.shutdown()
     print("\n".join(report.lines()))
-    recovered = len(report.recovery_s) == sum(f.kind != "frontend" for f in args.kill)
+    faults = args.kill + args.hang
+    recovered = len(report.recovery_s) == sum(f.kind != "frontend" for f in faults)
     clean = not report.mismatched and report.blocks_after == report.blocks_before
-    return 0 if clean and recovered and not report.lost else 1
+    return 0 if clean and recovered and not report.lost and not report.hung_left_alive else 1
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
@@ -303,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except grpc.RpcError as e:
         print(f"pagedserve: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except chaos.ChaosError as e:  # the chaos tool's own call failed: its phase is named
+        print(f"pagedserve: {e}", file=sys.stderr)
         return 1
 
 

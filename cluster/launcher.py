@@ -41,8 +41,8 @@ class Cluster:
         self.metrics_dir: str | None = None
         self._owns_ray = False
         # The cluster secret (protos/cluster_secret.py): new for every cluster, handed to the
-        # engine core and its workers through Ray only.
-        self.worker_secret = secrets.token_urlsafe(32)
+        # engine core, its workers and the frontends through Ray only.
+        self.secret = secrets.token_urlsafe(32)
 
     def start(self) -> str:
         """Brings the cluster up; returns the Serving gRPC address."""
@@ -73,8 +73,9 @@ class Cluster:
                 check_before_loading(cfg, shape, cpu_workers=not num_gpus)
             except ValueError as e:
                 raise ConfigError(f"{self.source}: {e}") from None
+            # The frontends are placed on this node too (below): the core listens on loopback.
             self.scheduler = SchedulerActor.options(num_cpus=0, scheduling_strategy=here).remote(
-                cfg, self.model_path, num_gpus, self.worker_secret
+                cfg, self.model_path, num_gpus, self.secret, loopback=True
             )
             core_address = ray.get(self.scheduler.address.remote(), timeout=timeout)
             # The frontends listen while the workers load (NOT_SERVING until they serve); with
@@ -82,7 +83,7 @@ class Cluster:
             # Their request metrics meet in one directory on this node (removed on shutdown).
             self.metrics_dir = tempfile.mkdtemp(prefix="pagedserve-metrics-")
             frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here)
-            args = (cfg, core_address, self.tokenizer_path, self.metrics_dir)
+            args = (cfg, core_address, self.secret, self.tokenizer_path, self.metrics_dir)
             self.frontends.append(frontend.remote(*args))
             ports = ray.get(self.frontends[0].ports.remote(), timeout=timeout)
             self.frontends += [

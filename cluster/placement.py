@@ -137,12 +137,13 @@ class RayPlacer:
             worker_secret=self._secret,
         )
 
-    def release(self, replica_id: int) -> None:
-        """Stops the replica's workers and removes its placement group."""
+    def release(self, replica_id: int, failed: bool = False) -> None:
+        """Stops the replica's workers (failed: kills them at once, unasked) and removes its
+        placement group."""
         with self._lock:
             placed = self._placed.pop(replica_id, None)
         if placed is not None:
-            _free(placed)
+            _free(placed, ask=not failed)
 
     def release_all(self) -> None:
         """Releases every replica placed and not yet released."""
@@ -169,11 +170,14 @@ class RayPlacer:
         ]
 
 
-def _free(placed: _Placed) -> None:
+def _free(placed: _Placed, ask: bool = True) -> None:
+    """Kills the workers, each asked to stop first if `ask` (a hung one would keep the caller
+    waiting _STOP_TIMEOUT_S), and removes their placement group."""
     for actor in placed.workers:
-        try:
-            ray.get(actor.stop.remote(), timeout=_STOP_TIMEOUT_S)
-        except Exception as e:  # already dead or unreachable: kill it regardless
-            log.warning("stopping %s: %s", actor, e)
+        if ask:
+            try:
+                ray.get(actor.stop.remote(), timeout=_STOP_TIMEOUT_S)
+            except Exception as e:  # already dead or unreachable: kill it regardless
+                log.warning("stopping %s: %s", actor, e)
         ray.kill(actor)
     remove_placement_group(placed.group)

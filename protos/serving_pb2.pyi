@@ -213,7 +213,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., node_id: _Optional[str] = ..., pid: _Optional[int] = ..., all_reduce: _Optional[str] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
-    __slots__ = ("replica_id", "workers", "num_blocks", "num_free_blocks", "block_size", "num_running", "num_waiting", "num_swapped", "kv_usage", "num_cpu_blocks", "num_free_cpu_blocks", "num_preemptions", "num_swapped_out", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "state", "generated_tokens_per_s")
+    __slots__ = ("replica_id", "workers", "num_blocks", "num_free_blocks", "block_size", "num_running", "num_waiting", "num_swapped", "kv_usage", "num_cpu_blocks", "num_free_cpu_blocks", "num_preemptions", "num_swapped_out", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "state", "generated_tokens_per_s", "last_failure")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,7 @@ class ReplicaInfo(_message.Message):
     NUM_PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
     replica_id: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     num_blocks: int
@@ -250,7 +251,8 @@ class ReplicaInfo(_message.Message):
     num_prompt_tokens_computed: int
     state: str
     generated_tokens_per_s: float
-    def __init__(self, replica_id: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_cpu_blocks: _Optional[int] = ..., num_free_cpu_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_swapped_out: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., state: _Optional[str] = ..., generated_tokens_per_s: _Optional[float] = ...) -> None: ...
+    last_failure: str
+    def __init__(self, replica_id: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_cpu_blocks: _Optional[int] = ..., num_free_cpu_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_swapped_out: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., state: _Optional[str] = ..., generated_tokens_per_s: _Optional[float] = ..., last_failure: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "address", "alive", "resources")

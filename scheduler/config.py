@@ -100,6 +100,15 @@ class SchedulerConfig:
     # (SGLang's max_queued_requests): a new request beyond it is refused RESOURCE_EXHAUSTED
     # before anything is built for it. 0 = no limit.
     max_queued_requests: int = 0
+    # The step watchdog: a step the workers have not answered this many seconds after it
+    # became the oldest in flight fails its replica (a hung worker: a stuck kernel, a deadlocked
+    # collective), which is then recovered as a dead one. No legitimate step comes near the
+    # default: the largest, a full max_num_batched_tokens prefill, took 21 s on the 2-core CPU
+    # box (SmolLM2-135M, 2048 tokens, float32) and takes well under a second on a GPU, where a
+    # first-time Triton compile adds a few; model loading, profiling and graph capture all end
+    # before the first step. CPU serving of larger models needs a larger bound. A stopped or
+    # vanished worker process is found sooner, by the worker channels' keepalive.
+    step_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check_choice("scheduler.policy", self.policy, POLICIES)
@@ -107,6 +116,7 @@ class SchedulerConfig:
         check_int_range("scheduler.max_num_seqs", self.max_num_seqs, 1)
         check_int_range("scheduler.max_num_batched_tokens", self.max_num_batched_tokens, 1)
         check_int_range("scheduler.max_queued_requests", self.max_queued_requests, 0)
+        check_positive_float("scheduler.step_timeout_s", self.step_timeout_s)
 
 
 _MAX_FRONTENDS = 64  # processes on the head node, one event loop each

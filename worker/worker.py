@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from protos import worker_pb2, worker_pb2_grpc
+from protos import keepalive, worker_pb2, worker_pb2_grpc
+from protos.cluster_secret import ClusterSecretCheck
 from worker import distributed
 from worker.loader import load_model
 from worker.model_runner import LaunchedStep, ModelRunner
-from worker.secret_check import ClusterSecretCheck
 
 log = logging.getLogger(__name__)
 
+_SERVES = "this worker serves its cluster's engine core"  # a refusal's sentence
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -252,8 +253,9 @@ class WorkerServer:
         self.service = WorkerService(self.shutdown_requested)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8),
-            interceptors=[ClusterSecretCheck(secret)] if secret is not None else [],
-            options=[("grpc.max_receive_message_length", 256 << 20)],
+            interceptors=[ClusterSecretCheck(secret, _SERVES)] if secret is not None else [],
+            # The core pings this server (protos/keepalive.py): a stopped worker is found.
+            options=[("grpc.max_receive_message_length", 256 << 20), *keepalive.SERVER_OPTIONS],
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")

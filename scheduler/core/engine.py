@@ -36,6 +36,16 @@ and wakes the loop. The engine then stops stepping and calls its on_failure (the
 takes its unfinished requests (take_unfinished) to recompute them elsewhere: the tokens of steps
 in flight that were never learned are simply not emitted, they will be sampled again. An engine
 without on_failure answers them lost (UNAVAILABLE).
+
+A worker that hangs without dying fails the engine the same way. Its channel's keepalive
+(protos/keepalive.py) ends the stream of a stopped process or a vanished host within seconds; a
+live process stuck inside a step (a hung kernel, a deadlocked collective) still answers pings,
+so a watchdog thread fails the engine once the oldest step in flight has waited
+scheduler.step_timeout_s for a rank's result: its reason names the rank, the step and the
+seconds, and it cancels every rank's stream, which ends the loop's wait. A step's clock starts
+when it becomes the one the loop waits for (sent, and the step before it learned), so a step
+queued behind another on the workers is not charged for that one's time, and an idle engine
+(nothing in flight) is never charged at all.
 """
 
 import dataclasses
@@ -63,6 +73,7 @@ MAX_STEP_RECORDS = 1024  # a replica's latest learned steps kept as StepRecords
 # generated_tokens_per_s: cumulative token counts sampled this often, for this long.
 _TOKEN_SAMPLE_S = 0.1
 THROUGHPUT_HORIZON_S = 60.0
+_WATCHDOG_POLL_S = 1.0  # the step watchdog looks this often (or 4 times a step_timeout_s)
 
 
 class OutputSink(Protocol):
@@ -134,6 +145,16 @@ class _Learned:
     logprobs: dict[str, serving_pb2.TokenLogprobs | None] | None
 
 
+@dataclass(frozen=True)
+class _Awaited:
+    """The result the loop waits for now: step step_id's, from rank `rank`, since `since`
+    (time.monotonic(): the step was sent and the one before it learned)."""
+
+    step_id: int
+    rank: int
+    since: float
+
+
 # A client request's unfinished completions and the sink of its outputs, as a failed engine
 # hands them over.
 HeldRequest = tuple[list[Request], OutputSink]
@@ -184,8 +205,13 @@ class Engine:
         self._cond = threading.Condition()
         self.lock = self._cond  # held to read the scheduler's state from another thread
         self._stopped = False
+        # Set by the loop thread alone, without the lock (the watchdog reads a snapshot).
+        self._awaited: _Awaited | None = None
+        self._watchdog_done = threading.Event()  # stop() or a failure: the watchdog ends
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
+        self._watchdog.start()
         for stream in self._streams:
             stream.on_end(self._stream_ended)
 
@@ -293,6 +319,8 @@ class Engine:
         with self._cond:
             self._stopped = True
             self._cond.notify()
+        self._watchdog_done.set()
+        self._watchdog.join(timeout=10)
         self._thread.join(timeout=10)
         for stream in self._streams:
             stream.close()
@@ -326,7 +354,7 @@ class Engine:
                 with self._cond:
                     self._send_outputs()  # the step learned last, while the workers run
                 step = in_flight.popleft()  # never empty here: see the wait above
-                result = self._receive(step.plan)
+                result = self._receive(step)
                 self._received = time.monotonic()
                 self._learn(step, result, self._received)
         except Exception as e:  # a worker failed: its requests go to the failure handler
@@ -335,6 +363,39 @@ class Engine:
                     return  # stop() closed the streams under a step: no failure
             log.exception("engine step failed")
             self._fail(self._broken or f"{type(e).__name__}: {e}")
+
+    def _watch(self) -> None:
+        """The step watchdog (its own thread): fails the engine once the result the loop waits
+        for is scheduler.step_timeout_s late."""
+        timeout = self.scheduler.config.step_timeout_s
+        while not self._watchdog_done.wait(min(timeout / 4, _WATCHDOG_POLL_S)):
+            awaited = self._awaited
+            if awaited is None:
+                continue
+            waited = time.monotonic() - awaited.since
+            if waited < timeout:
+                continue
+            # With tensor parallelism a rank stuck in a collective with a hung peer looks the
+            # same: the rank named is the first whose result is missing.
+            address = self._streams[awaited.rank].address
+            self._break(
+                f"step {awaited.step_id} hangs: worker rank {awaited.rank} ({address}) sent no "
+                f"result in {waited:.1f} s (scheduler.step_timeout_s={timeout:g})",
+                awaited,
+            )
+            return
+
+    def _break(self, why: str, awaited: _Awaited) -> None:
+        """Fails the engine on a hung rank, unless the awaited result came meanwhile: the
+        reason first, then every stream cancelled, so the loop's wait ends and fails on it."""
+        with self._cond:
+            if self._stopped or self._broken is not None or self._awaited is not awaited:
+                return
+            self._broken = why
+            self._cond.notify()
+        log.error("%s", why)
+        for stream in self._streams:
+            stream.cancel()
 
     def _stream_ended(self, stream: WorkerStream, why: str) -> None:
         """A rank's Execute stream ended (its done-callback): unless the engine stops, the rank
@@ -401,9 +462,15 @@ class Engine:
         for stream in self._streams:
             stream.send(plan)
 
-    def _receive(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
-        """Every rank's result of the oldest step in flight; rank 0's carries the tokens."""
-        results = [stream.recv() for stream in self._streams]
+    def _receive(self, step: _SentStep) -> worker_pb2.StepResult:
+        """Every rank's result of the oldest step in flight; rank 0's carries the tokens. The
+        watchdog sees which result is awaited, and since when."""
+        plan, since = step.plan, self._charged_since(step)
+        results = []
+        for rank, stream in enumerate(self._streams):
+            self._awaited = _Awaited(plan.step_id, rank, since)
+            results.append(stream.recv())
+        self._awaited = None
         for stream, result in zip(self._streams, results, strict=True):
             if result.step_id != plan.step_id:
                 raise RuntimeError(
@@ -411,6 +478,12 @@ class Engine:
                     f"expected {plan.step_id}"
                 )
         return results[0]
+
+    def _charged_since(self, step: _SentStep) -> float:
+        """When the oldest step in flight began to be the workers' business alone: it was sent,
+        and the step before it learned (the watchdog's clock, and the record's interval). The
+        step before is recorded before this one is awaited (_send_outputs, then _receive)."""
+        return step.sent if self._last_learned is None else max(step.sent, self._last_learned)
 
     def _record(self, learned: _Learned) -> None:
         """A learned step's record; its duration runs from sending its plan to learning it."""
@@ -421,7 +494,7 @@ class Engine:
         tokens = array("i", (r.num_scheduled_tokens for r in plan.new_requests))
         tokens.extend(cached.num_scheduled_tokens)
         self.num_steps += 1
-        since = step.sent if self._last_learned is None else max(step.sent, self._last_learned)
+        since = self._charged_since(step)
         self._last_learned = now
         self.step_records.append(
             StepRecord(
@@ -447,6 +520,7 @@ class Engine:
         """A worker failed: the engine steps no more. The failure handler takes its requests
         (to recompute them elsewhere); without one, every request still held is lost, and
         answered so."""
+        self._watchdog_done.set()
         with self._cond:
             self._send_outputs()  # what was learned reaches its clients before the handover
             self.error = error

@@ -12,6 +12,10 @@ the model it serves. While a failed replica recovers and none serves, every fron
 sink of the requests it adds; when the stream breaks, every request of that frontend is aborted
 and its blocks freed.
 
+Only the cluster's frontends are served: with a secret (protos/cluster_secret.py; `pagedserve up`
+draws one), every call without it is refused UNAUTHENTICATED before anything is decoded. The
+launcher has the server listen on loopback, its frontends being on the core's node.
+
 Admission: beyond scheduler.max_queued_requests requests waiting in the replicas' queues (all
 frontends together), a new request is refused RESOURCE_EXHAUSTED before anything is built for
 it. The count and the enqueueing are one step under a lock, so concurrent frontends cannot
@@ -26,6 +30,7 @@ from concurrent import futures
 import grpc
 
 from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
+from protos.cluster_secret import ClusterSecretCheck
 from scheduler.core.fleet import Fleet, Placer
 from scheduler.core.frontend_link import FrontendLink
 from scheduler.core.replica import EngineConfigs, ReplicaSpec
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PID_METADATA = "frontend-pid"  # how a frontend names itself on its Connect stream
 _MAX_THREADS = 64  # a Connect stream holds one, each unary call one while it runs
+_SERVES = "the engine core serves its cluster's frontends"  # a refusal's sentence
 
 
 class _QueueFull(Exception):
@@ -46,8 +52,12 @@ class _QueueFull(Exception):
 
 
 class EngineCore:
-    def __init__(self, model_name: str, host: str = "127.0.0.1") -> None:
-        """Starts the EngineCore gRPC server on host, any free port (`address`)."""
+    def __init__(
+        self, model_name: str, host: str = "127.0.0.1", secret: str | None = None
+    ) -> None:
+        """Starts the EngineCore gRPC server on host, any free port (`address`). secret: the
+        cluster secret every call must carry, or is refused UNAUTHENTICATED; None serves every
+        call (a core inside a test's process)."""
         self.model_name = model_name
         self.fleet: Fleet | None = None  # once start() has brought the replicas up
         self._model_info: serving_pb2.ModelInfoResponse | None = None
@@ -55,8 +65,11 @@ class EngineCore:
         self._admission = threading.Lock()  # a queue count and the enqueue it allows
         self._links: list[FrontendLink] = []
         self._links_lock = threading.Lock()
+        # The secret first: a call without it is refused before any byte of it is decoded.
+        check = [ClusterSecretCheck(secret, _SERVES)] if secret is not None else []
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(_MAX_THREADS, "core"), interceptors=[RequestDecoding()]
+            futures.ThreadPoolExecutor(_MAX_THREADS, "core"),
+            interceptors=[*check, RequestDecoding()],
         )
         frontend_pb2_grpc.add_EngineCoreServicer_to_server(_Service(self), self._server)
         port = self._server.add_insecure_port(f"{host}:0")

@@ -55,8 +55,10 @@ class Placer(Protocol):
         cluster has no room for them (and then holds nothing for it)."""
         ...
 
-    def release(self, replica_id: int) -> None:
-        """Stops a replica's workers and frees the resources they held."""
+    def release(self, replica_id: int, failed: bool = False) -> None:
+        """Stops a replica's workers and frees the resources they held. failed: a worker
+        failed, so they are killed at once rather than asked to stop (a hung one never
+        answers)."""
         ...
 
     def nodes(self) -> list[serving_pb2.NodeInfo]:
@@ -114,6 +116,8 @@ class Fleet:
         self._retired: Counter[str] = Counter()  # drained replicas' totals (replaced, as above)
         self._num_failures = 0  # replica failures, under _membership
         self._num_recovered = 0  # requests handed over by failed replicas, under _membership
+        # Replica id -> why its workers failed last (its engine's error), under _membership.
+        self._last_failure: dict[int, str] = {}
         replicas: list[Replica] = []
         try:
             for replica_id, spec in enumerate(specs):
@@ -302,6 +306,7 @@ class Fleet:
             self._restarting.add(replica.replica_id)
         held: list[HeldRequest] = replica.engine.take_unfinished()
         self._num_failures += 1
+        self._last_failure[replica.replica_id] = replica.engine.error
         self._num_recovered += len(held)
         log.warning(
             "replica %d failed (%s); %d of its requests are recomputed elsewhere",
@@ -346,7 +351,7 @@ class Fleet:
         for attempt in range(1, RESTART_ATTEMPTS + 1):
             log.info("replica %d: restart attempt %d of %d", replica_id, attempt, RESTART_ATTEMPTS)
             try:
-                self.placer.release(replica_id)
+                self.placer.release(replica_id, failed=True)
                 restarted = self._bring_up(replica_id)
             except Exception as e:
                 log.warning("replica %d: restart attempt %d failed: %s", replica_id, attempt, e)
@@ -428,6 +433,8 @@ class Fleet:
         replicas, retired = self.replicas, self._retired  # snapshots
         engines = [replica.engine for replica in replicas]
         infos = [replica.info(THROUGHPUT_WINDOW_S) for replica in replicas]
+        for info in infos:
+            info.last_failure = self._last_failure.get(info.replica_id, "")
         return serving_pb2.ServerInfoResponse(
             replicas=infos,
             num_steps=retired["steps"] + sum(e.num_steps for e in engines),

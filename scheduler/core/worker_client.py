@@ -5,6 +5,9 @@ carrying every call to that rank (bring-up RPCs and the Execute stream).
         .call(method, request)   a unary RPC as a future (bring-up: every rank at once)
         .execute()               the long-lived Execute stream (WorkerStream)
         .close()                 the channel and with it any stream on it
+
+The channel pings its rank (protos/keepalive.py): a rank whose process is stopped or whose
+connection went half-open ends its Execute stream UNAVAILABLE within seconds.
 """
 
 import queue
@@ -13,10 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from protos.cluster_secret import METADATA_KEY
+from protos.cluster_secret import secret_metadata
+from protos.keepalive import Keepalive
 
 WORKER_RPC_TIMEOUT_S = 600.0  # a bring-up RPC (loading a model, capturing graphs) may take long
 _MAX_MESSAGE_BYTES = 256 << 20  # a plan of new requests with long prompts
+KEEPALIVE = Keepalive()  # a stopped or vanished rank is found within 10 s
 
 
 class WorkerStream:
@@ -53,14 +58,26 @@ class WorkerStream:
         """Ends the stream (the rank drops it); the channel stays open."""
         self._plans.put(None)
 
+    def cancel(self) -> None:
+        """Cancels the call at once: a recv() waiting on it raises (CANCELLED), whatever the
+        rank does (a hung rank never answers, so close() would never end the stream)."""
+        self._results.cancel()
+
 
 class WorkerClient:
-    def __init__(self, address: str, secret: str | None = None) -> None:
-        """secret: the cluster secret, sent with every call (protos/cluster_secret.py)."""
+    def __init__(
+        self, address: str, secret: str | None = None, keepalive: Keepalive = KEEPALIVE
+    ) -> None:
+        """secret: the cluster secret, sent with every call (protos/cluster_secret.py).
+        keepalive: how the channel pings the rank."""
         self.address = address
-        self._metadata = ((METADATA_KEY, secret),) if secret is not None else ()
+        self._metadata = secret_metadata(secret)
         self._channel = grpc.insecure_channel(
-            address, options=[("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+            address,
+            options=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                *keepalive.channel_options(),
+            ],
         )
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
 

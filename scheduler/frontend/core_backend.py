@@ -33,10 +33,17 @@ class CoreBackend:
     """Serves on the event loop it is used on; the model is known once the tokenizer is loaded
     (set_tokenizer) and the core has sent it (set_model_info)."""
 
-    def __init__(self, model_name: str, core_address: str, max_concurrent_requests: int = 0):
-        """max_concurrent_requests: the most requests admitted and unfinished (0 = no limit)."""
+    def __init__(
+        self,
+        model_name: str,
+        core_address: str,
+        max_concurrent_requests: int = 0,
+        core_secret: str | None = None,
+    ):
+        """max_concurrent_requests: the most requests admitted and unfinished (0 = no limit).
+        core_secret: the cluster secret the core demands (protos/cluster_secret.py)."""
         self.model_name = model_name
-        self.core = CoreClient(core_address, self.set_model_info)
+        self.core = CoreClient(core_address, self.set_model_info, core_secret)
         self.max_concurrent_requests = max_concurrent_requests
         # Admitted, being checked and tokenized, not yet registered with the core (event loop
         # only: no lock). With core.num_requests, what max_concurrent_requests bounds.

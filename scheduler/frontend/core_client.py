@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
+from protos.cluster_secret import secret_metadata
 from scheduler.core.engine_core import PID_METADATA
 from scheduler.frontend.backend import ServingError
 
@@ -46,9 +47,14 @@ class CoreClient:
     """Create and use it on one event loop; start() opens the stream."""
 
     def __init__(
-        self, address: str, on_ready: Callable[[serving_pb2.ModelInfoResponse], None]
+        self,
+        address: str,
+        on_ready: Callable[[serving_pb2.ModelInfoResponse], None],
+        secret: str | None = None,
     ) -> None:
+        """secret: the cluster secret, carried by every call to the core."""
         self.address = address
+        self._secret_metadata = secret_metadata(secret)
         self._on_ready = on_ready
         self.connected = False  # the stream is open (the core may not be ready yet)
         self.closed = asyncio.Event()  # set when the stream has ended
@@ -65,7 +71,9 @@ class CoreClient:
         self._channel = grpc.aio.insecure_channel(self.address)
         self._stub = frontend_pb2_grpc.EngineCoreStub(self._channel)
         self._call = self._stub.Connect(
-            self._send_loop(), metadata=((PID_METADATA, str(os.getpid())),), wait_for_ready=True
+            self._send_loop(),
+            metadata=((PID_METADATA, str(os.getpid())), *self._secret_metadata),
+            wait_for_ready=True,
         )
         self.connected = True
         self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
@@ -110,11 +118,10 @@ class CoreClient:
     async def scale(self, replicas: int) -> serving_pb2.ScaleResponse:
         return await self._unary(self._stub.Scale, serving_pb2.ScaleRequest(replicas=replicas))
 
-    @staticmethod
-    async def _unary(method, request):
+    async def _unary(self, method, request):
         """A call to the core; its refusals reach the client with their code and sentence."""
         try:
-            return await method(request)
+            return await method(request, metadata=self._secret_metadata)
         except grpc.aio.AioRpcError as e:
             raise ServingError(e.code(), e.details()) from None
 

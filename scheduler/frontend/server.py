@@ -32,6 +32,15 @@ from scheduler.request_decoding import AsyncRequestDecoding
 
 log = logging.getLogger(__name__)
 
+# How long a call may wait in gRPC for this server to take it. gRPC's default, 30 s, answers a
+# call not taken by then CANCELLED ("CANCELLED", never seen by the frontend, counted nowhere);
+# the frontend takes one call a turn of its event loop, so under a burst (1000 Generate calls
+# at once on the 2-core box while it streams hundreds of others: about 25 taken a second) the
+# tail of the burst waited longer than that (the soak's unexplained CANCELLED rounds). Calls
+# wait their turn instead, then the frontend's admission decides (server.max_concurrent_requests,
+# scheduler.max_queued_requests); a client's deadline still ends the wait (DEADLINE_EXCEEDED).
+MAX_UNTAKEN_CALL_S = 600
+
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
 _START_TIMEOUT_S = 30.0
 
@@ -44,11 +53,14 @@ class FrontendServer:
         load_tokenizer: Callable[[], Tokenizer],
         model_name: str,
         metrics_dir: str,
+        core_secret: str | None = None,
     ) -> None:
         """Listens (config.port and config.http_port, or free ports where 0: `port` and
         `http_port` say which) and connects to the core; loads the tokenizer (load_tokenizer())
-        in the background. metrics_dir: the server's frontends' shared metrics directory."""
+        in the background. metrics_dir: the server's frontends' shared metrics directory.
+        core_secret: the cluster secret the core demands (protos/cluster_secret.py)."""
         self._config = config
+        self._core_secret = core_secret
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -100,9 +112,12 @@ class FrontendServer:
             options=[
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
                 ("grpc.so_reuseport", 1),
+                ("grpc.server_max_unrequested_time_in_server", MAX_UNTAKEN_CALL_S),
             ],
         )
-        self.backend = CoreBackend(model_name, core_address, cfg.max_concurrent_requests)
+        self.backend = CoreBackend(
+            model_name, core_address, cfg.max_concurrent_requests, self._core_secret
+        )
         self.metrics = Metrics(model_name, metrics_dir)
         serving_pb2_grpc.add_ServingServicer_to_server(
             ServingService(self.backend, self.metrics, auth), self._server

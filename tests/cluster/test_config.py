@@ -93,6 +93,8 @@ def test_the_number_of_frontends_is_checked_and_defaults_to_the_machine(tmp_path
         ("scheduler", f"max_num_seqs: {2**31}", r"scheduler\.max_num_seqs must be in \[1, "),
         ("scheduler", f"max_num_batched_tokens: {2**40}", r"scheduler\.max_num_batched_tokens"),
         ("scheduler", "max_queued_requests: -1", r"scheduler\.max_queued_requests must be in \[0"),
+        ("scheduler", "step_timeout_s: 0", r"scheduler\.step_timeout_s must be a finite .* > 0"),
+        ("scheduler", "step_timeout_s: .nan", r"scheduler\.step_timeout_s must be a finite number"),
         ("cache", f"num_blocks: {2**31}", r"cache\.num_blocks must be in \[1, 2147483647\]"),
         ("cache", "cpu_cache_gb: .inf", r"cache\.cpu_cache_gb must be a finite number > 0"),
         ("cache", f"cpu_cache_gb: {10**400}", r"cache\.cpu_cache_gb must be a finite number > 0"),

@@ -61,7 +61,7 @@ def test_workers_off_the_core_node_serve_the_core_alone(multinode, tp2_tokens):
                 with pytest.raises(grpc.RpcError) as err:
                     stub.Shutdown(worker_pb2.Empty(), metadata=metadata, timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            secret = ((METADATA_KEY, multinode.worker_secret),)
+            secret = ((METADATA_KEY, multinode.secret),)
             assert stub.Health(worker_pb2.Empty(), metadata=secret, timeout=30).ready
     assert generate_all(multinode.address, PROMPTS[:4]) == tp2_tokens[:4]
 

@@ -1,11 +1,14 @@
-"""The Serving endpoint with mutual TLS, bearer tokens and limits, on a running cluster."""
+"""The Serving endpoint with mutual TLS, bearer tokens and limits, on a running cluster; the
+engine core behind it, on loopback, serving only callers with the cluster secret."""
 
 import subprocess
 
 import grpc
 import pytest
+import ray
 
 from cluster.client import Client, Credentials
+from protos import serving_pb2
 from scheduler.sampling_params import SamplingParams
 
 TIMEOUT = 120
@@ -30,7 +33,8 @@ def _self_signed(directory, name: str) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def secure(local_cluster, tiny_models, smollm2_path, tmp_path_factory):
     """A cluster of the tiny Llama behind mTLS, two tokens (one from a file), one Generate at
-    a time and 4 KiB requests; yields (address, server cert, client cert, client key)."""
+    a time and 4 KiB requests; yields (address, server cert, client cert, client key, the
+    engine core's address)."""
     from cluster.config import Config
     from cluster.launcher import Cluster, replace_sections
 
@@ -58,12 +62,13 @@ def secure(local_cluster, tiny_models, smollm2_path, tmp_path_factory):
     )
     cluster = Cluster(config)
     address = cluster.start()
-    yield address, server_cert, client_cert, client_key
+    core_address = ray.get(cluster.scheduler.address.remote(), timeout=TIMEOUT)
+    yield address, server_cert, client_cert, client_key, core_address
     cluster.shutdown()
 
 
 def _client(secure, token: str | None = TOKEN, client_cert: bool = True) -> Client:
-    address, server_cert, client_cert_file, client_key = secure
+    address, server_cert, client_cert_file, client_key, _ = secure
     return Client(
         address,
         Credentials(
@@ -138,7 +143,7 @@ def test_a_request_over_max_request_bytes_is_refused_and_the_server_goes_on(secu
 def test_the_cli_connects_with_a_token_and_certificates(secure, capsys):
     from cluster.cli import main
 
-    address, server_cert, client_cert, client_key = secure
+    address, server_cert, client_cert, client_key, _ = secure
     tls = ["--address", address, "--tls-ca", server_cert]
     tls += ["--tls-cert", client_cert, "--tls-key", client_key]
     assert main(["status", *tls, "--token", TOKEN]) == 0
@@ -148,3 +153,19 @@ def test_the_cli_connects_with_a_token_and_certificates(secure, capsys):
     assert main(["scale", "--replicas", "1", *tls, "--token", ADMIN_TOKEN]) == 0
     assert main(["status", *tls]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_the_engine_core_listens_on_loopback_and_refuses_a_caller_without_the_secret(secure):
+    core_address = secure[4]
+    assert core_address.rpartition(":")[0] == "127.0.0.1"  # every frontend is on its node
+    with grpc.insecure_channel(core_address) as channel:
+        server_info = channel.unary_unary(
+            "/pagedserve.frontend.EngineCore/GetServerInfo",
+            request_serializer=serving_pb2.ServerInfoRequest.SerializeToString,
+            response_deserializer=serving_pb2.ServerInfoResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            server_info(serving_pb2.ServerInfoRequest(), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with _client(secure) as client:  # the frontends carry the secret: the core serves them
+        assert _generate(client)[-1].finish_reason == "length"

@@ -18,6 +18,7 @@ from concurrent import futures
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from protos.keepalive import SERVER_OPTIONS
 from protos.step_plan import cached_requests
 
 TIMEOUT = 10  # seconds any wait of a test on a fake rank may take
@@ -154,8 +155,9 @@ class FakeRank(worker_pb2_grpc.WorkerServicer):
 
 @contextlib.contextmanager
 def serving(rank: worker_pb2_grpc.WorkerServicer) -> Iterator[str]:
-    """The rank on a gRPC server on a free local port; yields its address."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    """The rank on a gRPC server on a free local port, taking the core's keepalive pings as a
+    worker's does; yields its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(rank, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

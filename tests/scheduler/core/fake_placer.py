@@ -33,17 +33,18 @@ class FakePlacer:
             self.num_placed += 1
         return ReplicaSpec((address,), "fake-model")
 
-    def release(self, replica_id: int) -> None:
+    def release(self, replica_id: int, failed: bool = False) -> None:
+        """Stops the rank's server; failed: as if its process were killed (a held step too)."""
         with self._lock:
             stack = self._servers.pop(replica_id, None)
         if stack is not None:
             stack.close()
+        if failed:
+            self.ranks[replica_id].release.set()
 
     def kill(self, replica_id: int) -> None:
         """The replica's worker dies: its server stops (its streams break), a held step too."""
-        rank = self.ranks[replica_id]
-        self.release(replica_id)
-        rank.release.set()
+        self.release(replica_id, failed=True)
 
     def nodes(self) -> list[serving_pb2.NodeInfo]:
         return []

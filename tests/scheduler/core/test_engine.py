@@ -4,7 +4,9 @@ in flight) against synchronous. No model, no tokenizer, no torch."""
 
 import contextlib
 import queue
+import re
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -76,12 +78,13 @@ def collect_tokens(sink: Sink, request_id: str, index: int, count: int, got) -> 
 
 
 @contextlib.contextmanager
-def serve(rank: FakeRank, async_scheduling=True, max_num_batched_tokens=64):
+def serve(rank: FakeRank, async_scheduling=True, max_num_batched_tokens=64, step_timeout_s=120.0):
     """An engine over the rank, its page table as large as the rank's cache."""
     config = SchedulerConfig(
         max_num_seqs=8,
         max_num_batched_tokens=max_num_batched_tokens,
         async_scheduling=async_scheduling,
+        step_timeout_s=step_timeout_s,
     )
     page_table = PageTableManager(
         len(rank.worker.device), rank.worker.block_size, True, len(rank.worker.host)
@@ -392,3 +395,53 @@ def test_throughput_counts_every_token_of_the_window_beyond_the_records_kept():
         finally:
             engine.stop()
             worker.close()
+
+
+def test_a_step_that_hangs_past_step_timeout_s_fails_the_engine_naming_rank_step_and_seconds():
+    rank = FakeRank()
+    rank.hold = True  # the rank's process lives and answers pings, but its step never ends
+    try:
+        with serve(rank, step_timeout_s=0.5) as engine:
+            sink = submit(engine, "r", max_tokens=4)
+            assert rank.held.wait(TIMEOUT)
+            held = time.monotonic()
+            end = collect(sink, "r")[0].end
+            waited = time.monotonic() - held
+            assert end.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert re.fullmatch(
+                r"step 1 hangs: worker rank 0 \(127\.0\.0\.1:\d+\) sent no result in "
+                r"\d+\.\d s \(scheduler\.step_timeout_s=0\.5\)",
+                end.error.message,
+            ), end.error.message
+            assert 0.5 <= waited < 0.5 + TIMEOUT / 2
+            assert engine.error == end.error.message
+    finally:
+        rank.release.set()
+
+
+class SlowRank(FakeRank):
+    """Takes `seconds` over each step, one step at a time, as a device does."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def Execute(self, request_iterator, context):
+        for plan in request_iterator:
+            time.sleep(self.seconds)
+            yield self.answer(plan)
+
+
+def test_the_watchdog_charges_a_step_neither_the_step_queued_before_it_nor_idle_time():
+    timeout, step_s = 0.8, 0.5
+    with serve(SlowRank(step_s), step_timeout_s=timeout) as engine:
+        sinks = [submit(engine, f"r{i}", prompt=(i + 1,), max_tokens=3) for i in range(4)]
+        for i, sink in enumerate(sinks):
+            assert collect(sink, f"r{i}")[0].end.finish_reason == "length"
+        # With two steps in flight, a step's result comes two step times after its plan was
+        # sent: past the bound, yet no step took longer than step_s.
+        assert max(r.duration_ms for r in engine.step_records) > timeout * 1e3
+        time.sleep(2 * timeout)  # idle past the bound: the condition under test
+        sink = submit(engine, "after", max_tokens=1)
+        assert collect(sink, "after")[0].end.finish_reason == "length"
+        assert engine.error is None

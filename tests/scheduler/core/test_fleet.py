@@ -5,6 +5,7 @@ is right only if it is exactly the undisturbed sequence); the replica is restart
 again; with none serving, requests wait for it; without a placer they are answered."""
 
 import contextlib
+import dataclasses
 import time
 
 import grpc
@@ -47,8 +48,8 @@ def request(rid: str, prompt: int, n: int = 1) -> Request:
 
 
 @contextlib.contextmanager
-def fleet_of(num_replicas: int, placer: FakePlacer, on_serving=None):
-    fleet = Fleet([placer.place(i) for i in range(num_replicas)], CONFIGS, placer, on_serving)
+def fleet_of(num_replicas: int, placer: FakePlacer, on_serving=None, configs=CONFIGS):
+    fleet = Fleet([placer.place(i) for i in range(num_replicas)], configs, placer, on_serving)
     try:
         yield fleet
     finally:
@@ -116,6 +117,30 @@ def test_a_failed_replicas_requests_finish_on_the_other_and_it_comes_back():
         assert fleet.router.routes(1) and placer.num_placed == 3
         again = submit_all(fleet, 4)
         assert_all_complete(again)
+        assert_blocks_free(fleet)
+
+
+def test_a_hung_replica_is_failed_by_the_watchdog_and_recovered_as_a_dead_one():
+    configs = dataclasses.replace(
+        CONFIGS, scheduler=dataclasses.replace(CONFIGS.scheduler, step_timeout_s=0.5)
+    )
+    placer = FakePlacer()
+    with fleet_of(2, placer, configs=configs) as fleet:
+        sent = submit_all(fleet, 8)
+        got = {rid: {} for rid in sent}
+        for rid, (sink, _) in sent.items():
+            collect_tokens(sink, rid, 0, 3, got[rid])  # every stream has begun
+        victim = placer.ranks[1]
+        victim.hold = True  # its next step never ends; its process lives on
+        assert victim.held.wait(TIMEOUT)
+        assert_all_complete(sent, got=got)
+        wait_for(lambda: fleet.replicas[1].state is ReplicaState.SERVING, "replica 1 serves")
+        info = fleet.server_info()
+        assert info.num_replica_failures == 1 and info.num_recovered_requests > 0
+        assert "hangs: worker rank 0" in info.replicas[1].last_failure
+        assert "scheduler.step_timeout_s=0.5" in info.replicas[1].last_failure
+        assert info.replicas[0].last_failure == ""
+        assert victim.release.is_set(), "the hung rank was not killed"
         assert_blocks_free(fleet)
 
 

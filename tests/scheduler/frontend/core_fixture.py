@@ -47,11 +47,12 @@ class PieceTokenizer:
 
 
 @contextlib.contextmanager
-def running_core(rank: FakeRank, **scheduler) -> Iterator[EngineCore]:
+def running_core(rank: FakeRank, secret: str | None = None, **scheduler) -> Iterator[EngineCore]:
     """An EngineCore serving one replica of the rank (its cache: NUM_BLOCKS x BLOCK_SIZE);
-    scheduler: SchedulerConfig fields over the fixture's (8 sequences, 64 tokens a step)."""
+    scheduler: SchedulerConfig fields over the fixture's (8 sequences, 64 tokens a step);
+    secret: the cluster secret it demands of every call."""
     with serving(rank) as address:
-        core = EngineCore("fake")
+        core = EngineCore("fake", secret=secret)
         try:
             configs = dataclasses.replace(
                 ENGINE_CONFIGS,
@@ -65,12 +66,17 @@ def running_core(rank: FakeRank, **scheduler) -> Iterator[EngineCore]:
 
 @contextlib.contextmanager
 def running_frontend(
-    core: EngineCore, metrics_dir: str, config: ServerConfig | None = None
+    core: EngineCore,
+    metrics_dir: str,
+    config: ServerConfig | None = None,
+    core_secret: str | None = None,
 ) -> Iterator[FrontendServer]:
     """A frontend server in front of the core, serving (PieceTokenizer); config's ports are 0
-    (free ones)."""
+    (free ones); core_secret: the one the core demands."""
     config = config or ServerConfig(port=0, http_port=0)
-    frontend = FrontendServer(config, core.address, PieceTokenizer, "fake", metrics_dir)
+    frontend = FrontendServer(
+        config, core.address, PieceTokenizer, "fake", metrics_dir, core_secret
+    )
     try:
         frontend.wait_ready(TIMEOUT)
         yield frontend

@@ -3,6 +3,8 @@
 codes, health (NOT_SERVING while the core's only replica recovers), and an Abort that reaches a
 request whichever frontend holds it."""
 
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -10,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import serving_pb2, serving_pb2_grpc
 from scheduler.config import ServerConfig
 from scheduler.core.engine_core import EngineCore
+from scheduler.frontend import server as server_module
 from scheduler.frontend.server import FrontendServer
 from tests.scheduler.core.fake_placer import FakePlacer
 from tests.scheduler.fake_worker import TIMEOUT
@@ -149,3 +152,27 @@ def test_health_is_not_serving_while_no_replica_serves_and_requests_wait_for_one
     finally:
         core.stop()
         placer.release(0)
+
+
+@pytest.mark.parametrize("untaken_s, cancelled", [(1, True), (4, False)])
+def test_a_call_waits_up_to_max_untaken_call_s_for_a_busy_frontend_to_take_it(
+    tmp_path, monkeypatch, untaken_s, cancelled
+):
+    """gRPC answers a call the server has not taken in time CANCELLED, unseen by the frontend
+    (a burst once met its default, 30 s): the frontend's bound applies instead."""
+    monkeypatch.setattr(server_module, "MAX_UNTAKEN_CALL_S", untaken_s)
+    with running_core(fake_rank()) as core, running_frontend(core, str(tmp_path)) as frontend:
+        frontend._loop.call_soon_threadsafe(time.sleep, 2)  # busy: it takes no call for 2 s
+        channel, serving = stub(frontend.address)
+        with channel:
+            calls = [serving.Generate(generate(max_tokens=2), timeout=TIMEOUT) for _ in range(3)]
+            codes = []
+            for call in calls:
+                try:
+                    codes.append(grpc.StatusCode.OK if list(call) else None)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+    if cancelled:  # gRPC's pending call waited past the bound (one waits taken, not pending)
+        assert grpc.StatusCode.CANCELLED in codes, codes
+    else:
+        assert codes == [grpc.StatusCode.OK] * 3

@@ -1,6 +1,7 @@
-"""A worker started with the cluster secret serves only calls that carry it: any other call,
-unary or streaming, is refused UNAUTHENTICATED before its handler runs; the engine core's
-client, given the secret, is served."""
+"""The cluster secret's check (protos/cluster_secret.py) on a worker's server: a worker started
+with the secret serves only calls that carry it; any other call, unary or streaming, is refused
+UNAUTHENTICATED before its handler runs; the engine core's client, given the secret, is served.
+(The engine core's own server: tests/scheduler/core/test_engine_core.py.)"""
 
 import grpc
 import pytest
