@@ -212,8 +212,7 @@ def _reference(client, prompts, params, timeout) -> list[list[int]]:
     ids = [f"reference-{i}" for i in range(len(prompts))]
     with _phase("submit", "the fault-free reference run"):
         calls = [
-            client.generate(p, params, rid, timeout)
-            for p, rid in zip(prompts, ids, strict=True)
+            client.generate(p, params, rid, timeout) for p, rid in zip(prompts, ids, strict=True)
         ]
     tokens = []
     for rid, call in zip(ids, calls, strict=True):

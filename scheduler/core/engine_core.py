@@ -52,9 +52,7 @@ class _QueueFull(Exception):
 
 
 class EngineCore:
-    def __init__(
-        self, model_name: str, host: str = "127.0.0.1", secret: str | None = None
-    ) -> None:
+    def __init__(self, model_name: str, host: str = "127.0.0.1", secret: str | None = None) -> None:
         """Starts the EngineCore gRPC server on host, any free port (`address`). secret: the
         cluster secret every call must carry, or is refused UNAUTHENTICATED; None serves every
         call (a core inside a test's process)."""
