@@ -63,7 +63,8 @@ class WorkerActor:
         if torch.cuda.is_initialized():
             raise RuntimeError("CUDA started in this worker before its GPUs were set")
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
-        torch.cuda.init()
+        if torch.cuda.is_available():  # else Ray's GPUs are fake ones (a simulated cluster)
+            torch.cuda.init()
         self._server.service.cuda_index = index
 
     def free_port(self) -> int:

@@ -281,7 +281,7 @@ class Fleet:
 
     def _tell_serving(self) -> None:
         """Calls on_serving when whether some replica serves has changed (under _membership)."""
-        serving = self.serving()
+        serving = self._any_serving()
         if serving != self._was_serving and self._on_serving is not None:
             self._on_serving(serving)
         self._was_serving = serving
@@ -379,7 +379,7 @@ class Fleet:
     def _fail_unplaced_if_none_serves(self) -> None:
         """With no replica serving and none restarting, the requests waiting in the fleet are
         answered UNAVAILABLE (under _membership)."""
-        if self.serving() or self._restarting:
+        if self._any_serving() or self._restarting:
             return
         unplaced, self._unplaced = self._unplaced, []
         for held in unplaced:
@@ -424,7 +424,11 @@ class Fleet:
         ]
 
     def serving(self) -> bool:
-        """Whether some replica serves (takes requests now)."""
+        """Whether some replica serves (takes requests), as on_serving was told last: a change
+        shows here once on_serving has heard of it."""
+        return self._was_serving  # no lock: on_serving's callees call this (a bool's read)
+
+    def _any_serving(self) -> bool:
         return any(r.state is ReplicaState.SERVING for r in self.replicas)
 
     def server_info(self) -> serving_pb2.ServerInfoResponse:
