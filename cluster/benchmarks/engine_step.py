@@ -98,7 +98,8 @@ def run(running: int, steps: int, profile: bool) -> dict:
                 if profiler is not None:
                     profiler.disable()
 
-    engine = _Engine(Scheduler(config, PageTableManager(num_blocks, BLOCK_SIZE, True)), [worker])
+    page_table = PageTableManager(num_blocks, BLOCK_SIZE, True)
+    engine = _Engine(Scheduler(config, page_table), [worker], max_step_records=steps + 1)
     sink = _SerializingSink()
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     try:
