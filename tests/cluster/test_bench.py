@@ -120,20 +120,26 @@ def test_no_bandwidth_is_measured_without_cuda():
     assert measure_copy_bandwidth() is None
 
 
+# The embedded default config on the CPU, as the CI box runs it.
+CPU_CLUSTER = [
+    "-c",
+    f"{REPO}/configs/local.yaml",
+    "--set",
+    "cluster.num_cpus=2",
+    "--set",
+    "cache.cpu_cache_gb=0.5",
+    "--set",
+    "model.device=cpu",
+]
+
+
 def test_bench_latency_on_the_cpu(capsys):
     """`pagedserve bench latency` through the CLI on the embedded default config, tiny sizes."""
     code = cli.main(
         [
             "bench",
             "latency",
-            "-c",
-            f"{REPO}/configs/local.yaml",
-            "--set",
-            "cluster.num_cpus=2",
-            "--set",
-            "cache.cpu_cache_gb=0.5",
-            "--set",
-            "model.device=cpu",
+            *CPU_CLUSTER,
             "--batch-size",
             "1",
             "2",
@@ -334,14 +340,7 @@ def test_bench_throughput_on_the_cpu(capsys):
         [
             "bench",
             "throughput",
-            "-c",
-            f"{REPO}/configs/local.yaml",
-            "--set",
-            "cluster.num_cpus=2",
-            "--set",
-            "cache.cpu_cache_gb=0.5",
-            "--set",
-            "model.device=cpu",
+            *CPU_CLUSTER,
             "--num-requests",
             "4",
             "--input-len",
