@@ -13,6 +13,8 @@ tensors go to the Triton kernels:
     copy_blocks       -> kernels.triton_copy_blocks
     rms_norm, fused_add_rms_norm -> kernels.triton_rms_norm (reference: kernels.rms_norm)
     rotary            -> kernels.triton_rotary (reference: kernels.rotary)
+    rotary_write_kv_cache -> kernels.triton_rotary_kv_cache (one launch; reference: rotary, then
+                             write_kv_cache)
     silu_and_mul      -> kernels.triton_activation (reference: kernels.activation)
 
 Triton is imported lazily, on the first CUDA call: a CPU process never imports it (and the CPU
@@ -42,6 +44,9 @@ def _triton() -> SimpleNamespace:
     from kernels.triton_rms_norm import fused_add_rms_norm as fused_add_rms_norm_triton
     from kernels.triton_rms_norm import rms_norm as rms_norm_triton
     from kernels.triton_rotary import rotary as rotary_triton
+    from kernels.triton_rotary_kv_cache import (
+        rotary_write_kv_cache as rotary_write_kv_cache_triton,
+    )
 
     return SimpleNamespace(
         decode_attention=decode_attention,
@@ -51,6 +56,7 @@ def _triton() -> SimpleNamespace:
         rms_norm=rms_norm_triton,
         fused_add_rms_norm=fused_add_rms_norm_triton,
         rotary=rotary_triton,
+        rotary_write_kv_cache=rotary_write_kv_cache_triton,
         silu_and_mul=silu_and_mul_triton,
     )
 
@@ -152,6 +158,28 @@ def rotary(
     return rotary_ref(positions, q, k, cos_cache, sin_cache)
 
 
+def rotary_write_kv_cache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """rotary(positions, q, k, ...), then write_kv_cache of the rotated k and v at slot_mapping;
+    returns the rotated q. On CUDA one launch for all of it, bit-identical to the two."""
+    if q.is_cuda:
+        return _triton().rotary_write_kv_cache(
+            positions, q, k, v, cos_cache, sin_cache, key_cache, value_cache, slot_mapping
+        )
+    q, k = rotary_ref(positions, q, k, cos_cache, sin_cache)
+    write_kv_cache_ref(k, v, key_cache, value_cache, slot_mapping)
+    return q
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of gate_up [..., 2 * d] = [gate | up] (see kernels.activation); one
     launch on CUDA."""
@@ -166,6 +194,7 @@ __all__ = [
     "paged_attention",
     "rms_norm",
     "rotary",
+    "rotary_write_kv_cache",
     "silu_and_mul",
     "write_kv_cache",
 ]

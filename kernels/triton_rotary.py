@@ -44,7 +44,32 @@ def _round_add(a, b):
 
 
 @triton.jit
-def _rotate_heads(
+def cos_sin_rows(
+    positions_ptr,  # [num_tokens] int64
+    cos_ptr,  # [max_positions, head_dim], unit last stride
+    sin_ptr,  # cos's strides
+    stride_cos,
+    token,  # int64
+    half,  # head_dim / 2
+    dtype: tl.constexpr,  # x's dtype
+    BLOCK_HALF: tl.constexpr,  # next_pow2(half)
+):
+    """The token's cos/sin rows as halves [1, BLOCK_HALF] (cos1 = cos[:half], cos2 = cos[half:],
+    likewise sin), rounded to x's dtype first as the reference does."""
+    pos = tl.load(positions_ptr + token)
+    offs = tl.arange(0, BLOCK_HALF)[None, :]
+    dmask = offs < half
+    cos1_ptrs = cos_ptr + pos * stride_cos + offs
+    sin1_ptrs = sin_ptr + pos * stride_cos + offs
+    cos1 = tl.load(cos1_ptrs, mask=dmask, other=0.0).to(dtype)
+    cos2 = tl.load(cos1_ptrs + half, mask=dmask, other=0.0).to(dtype)
+    sin1 = tl.load(sin1_ptrs, mask=dmask, other=0.0).to(dtype)
+    sin2 = tl.load(sin1_ptrs + half, mask=dmask, other=0.0).to(dtype)
+    return cos1, cos2, sin1, sin2
+
+
+@triton.jit
+def rotate_heads(
     x_ptr,  # [num_tokens, num_heads, head_dim], unit last stride
     out_ptr,  # [num_tokens, num_heads, head_dim], x's dtype
     stride_xt,
@@ -104,19 +129,11 @@ def _rotary_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
-    pos = tl.load(positions_ptr + token)
-    offs = tl.arange(0, BLOCK_HALF)[None, :]
-    dmask = offs < half
-    dtype = q_ptr.dtype.element_ty
-    # The cos/sin rows, rounded to x's dtype first as the reference does.
-    cos1_ptrs = cos_ptr + pos * stride_cos + offs
-    sin1_ptrs = sin_ptr + pos * stride_cos + offs
-    cos1 = tl.load(cos1_ptrs, mask=dmask, other=0.0).to(dtype)
-    cos2 = tl.load(cos1_ptrs + half, mask=dmask, other=0.0).to(dtype)
-    sin1 = tl.load(sin1_ptrs, mask=dmask, other=0.0).to(dtype)
-    sin2 = tl.load(sin1_ptrs + half, mask=dmask, other=0.0).to(dtype)
+    cos1, cos2, sin1, sin2 = cos_sin_rows(
+        positions_ptr, cos_ptr, sin_ptr, stride_cos, token, half, q_ptr.dtype.element_ty, BLOCK_HALF
+    )
     if block < num_q_blocks:
-        _rotate_heads(
+        rotate_heads(
             q_ptr,
             q_out_ptr,
             stride_qt,
@@ -135,7 +152,7 @@ def _rotary_kernel(
             BLOCK_HALF,
         )
     else:
-        _rotate_heads(
+        rotate_heads(
             k_ptr,
             k_out_ptr,
             stride_kt,
@@ -155,11 +172,44 @@ def _rotary_kernel(
         )
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _output(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def check_rotary_args(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> None:
+    """Raises ValueError unless q, k, positions and the cos/sin caches fit (see rotary)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if k.shape != (num_tokens, num_kv_heads, head_dim) or k.dtype != q.dtype:
+        raise ValueError(f"k {tuple(k.shape)} {k.dtype} does not fit q {tuple(q.shape)} {q.dtype}")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions {tuple(positions.shape)} != ({num_tokens},)")
+    if head_dim % 2 or cos_cache.shape[1:] != (head_dim,) or sin_cache.shape != cos_cache.shape:
+        raise ValueError(
+            f"rotary: head_dim {head_dim} must be even and match cos/sin caches "
+            f"{tuple(cos_cache.shape)}, {tuple(sin_cache.shape)}"
+        )
+
+
+def rotary_tiles(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_HALF, BLOCK_HQ, BLOCK_HK, num_warps) of a launch: head blocks of at most MAX_TILE
+    elements, about 8 elements of each half per thread at the larger tile (128-bit loads in
+    bf16)."""
+    block_half = next_pow2(head_dim // 2)
+    max_heads = max(1, MAX_TILE // (2 * block_half))
+    block_hq = min(next_pow2(num_heads), max_heads)
+    block_hk = min(next_pow2(num_kv_heads), max_heads)
+    num_warps = min(4, max(1, max(block_hq, block_hk) * block_half // 256))
+    return block_half, block_hq, block_hk, num_warps
+
+
+def output_like(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """`out` checked against `like` (shape, dtype, unit last stride: the kernel writes into it),
     or a new contiguous tensor."""
     if out is None:
@@ -188,33 +238,20 @@ def rotary(
     checked, that would need a host sync), with rows of cos_cache, sin_cache [max_positions,
     head_dim]. Returns (q_out, k_out), new contiguous tensors, or `q_out` / `k_out` filled when
     given (q's / k's shape and dtype, unit last stride; neither may alias an input)."""
+    check_rotary_args(positions, q, k, cos_cache, sin_cache)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    if k.shape != (num_tokens, num_kv_heads, head_dim) or k.dtype != q.dtype:
-        raise ValueError(f"k {tuple(k.shape)} {k.dtype} does not fit q {tuple(q.shape)} {q.dtype}")
-    if positions.shape != (num_tokens,):
-        raise ValueError(f"positions {tuple(positions.shape)} != ({num_tokens},)")
-    if head_dim % 2 or cos_cache.shape[1:] != (head_dim,) or sin_cache.shape != cos_cache.shape:
-        raise ValueError(
-            f"rotary: head_dim {head_dim} must be even and match cos/sin caches "
-            f"{tuple(cos_cache.shape)}, {tuple(sin_cache.shape)}"
-        )
-    q_out = _output(q_out, q)
-    k_out = _output(k_out, k)
+    q_out = output_like(q_out, q)
+    k_out = output_like(k_out, k)
     if num_tokens == 0:
         return q_out, k_out
     # No-ops for the model's inputs (views of the QKV output, a fresh positions tensor, caches).
-    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    q, k = unit_last_stride(q), unit_last_stride(k)
     positions = positions.contiguous()
     cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
     half = head_dim // 2
-    block_half = next_pow2(half)
-    max_heads = max(1, MAX_TILE // (2 * block_half))
-    block_hq = min(next_pow2(num_heads), max_heads)
-    block_hk = min(next_pow2(num_kv_heads), max_heads)
+    block_half, block_hq, block_hk, num_warps = rotary_tiles(num_heads, num_kv_heads, head_dim)
     num_q_blocks = cdiv(num_heads, block_hq)
-    # About 8 elements of each half per thread at the larger tile (128-bit loads in bf16).
-    num_warps = min(4, max(1, max(block_hq, block_hk) * block_half // 256))
     _rotary_kernel[(num_tokens, num_q_blocks + cdiv(num_kv_heads, block_hk))](
         positions,
         q,

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from kernels import paged_attention, write_kv_cache
+from worker.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -38,10 +39,23 @@ class PagedAttention(nn.Module):
         self.value_cache = torch.empty(0)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]."""
-        write_kv_cache(k, v, self.key_cache, self.value_cache, meta.slot_mapping)
+        """q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim].
+        With `rotary`, q and k are rotated at positions [num_tokens] first (on CUDA in the
+        cache write's launch). Returns [num_tokens, num_heads, head_dim]."""
+        if rotary is None:
+            write_kv_cache(k, v, self.key_cache, self.value_cache, meta.slot_mapping)
+        else:
+            q = rotary.rotate_and_write_kv(
+                positions, q, k, v, self.key_cache, self.value_cache, meta.slot_mapping
+            )
         return paged_attention(
             q,
             self.key_cache,

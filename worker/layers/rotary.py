@@ -13,8 +13,9 @@ class RotaryEmbedding(nn.Module):
     cos/sin are precomputed once for every position: cache [max_positions, head_dim].
     scaling: HF's rope parameters; "default" and Llama 3's "llama3" are supported.
 
-    On CUDA q and k are rotated by one Triton kernel (kernels.triton_rotary); on the CPU by the
-    torch reference (kernels.rotary), the same operations as HF's apply_rotary_pos_emb.
+    On CUDA q and k are rotated by one Triton kernel (kernels.triton_rotary; with the KV-cache
+    write, kernels.triton_rotary_kv_cache); on the CPU by the torch reference (kernels.rotary),
+    the same operations as HF's apply_rotary_pos_emb.
     """
 
     def __init__(
@@ -52,6 +53,23 @@ class RotaryEmbedding(nn.Module):
         """positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, ..].
         Returns new rotated (q, k); the inputs are not modified."""
         return kernels.rotary(positions, q, k, self.cos_cache, self.sin_cache)
+
+    def rotate_and_write_kv(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """forward's rotation of q and k, with the rotated k and v stored in the paged caches
+        [num_blocks, block_size, num_kv_heads, head_dim] at slot_mapping [num_tokens] (-1
+        skipped), as an attention layer needs them. Returns the rotated q; on CUDA one launch."""
+        return kernels.rotary_write_kv_cache(
+            positions, q, k, v, self.cos_cache, self.sin_cache, key_cache, value_cache, slot_mapping
+        )
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

@@ -97,8 +97,7 @@ class LlamaAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads_local, head_dim]
+        out = self.attn(q, k, v, meta, self.rotary, positions)  # [n, num_heads_local, head_dim]
         return self.o_proj(out.reshape(n, -1))
 
 
