@@ -5,8 +5,10 @@ Ray places and supervises them; everything else travels over gRPC.
 
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 
 import ray
 
@@ -33,6 +35,7 @@ class WorkerActor:
             configure_cpu_threads(cpu_ranks_on_node)
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         self._server = WorkerServer(host=host, secret=secret)
+        self._rendezvous_dir: str | None = None
 
     def address(self) -> str:
         return self._server.address
@@ -68,13 +71,23 @@ class WorkerActor:
         self._server.service.cuda_index = index
 
     def free_port(self) -> int:
-        """A port free on this node now (rank 0's: the tensor-parallel group's rendezvous)."""
+        """A port free on this node now (rank 0's: the tensor-parallel group's TCP store, for a
+        replica across nodes)."""
         with socket.socket() as s:
             s.bind(("", 0))
             return s.getsockname()[1]
 
+    def rendezvous_file(self) -> str:
+        """A path not yet created in a new directory only this user may enter (rank 0's: the
+        file through which a replica's ranks on this node meet, torch's FileStore). stop()
+        removes the directory."""
+        self._rendezvous_dir = tempfile.mkdtemp(prefix="pagedserve-tp-")
+        return os.path.join(self._rendezvous_dir, "store")
+
     def stop(self) -> None:
         self._server.stop()
+        if self._rendezvous_dir is not None:
+            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
 @ray.remote(num_cpus=0)

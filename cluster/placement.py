@@ -122,7 +122,14 @@ class RayPlacer:
                     ],
                     timeout=timeout,
                 )
-            master_port = ray.get(placed.workers[0].free_port.remote(), timeout=timeout)
+            # Ranks on one node meet through a file (nothing listens); across nodes through
+            # the TCP store rank 0 serves.
+            rank0 = placed.workers[0]
+            store_path, master_port = "", 0
+            if len(set(node_ids)) == 1:
+                store_path = ray.get(rank0.rendezvous_file.remote(), timeout=timeout)
+            else:
+                master_port = ray.get(rank0.free_port.remote(), timeout=timeout)
         except BaseException:
             _free(placed)
             raise
@@ -133,6 +140,7 @@ class RayPlacer:
             model_path=self.model_path,
             master_addr=addresses[0].rsplit(":", 1)[0],
             master_port=master_port,
+            store_path=store_path,
             worker_node_ids=tuple(node_ids),
             worker_secret=self._secret,
         )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x11pagedserve.worker\"\x07\n\x05\x45mpty\"d\n\x16InitDistributedRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x13\n\x0bmaster_addr\x18\x03 \x01(\t\x12\x13\n\x0bmaster_port\x18\x04 \x01(\x05\"h\n\x10LoadModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x13\n\x0bload_format\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xdb\x01\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x14\n\x0cweight_bytes\x18\t \x01(\x03\x12\x12\n\nall_reduce\x18\n \x01(\t\"\x80\x01\n\x14ProfileMemoryRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\x05\x12\x1e\n\x16gpu_memory_utilization\x18\x03 \x01(\x02\x12\x14\n\x0c\x63pu_cache_gb\x18\x04 \x01(\x02\"X\n\x15ProfileMemoryResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x17\n\x0f\x62ytes_per_block\x18\x02 \x01(\x03\x12\x12\n\npeak_bytes\x18\x03 \x01(\x03\"\x96\x01\n\x10InitCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x16\n\x0enum_cpu_blocks\x18\x03 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x15\n\renforce_eager\x18\x06 \x01(\x08\"J\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x03\"\xad\x02\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x12\n\nmin_tokens\x18\t \x01(\x05\x12\x1f\n\x17\x62\x61nned_until_min_tokens\x18\n \x03(\x05\x12\x12\n\nprompt_len\x18\x0b \x01(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xb7\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".pagedserve.worker.SamplingOptions\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x06 \x01(\x05\"\xac\x01\n\x0e\x43\x61\x63hedRequests\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x03(\x05\x12\x16\n\x0enum_new_blocks\x18\x04 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x05 \x03(\x05\x12\x1b\n\x13replace_block_table\x18\x06 \x03(\x08\"%\n\tBlockCopy\x12\x0b\n\x03src\x18\x01 \x01(\x05\x12\x0b\n\x03\x64st\x18\x02 \x01(\x05\"\xf9\x02\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x33\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x1d.pagedserve.worker.NewRequest\x12:\n\x0f\x63\x61\x63hed_requests\x18\x03 \x01(\x0b\x32!.pagedserve.worker.CachedRequests\x12\x1c\n\x14\x66inished_request_ids\x18\x04 \x03(\t\x12\x1d\n\x15preempted_request_ids\x18\x05 \x03(\t\x12\x1b\n\x13swapped_request_ids\x18\x06 \x03(\t\x12.\n\x08swap_out\x18\x07 \x03(\x0b\x32\x1c.pagedserve.worker.BlockCopy\x12-\n\x07swap_in\x18\x08 \x03(\x0b\x32\x1c.pagedserve.worker.BlockCopy\x12\x32\n\x0c\x62lock_copies\x18\t \x03(\x0b\x32\x1c.pagedserve.worker.BlockCopy\"\xf6\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nexecute_ms\x18\x04 \x01(\x02\x12\x18\n\x10sampled_logprobs\x18\x05 \x03(\x02\x12\x15\n\rsampled_ranks\x18\x06 \x03(\x05\x12\x18\n\x10num_top_logprobs\x18\x07 \x03(\x05\x12\x15\n\rtop_token_ids\x18\x08 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\t \x03(\x02\x12\x12\n\ncuda_graph\x18\n \x01(\x08\x12\x0f\n\x07idle_ms\x18\x0b \x01(\x02\x32\xb2\x04\n\x06Worker\x12V\n\x0fInitDistributed\x12).pagedserve.worker.InitDistributedRequest\x1a\x18.pagedserve.worker.Empty\x12N\n\tLoadModel\x12#.pagedserve.worker.LoadModelRequest\x1a\x1c.pagedserve.worker.ModelInfo\x12\x62\n\rProfileMemory\x12\'.pagedserve.worker.ProfileMemoryRequest\x1a(.pagedserve.worker.ProfileMemoryResponse\x12J\n\tInitCache\x12#.pagedserve.worker.InitCacheRequest\x1a\x18.pagedserve.worker.Empty\x12I\n\x07\x45xecute\x12\x1b.pagedserve.worker.StepPlan\x1a\x1d.pagedserve.worker.StepResult(\x01\x30\x01\x12\x45\n\x06Health\x12\x18.pagedserve.worker.Empty\x1a!.pagedserve.worker.HealthResponse\x12>\n\x08Shutdown\x12\x18.pagedserve.worker.Empty\x1a\x18.pagedserve.worker.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x11pagedserve.worker\"\x07\n\x05\x45mpty\"x\n\x16InitDistributedRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x13\n\x0bmaster_addr\x18\x03 \x01(\t\x12\x13\n\x0bmaster_port\x18\x04 \x01(\x05\x12\x12\n\nstore_path\x18\x05 \x01(\t\"h\n\x10LoadModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x13\n\x0bload_format\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xdb\x01\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x14\n\x0cweight_bytes\x18\t \x01(\x03\x12\x12\n\nall_reduce\x18\n \x01(\t\"\x80\x01\n\x14ProfileMemoryRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\x05\x12\x1e\n\x16gpu_memory_utilization\x18\x03 \x01(\x02\x12\x14\n\x0c\x63pu_cache_gb\x18\x04 \x01(\x02\"X\n\x15ProfileMemoryResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x17\n\x0f\x62ytes_per_block\x18\x02 \x01(\x03\x12\x12\n\npeak_bytes\x18\x03 \x01(\x03\"\x96\x01\n\x10InitCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x16\n\x0enum_cpu_blocks\x18\x03 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x15\n\renforce_eager\x18\x06 \x01(\x08\"J\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x03\"\xad\x02\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x12\n\nmin_tokens\x18\t \x01(\x05\x12\x1f\n\x17\x62\x61nned_until_min_tokens\x18\n \x03(\x05\x12\x12\n\nprompt_len\x18\x0b \x01(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xb7\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".pagedserve.worker.SamplingOptions\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x06 \x01(\x05\"\xac\x01\n\x0e\x43\x61\x63hedRequests\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x03(\x05\x12\x16\n\x0enum_new_blocks\x18\x04 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x05 \x03(\x05\x12\x1b\n\x13replace_block_table\x18\x06 \x03(\x08\"%\n\tBlockCopy\x12\x0b\n\x03src\x18\x01 \x01(\x05\x12\x0b\n\x03\x64st\x18\x02 \x01(\x05\"\xf9\x02\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x33\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x1d.pagedserve.worker.NewRequest\x12:\n\x0f\x63\x61\x63hed_requests\x18\x03 \x01(\x0b\x32!.pagedserve.worker.CachedRequests\x12\x1c\n\x14\x66inished_request_ids\x18\x04 \x03(\t\x12\x1d\n\x15preempted_request_ids\x18\x05 \x03(\t\x12\x1b\n\x13swapped_request_ids\x18\x06 \x03(\t\x12.\n\x08swap_out\x18\x07 \x03(\x0b\x32\x1c.pagedserve.worker.BlockCopy\x12-\n\x07swap_in\x18\x08 \x03(\x0b\x32\x1c.pagedserve.worker.BlockCopy\x12\x32\n\x0c\x62lock_copies\x18\t \x03(\x0b\x32\x1c.pagedserve.worker.BlockCopy\"\xf6\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nexecute_ms\x18\x04 \x01(\x02\x12\x18\n\x10sampled_logprobs\x18\x05 \x03(\x02\x12\x15\n\rsampled_ranks\x18\x06 \x03(\x05\x12\x18\n\x10num_top_logprobs\x18\x07 \x03(\x05\x12\x15\n\rtop_token_ids\x18\x08 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\t \x03(\x02\x12\x12\n\ncuda_graph\x18\n \x01(\x08\x12\x0f\n\x07idle_ms\x18\x0b \x01(\x02\x32\xb2\x04\n\x06Worker\x12V\n\x0fInitDistributed\x12).pagedserve.worker.InitDistributedRequest\x1a\x18.pagedserve.worker.Empty\x12N\n\tLoadModel\x12#.pagedserve.worker.LoadModelRequest\x1a\x1c.pagedserve.worker.ModelInfo\x12\x62\n\rProfileMemory\x12\'.pagedserve.worker.ProfileMemoryRequest\x1a(.pagedserve.worker.ProfileMemoryResponse\x12J\n\tInitCache\x12#.pagedserve.worker.InitCacheRequest\x1a\x18.pagedserve.worker.Empty\x12I\n\x07\x45xecute\x12\x1b.pagedserve.worker.StepPlan\x1a\x1d.pagedserve.worker.StepResult(\x01\x30\x01\x12\x45\n\x06Health\x12\x18.pagedserve.worker.Empty\x1a!.pagedserve.worker.HealthResponse\x12>\n\x08Shutdown\x12\x18.pagedserve.worker.Empty\x1a\x18.pagedserve.worker.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMPTY']._serialized_start=42
   _globals['_EMPTY']._serialized_end=49
   _globals['_INITDISTRIBUTEDREQUEST']._serialized_start=51
-  _globals['_INITDISTRIBUTEDREQUEST']._serialized_end=151
-  _globals['_LOADMODELREQUEST']._serialized_start=153
-  _globals['_LOADMODELREQUEST']._serialized_end=257
-  _globals['_MODELINFO']._serialized_start=260
-  _globals['_MODELINFO']._serialized_end=479
-  _globals['_PROFILEMEMORYREQUEST']._serialized_start=482
-  _globals['_PROFILEMEMORYREQUEST']._serialized_end=610
-  _globals['_PROFILEMEMORYRESPONSE']._serialized_start=612
-  _globals['_PROFILEMEMORYRESPONSE']._serialized_end=700
-  _globals['_INITCACHEREQUEST']._serialized_start=703
-  _globals['_INITCACHEREQUEST']._serialized_end=853
-  _globals['_HEALTHRESPONSE']._serialized_start=855
-  _globals['_HEALTHRESPONSE']._serialized_end=929
-  _globals['_SAMPLINGOPTIONS']._serialized_start=932
-  _globals['_SAMPLINGOPTIONS']._serialized_end=1233
-  _globals['_NEWREQUEST']._serialized_start=1236
-  _globals['_NEWREQUEST']._serialized_end=1419
-  _globals['_CACHEDREQUESTS']._serialized_start=1422
-  _globals['_CACHEDREQUESTS']._serialized_end=1594
-  _globals['_BLOCKCOPY']._serialized_start=1596
-  _globals['_BLOCKCOPY']._serialized_end=1633
-  _globals['_STEPPLAN']._serialized_start=1636
-  _globals['_STEPPLAN']._serialized_end=2013
-  _globals['_STEPRESULT']._serialized_start=2016
-  _globals['_STEPRESULT']._serialized_end=2262
-  _globals['_WORKER']._serialized_start=2265
-  _globals['_WORKER']._serialized_end=2827
+  _globals['_INITDISTRIBUTEDREQUEST']._serialized_end=171
+  _globals['_LOADMODELREQUEST']._serialized_start=173
+  _globals['_LOADMODELREQUEST']._serialized_end=277
+  _globals['_MODELINFO']._serialized_start=280
+  _globals['_MODELINFO']._serialized_end=499
+  _globals['_PROFILEMEMORYREQUEST']._serialized_start=502
+  _globals['_PROFILEMEMORYREQUEST']._serialized_end=630
+  _globals['_PROFILEMEMORYRESPONSE']._serialized_start=632
+  _globals['_PROFILEMEMORYRESPONSE']._serialized_end=720
+  _globals['_INITCACHEREQUEST']._serialized_start=723
+  _globals['_INITCACHEREQUEST']._serialized_end=873
+  _globals['_HEALTHRESPONSE']._serialized_start=875
+  _globals['_HEALTHRESPONSE']._serialized_end=949
+  _globals['_SAMPLINGOPTIONS']._serialized_start=952
+  _globals['_SAMPLINGOPTIONS']._serialized_end=1253
+  _globals['_NEWREQUEST']._serialized_start=1256
+  _globals['_NEWREQUEST']._serialized_end=1439
+  _globals['_CACHEDREQUESTS']._serialized_start=1442
+  _globals['_CACHEDREQUESTS']._serialized_end=1614
+  _globals['_BLOCKCOPY']._serialized_start=1616
+  _globals['_BLOCKCOPY']._serialized_end=1653
+  _globals['_STEPPLAN']._serialized_start=1656
+  _globals['_STEPPLAN']._serialized_end=2033
+  _globals['_STEPRESULT']._serialized_start=2036
+  _globals['_STEPRESULT']._serialized_end=2282
+  _globals['_WORKER']._serialized_start=2285
+  _globals['_WORKER']._serialized_end=2847
 # @@protoc_insertion_point(module_scope)

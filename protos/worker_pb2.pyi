@@ -11,16 +11,18 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class InitDistributedRequest(_message.Message):
-    __slots__ = ("rank", "world_size", "master_addr", "master_port")
+    __slots__ = ("rank", "world_size", "master_addr", "master_port", "store_path")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
+    STORE_PATH_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     master_addr: str
     master_port: int
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
+    store_path: str
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., store_path: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model_path", "load_format", "dtype", "device", "seed")

@@ -27,17 +27,19 @@ _world_size = 1
 _small: "_SymmetricAllReduce | None" = None
 
 
-def init(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+def init(
+    rank: int, world_size: int, master_addr: str, master_port: int, store_path: str = ""
+) -> None:
+    """Joins the replica's group. The ranks meet through store_path, a file in a private
+    directory, when they share a node (torch's FileStore: nothing listens), else through the
+    TCP store rank 0 serves at master_addr:master_port, which any host that reaches the port
+    could talk to: only a replica that spans nodes needs it."""
     global _rank, _world_size
     _rank, _world_size = rank, world_size
     if world_size > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-        )
+        where = f"file://{store_path}" if store_path else f"tcp://{master_addr}:{master_port}"
+        dist.init_process_group(backend, init_method=where, rank=rank, world_size=world_size)
 
 
 def destroy() -> None:

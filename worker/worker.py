@@ -71,7 +71,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def InitDistributed(self, request, context):
         self.rank, self.world_size = request.rank, request.world_size
-        distributed.init(request.rank, request.world_size, request.master_addr, request.master_port)
+        distributed.init(
+            request.rank,
+            request.world_size,
+            request.master_addr,
+            request.master_port,
+            request.store_path,
+        )
         return worker_pb2.Empty()
 
     def LoadModel(self, request, context):

@@ -28,6 +28,8 @@ class ReplicaSpec:
     model_path: str
     master_addr: str = "127.0.0.1"
     master_port: int = 0
+    # A file the ranks meet through when they share a node (no port then), else "".
+    store_path: str = ""
     worker_node_ids: tuple[str, ...] = ()  # each rank's cluster node, where the placer knows it
     # The cluster secret the workers demand (protos/cluster_secret.py); None: they demand none.
     worker_secret: str | None = field(default=None, repr=False)
@@ -124,6 +126,7 @@ class Replica:
                     world_size=len(workers),
                     master_addr=spec.master_addr,
                     master_port=spec.master_port,
+                    store_path=spec.store_path,
                 )
                 for rank in range(len(workers))
             ],

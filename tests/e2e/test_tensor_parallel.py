@@ -38,9 +38,16 @@ def test_tp2_matches_hf(local_cluster, tiny_models, smollm2_path, arch):
                 share = int(os.environ.get("OMP_NUM_THREADS") or max(available_cores() // 2, 1))
                 threads = ray.get([w.torch_threads.remote() for w in cluster.workers()])
                 assert threads == [share] * 2
+            # Ranks on one node meet through a file in rank 0's private directory: no port.
+            rendezvous = ray.get(
+                cluster.workers()[0].__ray_call__.remote(lambda actor: actor._rendezvous_dir),
+                timeout=30,
+            )
+            assert os.path.exists(os.path.join(rendezvous, "store"))
             params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
             streams = [client.generate(p, params, timeout=300) for p in PROMPTS]
             got = [[t for d in s for t in d.token_ids] for s in streams]
     finally:
         cluster.shutdown()
     assert got == [hf_greedy(hf, p, 10) for p in PROMPTS]
+    assert not os.path.exists(rendezvous)  # removed as the workers stopped
