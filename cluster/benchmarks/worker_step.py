@@ -1,23 +1,29 @@
 """The decode step of one worker, without the engine: where a step's time goes on the device.
 
     python -m cluster.benchmarks.worker_step --model llama-3-8b --batch-size 1 64 256 \
-        [--context-len 256] [--steps 200] [--dtype bfloat16] [--enforce-eager]
+        [--context-len 256] [--steps 200] [--dtype bfloat16] [--enforce-eager] [--profile] \
+        [--tensor-parallel-size 2]
 
-Loads a model (a dummy preset, or a checkpoint) into a ModelRunner on this process's GPU, puts
-batch-size requests of context-len tokens in its KV cache, then for each batch size measures:
+Loads a model (a dummy preset, or a checkpoint) into a ModelRunner on this process's GPU (with
+--tensor-parallel-size N: N processes, rank r on GPU r, its shard, in one group as a replica's
+workers are), puts batch-size requests of context-len tokens in its KV cache, then for each
+batch size measures (rank 0's figures; every rank runs the same steps):
 
     graph      one replay of the captured decode graph, back to back (CUDA events): the step's
                device time with no host in the way
     step       the worker's own loop, as WorkerService runs it with the next plan waiting:
                launch(plan N+1), then finish(step N); wall time per step
-    roofline   the weights one step reads over the card's copy bandwidth (measured here)
+    roofline   the weights one step reads (one rank's shard) over the card's copy bandwidth
+               (measured here)
 
 step - graph is what the worker's host work and the work outside the graph (sampling) add;
 the engine's own time per step is bench latency's step minus this step.
 """
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -26,6 +32,7 @@ import torch
 from cluster.benchmarks.report import measure_copy_bandwidth, roofline_ms
 from cluster.models import resolve_model
 from protos import worker_pb2
+from worker import distributed
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
 
@@ -105,7 +112,8 @@ def time_graph(runner: ModelRunner, size: int, repeats: int = 50) -> float:
 
 
 def profile_graph(runner: ModelRunner, size: int, top: int = 15) -> None:
-    """Prints the kernels of one replay of the decode graph of `size` by device time."""
+    """Prints the kernels of one replay of the decode graph of `size` by device time (every
+    rank of a group must call it: the graph holds collectives)."""
     from torch.profiler import ProfilerActivity, profile
 
     graph = runner.graphs.graphs[size]
@@ -115,6 +123,8 @@ def profile_graph(runner: ModelRunner, size: int, top: int = 15) -> None:
         for _ in range(10):
             graph.replay()
         torch.cuda.synchronize()
+    if distributed.tp_rank() != 0:
+        return
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / 10
@@ -133,14 +143,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--profile", action="store_true", help="kernels of each graph replay")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args(argv)
-    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    world = args.tensor_parallel_size
+    if world == 1:
+        run_rank(0, args, "")
+        return
+    with tempfile.TemporaryDirectory(prefix="worker-step-") as where:
+        torch.multiprocessing.spawn(
+            run_rank, args=(args, os.path.join(where, "store")), nprocs=world, join=True
+        )
+
+
+def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
+    """One rank's measurement (the whole benchmark when there is one); rank 0 reports."""
+    world = args.tensor_parallel_size
+    torch.cuda.set_device(rank)
+    device, dtype = torch.device("cuda", rank), getattr(torch, args.dtype)
+    distributed.init(rank, world, "", 0, store_path)
     bandwidth = measure_copy_bandwidth()
     path = resolve_model(args.model, "dummy")
     fmt = "dummy" if path == args.model else "auto"
     model = load_model(path, fmt, dtype, device, seed=0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     runner = ModelRunner(model, device, dtype, seed=0)
+    distributed.enable_small_all_reduce(dtype, device)
     max_batch = max(args.batch_size)
     per_request = -(-(args.context_len + args.steps + 1) // BLOCK_SIZE)
     runner.init_cache(
@@ -151,8 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         enforce_eager=args.enforce_eager,
     )
     roof = roofline_ms(weight_bytes, bandwidth)
-    print(f"card: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print(f"model: {args.model}, {weight_bytes / 1e9:.2f} GB of weights, roofline {roof:.3f} ms")
+    report = print if rank == 0 else (lambda *a, **k: None)
+    report(f"card: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    report(
+        f"model: {args.model}, TP={world} ({distributed.all_reduce_kind() or 'no collectives'}), "
+        f"{weight_bytes / 1e9:.2f} GB of weights a rank, roofline {roof:.3f} ms"
+    )
     rows = []
     for batch in args.batch_size:
         steps = time_steps(runner, decode_plans(batch, args.context_len, args.steps, 0))
@@ -164,13 +195,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.profile and runner.graphs is not None:
             profile_graph(runner, runner.graphs.size_for(batch))
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
-        print(f"batch {batch}: graph {graph} ms, worker step {step_ms:.3f} ms", flush=True)
-    print()
-    print("| model | batch | graph replay (ms) | worker step (ms) | roofline (ms) |")
-    print("|---|---|---|---|---|")
+        report(f"batch {batch}: graph {graph} ms, worker step {step_ms:.3f} ms", flush=True)
+    report()
+    report("| model | TP | batch | graph replay (ms) | worker step (ms) | roofline (ms) |")
+    report("|---|---|---|---|---|---|")
     for batch, graph_ms, step_ms in rows:
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
-        print(f"| {args.model} | {batch} | {graph} | {step_ms:.3f} | {roof:.3f} |")
+        report(f"| {args.model} | {world} | {batch} | {graph} | {step_ms:.3f} | {roof:.3f} |")
+    distributed.destroy()
 
 
 if __name__ == "__main__":
