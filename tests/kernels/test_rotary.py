@@ -12,39 +12,12 @@ import pytest
 import torch
 
 from kernels.rotary import rotary_ref
+from tests.kernels.rotary_inputs import MAX_POSITIONS, poisoned, qkv_views, rotary_caches
 
-MAX_POSITIONS = 4096
 # Ragged token counts (1 included); GQA ratios 1, 4 and 8 as (num_heads, num_kv_heads).
 NUM_TOKENS = [1, 3, 17]
 HEADS = [(4, 4), (8, 2), (8, 1)]
 HEAD_DIM = [64, 128]
-
-
-def _caches(head_dim, device, seed):
-    """Random float32 cos/sin caches [MAX_POSITIONS, head_dim] (full float32 mantissas, so the
-    rounding to x's dtype matters), with halves that differ (a model's repeat: a kernel that read
-    one half for both would pass on those)."""
-    gen = torch.Generator().manual_seed(seed)
-    cos = torch.rand(MAX_POSITIONS, head_dim, generator=gen) * 2 - 1
-    sin = torch.rand(MAX_POSITIONS, head_dim, generator=gen) * 2 - 1
-    return cos.to(device), sin.to(device)
-
-
-def _qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, seed):
-    """q, k as the model makes them: views of one merged QKV projection output [num_tokens,
-    (num_heads + 2 * num_kv_heads) * head_dim], so their token stride is that row's length."""
-    gen = torch.Generator().manual_seed(seed)
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen) * 4
-    q, k, _ = qkv.to(dtype).to(device).split([q_size, kv_size, kv_size], dim=-1)
-    q = q.view(num_tokens, num_heads, head_dim)
-    k = k.view(num_tokens, num_kv_heads, head_dim)
-    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen).to(device)
-    return positions, q, k
-
-
-def _poisoned(like: torch.Tensor) -> torch.Tensor:
-    return torch.full(like.shape, float("nan"), dtype=like.dtype, device=like.device)
 
 
 def _check(positions, q, k, cos, sin):
@@ -53,7 +26,7 @@ def _check(positions, q, k, cos, sin):
     from kernels.triton_rotary import rotary
 
     q_before, k_before = q.clone(), k.clone()
-    q_out, k_out = _poisoned(q), _poisoned(k)
+    q_out, k_out = poisoned(q), poisoned(k)
     got_q, got_k = rotary(positions, q, k, cos, sin, q_out=q_out, k_out=k_out)
     assert got_q.data_ptr() == q_out.data_ptr() and got_k.data_ptr() == k_out.data_ptr()
     expected_q, expected_k = rotary_ref(positions, q, k, cos, sin)
@@ -69,10 +42,10 @@ def _check(positions, q, k, cos, sin):
 def test_rotary_matches_reference(device, dtype, head_dim, heads, num_tokens):
     num_heads, num_kv_heads = heads
     seed = num_tokens + 10 * num_heads + 100 * num_kv_heads + head_dim
-    positions, q, k = _qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, seed)
+    positions, q, k = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, seed)
     if num_tokens > 1:  # (one token's view may take any token stride)
         assert q.stride(0) == k.stride(0) == (num_heads + 2 * num_kv_heads) * head_dim
-    _check(positions, q, k, *_caches(head_dim, device, seed))
+    _check(positions, q, k, *rotary_caches(head_dim, device, seed))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -82,10 +55,10 @@ def test_rotary_other_shapes_and_layouts(device, dtype):
     head_dim, a non-unit last stride (copied first), and new outputs."""
     from kernels.triton_rotary import rotary
 
-    positions, q, k = _qkv_views(5, 6, 2, 96, dtype, device, seed=1)
-    _check(positions, q, k, *_caches(96, device, seed=1))
-    positions, q, k = _qkv_views(7, 48, 4, 128, dtype, device, seed=2)
-    cos, sin = _caches(128, device, seed=2)
+    positions, q, k = qkv_views(5, 6, 2, 96, dtype, device, seed=1)
+    _check(positions, q, k, *rotary_caches(96, device, seed=1))
+    positions, q, k = qkv_views(7, 48, 4, 128, dtype, device, seed=2)
+    cos, sin = rotary_caches(128, device, seed=2)
     _check(positions, q.contiguous(), k.contiguous(), cos, sin)
     wide = torch.randn(7, 4, 3 * 128).to(dtype).to(device)
     _check(positions, wide[:, :, 128:256], wide[:, :2, :128], cos, sin)
@@ -99,12 +72,12 @@ def test_rotary_other_shapes_and_layouts(device, dtype):
 def test_rotary_empty_batch_and_bad_shapes(device):
     from kernels.triton_rotary import rotary
 
-    cos, sin = _caches(64, device, seed=0)
+    cos, sin = rotary_caches(64, device, seed=0)
     positions = torch.empty(0, dtype=torch.int64, device=device)
     q, k = torch.empty(0, 4, 64, device=device), torch.empty(0, 2, 64, device=device)
     got_q, got_k = rotary(positions, q, k, cos, sin)
     assert got_q.shape == (0, 4, 64) and got_k.shape == (0, 2, 64)
-    positions, q, k = _qkv_views(3, 4, 2, 64, torch.float32, device, seed=0)
+    positions, q, k = qkv_views(3, 4, 2, 64, torch.float32, device, seed=0)
     with pytest.raises(ValueError):
         rotary(positions, q, k.half(), cos, sin)
     with pytest.raises(ValueError):
@@ -127,7 +100,7 @@ def test_layer_cpu_path_is_hf_formula(dtype):
         "original_max_position_embeddings": 1024,
     }
     rope = RotaryEmbedding(64, MAX_POSITIONS, 500000.0, scaling)
-    positions, q, k = _qkv_views(9, 8, 2, 64, dtype, "cpu", seed=5)
+    positions, q, k = qkv_views(9, 8, 2, 64, dtype, "cpu", seed=5)
 
     def rotate_half(x: torch.Tensor) -> torch.Tensor:
         x1 = x[..., : x.shape[-1] // 2]
@@ -152,8 +125,8 @@ def test_rotary_gpu_bf16_dispatch(num_tokens):
 
     rope = RotaryEmbedding(128, MAX_POSITIONS, 500000.0)
     rope.build_cache(torch.device("cuda"))
-    positions, q, k = _qkv_views(num_tokens, 32, 8, 128, torch.bfloat16, "cuda", seed=num_tokens)
+    positions, q, k = qkv_views(num_tokens, 32, 8, 128, torch.bfloat16, "cuda", seed=num_tokens)
     got_q, got_k = kernels.rotary(positions, q, k, rope.cos_cache, rope.sin_cache)
     expected_q, expected_k = rotary_ref(positions, q, k, rope.cos_cache, rope.sin_cache)
     assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
-    _check(positions, q, k, *_caches(128, "cuda", seed=num_tokens))
+    _check(positions, q, k, *rotary_caches(128, "cuda", seed=num_tokens))

@@ -12,14 +12,14 @@ import torch
 
 from kernels.kv_cache import write_kv_cache_ref
 from kernels.rotary import rotary_ref
-from tests.kernels.test_rotary import MAX_POSITIONS, _caches, _poisoned, _qkv_views
+from tests.kernels.rotary_inputs import MAX_POSITIONS, poisoned, qkv_views, rotary_caches
 
 NUM_BLOCKS = 12
 
 
 def _qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, seed):
     """positions, q, k as views of a merged QKV output (see test_rotary), and v likewise."""
-    positions, q, k = _qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, seed)
+    positions, q, k = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, seed)
     v = (k * 3 - 1).clone()  # not k: a kernel that stored k for v fails
     return positions, q, k, v
 
@@ -44,7 +44,7 @@ def _check(positions, q, k, v, cos, sin, block_size, slots, cache_dtype):
     value_cache = torch.full(shape, float("nan"), dtype=cache_dtype, device=q.device)
     expected_keys, expected_values = key_cache.clone(), value_cache.clone()
     q_before, k_before, v_before = q.clone(), k.clone(), v.clone()
-    q_out = _poisoned(q)
+    q_out = poisoned(q)
     got_q = rotary_write_kv_cache(
         positions, q, k, v, cos, sin, key_cache, value_cache, slots, q_out=q_out
     )
@@ -67,7 +67,7 @@ def test_rotary_kv_cache_matches_reference(device, dtype, block_size, heads, num
     seed = num_tokens + 10 * num_heads + 100 * num_kv_heads + block_size
     positions, q, k, v = _qkv(num_tokens, num_heads, num_kv_heads, 64, dtype, device, seed)
     slots = _slots(num_tokens, block_size, seed, device)
-    _check(positions, q, k, v, *_caches(64, device, seed), block_size, slots, dtype)
+    _check(positions, q, k, v, *rotary_caches(64, device, seed), block_size, slots, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -77,9 +77,9 @@ def test_rotary_kv_cache_other_shapes(device, dtype):
     cache from a half-precision step."""
     positions, q, k, v = _qkv(7, 6, 2, 96, dtype, device, seed=1)
     slots = _slots(7, 16, 1, device).to(torch.int32)
-    _check(positions, q, k, v, *_caches(96, device, seed=1), 16, slots, dtype)
+    _check(positions, q, k, v, *rotary_caches(96, device, seed=1), 16, slots, dtype)
     positions, q, k, v = _qkv(3, 48, 24, 128, dtype, device, seed=2)
-    cos, sin = _caches(128, device, seed=2)
+    cos, sin = rotary_caches(128, device, seed=2)
     slots = _slots(3, 8, 2, device)
     _check(positions, q.contiguous(), k.contiguous(), v, cos, sin, 8, slots, torch.float32)
 
@@ -87,7 +87,7 @@ def test_rotary_kv_cache_other_shapes(device, dtype):
 def test_rotary_kv_cache_empty_batch_and_bad_shapes(device):
     from kernels.triton_rotary_kv_cache import rotary_write_kv_cache
 
-    cos, sin = _caches(64, device, seed=0)
+    cos, sin = rotary_caches(64, device, seed=0)
     cache = torch.zeros(NUM_BLOCKS, 16, 2, 64, device=device)
     positions, q, k, v = _qkv(0, 4, 2, 64, torch.float32, device, seed=0)
     empty = torch.empty(0, dtype=torch.int64, device=device)
