@@ -16,6 +16,8 @@ tensors go to the Triton kernels:
     rotary_write_kv_cache -> kernels.triton_rotary_kv_cache (one launch; reference: rotary, then
                              write_kv_cache)
     silu_and_mul      -> kernels.triton_activation (reference: kernels.activation)
+    gemv, choose_gemv -> kernels.triton_gemv (one row times a weight; reference: F.linear), CUDA
+                         only: a layer takes it where choose_gemv timed it faster than cuBLAS
 
 Triton is imported lazily, on the first CUDA call: a CPU process never imports it (and the CPU
 tests can turn on TRITON_INTERPRET before anything does).
@@ -39,6 +41,8 @@ def _triton() -> SimpleNamespace:
     from kernels.triton_activation import silu_and_mul as silu_and_mul_triton
     from kernels.triton_copy_blocks import copy_blocks as copy_blocks_triton
     from kernels.triton_decode_attention import decode_attention
+    from kernels.triton_gemv import choose as choose_gemv_triton
+    from kernels.triton_gemv import gemv as gemv_triton
     from kernels.triton_kv_cache import write_kv_cache as write_kv_cache_triton
     from kernels.triton_prefill_attention import prefill_attention
     from kernels.triton_rms_norm import fused_add_rms_norm as fused_add_rms_norm_triton
@@ -58,6 +62,8 @@ def _triton() -> SimpleNamespace:
         rotary=rotary_triton,
         rotary_write_kv_cache=rotary_write_kv_cache_triton,
         silu_and_mul=silu_and_mul_triton,
+        gemv=gemv_triton,
+        choose_gemv=choose_gemv_triton,
     )
 
 
@@ -188,9 +194,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(gate_up)
 
 
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int]
+) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T + bias [N] by the Triton GEMV with config (CUDA tensors: a
+    config comes from choose_gemv)."""
+    return _triton().gemv(x, weight, bias, config)
+
+
+def choose_gemv(weight: torch.Tensor) -> tuple[int, int, int] | None:
+    """The Triton GEMV config faster than cuBLAS for one row times this CUDA weight, or None."""
+    return _triton().choose_gemv(weight)
+
+
 __all__ = [
+    "choose_gemv",
     "copy_blocks",
     "fused_add_rms_norm",
+    "gemv",
     "paged_attention",
     "rms_norm",
     "rotary",

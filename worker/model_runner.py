@@ -40,6 +40,7 @@ from worker import distributed
 from worker.block_table import BlockTables
 from worker.cuda_graph import DecodeGraphs
 from worker.layers.attention import AttentionMetadata
+from worker.layers.linear import choose_one_row
 from worker.request_rows import RequestRows
 from worker.sampler import (
     GREEDY_EPS,
@@ -124,7 +125,11 @@ class ModelRunner:
         and the same with num_cpu_blocks in host memory for swapped-out requests. On CUDA,
         unless enforce_eager, then captures the decode graphs for up to max_num_seqs requests.
 
-        A request holds at most ceil(max_model_len / block_size) blocks (num_blocks if 0)."""
+        A request holds at most ceil(max_model_len / block_size) blocks (num_blocks if 0).
+        First, on CUDA, each linear layer picks its batch-1 kernel (choose_one_row: timed on
+        its weights while the memory the caches take is still free)."""
+        if self.device.type == "cuda":
+            choose_one_row(self.model)
         _, kv_heads, head_dim = self.model.kv_cache_spec()
         shape = (num_blocks, block_size, kv_heads, head_dim)
         cpu_shape = (num_cpu_blocks, block_size, kv_heads, head_dim)

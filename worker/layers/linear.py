@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from worker import distributed
 
 # x W^T for a few rows of x (a decode step's batch) on the CPU: MKL's sgemm takes it several
@@ -20,11 +21,19 @@ from worker import distributed
 _CPU_FEW_ROWS = 64
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    one_row: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
     """F.linear(x, weight, bias). A float32 x of 2 .. 64 rows on the CPU is computed as
     (weight @ x^T)^T: the same sums, rounded to within float32's last bits of F.linear's
-    (whose few-row path rounds differently from its one-row path anyway)."""
+    (whose few-row path rounds differently from its one-row path anyway). A one-row x on CUDA
+    goes to the Triton GEMV when the layer chose it (one_row: its config, choose_one_row)."""
     rows = x.shape[0] if x.dim() == 2 else 0
+    if one_row is not None and rows == 1 and x.is_cuda:
+        return kernels.gemv(x, weight, bias, one_row)
     if x.is_cuda or x.dtype != torch.float32 or not 1 < rows <= _CPU_FEW_ROWS:
         return F.linear(x, weight, bias)
     out = torch.mm(weight, x.t()).t()
@@ -46,6 +55,7 @@ class ColumnParallelLinear(nn.Module):
         self.out_local = _shard_size(out_features, "output size")
         self.weight = nn.Parameter(torch.empty(self.out_local, in_features))
         self.weight.weight_loader = self.weight_loader
+        self.one_row: tuple[int, int, int] | None = None  # the GEMV config, choose_one_row
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_local))
             self.bias.weight_loader = self.weight_loader
@@ -59,7 +69,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, distributed.tp_rank() * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.one_row)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -115,6 +125,7 @@ class QKVParallelLinear(nn.Module):
         self.head_dim = head_dim
         local = (self.num_heads_local + 2 * self.num_kv_heads_local) * head_dim
         self.weight = nn.Parameter(torch.empty(local, hidden_size))
+        self.one_row: tuple[int, int, int] | None = None  # the GEMV config, choose_one_row
         self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(local))
@@ -146,7 +157,7 @@ class QKVParallelLinear(nn.Module):
         param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, start, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.one_row)
 
 
 class RowParallelLinear(nn.Module):
@@ -166,6 +177,7 @@ class RowParallelLinear(nn.Module):
             input_shard = (distributed.tp_rank() * size, size)
         self.in_offset, self.in_local = input_shard
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
+        self.one_row: tuple[int, int, int] | None = None  # the GEMV config, choose_one_row
         self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
@@ -187,4 +199,26 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, by rank 0, before the sum over ranks.
         bias = self.bias if distributed.tp_rank() == 0 else None
-        return distributed.all_reduce(linear(x, self.weight, bias))
+        return distributed.all_reduce(linear(x, self.weight, bias, self.one_row))
+
+
+def choose_one_row(model: nn.Module) -> int:
+    """For a batch-1 decode step: on CUDA, each linear layer with a half-precision weight takes
+    the Triton GEMV (kernels.gemv) where it beats cuBLAS on that weight (timed once per weight
+    shape, here: before the decode graphs are captured). Returns how many layers take it."""
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear))
+        and m.weight.is_cuda
+        and m.weight.dtype in (torch.float16, torch.bfloat16)
+    ]
+    chosen: dict[tuple[int, int, torch.dtype], tuple[int, int, int] | None] = {}
+    for layer in layers:
+        key = (*layer.weight.shape, layer.weight.dtype)
+        if key not in chosen:
+            chosen[key] = kernels.choose_gemv(layer.weight)
+        layer.one_row = chosen[key]
+    if layers:
+        torch.cuda.empty_cache()  # the timing's copies of the weights
+    return sum(layer.one_row is not None for layer in layers)
