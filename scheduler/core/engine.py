@@ -139,8 +139,9 @@ class _Learned:
     step: _SentStep
     result: worker_pb2.StepResult
     received: float  # time.monotonic() when its result arrived
-    updates: list[tuple[Request, int]]  # what Scheduler.update answered
-    sinks: list[OutputSink]  # each update's sink, taken before any request was dropped
+    requests: list[Request]  # what Scheduler.update answered: the live requests
+    tokens: list[int]  # and their tokens
+    sinks: list[OutputSink]  # each request's sink, taken before any request was dropped
     # Request id -> its token's logprobs (None: not asked); None when no request asked any.
     logprobs: dict[str, serving_pb2.TokenLogprobs | None] | None
 
@@ -158,6 +159,24 @@ class _Awaited:
 # A client request's unfinished completions and the sink of its outputs, as a failed engine
 # hands them over.
 HeldRequest = tuple[list[Request], OutputSink]
+
+
+def _by_sink(learned: _Learned) -> dict[OutputSink, tuple[list[Request], list[int]]]:
+    """A learned step's requests and tokens grouped by sink, each in step order, the sinks in
+    the order of their first request (most steps have one sink: no grouping per request)."""
+    requests, tokens, sinks = learned.requests, learned.tokens, learned.sinks
+    if not sinks:
+        return {}
+    if sinks.count(sinks[0]) == len(sinks):
+        return {sinks[0]: (requests, tokens)}
+    groups: dict[OutputSink, tuple[list[Request], list[int]]] = {}
+    for request, token, sink in zip(requests, tokens, sinks, strict=True):
+        group = groups.get(sink)
+        if group is None:
+            group = groups[sink] = ([], [])
+        group[0].append(request)
+        group[1].append(token)
+    return groups
 
 
 class WorkerFailed(RuntimeError):
@@ -417,14 +436,15 @@ class Engine:
             logprobs = dict(zip(ids, unpack_logprobs(result), strict=True))
         with self._cond:
             assert self._unsent is None, "a learned step's outputs were never sent"
-            updates = self.scheduler.update(ids, list(result.token_ids))
+            requests, tokens = self.scheduler.update(ids, list(result.token_ids))
             # Taken before any is dropped: the n completions of a request share one sink.
-            sinks = [self._sinks[request.group_id] for request, _ in updates]
-            self.num_generated_tokens += len(updates)
+            all_sinks = self._sinks
+            sinks = [all_sinks[request.group_id] for request in requests]
+            self.num_generated_tokens += len(requests)
             samples = self._token_samples
             if not samples or received - samples[-1][0] >= _TOKEN_SAMPLE_S:
                 samples.append((received, self.num_generated_tokens))
-            self._unsent = _Learned(step, result, received, updates, sinks, logprobs)
+            self._unsent = _Learned(step, result, received, requests, tokens, sinks, logprobs)
 
     def _send_outputs(self) -> None:
         """Records the unsent learned step and sends each sink its tokens and ends in one
@@ -433,20 +453,18 @@ class Engine:
         if learned is None:
             return
         self._record(learned)  # first: a client that got the step's outputs finds its record
-        batches: dict[OutputSink, StepOutputsBuilder] = {}
-        logprobs = learned.logprobs
-        for (request, token), sink in zip(learned.updates, learned.sinks, strict=True):
-            outputs = batches.get(sink)
-            if outputs is None:
-                outputs = batches[sink] = StepOutputsBuilder()
-            lps = None if logprobs is None else logprobs[request.request_id]
-            outputs.token(request, token, lps)
-            if request.status.finished:
-                outputs.finished(request)
-                group = request.group_id
-                if group not in self.scheduler.groups and group in self._sinks:
-                    self._end(group)  # its last completion ended
-        for sink, outputs in batches.items():
+        for sink, (requests, tokens) in _by_sink(learned).items():
+            outputs = StepOutputsBuilder()
+            logprobs = learned.logprobs
+            if logprobs is not None:
+                logprobs = [logprobs[request.request_id] for request in requests]
+            outputs.tokens(requests, tokens, logprobs)
+            for request in requests:
+                if request.status.finished:
+                    outputs.finished(request)
+                    group = request.group_id
+                    if group not in self.scheduler.groups and group in self._sinks:
+                        self._end(group)  # its last completion ended
             sink.send(outputs.build())
 
     def _end(self, request_id: str) -> None:

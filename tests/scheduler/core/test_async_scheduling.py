@@ -103,10 +103,10 @@ class Driver:
             self.max_pending = max(self.max_pending, request.num_pending_tokens)
 
     def learn(self, ids, tokens):
-        updates = self.sched.update(ids, tokens)
-        for request, token in updates:
+        learned, tokens = self.sched.update(ids, tokens)
+        for request, token in zip(learned, tokens, strict=True):
             self.outputs[request.request_id].append(token)
-        for request, _ in updates:
+        for request in learned:
             seq = self.stop_seqs.get(request.group_id)
             if seq and tuple(self.outputs[request.request_id][-len(seq) :]) == seq:
                 self.sched.stop_request(request, "stop sequence")
