@@ -26,17 +26,19 @@ after the request ended) is never in the prefix cache: the request held it alone
 that write was planned, and whoever gets it next is planned after.
 
 Most steps of a running request are decodes whose one token goes into the table's last block,
-which needs nothing of allocate(). Each table that may do so has a decode window (lo, hi): any
-allocate of tokens [start, end) with lo <= start and end <= hi returns at once, changing nothing.
-It is set where a table is grown (allocate's general path, swap_in) and dropped wherever else
-the table or its last block's holders change (fork, free, swap_out); the scheduler reads it to
-plan such a decode without a call per request.
+which needs nothing of allocate(). Each table that may do so has a decode window (lo, hi, full):
+an allocate of tokens [start, end) with lo <= start, end <= hi and min(end, the request's known
+tokens) <= full returns at once, changing nothing: the tokens go into the last block, which the
+table alone holds and the prefix cache does not, and no block of known tokens is due to be
+offered. The window is set where a table is grown (allocate's general path, swap_in) and
+dropped wherever else the table or its last block's holders change (fork, free, swap_out); the
+scheduler reads it to plan such a decode without a call per request.
 
 Invariants (check_invariants; tests/scheduler checks them after every operation): a block is
 free or held; its ref count equals the number of tables holding it; free + held == total; the
 same for host blocks, each held by at most one table; a decode window lies in its table's last
-block, which that table alone holds and the prefix cache does not, and ends before the first
-block not yet offered to the prefix cache could fill.
+block, which that table alone holds and the prefix cache does not, and its known tokens end
+before the first block not yet offered to the prefix cache is full.
 """
 
 from collections.abc import Sequence
@@ -84,8 +86,8 @@ class PageTableManager:
         self.num_host_blocks = num_host_blocks
         self.host_tables: dict[str, list[int]] = {}
         self._free_host = list(range(num_host_blocks))
-        # Request id -> its decode window (see the module doc): lo <= start, end <= hi.
-        self.decode_windows: dict[str, tuple[int, int]] = {}
+        # Request id -> its decode window (lo, hi, full): see the module doc.
+        self.decode_windows: dict[str, tuple[int, int, int]] = {}
         self._ops = BlockOps()
         self._copy_sources: list[int] = []  # held until the copies reading them are planned
         self._host_freed: list[int] = []  # reusable once the swaps writing them are planned
@@ -166,7 +168,9 @@ class PageTableManager:
         window = self.decode_windows.get(rid)
         if window is not None and not cached_blocks:
             start = request.num_computed_tokens
-            if window[0] <= start and start + num_new_tokens <= window[1]:
+            end = start + num_new_tokens
+            lo, hi, full = window
+            if lo <= start and end <= hi and min(end, request.num_tokens) <= full:
                 return True
         table = self.block_tables.get(rid)
         if table is None:
@@ -214,9 +218,9 @@ class PageTableManager:
 
         Tokens in the last block need no copy while no other holder or cache entry appears for
         it: only fork() adds one (and drops the window); a table's own block is cached only by
-        its own allocate or swap_in (which set the window again). They need no offer while
-        they end before the first block not offered yet is full (the exact test would also take
-        an end past it whose tokens are still pending: the general path answers those)."""
+        its own allocate or swap_in (which set the window again). They need no offer while the
+        known ones end before the first block not offered yet is full (offers are made by the
+        same two, so the count the window is made from holds while it does)."""
         pool = self.pool
         last = table[-1] if table else None
         if last is None or pool.ref_counts[last] != 1 or pool.block_hashes[last] is not None:
@@ -224,10 +228,10 @@ class PageTableManager:
             return
         bs = self.block_size
         held = len(table) * bs
-        hi = held
+        full = held
         if self.enable_prefix_caching:
-            hi = min(held, (self._num_offered.get(rid, 0) + 1) * bs - 1)
-        self.decode_windows[rid] = (held - bs, hi)
+            full = (self._num_offered.get(rid, 0) + 1) * bs - 1
+        self.decode_windows[rid] = (held - bs, held, full)
 
     def fork(self, parent: Request, child: Request) -> None:
         """The child shares the blocks of the parent's first child.num_tokens tokens (the prompt
@@ -326,11 +330,14 @@ class PageTableManager:
         for rid, offered in self._num_offered.items():
             assert offered <= len(self.block_tables[rid]), f"{rid}: offered past its table"
         bs, pool = self.block_size, self.pool
-        for rid, (lo, hi) in self.decode_windows.items():
+        for rid, (lo, hi, full) in self.decode_windows.items():
             table = self.block_tables[rid]
             last = table[-1]
-            assert lo == (len(table) - 1) * bs and hi <= lo + bs, f"{rid}: window off its end"
+            assert lo == (len(table) - 1) * bs and hi == lo + bs, f"{rid}: window off its end"
             assert pool.ref_counts[last] == 1, f"{rid}: window on a shared block"
             assert pool.block_hashes[last] is None, f"{rid}: window on a cached block"
             if self.enable_prefix_caching:
-                assert hi // bs <= self._num_offered.get(rid, 0), f"{rid}: window past an offer"
+                offered = self._num_offered.get(rid, 0)
+                assert full == (offered + 1) * bs - 1, f"{rid}: window past an offer"
+            else:
+                assert full == hi, f"{rid}: window's end differs without caching"

@@ -6,8 +6,9 @@
                          num_scheduled_tokens [1, 1]   num_new_blocks [0, 1]
                          new_block_ids [12]   replace_block_table [False, False]
 
-The cached requests' fields are parallel lists, appended to one request at a time, so that the
-scheduler's steady decodes (most of a step) append to them directly, without a call each.
+The cached requests' fields are parallel lists. Most of a step's requests are steady decodes (one
+token, no new block): the scheduler appends their id and position directly, without a call each,
+and the other fields are filled for them in bulk.
 """
 
 from protos import worker_pb2
@@ -16,17 +17,19 @@ from scheduler.core.request import Request
 
 
 class PlanBuilder:
-    """The requests a step schedules, in order, as the fields of its plan."""
+    """The requests a step schedules, in order, as the fields of its plan.
+
+    A cached request is one token without new blocks unless said otherwise (add_cached): a
+    steady decode appends only its id and position to request_ids and num_computed_tokens."""
 
     def __init__(self) -> None:
         self.new_requests: list[worker_pb2.NewRequest] = []
-        # CachedRequests, one entry per request the workers already hold.
+        # CachedRequests: each request the workers already hold, in order.
         self.request_ids: list[str] = []
         self.num_computed_tokens: list[int] = []
-        self.num_scheduled_tokens: list[int] = []
-        self.num_new_blocks: list[int] = []
-        self.new_block_ids: list[int] = []  # each request's share, in order
-        self.replace_block_table: list[bool] = []
+        # The cached requests that are not one token without new blocks: (position in
+        # request_ids, num_scheduled_tokens, new blocks, replace_block_table), in order.
+        self._others: list[tuple[int, int, list[int], bool]] = []
 
     def __len__(self) -> int:
         """Requests scheduled so far."""
@@ -42,12 +45,10 @@ class PlanBuilder:
     ) -> None:
         """A request the workers hold: num_tokens from position start, blocks appended to its
         table (or its whole table, when replace)."""
+        if num_tokens != 1 or blocks or replace:
+            self._others.append((len(self.request_ids), num_tokens, blocks, replace))
         self.request_ids.append(request_id)
         self.num_computed_tokens.append(start)
-        self.num_scheduled_tokens.append(num_tokens)
-        self.num_new_blocks.append(len(blocks))
-        self.new_block_ids += blocks
-        self.replace_block_table.append(replace)
 
     def build(
         self,
@@ -58,17 +59,15 @@ class PlanBuilder:
         swapped: list[str],
     ) -> worker_pb2.StepPlan:
         """The plan, with the step's block operations and the ids dropped since the last."""
-        return worker_pb2.StepPlan(
+        num_cached = len(self.request_ids)
+        num_scheduled, num_new, replaced = [1] * num_cached, [0] * num_cached, [False] * num_cached
+        new_block_ids: list[int] = []
+        for i, n, blocks, replace in self._others:
+            num_scheduled[i], num_new[i], replaced[i] = n, len(blocks), replace
+            new_block_ids += blocks
+        plan = worker_pb2.StepPlan(
             step_id=step_id,
             new_requests=self.new_requests,
-            cached_requests=worker_pb2.CachedRequests(
-                request_ids=self.request_ids,
-                num_computed_tokens=self.num_computed_tokens,
-                num_scheduled_tokens=self.num_scheduled_tokens,
-                num_new_blocks=self.num_new_blocks,
-                new_block_ids=self.new_block_ids,
-                replace_block_table=self.replace_block_table,
-            ),
             finished_request_ids=finished,
             preempted_request_ids=preempted,
             swapped_request_ids=swapped,
@@ -76,6 +75,15 @@ class PlanBuilder:
             swap_in=_block_copies(ops.swap_in),
             block_copies=_block_copies(ops.copies),
         )
+        # Filled in place: a CachedRequests given to the constructor would be copied.
+        cached = plan.cached_requests
+        cached.request_ids.extend(self.request_ids)
+        cached.num_computed_tokens.extend(self.num_computed_tokens)
+        cached.num_scheduled_tokens.extend(num_scheduled)
+        cached.num_new_blocks.extend(num_new)
+        cached.new_block_ids.extend(new_block_ids)
+        cached.replace_block_table.extend(replaced)
+        return plan
 
 
 def _new_request(request: Request, table: list[int], n: int) -> worker_pb2.NewRequest:

@@ -208,29 +208,27 @@ class Scheduler:
         allocate() and _schedule(), which give a steady decode the same entry."""
         running, allocate = self.running, self.page_table.allocate
         windows = self.page_table.decode_windows
-        ids, computed = plan.request_ids, plan.num_computed_tokens
-        num_scheduled, num_new, replaced = (
-            plan.num_scheduled_tokens,
-            plan.num_new_blocks,
-            plan.replace_block_table,
-        )
-        i = 0
-        while i < len(running) and budget > 0:
-            request = running[i]
-            i += 1
+        ids, positions = plan.request_ids, plan.num_computed_tokens
+        # Preemption removes requests after the current one only: iterating stays in order.
+        for request in running:
+            if budget <= 0:
+                break
             start = request.num_computed_tokens
             num_prompt = len(request.prompt_token_ids)
-            num_tokens = num_prompt + len(request.output_token_ids) + request.num_pending_tokens
+            num_known = num_prompt + len(request.output_token_ids)
+            num_tokens = num_known + request.num_pending_tokens
             if num_tokens >= request.max_num_tokens:
                 continue  # its last token is being sampled: it ends when that is learned
             if num_tokens - start == 1 and start >= num_prompt:
                 window = windows.get(request.request_id)
-                if window is not None and window[0] <= start < window[1]:
+                # allocate()'s own window test, for the one token [start, start + 1).
+                if (
+                    window is not None
+                    and window[0] <= start < window[1]
+                    and (start < window[2] or num_known <= window[2])
+                ):
                     ids.append(request.request_id)
-                    computed.append(start)
-                    num_scheduled.append(1)
-                    num_new.append(0)
-                    replaced.append(False)
+                    positions.append(start)
                     request.num_computed_tokens = num_tokens
                     request.num_pending_tokens += 1  # it samples in this step
                     budget -= 1
