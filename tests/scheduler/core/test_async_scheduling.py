@@ -392,13 +392,17 @@ def run_workload(depth, workload, preempts, policy, caching, host_blocks, window
     return d
 
 
-@given(
-    workload=st.lists(specs, min_size=1, max_size=8),
-    preempts=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 3)), max_size=4),
-    policy=st.sampled_from(POLICIES),
-    caching=st.booleans(),
-    host_blocks=st.sampled_from([0, 8]),
-)
+# run_workload's random arguments after depth.
+workloads = {
+    "workload": st.lists(specs, min_size=1, max_size=8),
+    "preempts": st.lists(st.tuples(st.integers(0, 60), st.integers(0, 3)), max_size=4),
+    "policy": st.sampled_from(POLICIES),
+    "caching": st.booleans(),
+    "host_blocks": st.sampled_from([0, 8]),
+}
+
+
+@given(**workloads)
 @settings(max_examples=150, deadline=None)
 def test_async_gives_sync_s_tokens_for_any_workload(
     workload, preempts, policy, caching, host_blocks
@@ -412,14 +416,7 @@ def test_async_gives_sync_s_tokens_for_any_workload(
         assert extra <= (0 if request.finish_reason == "length" else 1), request
 
 
-@given(
-    workload=st.lists(specs, min_size=1, max_size=8),
-    preempts=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 3)), max_size=4),
-    policy=st.sampled_from(POLICIES),
-    caching=st.booleans(),
-    host_blocks=st.sampled_from([0, 8]),
-    depth=st.sampled_from([1, 2]),
-)
+@given(**workloads, depth=st.sampled_from([1, 2]))
 @settings(max_examples=100, deadline=None)
 def test_steady_decodes_get_the_plans_of_the_general_path_for_any_workload(
     workload, preempts, policy, caching, host_blocks, depth
