@@ -142,15 +142,16 @@ class PageTableManager:
             )
         return hashes[i]
 
-    def _offer_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:
-        """Enters the table's blocks that num_tokens fill with known tokens, and were not
-        offered yet, in the prefix cache."""
+    def _offer_full_blocks(self, request: Request, table: list[int], num_known: int) -> None:
+        """Enters the table's blocks that its first num_known tokens fill (known ones: never a
+        pending token), and were not offered yet, in the prefix cache."""
         rid = request.request_id
         offered = self._num_offered.get(rid, 0)
-        full = min(num_tokens, request.num_tokens) // self.block_size  # no pending token
+        full = num_known // self.block_size
         for i in range(offered, full):
             self.pool.cache(table[i], self._block_hash(request, i))
-        self._num_offered[rid] = max(offered, full)
+        if full > offered:
+            self._num_offered[rid] = full
 
     # -- growing, sharing and dropping tables ------------------------------------------------
 
@@ -188,7 +189,9 @@ class PageTableManager:
         num_fresh = num_blocks - num_held - len(cached_blocks)
         if num_fresh > 0 or to_copy or cached_blocks:  # else (most decodes) the slots are there
             num_fresh = max(num_fresh, 0)
-            num_revived = sum(1 for block in cached_blocks if pool.ref_counts[block] == 0)
+            num_revived = 0
+            if cached_blocks:
+                num_revived = sum(1 for block in cached_blocks if pool.ref_counts[block] == 0)
             if num_fresh + len(to_copy) + num_revived > pool.num_free:
                 return False
             self.block_tables[rid] = table
@@ -207,9 +210,12 @@ class PageTableManager:
                     self._copy_sources.append(table[i])
                 table[i] = copy
             table.extend(pool.take(num_fresh))
-        num_known = min(end, request.num_tokens)  # a pending token is not hashed (see above)
+        # A pending token is not hashed (see the module doc).
+        num_known = len(request.prompt_token_ids) + len(request.output_token_ids)
+        if end < num_known:
+            num_known = end
         if self.enable_prefix_caching and num_known // bs > self._num_offered.get(rid, 0):
-            self._offer_full_blocks(request, table, end)
+            self._offer_full_blocks(request, table, num_known)
         self._open_decode_window(rid, table)
         return True
 
@@ -294,7 +300,7 @@ class PageTableManager:
         self.block_tables[rid] = table
         self._ops.rewritten.add(rid)
         if self.enable_prefix_caching:
-            self._offer_full_blocks(request, table, end)
+            self._offer_full_blocks(request, table, min(end, request.num_tokens))
         self._open_decode_window(rid, table)
         return True
 

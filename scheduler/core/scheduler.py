@@ -405,7 +405,8 @@ class Scheduler:
         if start < num_prompt:
             self.stats.num_prompt_tokens_computed += min(start + n, num_prompt) - start
         request.num_computed_tokens = start + n
-        if start + n == request.num_tokens + request.num_pending_tokens:
+        num_tokens = num_prompt + len(request.output_token_ids) + request.num_pending_tokens
+        if start + n == num_tokens:
             request.num_pending_tokens += 1  # it samples in this step
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
