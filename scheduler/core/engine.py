@@ -474,6 +474,7 @@ class Engine:
         if learned is None:
             return
         self._record(learned)  # first: a client that got the step's outputs finds its record
+        messages = []  # sent once every ended request is counted, as a sink may ask
         for sink, (requests, tokens) in _by_sink(learned).items():
             outputs = StepOutputsBuilder()
             logprobs = learned.logprobs
@@ -486,7 +487,9 @@ class Engine:
                     group = request.group_id
                     if group not in self.scheduler.groups and group in self._sinks:
                         self._end(group)  # its last completion ended
-            sink.send(outputs.build())
+            messages.append((sink, outputs.build()))
+        for sink, message in messages:
+            sink.send(message)
 
     def _end(self, request_id: str) -> None:
         """The client request's last completion ended (under the lock)."""
