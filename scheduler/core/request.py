@@ -71,8 +71,8 @@ class Request:
     def __post_init__(self) -> None:
         self.group_id = self.parent_id or self.request_id
         params = self.sampling_params
-        eos = frozenset() if params.ignore_eos else self.eos_token_ids
-        self.ending_token_ids = eos.union(params.stop_token_ids)
+        eos = () if params.ignore_eos else self.eos_token_ids
+        self.ending_token_ids = frozenset(params.stop_token_ids).union(eos)
         max_tokens = params.max_tokens
         self.max_num_tokens = (
             self.max_model_len
