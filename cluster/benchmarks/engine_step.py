@@ -148,8 +148,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the largest batch")
     args = parser.parse_args()
     print(
-        "| running | steps | median interval (ms) | median turnaround (ms) "
-        "| mean interval (ms) |"
+        "| running | steps | median interval (ms) | median turnaround (ms) | mean interval (ms) |"
     )
     print("|---|---|---|---|---|")
     for running in args.running:

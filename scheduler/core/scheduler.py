@@ -430,4 +430,3 @@ class Scheduler:
             self._dropped.append(rid)
             if rid in self._swapped_ids:  # swapped out and gone since the last plan
                 self._swapped_ids.remove(rid)
-
