@@ -25,9 +25,20 @@ names; and a block a request may still write (a pending token's, or one an in-fl
 after the request ended) is never in the prefix cache: the request held it alone, unhashed, when
 that write was planned, and whoever gets it next is planned after.
 
+Most steps of a running request are decodes whose one token goes into the table's last block,
+which needs nothing of allocate(). Each table that may do so has a decode window (lo, hi, full):
+an allocate of tokens [start, end) with lo <= start, end <= hi and min(end, the request's known
+tokens) <= full returns at once, changing nothing: the tokens go into the last block, which the
+table alone holds and the prefix cache does not, and no block of known tokens is due to be
+offered. The window is set where a table is grown (allocate's general path, swap_in) and
+dropped wherever else the table or its last block's holders change (fork, free, swap_out); the
+scheduler reads it to plan such a decode without a call per request.
+
 Invariants (check_invariants; tests/scheduler checks them after every operation): a block is
 free or held; its ref count equals the number of tables holding it; free + held == total; the
-same for host blocks, each held by at most one table.
+same for host blocks, each held by at most one table; a decode window lies in its table's last
+block, which that table alone holds and the prefix cache does not, and its known tokens end
+before the first block not yet offered to the prefix cache is full.
 """
 
 from collections.abc import Sequence
@@ -75,6 +86,8 @@ class PageTableManager:
         self.num_host_blocks = num_host_blocks
         self.host_tables: dict[str, list[int]] = {}
         self._free_host = list(range(num_host_blocks))
+        # Request id -> its decode window (lo, hi, full): see the module doc.
+        self.decode_windows: dict[str, tuple[int, int, int]] = {}
         self._ops = BlockOps()
         self._copy_sources: list[int] = []  # held until the copies reading them are planned
         self._host_freed: list[int] = []  # reusable once the swaps writing them are planned
@@ -129,15 +142,16 @@ class PageTableManager:
             )
         return hashes[i]
 
-    def _offer_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:
-        """Enters the table's blocks that num_tokens fill with known tokens, and were not
-        offered yet, in the prefix cache."""
+    def _offer_full_blocks(self, request: Request, table: list[int], num_known: int) -> None:
+        """Enters the table's blocks that its first num_known tokens fill (known ones: never a
+        pending token), and were not offered yet, in the prefix cache."""
         rid = request.request_id
         offered = self._num_offered.get(rid, 0)
-        full = min(num_tokens, request.num_tokens) // self.block_size  # no pending token
+        full = num_known // self.block_size
         for i in range(offered, full):
             self.pool.cache(table[i], self._block_hash(request, i))
-        self._num_offered[rid] = max(offered, full)
+        if full > offered:
+            self._num_offered[rid] = full
 
     # -- growing, sharing and dropping tables ------------------------------------------------
 
@@ -152,25 +166,14 @@ class PageTableManager:
         changing nothing, if too few blocks are free.
         """
         rid, bs, pool = request.request_id, self.block_size, self.pool
-        table = self.block_tables.get(rid)
-        if table and not cached_blocks:
-            # Most decodes: the new tokens go into the last block, which this table alone holds
-            # and the prefix cache does not, and no block is due to be offered: nothing to do.
+        window = self.decode_windows.get(rid)
+        if window is not None and not cached_blocks:
             start = request.num_computed_tokens
             end = start + num_new_tokens
-            held = len(table) * bs
-            last = table[-1]
-            if (
-                held - bs <= start
-                and end <= held
-                and pool.ref_counts[last] == 1
-                and pool.block_hashes[last] is None
-                and not (
-                    self.enable_prefix_caching
-                    and min(end, request.num_tokens) // bs > self._num_offered.get(rid, 0)
-                )
-            ):
+            lo, hi, full = window
+            if lo <= start and end <= hi and min(end, request.num_tokens) <= full:
                 return True
+        table = self.block_tables.get(rid)
         if table is None:
             table = []
         assert not cached_blocks or (not table and request.num_computed_tokens == 0)
@@ -186,7 +189,9 @@ class PageTableManager:
         num_fresh = num_blocks - num_held - len(cached_blocks)
         if num_fresh > 0 or to_copy or cached_blocks:  # else (most decodes) the slots are there
             num_fresh = max(num_fresh, 0)
-            num_revived = sum(1 for block in cached_blocks if pool.ref_counts[block] == 0)
+            num_revived = 0
+            if cached_blocks:
+                num_revived = sum(1 for block in cached_blocks if pool.ref_counts[block] == 0)
             if num_fresh + len(to_copy) + num_revived > pool.num_free:
                 return False
             self.block_tables[rid] = table
@@ -205,10 +210,34 @@ class PageTableManager:
                     self._copy_sources.append(table[i])
                 table[i] = copy
             table.extend(pool.take(num_fresh))
-        num_known = min(end, request.num_tokens)  # a pending token is not hashed (see above)
+        # A pending token is not hashed (see the module doc).
+        num_known = len(request.prompt_token_ids) + len(request.output_token_ids)
+        if end < num_known:
+            num_known = end
         if self.enable_prefix_caching and num_known // bs > self._num_offered.get(rid, 0):
-            self._offer_full_blocks(request, table, end)
+            self._offer_full_blocks(request, table, num_known)
+        self._open_decode_window(rid, table)
         return True
+
+    def _open_decode_window(self, rid: str, table: list[int]) -> None:
+        """Sets the table's decode window, or drops it when its last block is shared or cached.
+
+        Tokens in the last block need no copy while no other holder or cache entry appears for
+        it: only fork() adds one (and drops the window); a table's own block is cached only by
+        its own allocate or swap_in (which set the window again). They need no offer while the
+        known ones end before the first block not offered yet is full (offers are made by the
+        same two, so the count the window is made from holds while it does)."""
+        pool = self.pool
+        last = table[-1] if table else None
+        if last is None or pool.ref_counts[last] != 1 or pool.block_hashes[last] is not None:
+            self.decode_windows.pop(rid, None)
+            return
+        bs = self.block_size
+        held = len(table) * bs
+        full = held
+        if self.enable_prefix_caching:
+            full = (self._num_offered.get(rid, 0) + 1) * bs - 1
+        self.decode_windows[rid] = (held - bs, held, full)
 
     def fork(self, parent: Request, child: Request) -> None:
         """The child shares the blocks of the parent's first child.num_tokens tokens (the prompt
@@ -217,6 +246,7 @@ class PageTableManager:
         table = self.block_tables[parent.request_id][: self.blocks_for(num_tokens)]
         assert len(table) == self.blocks_for(num_tokens), "the parent has not computed the prompt"
         self.pool.share(table)
+        self.decode_windows.pop(parent.request_id, None)  # its blocks are shared now
         self.block_tables[child.request_id] = list(table)
         num_full = num_tokens // self.block_size
         self._num_offered[child.request_id] = min(
@@ -233,6 +263,7 @@ class PageTableManager:
         if table is not None:
             self.pool.release(reversed(table))
         self._num_offered.pop(request_id, None)
+        self.decode_windows.pop(request_id, None)
         self._host_freed.extend(self.host_tables.pop(request_id, ()))
 
     # -- swapping ----------------------------------------------------------------------------
@@ -249,6 +280,7 @@ class PageTableManager:
         self.pool.release(reversed(table))
         del self.block_tables[rid]
         self._num_offered.pop(rid, None)
+        self.decode_windows.pop(rid, None)
         self.host_tables[rid] = host
         return True
 
@@ -268,8 +300,14 @@ class PageTableManager:
         self.block_tables[rid] = table
         self._ops.rewritten.add(rid)
         if self.enable_prefix_caching:
-            self._offer_full_blocks(request, table, end)
+            self._offer_full_blocks(request, table, min(end, request.num_tokens))
+        self._open_decode_window(rid, table)
         return True
+
+    def is_rewritten(self, request_id: str) -> bool:
+        """Whether the request's table changed this step other than at its end (a copy-on-write,
+        a swap-in): the workers need all of it again."""
+        return request_id in self._ops.rewritten
 
     def has_block_ops(self) -> bool:
         """Whether this step has block operations for its plan so far."""
@@ -297,3 +335,15 @@ class PageTableManager:
         assert sorted(host) == list(range(self.num_host_blocks)), "host blocks leak or repeat"
         for rid, offered in self._num_offered.items():
             assert offered <= len(self.block_tables[rid]), f"{rid}: offered past its table"
+        bs, pool = self.block_size, self.pool
+        for rid, (lo, hi, full) in self.decode_windows.items():
+            table = self.block_tables[rid]
+            last = table[-1]
+            assert lo == (len(table) - 1) * bs and hi == lo + bs, f"{rid}: window off its end"
+            assert pool.ref_counts[last] == 1, f"{rid}: window on a shared block"
+            assert pool.block_hashes[last] is None, f"{rid}: window on a cached block"
+            if self.enable_prefix_caching:
+                offered = self._num_offered.get(rid, 0)
+                assert full == (offered + 1) * bs - 1, f"{rid}: window past an offer"
+            else:
+                assert full == hi, f"{rid}: window's end differs without caching"

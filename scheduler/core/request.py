@@ -1,6 +1,5 @@
 import dataclasses
 import enum
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -15,14 +14,10 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def finished(self) -> bool:
-        return self in _FINISHED  # a set built once: read for every request every step
-
-
-_FINISHED = frozenset(
-    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
-)
+    def __init__(self, value: str) -> None:
+        # A plain attribute of each member, read for every request every step (an Enum's
+        # hash, for a set of the finished ones, is a Python call).
+        self.finished: bool = value in ("stop", "length", "abort")
 
 
 @dataclass(eq=False)  # identity: a request is one object, found in queues by `is`
@@ -64,11 +59,26 @@ class Request:
     # Chained hashes of the full blocks of all_token_ids, computed as far as the page table asked.
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
     status: RequestStatus = RequestStatus.WAITING
+    # Fixed for its life and read for every request every step, so plain attributes set once:
+    # a cached_property would store into the instance's __dict__, which makes every attribute
+    # access of the object several times slower (CPython 3.11).
+    group_id: str = field(init=False)  # the client's request id, shared by all n completions
+    # The most tokens it can reach: its prompt plus every output it may sample.
+    max_num_tokens: int = field(init=False, repr=False)
+    # The tokens that end it when sampled: its EOS tokens (unless ignore_eos) and stop tokens.
+    ending_token_ids: frozenset[int] = field(init=False, repr=False)
 
-    @property
-    def group_id(self) -> str:
-        """The client's request id, shared by all n completions."""
-        return self.parent_id or self.request_id
+    def __post_init__(self) -> None:
+        self.group_id = self.parent_id or self.request_id
+        params = self.sampling_params
+        eos = () if params.ignore_eos else self.eos_token_ids
+        self.ending_token_ids = frozenset(params.stop_token_ids).union(eos)
+        max_tokens = params.max_tokens
+        self.max_num_tokens = (
+            self.max_model_len
+            if max_tokens is None
+            else min(len(self.prompt_token_ids) + max_tokens, self.max_model_len)
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -81,15 +91,6 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    @functools.cached_property
-    def max_num_tokens(self) -> int:
-        """The most tokens this request can reach: its prompt plus every output it may sample
-        (fixed for its life: read for every running request every step)."""
-        max_tokens = self.sampling_params.max_tokens
-        if max_tokens is None:
-            return self.max_model_len
-        return min(self.num_prompt_tokens + max_tokens, self.max_model_len)
 
     @property
     def finish_reason(self) -> str | None:
@@ -104,22 +105,22 @@ class Request:
             return self.output_token_ids[start - num_prompt : end - num_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
-    def append_token(self, token_id: int) -> None:
-        """Records a sampled token and finishes the request if a token stop
-        condition holds; stop strings are the frontends', which see the text."""
-        self.output_token_ids.append(token_id)
+    def append_token(self, token_id: int) -> bool:
+        """Records a sampled token and finishes the request if a token stop condition holds
+        (stop strings are the frontends', which see the text); whether it finished."""
+        output = self.output_token_ids
+        output.append(token_id)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
-        params = self.sampling_params
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            self.status = RequestStatus.FINISHED_STOPPED  # stop_reason None, as in vLLM
-        elif token_id in params.stop_token_ids:
+        if token_id in self.ending_token_ids:
             self.status = RequestStatus.FINISHED_STOPPED
-            self.stop_reason = token_id
-        elif (
-            params.max_tokens is not None and len(self.output_token_ids) >= params.max_tokens
-        ) or self.num_tokens >= self.max_model_len:
-            self.status = RequestStatus.FINISHED_LENGTH
+            if self.sampling_params.ignore_eos or token_id not in self.eos_token_ids:
+                self.stop_reason = token_id  # a stop token; EOS leaves None, as in vLLM
+            return True
+        if len(self.prompt_token_ids) + len(output) >= self.max_num_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH  # max_tokens or max_model_len
+            return True
+        return False
 
     def fork(self, index: int) -> "Request":
         """Completion `index` of this request, id "<request_id>#<index>": the same prompt,

@@ -41,7 +41,8 @@ from bisect import insort
 
 from protos import worker_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.core.page_table import BlockPairs, PageTableManager
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.plan_builder import PlanBuilder
 from scheduler.core.policy import make_policy
 from scheduler.core.request import Request, RequestStatus
 from scheduler.core.stats import SchedulerStats
@@ -178,54 +179,94 @@ class Scheduler:
         nothing and move no block is not planned: None, and the finished and preempted ids it
         would carry wait for the next plan (the engine does so while a step is in flight).
         """
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
+        plan = PlanBuilder()
         num_preemptions = self.stats.num_preemptions
+        budget = self._schedule_running(self.config.max_num_batched_tokens, plan)
+        if self.stats.num_preemptions == num_preemptions:
+            budget = self._resume_swapped(budget, plan)
+            self._admit_waiting(budget, plan)
+        if skip_empty and not plan and not self.page_table.has_block_ops():
+            return None
+        self._step_id += 1
+        plan_msg = plan.build(
+            self._step_id,
+            self.page_table.take_block_ops(),
+            self._dropped,
+            self._preempted,
+            self._swapped_ids,
+        )
+        self._dropped, self._preempted, self._swapped_ids = [], [], []
+        return plan_msg
+
+    def _schedule_running(self, budget: int, plan: PlanBuilder) -> int:
+        """Schedules the running requests in rank order, preempting the last-ranked ones when
+        blocks run out; returns the budget left.
+
+        Most are steady decodes: one token past the prompt into the table's decode window
+        (page_table.py), so no block to allocate and nothing new for the workers: their plan
+        entry is appended here, with a few attribute reads each. Any other goes through
+        allocate() and _schedule(), which give a steady decode the same entry."""
         running, allocate = self.running, self.page_table.allocate
-        i = 0
-        while i < len(running) and budget > 0:
-            request = running[i]
-            num_tokens = request.num_tokens + request.num_pending_tokens
+        windows = self.page_table.decode_windows
+        ids, positions = plan.request_ids, plan.num_computed_tokens
+        # Preemption removes requests after the current one only: iterating stays in order.
+        for request in running:
+            if budget <= 0:
+                break
+            start = request.num_computed_tokens
+            num_prompt = len(request.prompt_token_ids)
+            num_known = num_prompt + len(request.output_token_ids)
+            num_tokens = num_known + request.num_pending_tokens
             if num_tokens >= request.max_num_tokens:
-                i += 1  # its last token is being sampled: it ends when that is learned
-                continue
-            n = min(num_tokens - request.num_computed_tokens, budget)
+                continue  # its last token is being sampled: it ends when that is learned
+            if num_tokens - start == 1 and start >= num_prompt:
+                window = windows.get(request.request_id)
+                # allocate()'s own window test, for the one token [start, start + 1).
+                if (
+                    window is not None
+                    and window[0] <= start < window[1]
+                    and (start < window[2] or num_known <= window[2])
+                ):
+                    ids.append(request.request_id)
+                    positions.append(start)
+                    request.num_computed_tokens = num_tokens
+                    request.num_pending_tokens += 1  # it samples in this step
+                    budget -= 1
+                    continue
+            n = min(num_tokens - start, budget)
             if not allocate(request, n) and not self._preempt_to_allocate(request, n):
                 break
-            scheduled.append((request, n))
+            self._schedule(request, n, plan)
             budget -= n
-            i += 1
-        if self.stats.num_preemptions == num_preemptions:
-            budget = self._resume_swapped(budget, scheduled)
-            self._admit_waiting(budget, scheduled)
-        if skip_empty and not scheduled and not self.page_table.has_block_ops():
-            return None
-        return self._make_plan(scheduled)
+        return budget
 
-    def update(self, request_ids: list[str], token_ids: list[int]) -> list[tuple[Request, int]]:
-        """Learns the tokens of a step, the oldest step in flight; returns (request, token) for
-        each live request, forks the completions of a request that learned its first token, and
-        finishes those that hit a stop condition."""
-        updates = []
-        discarded = self._discarded
+    def update(
+        self, request_ids: list[str], token_ids: list[int]
+    ) -> tuple[list[Request], list[int]]:
+        """Learns the tokens of a step, the oldest step in flight; returns the live requests
+        and their tokens (parallel lists), forks the completions of a request that learned its
+        first token, and finishes those that hit a stop condition."""
+        learned, tokens = [], []
+        discarded, requests, unforked = self._discarded, self.requests, self._unforked
         for rid, token in zip(request_ids, token_ids, strict=True):
-            if rid in discarded:  # it ended (stopped, aborted) after this step was planned
+            if discarded and rid in discarded:  # it ended after this step was planned
                 if discarded[rid] == 1:
                     del discarded[rid]
                 else:
                     discarded[rid] -= 1
                 continue
-            request = self.requests.get(rid)
+            request = requests.get(rid)
             if request is None:  # an id no step of this scheduler samples for
                 continue
             request.num_pending_tokens -= 1
-            request.append_token(token)
-            if rid in self._unforked:
+            finished = request.append_token(token)
+            if unforked and rid in unforked:
                 self._fork(request)
-            if request.status.finished:
+            if finished:
                 self._finish(request, request.status)
-            updates.append((request, token))
-        return updates
+            learned.append(request)
+            tokens.append(token)
+        return learned, tokens
 
     def preempt(self, request: Request) -> None:
         """Takes a running request off the device: to host memory when recomputing it would
@@ -272,7 +313,7 @@ class Scheduler:
         """The request, and the completions that will fork from it."""
         return 1 + len(self._unforked.get(request.request_id, ()))
 
-    def _resume_swapped(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
+    def _resume_swapped(self, budget: int, plan: PlanBuilder) -> int:
         seats = self.config.max_num_seqs - self._seats_taken()
         while self.swapped and budget > 0:
             request = self.swapped[0]
@@ -285,12 +326,12 @@ class Scheduler:
             del self.swapped[0]
             request.status = RequestStatus.RUNNING
             insort(self.running, request, key=self.policy.rank)
-            scheduled.append((request, n))
+            self._schedule(request, n, plan)
             budget -= n
             seats -= needs
         return budget
 
-    def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> None:
+    def _admit_waiting(self, budget: int, plan: PlanBuilder) -> None:
         pt = self.page_table
         seats = self.config.max_num_seqs - self._seats_taken()
         if not self.waiting or budget <= 0 or seats <= 0:
@@ -320,7 +361,7 @@ class Scheduler:
             insort(self.running, request, key=self.policy.rank)
             self.stats.prefix_cache_queries += request.num_tokens
             self.stats.prefix_cache_hits += num_cached
-            scheduled.append((request, n))
+            self._schedule(request, n, plan)
             admitted.append(request)
             budget -= n
             seats -= needs
@@ -347,55 +388,26 @@ class Scheduler:
             child.status = RequestStatus.RUNNING
             insort(self.running, child, key=self.policy.rank)
 
-    def _make_plan(self, scheduled: list[tuple[Request, int]]) -> worker_pb2.StepPlan:
-        self._step_id += 1
-        ops = self.page_table.take_block_ops()
-        tables, sent, stats = self.page_table.block_tables, self._num_blocks_sent, self.stats
-        new_requests = []
-        ids, computed, num_scheduled, num_new, new_blocks, replaced = [], [], [], [], [], []
-        for request, n in scheduled:
-            rid = request.request_id
-            start = request.num_computed_tokens
-            table = tables[rid]
-            num_sent = sent.get(rid)
-            if num_sent is None:
-                new_requests.append(_new_request(request, table, n))
-            else:
-                replace = rid in ops.rewritten
-                blocks = table if replace else table[num_sent:]
-                ids.append(rid)
-                computed.append(start)
-                num_scheduled.append(n)
-                num_new.append(len(blocks))
-                new_blocks += blocks
-                replaced.append(replace)
-            sent[rid] = len(table)
-            num_prompt = len(request.prompt_token_ids)
-            if start < num_prompt:
-                stats.num_prompt_tokens_computed += min(start + n, num_prompt) - start
-            request.num_computed_tokens = start + n
-            if start + n == request.num_tokens + request.num_pending_tokens:
-                request.num_pending_tokens += 1  # it samples in this step
-        plan = worker_pb2.StepPlan(
-            step_id=self._step_id,
-            new_requests=new_requests,
-            cached_requests=worker_pb2.CachedRequests(
-                request_ids=ids,
-                num_computed_tokens=computed,
-                num_scheduled_tokens=num_scheduled,
-                num_new_blocks=num_new,
-                new_block_ids=new_blocks,
-                replace_block_table=replaced,
-            ),
-            finished_request_ids=self._dropped,
-            preempted_request_ids=self._preempted,
-            swapped_request_ids=self._swapped_ids,
-            swap_out=_block_copies(ops.swap_out),
-            swap_in=_block_copies(ops.swap_in),
-            block_copies=_block_copies(ops.copies),
-        )
-        self._dropped, self._preempted, self._swapped_ids = [], [], []
-        return plan
+    def _schedule(self, request: Request, n: int, plan: PlanBuilder) -> None:
+        """Puts the request's next n tokens, allocated, in the plan: the whole request if the
+        workers do not hold it, else its new blocks (its whole table, when rewritten)."""
+        rid = request.request_id
+        start = request.num_computed_tokens
+        table = self.page_table.block_tables[rid]
+        num_sent = self._num_blocks_sent.get(rid)
+        if num_sent is None:
+            plan.add_new(request, table, n)
+        else:
+            replace = self.page_table.is_rewritten(rid)
+            plan.add_cached(rid, start, n, table if replace else table[num_sent:], replace)
+        self._num_blocks_sent[rid] = len(table)
+        num_prompt = len(request.prompt_token_ids)
+        if start < num_prompt:
+            self.stats.num_prompt_tokens_computed += min(start + n, num_prompt) - start
+        request.num_computed_tokens = start + n
+        num_tokens = num_prompt + len(request.output_token_ids) + request.num_pending_tokens
+        if start + n == num_tokens:
+            request.num_pending_tokens += 1  # it samples in this step
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
@@ -418,37 +430,3 @@ class Scheduler:
             self._dropped.append(rid)
             if rid in self._swapped_ids:  # swapped out and gone since the last plan
                 self._swapped_ids.remove(rid)
-
-
-def _new_request(request: Request, table: list[int], n: int) -> worker_pb2.NewRequest:
-    """Everything the workers need of a request they do not hold."""
-    params = request.sampling_params
-    return worker_pb2.NewRequest(
-        request_id=request.request_id,
-        token_ids=request.all_token_ids,
-        sampling=worker_pb2.SamplingOptions(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            min_p=params.min_p,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty,
-            min_tokens=params.min_tokens,
-            banned_until_min_tokens=(
-                sorted({*params.stop_token_ids, *request.eos_token_ids})
-                if params.min_tokens
-                else []
-            ),
-            prompt_len=request.num_prompt_tokens,
-            logprobs=params.logprobs,
-        ),
-        block_ids=table,
-        num_computed_tokens=request.num_computed_tokens,
-        num_scheduled_tokens=n,
-    )
-
-
-def _block_copies(pairs: BlockPairs) -> list[worker_pb2.BlockCopy]:
-    return [worker_pb2.BlockCopy(src=src, dst=dst) for src, dst in pairs]

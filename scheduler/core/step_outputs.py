@@ -25,19 +25,24 @@ class StepOutputsBuilder:
         self._logprobs: list[serving_pb2.TokenLogprobs] = []
         self._finished: list[frontend_pb2.Finished] = []
 
-    def token(
-        self, request: Request, token: int, logprobs: serving_pb2.TokenLogprobs | None
+    def tokens(
+        self,
+        requests: list[Request],
+        tokens: list[int],
+        logprobs: list[serving_pb2.TokenLogprobs | None] | None,
     ) -> None:
-        """A token the completion learned in this step (and its logprobs, when asked)."""
-        self._request_ids.append(request.group_id)
-        self._indices.append(request.index)
-        self._token_ids.append(token)
-        if logprobs is not None:
-            missing = len(self._token_ids) - 1 - len(self._logprobs)
+        """Tokens the completions learned in this step, one each, in order, and their logprobs
+        (None: no completion asked; else one entry each, None where not asked)."""
+        self._request_ids += [request.group_id for request in requests]
+        self._indices += [request.index for request in requests]
+        self._token_ids += tokens
+        if logprobs is not None and any(lps is not None for lps in logprobs):
+            missing = len(self._token_ids) - len(tokens) - len(self._logprobs)
             self._logprobs.extend(serving_pb2.TokenLogprobs() for _ in range(missing))
-            self._logprobs.append(logprobs)
+            empty = serving_pb2.TokenLogprobs
+            self._logprobs += [empty() if lps is None else lps for lps in logprobs]
         elif self._logprobs:
-            self._logprobs.append(serving_pb2.TokenLogprobs())
+            self._logprobs.extend(serving_pb2.TokenLogprobs() for _ in tokens)
 
     def finished(self, request: Request) -> None:
         """The completion ended (after its tokens in this message)."""
