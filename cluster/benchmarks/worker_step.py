@@ -119,6 +119,9 @@ def profile_graph(runner: ModelRunner, size: int, top: int = 15) -> None:
     graph = runner.graphs.graphs[size]
     graph.replay()
     torch.cuda.synchronize()
+    if distributed.tp_size() > 1:  # the ranks start together: no wait on a late peer timed
+        torch.distributed.barrier()
+        torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             graph.replay()
@@ -202,7 +205,11 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     for batch, graph_ms, step_ms in rows:
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
         report(f"| {args.model} | {world} | {batch} | {graph} | {step_ms:.3f} | {roof:.3f} |")
-    distributed.destroy()
+    if world > 1:
+        # Tearing down NCCL and the symmetric memory at exit can hang (seen on 2 x H200): the
+        # ranks leave together, at once.
+        torch.distributed.barrier()
+        os._exit(0)
 
 
 if __name__ == "__main__":
