@@ -23,8 +23,10 @@ import triton.language as tl
 CONFIGS = ((4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 1024, 8))
 # Taken only when faster than cuBLAS by this factor: a near tie is not worth a second path.
 MIN_GAIN = 1.02
-# choose() times over copies of a weight this large together: twice an H100's or H200's L2.
+# choose() times over copies of a weight this large together: twice an H100's or H200's L2,
+# and at least this many calls a graph.
 COLD_BYTES = 128 << 20
+MIN_CALLS = 16
 
 
 @triton.jit
@@ -91,24 +93,31 @@ def gemv(
     return y
 
 
-def choose(weight: torch.Tensor, rounds: int = 3) -> tuple[int, int, int] | None:
+def choose(weight: torch.Tensor, rounds: int = 5) -> tuple[int, int, int] | None:
     """The fastest of CONFIGS for one row times this (CUDA, half-precision) weight, or None when
-    cuBLAS (F.linear) is as fast (within MIN_GAIN). Times each with CUDA events over copies of
-    the weight that together exceed the L2 cache (COLD_BYTES), as a decode step meets each
-    layer's weights cold; the median of `rounds`. Must run outside graph capture; takes
-    COLD_BYTES of device memory for the while."""
+    cuBLAS (F.linear) is as fast (within MIN_GAIN). Each is timed as a decode graph runs it: a
+    CUDA graph of at least MIN_CALLS calls, over copies of the weight that together exceed the
+    L2 cache (COLD_BYTES), as a decode step meets each layer's weights cold; the median of
+    `rounds` replays. (Timed eagerly, a kernel of ~10 us measures the host's launch, where
+    Triton's costs more than cuBLAS's.) Must run outside graph capture; takes COLD_BYTES of
+    device memory for the while."""
     copies = [weight] + [weight.clone() for _ in range(COLD_BYTES // _nbytes(weight))]
+    calls = copies * -(-MIN_CALLS // len(copies))
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
 
     def timed(one) -> float:
         one(weight)  # compiles a Triton config on its first call
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for w in calls:
+                one(w)
+        graph.replay()
         times = []
         for _ in range(rounds):
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            for w in copies:
-                one(w)
+            graph.replay()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))

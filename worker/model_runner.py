@@ -27,6 +27,7 @@ their whole history on the host: a plan that has such a row with a token in flig
 first.
 """
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -51,6 +52,8 @@ from worker.sampler import (
     sample,
 )
 from worker.step_staging import StepStaging
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,7 +132,8 @@ class ModelRunner:
         First, on CUDA, each linear layer picks its batch-1 kernel (choose_one_row: timed on
         its weights while the memory the caches take is still free)."""
         if self.device.type == "cuda":
-            choose_one_row(self.model)
+            chosen = choose_one_row(self.model)
+            log.info("batch-1 linear layers through the Triton GEMV: %d", chosen)
         _, kv_heads, head_dim = self.model.kv_cache_spec()
         shape = (num_blocks, block_size, kv_heads, head_dim)
         cpu_shape = (num_cpu_blocks, block_size, kv_heads, head_dim)

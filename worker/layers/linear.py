@@ -8,12 +8,16 @@ each block needs one all-reduce. Every parameter carries a weight_loader(param, 
 shard_id) that cuts this rank's slice out of the checkpoint's full tensor.
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
 from worker import distributed
+
+log = logging.getLogger(__name__)
 
 # x W^T for a few rows of x (a decode step's batch) on the CPU: MKL's sgemm takes it several
 # times slower (2-4 rows: 2-3x for the MLP and the LM head) than the same product taken as
@@ -217,7 +221,11 @@ def choose_one_row(model: nn.Module) -> int:
     for layer in layers:
         key = (*layer.weight.shape, layer.weight.dtype)
         if key not in chosen:
-            chosen[key] = kernels.choose_gemv(layer.weight)
+            try:
+                chosen[key] = kernels.choose_gemv(layer.weight)
+            except Exception as e:  # a Triton or driver failure: cuBLAS serves as before
+                log.warning("batch-1 GEMV not timed for %s (cuBLAS serves it): %s", key, e)
+                chosen[key] = None
         layer.one_row = chosen[key]
     if layers:
         torch.cuda.empty_cache()  # the timing's copies of the weights
