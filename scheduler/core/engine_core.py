@@ -30,6 +30,7 @@ overshoot the bound together.
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
@@ -152,7 +153,16 @@ class EngineCore:
         """The watchdog (its own thread): hangs up on every frontend silent for longer than
         heartbeat.timeout_s, until stop()."""
         timeout = self._heartbeat.timeout_s
-        while not self._stopping.wait(min(timeout / 4, _WATCHDOG_POLL_S)):
+        poll = min(timeout / 4, _WATCHDOG_POLL_S)
+        looked = time.monotonic()
+        while not self._stopping.wait(poll):
+            now, last = time.monotonic(), looked
+            looked = now
+            if now - last > 2 * poll:
+                # This process itself stood still (a long pause of every thread: the host, a
+                # debugger): the frontends' messages wait unread, not missing. Look again once
+                # the readers have had their turn.
+                continue
             with self._links_lock:
                 silent = [link for link in self._links if link.silent_for() > timeout]
             for link in silent:

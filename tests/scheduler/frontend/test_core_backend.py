@@ -4,6 +4,7 @@ clients that leave, frontends whose stream breaks and frontends that hang. The t
 tokens are fixed pieces of text."""
 
 import asyncio
+import ctypes
 import os
 import threading
 
@@ -300,3 +301,24 @@ def test_a_frontend_whose_event_loop_blocks_is_hung_up_on_and_the_others_go_on(r
     finally:
         blocked.call_soon_threadsafe(blocked.stop)
         thread.join(TIMEOUT)
+
+
+def test_a_core_that_stands_still_hangs_up_on_no_frontend(rank):
+    """Every thread of the core's process stops (the GIL held through a C call, as a host's
+    pause or a debugger would): the frontends' heartbeats wait unread, and are not missing."""
+    beat = Heartbeat(interval_s=0.05, timeout_s=0.5)
+    hung = []
+
+    async def stand_still(core):
+        backend = await connected(core, beat)
+        try:
+            ctypes.PyDLL(None).usleep(1_000_000)  # holds the GIL: nothing in the process runs
+            await asyncio.sleep(2 * beat.timeout_s)  # the watchdog looks several times
+            return [r async for r in backend.generate(request(max_tokens=3))]
+        finally:
+            await backend.core.close()
+
+    with running_core(rank, heartbeat=beat, on_hung=hung.append) as core:
+        got = asyncio.run(asyncio.wait_for(stand_still(core), TIMEOUT))
+    assert hung == []
+    assert got[-1].finish_reason == "length"
