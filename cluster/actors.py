@@ -6,6 +6,7 @@ Ray places and supervises them; everything else travels over gRPC.
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -14,8 +15,23 @@ import ray
 
 from cluster.config import Config
 
+log = logging.getLogger(__name__)
 
-@ray.remote(num_cpus=0)
+
+# The engine core's process takes at most 2 glibc malloc arenas (glibc's default: 8 per core).
+# Each recovery builds the restarted replica (its page table's per-block lists, its engine) on
+# new threads, and glibc gives each new thread the next of its arenas; the replica it replaces
+# is freed into an arena that the next recoveries' threads seldom use again, so each recovery
+# left a hole of a replica's size (3 MB with the soak's tiny model, 7.5 MB under its load) that
+# the process kept: the core's RSS grew with every recovery until every arena had one. The core
+# allocates under the GIL nearly always, so more arenas never bought it parallel speed.
+_CORE_ENV = {"MALLOC_ARENA_MAX": "2"}
+# The workers, which the core places, keep glibc's default (an empty value): Ray hands an
+# actor's runtime_env down to the actors it creates, and theirs merges over it.
+_WORKER_ENV = {"MALLOC_ARENA_MAX": ""}
+
+
+@ray.remote(num_cpus=0, runtime_env={"env_vars": _WORKER_ENV})
 class WorkerActor:
     """One rank: hosts a Worker gRPC server that serves only calls carrying the cluster secret,
     listening on loopback (loopback: its replica and the engine core share this node) or else
@@ -90,13 +106,17 @@ class WorkerActor:
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, runtime_env={"env_vars": _CORE_ENV})
 class SchedulerActor:
     """The engine core: its EngineCore gRPC server listens from construction (frontends connect
     to `address()`; on loopback if `loopback`: every frontend is on this node) and serves only
     calls carrying the cluster secret (protos/cluster_secret.py), which it also hands its
     workers and sends them with every call; start() places every replica's workers (a
-    RayPlacer, also on Scale) and brings them up. What it places fate-shares with it."""
+    RayPlacer, also on Scale) and brings them up. What it places fate-shares with it.
+
+    A frontend the core takes for hung (silent past its heartbeat's timeout) is killed, so
+    that it takes no new client on the shared ports: with `loopback`, every frontend runs on
+    this node and names its process on its stream."""
 
     def __init__(
         self,
@@ -117,7 +137,8 @@ class SchedulerActor:
         self._config = config
         self._placer = RayPlacer(config, model_path, gpus_per_worker, secret)
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
-        self._core = EngineCore(config.model.model, host, secret)
+        on_hung = _kill_hung_frontend if loopback else None
+        self._core = EngineCore(config.model.model, host, secret, on_hung=on_hung)
 
     def address(self) -> str:
         """The EngineCore service's address, for the frontends."""
@@ -151,6 +172,18 @@ class SchedulerActor:
         """Stops serving the frontends, then every worker, and removes the placement groups."""
         self._core.stop()
         self._placer.release_all()
+
+
+def _kill_hung_frontend(pid: int) -> None:
+    """Kills a frontend process of this node that the engine core found hung (its requests are
+    aborted already); its clients' streams break as if it had died."""
+    if pid <= 0 or pid == os.getpid():  # a frontend that did not name itself, or the core
+        return
+    log.warning("killing the hung frontend process %d", pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it died meanwhile
 
 
 @ray.remote(num_cpus=0)

@@ -5,7 +5,7 @@ clients saw of them.
     chaos run   the same N again, streaming; some cancelled at random after a random number of
                 tokens; at chosen moments (seconds after the start, or once the streams have
                 received so many tokens) a worker, every worker of a replica, or a frontend is
-                killed with SIGKILL, or a worker or replica hung with SIGSTOP (alive, silent);
+                killed with SIGKILL, or hung with SIGSTOP (alive, silent);
                 pids from GetServerInfo: this host's processes only
     report      requests finished / cancelled / lost (ended with an error), tokens duplicated
                 or missing against the reference (a cancelled stream must be a prefix of it),
@@ -41,8 +41,8 @@ from scheduler.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 KINDS = ("worker", "replica", "frontend")
-HANG_KINDS = ("worker", "replica")  # a hung frontend is not detected by the core
-_GONE_WITHIN_S = 10.0  # a hung process's replica serves again: the server kills it within this
+HANG_KINDS = KINDS  # the core fails a hung worker's replica and kills a hung frontend
+_GONE_WITHIN_S = 10.0  # the server kills a hung process within this (its replica recovered)
 _POLL_S = 0.1  # how often GetServerInfo is asked while waiting on the server
 
 
@@ -299,7 +299,9 @@ class _Injector:
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP if fault.hang else signal.SIGKILL)
         log.warning("%s: pids %s", fault, pids)
-        if fault.kind == "frontend":
+        if fault.kind == "frontend":  # nothing to recover: its clients' streams are lost
+            if fault.hang:  # the core should have killed it; none is left stopped
+                self.hung_left_alive += _kill_survivors(pids, _GONE_WITHIN_S)
             return
         try:
             self._time_recovery(client, fault, pids, killed_at, timeout)

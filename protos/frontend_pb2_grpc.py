@@ -63,7 +63,9 @@ class EngineCoreServicer:
     def Connect(self, request_iterator, context):
         """The frontend's requests and the core's outputs, in order both ways. The frontend names
         itself with the metadata "frontend-pid" (its process id). When the stream breaks, the
-        core aborts every request the frontend added and frees their blocks.
+        core aborts every request the frontend added and frees their blocks; so it does when the
+        frontend sends nothing for the heartbeat's timeout (protos/heartbeat.py): a frontend
+        with nothing to say sends an empty FrontendMessage, its heartbeat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -12,6 +12,12 @@ the model it serves. While a failed replica recovers and none serves, every fron
 sink of the requests it adds; when the stream breaks, every request of that frontend is aborted
 and its blocks freed.
 
+A frontend that hangs breaks nothing: its process stopped, or its event loop blocked, its
+connection stays open. Each frontend speaks at least every heartbeat.interval_s
+(protos/heartbeat.py); a watchdog thread hangs up on one silent for heartbeat.timeout_s: its
+requests are aborted and their blocks freed, as for one whose stream broke, and on_hung is told
+its process (the cluster's core kills it, so that it takes no new client).
+
 Only the cluster's frontends are served: with a secret (protos/cluster_secret.py; `pagedserve up`
 draws one), every call without it is refused UNAUTHENTICATED before anything is decoded. The
 launcher has the server listen on loopback, its frontends being on the core's node.
@@ -24,13 +30,15 @@ overshoot the bound together.
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
 import grpc
 
 from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
 from protos.cluster_secret import ClusterSecretCheck
+from protos.heartbeat import HEARTBEAT, Heartbeat
 from scheduler.core.fleet import Fleet, Placer
 from scheduler.core.frontend_link import FrontendLink
 from scheduler.core.replica import EngineConfigs, ReplicaSpec
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 PID_METADATA = "frontend-pid"  # how a frontend names itself on its Connect stream
 _MAX_THREADS = 64  # a Connect stream holds one, each unary call one while it runs
 _SERVES = "the engine core serves its cluster's frontends"  # a refusal's sentence
+_WATCHDOG_POLL_S = 1.0  # the frontends' watchdog looks this often (or 4 times a timeout)
 
 
 class _QueueFull(Exception):
@@ -52,10 +61,19 @@ class _QueueFull(Exception):
 
 
 class EngineCore:
-    def __init__(self, model_name: str, host: str = "127.0.0.1", secret: str | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        host: str = "127.0.0.1",
+        secret: str | None = None,
+        heartbeat: Heartbeat = HEARTBEAT,
+        on_hung: Callable[[int], None] | None = None,
+    ) -> None:
         """Starts the EngineCore gRPC server on host, any free port (`address`). secret: the
         cluster secret every call must carry, or is refused UNAUTHENTICATED; None serves every
-        call (a core inside a test's process)."""
+        call (a core inside a test's process). heartbeat.timeout_s: how long a frontend may be
+        silent before it is taken for hung; on_hung(pid) is then called with its process id
+        (after its requests are aborted), on the watchdog's thread."""
         self.model_name = model_name
         self.fleet: Fleet | None = None  # once start() has brought the replicas up
         self._model_info: serving_pb2.ModelInfoResponse | None = None
@@ -75,6 +93,13 @@ class EngineCore:
             raise RuntimeError(f"the engine core cannot listen on {host}")
         self.address = f"{host}:{port}"
         self._server.start()
+        self._heartbeat = heartbeat
+        self._on_hung = on_hung
+        self._stopping = threading.Event()
+        self._watchdog = threading.Thread(
+            target=self._watch_frontends, name="frontend-watchdog", daemon=True
+        )
+        self._watchdog.start()
 
     def start(
         self, specs: Sequence[ReplicaSpec], configs: EngineConfigs, placer: Placer | None = None
@@ -114,13 +139,47 @@ class EngineCore:
                 link.send_serving(serving)
 
     def disconnect(self, link: FrontendLink) -> None:
-        """A frontend's stream ended: its requests are aborted."""
+        """A frontend's stream ended, or it hung: its requests are aborted (once)."""
         link.close()
         with self._links_lock:
+            if link not in self._links:
+                return
             self._links.remove(link)
             fleet = self.fleet
         aborted = fleet.abort_all(link) if fleet is not None else 0
         log.info("frontend %d disconnected; %d of its requests aborted", link.pid, aborted)
+
+    def _watch_frontends(self) -> None:
+        """The watchdog (its own thread): hangs up on every frontend silent for longer than
+        heartbeat.timeout_s, until stop()."""
+        timeout = self._heartbeat.timeout_s
+        poll = min(timeout / 4, _WATCHDOG_POLL_S)
+        looked = time.monotonic()
+        while not self._stopping.wait(poll):
+            now, last = time.monotonic(), looked
+            looked = now
+            if now - last > 2 * poll:
+                # This process itself stood still (a long pause of every thread: the host, a
+                # debugger): the frontends' messages wait unread, not missing. Look again once
+                # the readers have had their turn.
+                continue
+            with self._links_lock:
+                silent = [link for link in self._links if link.silent_for() > timeout]
+            for link in silent:
+                self._hang_up(link)
+
+    def _hang_up(self, link: FrontendLink) -> None:
+        """A frontend fell silent: its stream is ended, its requests aborted, on_hung told."""
+        log.warning(
+            "frontend %d sent nothing for %.1f s (heartbeat.timeout_s=%g): taken for hung",
+            link.pid,
+            link.silent_for(),
+            self._heartbeat.timeout_s,
+        )
+        link.hang_up()
+        self.disconnect(link)
+        if self._on_hung is not None:
+            self._on_hung(link.pid)
 
     def add(self, link: FrontendLink, msg: frontend_pb2.AddRequest) -> None:
         """Enqueues a frontend's request; a refusal is answered on its link."""
@@ -184,6 +243,8 @@ class EngineCore:
 
     def stop(self) -> None:
         """Ends every frontend's stream, stops serving, then stops the replicas."""
+        self._stopping.set()
+        self._watchdog.join(timeout=10)
         with self._links_lock:
             links = list(self._links)
         for link in links:
@@ -199,7 +260,7 @@ class _Service(frontend_pb2_grpc.EngineCoreServicer):
 
     def Connect(self, request_iterator, context) -> Iterator[frontend_pb2.CoreMessage]:
         metadata = dict(context.invocation_metadata())
-        link = FrontendLink(int(metadata.get(PID_METADATA, 0)))
+        link = FrontendLink(int(metadata.get(PID_METADATA, 0)), context.cancel)
         core = self.core
         core.connect(link)
         context.add_callback(link.close)  # the stream ended: the response loop below ends too
@@ -218,6 +279,7 @@ class _Service(frontend_pb2_grpc.EngineCoreServicer):
         core = self.core
         try:
             for msg in request_iterator:
+                link.heard()  # an empty message is the frontend's heartbeat
                 for add in msg.add:
                     core.add(link, add)
                 fleet = core.fleet

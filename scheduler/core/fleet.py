@@ -244,9 +244,11 @@ class Fleet:
             )
 
     def _start(self, threads: list[threading.Thread], target, replica: Replica, name: str):
+        """Runs target(replica) on a thread of its own, kept in threads (for stop() to join)
+        with those still running: one per recovery or drain would otherwise pile up."""
         thread = threading.Thread(target=target, args=(replica,), name=name, daemon=True)
         thread.start()
-        threads.append(thread)
+        threads[:] = [*(t for t in threads if t.is_alive()), thread]
 
     def _add_replica(self) -> int:
         """Places a new replica, brings it up and routes requests to it; returns its id."""

@@ -5,6 +5,7 @@ scheduler and the page table sized from the workers' reports.
 
 import enum
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,11 +105,26 @@ class Replica:
             self.engine = Engine(
                 Scheduler(scheduler, page_table),
                 self._workers,
-                on_failure=None if on_failure is None else lambda _: on_failure(self),
+                on_failure=None if on_failure is None else self._failure_handler(on_failure),
             )
         except BaseException:
             self._close_workers()
             raise
+
+    def _failure_handler(
+        self, on_failure: Callable[["Replica"], None]
+    ) -> Callable[[Engine], None]:
+        """The engine's on_failure: on_failure(this replica). It holds the replica weakly:
+        the replica holds the engine, and a cycle between them would keep a replaced replica
+        (its page table, its engine's records: megabytes) until the cyclic garbage collector
+        ran, which in a long-lived core is seldom; each recovery's RSS grew by one."""
+        replica = weakref.ref(self)
+
+        def failed(_: Engine) -> None:
+            if (alive := replica()) is not None:  # else it was dropped, stopped: no failure
+                on_failure(alive)
+
+        return failed
 
     def _load(self, configs: EngineConfigs) -> tuple[worker_pb2.ModelInfo, int, int]:
         """Joins the ranks' group and loads the model on each; returns rank 0's model info,

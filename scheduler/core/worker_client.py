@@ -24,6 +24,10 @@ _MAX_MESSAGE_BYTES = 256 << 20  # a plan of new requests with long prompts
 KEEPALIVE = Keepalive()  # a stopped or vanished rank is found within 10 s
 
 
+class StreamEnded(RuntimeError):
+    """A rank's Execute stream ended: it failed, went away, or the call was cancelled."""
+
+
 class WorkerStream:
     """The Execute stream to one rank: send() a plan, recv() its result, in order."""
 
@@ -42,7 +46,17 @@ class WorkerStream:
         self._plans.put(plan)
 
     def recv(self) -> worker_pb2.StepResult:
-        return next(self._results)
+        """The rank's next result; StreamEnded once the stream has ended."""
+        try:
+            return next(self._results)
+        except grpc.RpcError as e:
+            why = f"worker {self.address} failed: {e.code().name}: {e.details()}"
+            # gRPC raises the call itself, which this stream holds: as it went up through the
+            # engine's frames, its traceback would hold them, and they the engine, a cycle that
+            # kept a failed replica's engine (its page table: megabytes) until a full cyclic
+            # collection. The call's own traceback goes; a new exception goes up instead.
+            e.__traceback__ = None
+        raise StreamEnded(why)
 
     def on_end(self, callback: Callable[["WorkerStream", str], None]) -> None:
         """Calls callback(stream, why) once the stream has ended, however it ends: the rank

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from protos import serving_pb2
+from protos.heartbeat import HEARTBEAT, Heartbeat
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.completion_stream import CompletionStream
 from scheduler.frontend.core_client import CORE_GONE, CoreClient, CoreOutputs
@@ -39,11 +40,13 @@ class CoreBackend:
         core_address: str,
         max_concurrent_requests: int = 0,
         core_secret: str | None = None,
+        heartbeat: Heartbeat = HEARTBEAT,
     ):
         """max_concurrent_requests: the most requests admitted and unfinished (0 = no limit).
-        core_secret: the cluster secret the core demands (protos/cluster_secret.py)."""
+        core_secret: the cluster secret the core demands (protos/cluster_secret.py).
+        heartbeat: how often the core's stream speaks at least (protos/heartbeat.py)."""
         self.model_name = model_name
-        self.core = CoreClient(core_address, self.set_model_info, core_secret)
+        self.core = CoreClient(core_address, self.set_model_info, core_secret, heartbeat)
         self.max_concurrent_requests = max_concurrent_requests
         # Admitted, being checked and tokenized, not yet registered with the core (event loop
         # only: no lock). With core.num_requests, what max_concurrent_requests bounds.

@@ -5,6 +5,10 @@ the unary calls it forwards, on the frontend's event loop.
     abort(id), stop(id, index, stop_str)  --> batched into one FrontendMessage per loop turn -->
     request queues <-- a StepOutputs split by request (one CoreOutputs each) <-- per step
 
+The stream speaks at least every heartbeat.interval_s (an empty message when nothing is queued):
+the core takes a frontend silent for heartbeat.timeout_s for hung (protos/heartbeat.py). The
+messages come from this event loop, so a loop that stops turning falls silent too.
+
 A request is registered until the core has ended all its completions (or refused it), not
 until its client leaves: the core's answer to an abort still finds it, and its id cannot be
 reused on this frontend before the core has freed it.
@@ -20,6 +24,7 @@ import grpc
 
 from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
 from protos.cluster_secret import secret_metadata
+from protos.heartbeat import HEARTBEAT, Heartbeat
 from scheduler.core.engine_core import PID_METADATA
 from scheduler.frontend.backend import ServingError
 
@@ -51,9 +56,12 @@ class CoreClient:
         address: str,
         on_ready: Callable[[serving_pb2.ModelInfoResponse], None],
         secret: str | None = None,
+        heartbeat: Heartbeat = HEARTBEAT,
     ) -> None:
-        """secret: the cluster secret, carried by every call to the core."""
+        """secret: the cluster secret, carried by every call to the core. heartbeat: how often
+        the stream speaks when the frontend has nothing to send."""
         self.address = address
+        self._heartbeat = heartbeat
         self._secret_metadata = secret_metadata(secret)
         self._on_ready = on_ready
         self.connected = False  # the stream is open (the core may not be ready yet)
@@ -76,7 +84,9 @@ class CoreClient:
             wait_for_ready=True,
         )
         self.connected = True
-        self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
+        loop = asyncio.get_running_loop()
+        self._receiver = loop.create_task(self._receive_loop())
+        self._beater = loop.create_task(self._beat())
 
     @property
     def num_requests(self) -> int:
@@ -129,13 +139,15 @@ class CoreClient:
         """Ends the stream (the core aborts what this frontend still holds) and the channel."""
         self._closing = True
         self._wake.set()
+        self._beater.cancel()
         if self.connected:
             self._call.cancel()
             await asyncio.wait([self._receiver], timeout=10)
         await self._channel.close()
 
     async def _send_loop(self):
-        """What was queued since the last turn of the loop, as one message."""
+        """What was queued since the last turn of the loop, as one message (an empty one when
+        only the heartbeat woke it)."""
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
@@ -143,6 +155,13 @@ class CoreClient:
                 return
             message, self._outgoing = self._outgoing, frontend_pb2.FrontendMessage()
             yield message
+
+    async def _beat(self) -> None:
+        """Wakes the send loop every heartbeat.interval_s: the stream speaks at least that
+        often, busy or idle."""
+        while not self._closing:
+            await asyncio.sleep(self._heartbeat.interval_s)
+            self._wake.set()
 
     async def _receive_loop(self) -> None:
         try:

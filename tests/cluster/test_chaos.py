@@ -21,8 +21,9 @@ def test_kill_specs_parse_and_bad_ones_say_what_is_expected():
         with pytest.raises(ValueError, match="--kill"):
             Fault.parse(bad)
     assert Fault.parse("replica:1@2s", hang=True) == Fault("replica", 1, at_s=2.0, hang=True)
-    with pytest.raises(ValueError, match="--hang 'frontend@2s': .* KIND one of"):
-        Fault.parse("frontend@2s", hang=True)  # the core does not watch its frontends hang
+    assert Fault.parse("frontend@2s", hang=True) == Fault("frontend", 0, at_s=2.0, hang=True)
+    with pytest.raises(ValueError, match="--hang 'gpu@2s': .* KIND one of"):
+        Fault.parse("gpu@2s", hang=True)
 
 
 def test_streams_are_judged_against_the_reference():

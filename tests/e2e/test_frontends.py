@@ -1,7 +1,7 @@
 """Two frontends in front of one engine core on a local Ray cluster: both serve the gRPC and the
 OpenAI-compatible HTTP API on shared ports (the official openai client, streamed and not), a
-scrape of either's /metrics counts every request both served, and killing one loses only the
-streams it carried; the core frees what they held."""
+scrape of either's /metrics counts every request both served, and killing one, or stopping one
+(SIGSTOP), loses only the streams it carried; the core frees what they held."""
 
 import os
 import signal
@@ -35,6 +35,18 @@ def server_info(address: str) -> serving_pb2.ServerInfoResponse:
     channel, stub = fresh_stub(address)
     with channel:
         return stub.GetServerInfo(serving_pb2.ServerInfoRequest(), timeout=TIMEOUT)
+
+
+def server_info_or_none(address: str) -> serving_pb2.ServerInfoResponse | None:
+    """server_info, or None where the connection landed on a frontend that was killed: until
+    its listening socket is gone the kernel may hand it a new connection (or had queued one
+    for it while it was stopped), which is reset: UNAVAILABLE, as a client retrying would see."""
+    try:
+        return server_info(address)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return None
 
 
 def answer(address: str) -> str:
@@ -140,13 +152,9 @@ def blocks_in_use(info: serving_pb2.ServerInfoResponse) -> int:
     return replica.num_blocks - replica.num_free_blocks
 
 
-def test_two_frontends_serve_and_one_killed_loses_only_its_streams(cluster):
-    address = cluster.address
-    pids = set(ray.get([f.pid.remote() for f in cluster.frontends], timeout=TIMEOUT))
-    expected = answer(address)
-    assert "Paris" in expected
-    baseline = blocks_in_use(server_info(address))
-    # Streams on connections of their own, until each frontend carries one (the kernel picks).
+def open_streams_until(address: str, carried_by) -> list[tuple[grpc.Channel, object]]:
+    """Long streams on connections of their own (the kernel picks each one's frontend), each
+    read to its first token, until carried_by(frontends' {pid: unfinished}) holds."""
     long = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
     streams = []
     for i in range(16):
@@ -154,25 +162,85 @@ def test_two_frontends_serve_and_one_killed_loses_only_its_streams(cluster):
         stream = stub.Generate(make_request(f"Count to {i + 10}:", long), timeout=TIMEOUT)
         next(stream)
         streams.append((channel, stream))
+        if carried_by({f.pid: f.num_unfinished for f in server_info(address).frontends}):
+            return streams
+    raise AssertionError("16 connections and the frontends never carried the streams wanted")
+
+
+def extra_frontend(cluster):
+    """One more frontend actor on the cluster's ports, as the launcher starts them; serving."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from cluster.actors import FrontendActor
+
+    core_address = ray.get(cluster.scheduler.address.remote(), timeout=TIMEOUT)
+    ports = ray.get(cluster.frontends[0].ports.remote(), timeout=TIMEOUT)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here).remote(
+        cluster.config,
+        core_address,
+        cluster.secret,
+        cluster.tokenizer_path,
+        cluster.metrics_dir,
+        ports,
+    )
+    ray.get(frontend.wait_ready.remote(TIMEOUT), timeout=TIMEOUT)
+    return frontend
+
+
+def test_a_stopped_frontend_is_found_its_requests_freed_and_it_is_killed(cluster):
+    """SIGSTOP keeps the frontend's connections open: only its silence on the core's stream
+    shows the hang. A third frontend is stopped, so that the module's two serve on."""
+    address = cluster.address
+    expected = answer(address)
+    baseline = blocks_in_use(server_info(address))
+    frontend = extra_frontend(cluster)
+    try:
+        pid = ray.get(frontend.pid.remote(), timeout=TIMEOUT)
+        streams = open_streams_until(address, lambda carried: carried.get(pid, 0) > 0)
         carried = {f.pid: f.num_unfinished for f in server_info(address).frontends}
-        if all(carried.values()):
-            break
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+
+        def dropped():
+            info = server_info_or_none(address)
+            return info if info and pid not in {f.pid for f in info.frontends} else None
+
+        info = wait_for(dropped, "the core drops the stopped frontend")
+        found_s = time.monotonic() - stopped
+        [replica] = info.replicas
+        others = sum(n for p, n in carried.items() if p != pid)
+        assert replica.num_running + replica.num_waiting + replica.num_swapped == others
+        assert found_s < 10, f"found after {found_s:.1f} s (heartbeat timeout 5 s)"
+        # The core killed it: the actor is gone, so a new client lands on a live frontend.
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(frontend.pid.remote(), timeout=TIMEOUT)
+        assert answer(address) == expected
+        for channel, _ in streams:
+            channel.close()
+        wait_for(
+            lambda: blocks_in_use(server_info(address)) == baseline,
+            "every block is back at its baseline",
+        )
+    finally:
+        ray.kill(frontend)  # stopped or not, nothing is left behind
+
+
+def test_two_frontends_serve_and_one_killed_loses_only_its_streams(cluster):
+    address = cluster.address
+    pids = set(ray.get([f.pid.remote() for f in cluster.frontends], timeout=TIMEOUT))
+    expected = answer(address)
+    assert "Paris" in expected
+    baseline = blocks_in_use(server_info(address))
+    # Streams on connections of their own, until each frontend carries one (the kernel picks).
+    streams = open_streams_until(address, lambda carried: all(carried.values()))
+    carried = {f.pid: f.num_unfinished for f in server_info(address).frontends}
     assert carried.keys() == pids and all(carried.values()), "one frontend took every stream"
     victim, survivor = sorted(pids)
     os.kill(victim, signal.SIGKILL)
 
-    def core_info():
-        try:
-            return server_info(address)
-        except grpc.RpcError as e:
-            # Until the killed process's listening socket is gone, the kernel may hand it a
-            # new connection, which is reset: UNAVAILABLE, as a client retrying would see.
-            if e.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-            return None
-
     def dropped():
-        info = core_info()
+        info = server_info_or_none(address)
         if info is None or len(info.frontends) != 1:
             return None
         [replica] = info.replicas

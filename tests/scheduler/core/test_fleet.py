@@ -6,7 +6,10 @@ again; with none serving, requests wait for it; without a placer they are answer
 
 import contextlib
 import dataclasses
+import gc
+import logging
 import time
+import weakref
 
 import grpc
 import pytest
@@ -118,6 +121,29 @@ def test_a_failed_replicas_requests_finish_on_the_other_and_it_comes_back():
         again = submit_all(fleet, 4)
         assert_all_complete(again)
         assert_blocks_free(fleet)
+
+
+def test_a_replaced_replica_is_freed_at_once_not_by_the_cyclic_collector(monkeypatch):
+    """A replaced replica holds megabytes (its page table's per-block lists): freed by
+    reference counting as soon as its restart is done, the next recovery reuses that memory.
+    No cycle holds it: not its engine's failure handler, not the worker's error that ended
+    the engine's step."""
+    # pytest keeps every log record, and the engine's logged failure holds its frames.
+    monkeypatch.setattr(logging.getLogger("scheduler.core.engine"), "disabled", True)
+    placer = FakePlacer()
+    gc.disable()
+    try:
+        with fleet_of(2, placer) as fleet:
+            replaced = weakref.ref(fleet.replicas[1])
+            engine = weakref.ref(fleet.replicas[1].engine)
+            sent = submit_all(fleet, 8)
+            hold_and_kill(placer, 1)  # its engine waits in a step: the stream's error ends it
+            assert_all_complete(sent)
+            wait_for(lambda: fleet.replicas[1] is not replaced(), "replica 1 is replaced")
+            wait_for(lambda: replaced() is None, "the replaced replica is freed")
+            wait_for(lambda: engine() is None, "its engine is freed")
+    finally:
+        gc.enable()
 
 
 def test_a_hung_replica_is_failed_by_the_watchdog_and_recovered_as_a_dead_one():

@@ -6,6 +6,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
+from protos.heartbeat import HEARTBEAT, Heartbeat
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from scheduler.core.engine_core import EngineCore
 from scheduler.core.replica import EngineConfigs, ReplicaSpec
@@ -47,12 +48,19 @@ class PieceTokenizer:
 
 
 @contextlib.contextmanager
-def running_core(rank: FakeRank, secret: str | None = None, **scheduler) -> Iterator[EngineCore]:
+def running_core(
+    rank: FakeRank,
+    secret: str | None = None,
+    heartbeat: Heartbeat = HEARTBEAT,
+    on_hung: Callable[[int], None] | None = None,
+    **scheduler,
+) -> Iterator[EngineCore]:
     """An EngineCore serving one replica of the rank (its cache: NUM_BLOCKS x BLOCK_SIZE);
     scheduler: SchedulerConfig fields over the fixture's (8 sequences, 64 tokens a step);
-    secret: the cluster secret it demands of every call."""
+    secret: the cluster secret it demands of every call; heartbeat and on_hung: how it
+    watches its frontends (EngineCore)."""
     with serving(rank) as address:
-        core = EngineCore("fake", secret=secret)
+        core = EngineCore("fake", secret=secret, heartbeat=heartbeat, on_hung=on_hung)
         try:
             configs = dataclasses.replace(
                 ENGINE_CONFIGS,

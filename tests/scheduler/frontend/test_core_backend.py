@@ -1,14 +1,18 @@
 """A frontend's Backend against a real engine core over its real Connect stream, one fake rank
 behind it (token i + 1 follows token i): text, stop strings, FINAL_ONLY, logprobs, refusals,
-clients that leave and frontends whose stream breaks. The tokenizer's tokens are fixed pieces
-of text."""
+clients that leave, frontends whose stream breaks and frontends that hang. The tokenizer's
+tokens are fixed pieces of text."""
 
 import asyncio
+import ctypes
+import os
+import threading
 
 import grpc
 import pytest
 
 from protos import serving_pb2
+from protos.heartbeat import HEARTBEAT, Heartbeat
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.core_backend import CoreBackend
 from scheduler.sampling_params import RequestOutputKind, SamplingParams
@@ -35,9 +39,9 @@ def core(rank):
         yield core
 
 
-async def connected(core) -> CoreBackend:
+async def connected(core, heartbeat: Heartbeat = HEARTBEAT) -> CoreBackend:
     """A backend on this loop, connected and ready."""
-    backend = CoreBackend("fake", core.address)
+    backend = CoreBackend("fake", core.address, heartbeat=heartbeat)
     await backend.core.start()
     backend.set_tokenizer(PieceTokenizer())
     await asyncio.wait_for(backend.became_ready.wait(), TIMEOUT)
@@ -240,3 +244,81 @@ def test_a_frontend_whose_stream_breaks_loses_its_requests_and_the_others_go_on(
     assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 40
     assert len(info.frontends) == 1
     wait_until(lambda: blocks_in_use(core) == 0, "the lost frontend's blocks are free")
+
+
+def test_a_frontend_whose_event_loop_blocks_is_hung_up_on_and_the_others_go_on(rank):
+    """The hung frontend's loop is blocked (its process alive, its connection open, gRPC's
+    threads answering pings): its silence alone gives it away."""
+    beat = Heartbeat(interval_s=0.05, timeout_s=0.5)
+    hung, unblock = [], threading.Event()
+    hung_up = threading.Event()
+    blocked = asyncio.new_event_loop()  # the hung frontend's loop, on a thread of its own
+    thread = threading.Thread(target=blocked.run_forever, daemon=True)
+    thread.start()
+
+    def on_hung(pid: int) -> None:
+        hung.append(pid)
+        hung_up.set()
+
+    async def on_blocked(coro):
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, blocked))
+
+    async def drain(stream) -> list:
+        return [r async for r in stream]
+
+    async def two_frontends(core):
+        kept, lost = await connected(core, beat), await on_blocked(connected(core, beat))
+        try:
+            rank.hold = True  # the requests stay unfinished until the hang is found
+            survivor = kept.generate(request((1, 1), max_tokens=40))
+            casualty = lost.generate(request((2, 2), max_tokens=40))
+            casualty_ends = asyncio.ensure_future(on_blocked(drain(casualty)))
+            got = asyncio.ensure_future(drain(survivor))
+            while [f.num_unfinished for f in (await kept.server_info()).frontends] != [1, 1]:
+                await asyncio.sleep(0.01)
+            blocked.call_soon_threadsafe(unblock.wait, TIMEOUT)  # its loop stops turning
+            assert await asyncio.to_thread(hung_up.wait, TIMEOUT)
+            info = await kept.server_info()
+            rank.hold = False
+            rank.release.set()
+            unblock.set()
+            with pytest.raises(ServingError) as err:
+                await casualty_ends
+            return await got, info, err.value
+        finally:
+            unblock.set()
+            await kept.core.close()
+            await on_blocked(lost.core.close())
+
+    try:
+        with running_core(rank, heartbeat=beat, on_hung=on_hung) as core:
+            got, info, error = asyncio.run(asyncio.wait_for(two_frontends(core), TIMEOUT))
+            assert hung == [os.getpid()]
+            assert [f.num_unfinished for f in info.frontends] == [1]  # the survivor's own
+            assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 40
+            assert error.code == grpc.StatusCode.UNAVAILABLE  # the hung one's client is told
+            wait_until(lambda: blocks_in_use(core) == 0, "every block is free")
+    finally:
+        blocked.call_soon_threadsafe(blocked.stop)
+        thread.join(TIMEOUT)
+
+
+def test_a_core_that_stands_still_hangs_up_on_no_frontend(rank):
+    """Every thread of the core's process stops (the GIL held through a C call, as a host's
+    pause or a debugger would): the frontends' heartbeats wait unread, and are not missing."""
+    beat = Heartbeat(interval_s=0.05, timeout_s=0.5)
+    hung = []
+
+    async def stand_still(core):
+        backend = await connected(core, beat)
+        try:
+            ctypes.PyDLL(None).usleep(1_000_000)  # holds the GIL: nothing in the process runs
+            await asyncio.sleep(2 * beat.timeout_s)  # the watchdog looks several times
+            return [r async for r in backend.generate(request(max_tokens=3))]
+        finally:
+            await backend.core.close()
+
+    with running_core(rank, heartbeat=beat, on_hung=hung.append) as core:
+        got = asyncio.run(asyncio.wait_for(stand_still(core), TIMEOUT))
+    assert hung == []
+    assert got[-1].finish_reason == "length"
