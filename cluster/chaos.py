@@ -155,6 +155,31 @@ class Report:
         return out
 
 
+def problems(report: Report, faults: list[Fault]) -> list[str]:
+    """Why the run fails, one sentence each; none: it passed (nothing lost, every stream equal
+    to the fault-free run, blocks back, every failed replica serving again with the requests it
+    held moved, no hung process left alive by the server)."""
+    out = []
+    if report.lost:
+        out.append(f"{len(report.lost)} requests were lost")
+    if report.mismatched:
+        out.append(f"{len(report.mismatched)} streams differ from the fault-free run")
+    if report.blocks_after != report.blocks_before:
+        out.append(f"blocks in use went {report.blocks_before} -> {report.blocks_after}")
+    on_replicas = [f for f in faults if f.kind != "frontend"]
+    if len(report.recovery_s) != len(on_replicas):
+        out.append(f"{len(on_replicas) - len(report.recovery_s)} failed replicas did not recover")
+    if on_replicas and report.num_recovered_requests == 0:
+        out.append(
+            "no request was on a failed replica when it failed: the fault missed the load "
+            "(inject it earlier or ask for more tokens; a token trigger counts what this "
+            "tool's client has received, which may lag far behind the server)"
+        )
+    if report.hung_left_alive:
+        out.append(f"hung processes {report.hung_left_alive} were left alive by the server")
+    return out
+
+
 def blocks_in_use(info: serving_pb2.ServerInfoResponse) -> dict[int, int]:
     return {r.replica_id: r.num_blocks - r.num_free_blocks for r in info.replicas}
 

@@ -9,7 +9,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from cluster.chaos import ChaosError, Fault, Stream, _report, run
+from cluster.chaos import ChaosError, Fault, Stream, _report, problems, run
 from cluster.client import Client
 from protos import serving_pb2, serving_pb2_grpc
 
@@ -41,6 +41,39 @@ def test_streams_are_judged_against_the_reference():
     assert [line.split(":")[0] for line in report.mismatched] == ["chaos-2", "chaos-3"]
     assert (report.duplicated_tokens, report.missing_tokens) == (1, 1)
     assert "first difference at token 2" in report.mismatched[0]
+
+
+def test_a_run_fails_for_each_problem_and_when_the_fault_missed_the_load():
+    """A kill of a worker whose replica held no request proves nothing: the run fails, as it
+    does for a lost request, a differing stream, blocks left in use or no recovery; a
+    frontend's kill moves no request off a replica and needs none moved."""
+    reference = [[1, 2]] * 2
+    report = _report([Stream([1, 2], "length")] * 2, reference, {0: 0}, {0: 0}, {"kill": 1.0})
+    kill, frontend = Fault("worker", at_s=1.0), Fault("frontend", at_s=1.0)
+    report.num_recovered_requests = 2
+    assert problems(report, [kill]) == []
+    report.num_recovered_requests = 0
+    assert problems(report, [kill]) == [
+        "no request was on a failed replica when it failed: the fault missed the load (inject "
+        "it earlier or ask for more tokens; a token trigger counts what this tool's client has "
+        "received, which may lag far behind the server)"
+    ]
+    report.recovery_s = {}
+    assert problems(report, [frontend]) == []
+    broken = _report(
+        [Stream([1], error="UNAVAILABLE: gone"), Stream([2, 1], "length")],
+        reference,
+        {0: 0},
+        {0: 3},
+        {},
+    )
+    broken.num_recovered_requests = 1
+    assert problems(broken, [kill]) == [
+        "1 requests were lost",
+        "1 streams differ from the fault-free run",
+        "blocks in use went {0: 0} -> {0: 3}",
+        "1 failed replicas did not recover",
+    ]
 
 
 class FailingServing(serving_pb2_grpc.ServingServicer):
