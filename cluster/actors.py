@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import tempfile
+from dataclasses import replace
 
 import ray
 
@@ -134,6 +135,8 @@ class SchedulerActor:
         # default 5 ms switch interval, a thread sending outputs to the frontends would hold
         # the GIL for up to 5 ms first, stalling every step of every replica.
         sys.setswitchinterval(0.0005)
+        # The scheduler's sizes a YAML leaves unset follow the workers' device from here on.
+        config = replace(config, scheduler=config.scheduler.for_device(gpus_per_worker > 0))
         self._config = config
         self._placer = RayPlacer(config, model_path, gpus_per_worker, secret)
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()

@@ -5,7 +5,7 @@ cluster/config.py composes these with the cluster-only sections and loads them f
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 _LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -82,11 +82,19 @@ class CacheConfig:
 
 POLICIES = ("fcfs", "priority", "cache_aware")
 
+# (max_num_seqs, max_num_batched_tokens) by the workers' device when the config leaves them
+# unset. GPU: vLLM's offline defaults for large cards are 1024 and 16384; 512 keeps the decode
+# graph ladder (captured up to max_num_seqs) at vLLM's own largest captured size.
+DEVICE_DEFAULTS = {"gpu": (512, 16384), "cpu": (256, 2048)}
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256  # requests in one step
-    max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
+    # Requests in one step, and tokens in one step (prefill chunks + decodes). None: the
+    # device's default (for_device), as vLLM sizes its defaults by the card: larger batches
+    # are what a GPU's throughput needs, a CPU's steps stay short.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     # Which waiting request goes first: fcfs (arrival), priority (the request's priority, lower
     # first, then arrival) or cache_aware (longest cached prefix, then arrival).
     policy: str = "fcfs"
@@ -117,6 +125,15 @@ class SchedulerConfig:
         check_int_range("scheduler.max_num_batched_tokens", self.max_num_batched_tokens, 1)
         check_int_range("scheduler.max_queued_requests", self.max_queued_requests, 0)
         check_positive_float("scheduler.step_timeout_s", self.step_timeout_s)
+
+    def for_device(self, gpu: bool) -> "SchedulerConfig":
+        """This config with the unset sizes filled for the workers' device: DEVICE_DEFAULTS."""
+        seqs, tokens = DEVICE_DEFAULTS["gpu" if gpu else "cpu"]
+        return replace(
+            self,
+            max_num_seqs=self.max_num_seqs or seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or tokens,
+        )
 
 
 _MAX_FRONTENDS = 64  # processes on the head node, one event loop each

@@ -83,7 +83,9 @@ def step_cost_ms(
     """Mean ms per step of schedule() and of update(), with NUM_RUNNING requests decoding and
     num_queued more waiting for a seat (which none frees while timed)."""
     page_table = PageTableManager(NUM_BLOCKS, BLOCK_SIZE)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=NUM_RUNNING, policy=policy), page_table)
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=NUM_RUNNING, policy=policy).for_device(gpu=False), page_table
+    )
     prompts = lognormal_lengths(rng, NUM_RUNNING + num_queued, MEAN_PROMPT)
     for i, prompt_len in enumerate(prompts):  # long outputs: all keep decoding while timed
         scheduler.add_request(make_request(f"r{i}", rng, min(prompt_len, 1024), 100_000))
@@ -107,7 +109,9 @@ def step_cost_ms(
 def unused_slots(rng: random.Random, num_requests: int) -> tuple[float, float, float]:
     """(unused fraction of the allocated slot-steps, mean prompt length, mean output length)."""
     page_table = PageTableManager(NUM_BLOCKS, BLOCK_SIZE)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=NUM_RUNNING), page_table)
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=NUM_RUNNING).for_device(gpu=False), page_table
+    )
     prompts = lognormal_lengths(rng, num_requests, MEAN_PROMPT)
     outputs = lognormal_lengths(rng, num_requests, MEAN_OUTPUT)
     for i, (p, o) in enumerate(zip(prompts, outputs, strict=True)):

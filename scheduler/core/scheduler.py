@@ -54,6 +54,9 @@ class RequestRefused(ValueError):
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, page_table: PageTableManager) -> None:
+        """config: its sizes set (SchedulerConfig.for_device fills the ones a YAML leaves)."""
+        if config.max_num_seqs is None or config.max_num_batched_tokens is None:
+            raise ValueError("scheduler sizes unset: resolve the config with for_device(gpu)")
         self.config = config
         self.page_table = page_table
         self.policy = make_policy(config)

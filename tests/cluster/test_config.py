@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import Config, ConfigError, load_config
+from scheduler.core.page_table import PageTableManager
+from scheduler.core.scheduler import Scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,6 +42,18 @@ def test_overrides_apply_over_the_file():
     assert cfg.scheduler.max_num_seqs == 7
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["max_num_seqs=7"])
+
+
+def test_unset_scheduler_sizes_follow_the_workers_device():
+    unset = load_config(REPO / "configs" / "local.yaml").scheduler
+    assert (unset.max_num_seqs, unset.max_num_batched_tokens) == (None, None)
+    gpu, cpu = unset.for_device(gpu=True), unset.for_device(gpu=False)
+    assert (gpu.max_num_seqs, gpu.max_num_batched_tokens) == (512, 16384)
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (256, 2048)
+    set_ = load_config(None, ["scheduler.max_num_seqs=7"]).scheduler.for_device(gpu=True)
+    assert (set_.max_num_seqs, set_.max_num_batched_tokens) == (7, 16384)
+    with pytest.raises(ValueError, match="for_device"):
+        Scheduler(unset, PageTableManager(8, 16))
 
 
 def test_server_security_settings_are_checked_naming_the_key(tmp_path):

@@ -92,7 +92,8 @@ def config_files(draw, files: list[str]) -> dict:
 def assert_fits_the_wire(config: Config) -> None:
     """Builds the messages the core makes of the config (a value out of a field's range raises
     ValueError) and checks what gRPC and torch take."""
-    model, cache, scheduler = config.model, config.cache, config.scheduler
+    model, cache = config.model, config.cache
+    scheduler = config.scheduler.for_device(gpu=True)  # the larger sizes a GPU gets
     worker_pb2.InitDistributedRequest(world_size=config.parallel.tensor_parallel_size)
     worker_pb2.LoadModelRequest(seed=model.seed)
     worker_pb2.ProfileMemoryRequest(max_num_batched_tokens=scheduler.max_num_batched_tokens)

@@ -161,7 +161,7 @@ def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smol
             EngineConfigs(
                 ModelConfig(model=str(path), tokenizer=smollm2_path, max_model_len=256),
                 CacheConfig(block_size=8, num_blocks=64),
-                SchedulerConfig(),
+                SchedulerConfig().for_device(gpu=False),
             ),
         )
         frontend.wait_ready(timeout=60)

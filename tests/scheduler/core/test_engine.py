@@ -386,7 +386,11 @@ def test_throughput_counts_every_token_of_the_window_beyond_the_records_kept():
     page_table = PageTableManager(len(rank.worker.device), rank.worker.block_size, True)
     with serving(rank) as address:
         worker = WorkerClient(address)
-        engine = Engine(Scheduler(SchedulerConfig(max_num_seqs=8), page_table), [worker], 4)
+        engine = Engine(
+            Scheduler(SchedulerConfig(max_num_seqs=8).for_device(gpu=False), page_table),
+            [worker],
+            4,
+        )
         try:
             [got] = collect(submit(engine, "a", max_tokens=20, ignore_eos=True), "a").values()
             assert len(got.tokens) == 20

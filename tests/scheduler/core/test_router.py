@@ -12,7 +12,10 @@ from tests.scheduler.core.test_scheduler import make_request
 
 
 def replicas(count, block_size=4):
-    return [Scheduler(SchedulerConfig(), PageTableManager(32, block_size)) for _ in range(count)]
+    return [
+        Scheduler(SchedulerConfig().for_device(gpu=False), PageTableManager(32, block_size))
+        for _ in range(count)
+    ]
 
 
 def cache_prompt(scheduler, tokens):
