@@ -10,6 +10,11 @@ peer's buffer directly, one kernel with a barrier on entry and exit, no NCCL pro
 every rank's GPU visible in every rank's process (cluster/actors.py arranges it: Ray shows each
 worker its own card only). enable_small_all_reduce sets it up, checks it against NCCL once and
 leaves NCCL serving every all-reduce wherever it is unavailable. Both are captured in graphs.
+
+The all-reduce of a row-parallel layer's output that a residual add and RMSNorm follow (twice a
+Llama layer) takes all_reduce_add_rms_norm: at up to FUSED_MAX_ROWS rows, on the same mapped
+memory, one Triton kernel sums, adds and norms (kernels.triton_all_reduce_rms_norm: one barrier
+per call, no exit barrier); otherwise the all-reduce above, then the fused add and norm.
 """
 
 import logging
@@ -18,13 +23,18 @@ import warnings
 import torch
 import torch.distributed as dist
 
+import kernels
+
 log = logging.getLogger(__name__)
 
 SMALL_ALL_REDUCE_BYTES = 4 << 20  # a decode step of 256 sequences of 4096 bf16 is 2 MiB
+FUSED_MAX_ROWS = 64  # all_reduce_add_rms_norm's one kernel: decode steps of up to 64 sequences
+FUSED_SLOT_ELEMS = 1 << 18  # and rows * hidden up to this: 64 rows of 4096
 
 _rank = 0
 _world_size = 1
 _small: "_SymmetricAllReduce | None" = None
+_fused: "_FusedAllReduceNorm | None" = None
 
 
 def init(
@@ -43,8 +53,8 @@ def init(
 
 
 def destroy() -> None:
-    global _small
-    _small = None
+    global _small, _fused
+    _small = _fused = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -67,13 +77,25 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(s + residual), s + residual) where s is the sum of x over the ranks: a
+    row-parallel layer's output [num_tokens, hidden], this rank's part, summed, added to the
+    residual stream and normed (kernels.fused_add_rms_norm's contract)."""
+    if _fused is not None and _fused.fits(x, residual):
+        return _fused(x, residual, weight, eps)
+    return kernels.fused_add_rms_norm(all_reduce(x), residual, weight, eps)
+
+
 def all_reduce_kind() -> str:
     """How all_reduce sums: "" with one rank, else the paths it takes, smallest messages first."""
     if _world_size == 1:
         return ""
     if _small is None:
         return "nccl"
-    return f"symmetric-memory one-shot <= {SMALL_ALL_REDUCE_BYTES >> 20} MiB, nccl"
+    fused = f"fused with RMSNorm <= {FUSED_MAX_ROWS} rows, " if _fused is not None else ""
+    return f"{fused}symmetric-memory one-shot <= {SMALL_ALL_REDUCE_BYTES >> 20} MiB, nccl"
 
 
 class _SymmetricAllReduce:
@@ -112,22 +134,85 @@ class _SymmetricAllReduce:
         ).view(x.shape)
 
 
+class _FusedAllReduceNorm:
+    """all_reduce_add_rms_norm's one kernel over a symmetric buffer of its own, each rank's copy
+    laid out as kernels.triton_all_reduce_rms_norm describes; every rank zeroes its copy and its
+    epochs before any rank pushes (the barrier in __init__)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from kernels.triton_all_reduce_rms_norm import buffer_bytes
+
+        self.dtype = dtype
+        group_name = dist.group.WORLD.group_name
+        nbytes = buffer_bytes(_world_size, FUSED_SLOT_ELEMS, FUSED_MAX_ROWS, dtype)
+        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device).zero_()
+        handle = symm_mem.rendezvous(self.buffer, group_name)
+        self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.epochs = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)
+        dist.barrier()
+
+    def fits(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        return (
+            x.dim() == 2
+            and x.dtype == self.dtype
+            and x.shape[0] <= FUSED_MAX_ROWS
+            and x.numel() <= FUSED_SLOT_ELEMS
+            and x.stride(1) == 1
+            and residual.stride(1) == 1
+        )
+
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from kernels.triton_all_reduce_rms_norm import all_reduce_add_rms_norm
+
+        return all_reduce_add_rms_norm(
+            x,
+            residual,
+            weight,
+            eps,
+            buffer_ptrs=self.buffer_ptrs,
+            epochs=self.epochs,
+            rank=_rank,
+            slot_elems=FUSED_SLOT_ELEMS,
+            max_rows=FUSED_MAX_ROWS,
+        )
+
+
+def _fused_agrees(fused: _FusedAllReduceNorm, device: torch.device) -> bool:
+    """The fused kernel against the all-reduce then the fused add and norm, on a probe."""
+    gen = torch.Generator(device=device).manual_seed(_rank)
+    x = torch.randn(3, 4096, device=device, generator=gen).to(fused.dtype)
+    residual = torch.ones(3, 4096, device=device, dtype=fused.dtype)
+    weight = torch.full((4096,), 0.5, device=device, dtype=fused.dtype)
+    got = fused(x, residual, weight, 1e-6)
+    summed = x.clone()
+    dist.all_reduce(summed)
+    want = kernels.fused_add_rms_norm(summed, residual, weight, 1e-6)
+    return all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 def enable_small_all_reduce(dtype: torch.dtype, device: torch.device) -> bool:
-    """Sets up the one-shot all-reduce for small tensors of dtype (every rank together); True
-    if it is used, False if unavailable (NCCL then serves every all-reduce)."""
-    global _small
+    """Sets up the one-shot all-reduce for small tensors of dtype, and the all-reduce fused with
+    RMSNorm (every rank together); True if they are used, False if unavailable (NCCL then serves
+    every all-reduce)."""
+    global _small, _fused
     if _small is not None and _small.dtype == dtype:
         return True
-    _small = None
+    _small = _fused = None
     if _world_size == 1 or device.type != "cuda":
         return False
-    small = None
+    small = fused = None
     try:
         small = _SymmetricAllReduce(dtype, device)
         probe = torch.arange(4096, device=device, dtype=torch.float32).mul_(_rank + 1).to(dtype)
         want = probe.clone()
         dist.all_reduce(want)
-        ok = torch.equal(small(probe), want)
+        fused = _FusedAllReduceNorm(dtype, device)
+        ok = torch.equal(small(probe), want) and _fused_agrees(fused, device)
     except Exception as e:  # an older torch, GPUs that cannot map each other's memory, ...
         log.warning("symmetric-memory all-reduce unavailable, NCCL serves all: %s", e)
         ok = False
@@ -135,7 +220,7 @@ def enable_small_all_reduce(dtype: torch.dtype, device: torch.device) -> bool:
     agreed = torch.tensor([int(ok)], device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     if agreed.item():
-        _small = small
+        _small, _fused = small, fused
     elif ok:
         log.warning("a peer cannot use the symmetric-memory all-reduce: NCCL serves all")
     return _small is not None

@@ -76,6 +76,21 @@ def test_a_run_fails_for_each_problem_and_when_the_fault_missed_the_load():
     ]
 
 
+def test_on_gpu_workers_token_counts_are_compared_not_tokens():
+    """A GPU's rounding follows the batch a fault changed: other greedy tokens of the same
+    count pass there, a token sent twice or never sent does not."""
+    reference = [[1, 2]] * 3
+    streams = [Stream([2, 1], "length"), Stream([1, 2, 2], "length"), Stream([1], "length")]
+    report = _report(streams, reference, {0: 0}, {0: 0}, {"kill": 1.0})
+    report.num_recovered_requests = 1
+    twice_and_never = "1 tokens duplicated and 1 missing against the fault-free run"
+    kill = Fault("worker", at_s=1.0)
+    assert problems(report, [kill]) == [twice_and_never, "3 streams differ from the fault-free run"]
+    report.token_exact = False
+    assert problems(report, [kill]) == [twice_and_never]
+    assert "token counts compared, not tokens" in report.lines()[1]
+
+
 class FailingServing(serving_pb2_grpc.ServingServicer):
     """A server whose every stream echoes its prompt, and which fails what `fails` names:
     "stream" (every Generate, after one delta), "status" (every GetServerInfo) or

@@ -94,7 +94,7 @@ def test_tp2_agrees_with_tp1(model, llama_1b_dir, smollm2_path, hf_smollm2):
             assert len(workers) == 2
             # The GPU hosts this runs on link their cards by NVLink: the decode step's
             # all-reduces must take the one-shot path, not fall back to NCCL.
-            assert all(w.all_reduce.startswith("symmetric-memory") for w in workers), workers
+            assert all(w.all_reduce.startswith("fused with RMSNorm") for w in workers), workers
         rate = _teacher_forced(two, prompts, refs)
     finally:
         two.shutdown()

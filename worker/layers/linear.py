@@ -166,7 +166,9 @@ class QKVParallelLinear(nn.Module):
 
 class RowParallelLinear(nn.Module):
     """input_shard: (offset, size) of this rank's input columns when they are not an even split
-    (attention's output projection follows the query heads of QKVParallelLinear.q_shard)."""
+    (attention's output projection follows the query heads of QKVParallelLinear.q_shard).
+    reduce_results False: forward returns this rank's part of the output, for a caller that
+    sums it over the ranks itself (distributed.all_reduce_add_rms_norm)."""
 
     def __init__(
         self,
@@ -174,8 +176,10 @@ class RowParallelLinear(nn.Module):
         out_features: int,
         bias: bool,
         input_shard: tuple[int, int] | None = None,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__()
+        self.reduce_results = reduce_results
         if input_shard is None:
             size = _shard_size(in_features, "input size")
             input_shard = (distributed.tp_rank() * size, size)
@@ -203,7 +207,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, by rank 0, before the sum over ranks.
         bias = self.bias if distributed.tp_rank() == 0 else None
-        return distributed.all_reduce(linear(x, self.weight, bias, self.one_row))
+        out = linear(x, self.weight, bias, self.one_row)
+        return distributed.all_reduce(out) if self.reduce_results else out
 
 
 def choose_one_row(model: nn.Module) -> int:

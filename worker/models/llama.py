@@ -1,6 +1,7 @@
 """The Llama architecture and its close kin (SmolLM2, Llama 2/3, Mistral, Qwen2 / Qwen2.5),
 read top to bottom. Tensor-parallel: merged QKV and gate-up projections are column-parallel,
-o_proj and down_proj row-parallel, one all-reduce each per layer.
+o_proj and down_proj row-parallel; each of their outputs is summed over the ranks by the norm
+that follows it (the all-reduce, the residual add and RMSNorm: one kernel where it can).
 
 Parameter names follow HF checkpoints (model.layers.N.self_attn.qkv_proj.weight holds q_proj,
 k_proj and v_proj). Activations are flat over the batch: [num_tokens, hidden_size].
@@ -82,6 +83,7 @@ class LlamaAttention(nn.Module):
             cfg.hidden_size,
             bias=False,
             input_shard=self.qkv_proj.q_shard,
+            reduce_results=False,
         )
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
@@ -98,7 +100,7 @@ class LlamaAttention(nn.Module):
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, meta, self.rotary, positions)  # [n, num_heads_local, head_dim]
-        return self.o_proj(out.reshape(n, -1))
+        return self.o_proj(out.reshape(n, -1))  # this rank's part of the sum over ranks
 
 
 class LlamaMLP(nn.Module):
@@ -106,9 +108,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias=False)
-        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=False, reduce_results=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the MLP's output (summed over the ranks by the next norm)."""
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
@@ -127,16 +130,17 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [num_tokens, hidden_size]: the previous layer's MLP output, not yet added to the
-        residual stream (None for the first layer, whose x is the embedding). Returns this
-        layer's MLP output and the stream before it: each add is fused into the norm after it,
-        and a + b == b + a in floating point, so this is HF's x = x + f(norm(x)) exactly."""
+        """x [num_tokens, hidden_size]: this rank's part of the previous layer's MLP output,
+        not yet summed over the ranks nor added to the residual stream (residual None for the
+        first layer, whose x is the whole embedding). Returns this layer's MLP output (this
+        rank's part) and the stream before it: each sum and add is fused into the norm after
+        it, and a + b == b + a in floating point, so this is HF's x = x + f(norm(x)) exactly."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
-            h, residual = self.input_layernorm(x, residual)
+            h, residual = self.input_layernorm(x, residual, sum_ranks=True)
         h = self.self_attn(positions, h, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
+        h, residual = self.post_attention_layernorm(h, residual, sum_ranks=True)
         return self.mlp(h), residual
 
 
@@ -154,7 +158,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
-        return self.norm(x, residual)[0]
+        return self.norm(x, residual, sum_ranks=True)[0]
 
 
 class LlamaForCausalLM(CausalLM):
