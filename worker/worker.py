@@ -53,6 +53,29 @@ def _device_name(device: torch.device) -> str:
     return "cpu"
 
 
+def profile_plan(
+    num_tokens: int, max_positions: int, block_size: int
+) -> tuple[worker_pb2.StepPlan, int]:
+    """The memory profile's step: num_tokens prompt tokens in one sequence, or in as many as the
+    model's context needs (no position beyond max_positions: a step never holds one, and the
+    rotary tables end there), on blocks 0.. in order; and how many blocks it takes."""
+    lengths = [max_positions] * (num_tokens // max_positions) + [num_tokens % max_positions]
+    requests, num_blocks = [], 0
+    for i, length in enumerate(n for n in lengths if n):
+        blocks = -(-length // block_size)
+        requests.append(
+            worker_pb2.NewRequest(
+                request_id=f"profile-{i}",
+                token_ids=[0] * length,
+                sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0),
+                block_ids=list(range(num_blocks, num_blocks + blocks)),
+                num_scheduled_tokens=length,
+            )
+        )
+        num_blocks += blocks
+    return worker_pb2.StepPlan(new_requests=requests), num_blocks
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """The handlers run on the gRPC server's threads: each one that touches CUDA first makes
     this rank's device current on its thread (CUDA's current device is per thread, and kernel
@@ -126,22 +149,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     @staticmethod
     def _profile_cuda_peak(runner: ModelRunner, block_size: int, num_tokens: int) -> int:
-        """Peak bytes of a forward pass over num_tokens tokens (one sequence) plus the weights."""
-        num_blocks = -(-num_tokens // block_size)
+        """Peak bytes of a forward pass over num_tokens tokens (profile_plan) plus the weights."""
+        plan, num_blocks = profile_plan(num_tokens, runner.model.max_positions, block_size)
         runner.init_cache(num_blocks, block_size)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        plan = worker_pb2.StepPlan(
-            new_requests=[
-                worker_pb2.NewRequest(
-                    request_id="profile",
-                    token_ids=[0] * num_tokens,
-                    sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0),
-                    block_ids=list(range(num_blocks)),
-                    num_scheduled_tokens=num_tokens,
-                )
-            ]
-        )
         runner.execute(plan)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
