@@ -195,15 +195,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    config: tuple[int, int, int],
-    silu_gated: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int]
 ) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T + bias [N] by the Triton GEMV with config (CUDA tensors: a
-    config comes from choose_gemv); silu_gated: x [1, 2K] is gate | up, silu_and_mul'd first."""
-    return _triton().gemv(x, weight, bias, config, silu_gated)
+    config comes from choose_gemv)."""
+    return _triton().gemv(x, weight, bias, config)
 
 
 def choose_gemv(weight: torch.Tensor) -> tuple[int, int, int] | None:

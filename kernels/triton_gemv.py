@@ -5,10 +5,6 @@ linear layers, which only stream their weights (reference: F.linear).
     for k0 in 0, BLOCK_K, ...:         acc [BLOCK_N, BLOCK_K] += W tile * x chunk   (float32)
     y[rows] = sum(acc, axis=1) + b     rounded once to x's dtype
 
-With SILU_GATED the row is a merged gate / up projection's output [2K] and x is silu(gate) * up,
-computed chunk by chunk as kernels.triton_activation computes it (the same roundings, so the
-same x bit for bit): the MLP's down projection takes its activation in, one launch fewer.
-
 Every program streams BLOCK_N whole rows of W, so the launch has N / BLOCK_N programs and no
 split over K: no partial sums to reduce afterwards (cuBLAS's batch-1 kernels for K >> N add a
 split-K reduce kernel), one launch a layer. Whether it beats cuBLAS depends on the shape and the
@@ -43,7 +39,6 @@ def _gemv_kernel(
     K,
     stride_wn,
     HAS_BIAS: tl.constexpr,
-    SILU_GATED: tl.constexpr,  # x_ptr: [2K], gate | up; x = silu(gate) * up
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -55,13 +50,7 @@ def _gemv_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         col_mask = cols < K
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        if SILU_GATED:
-            gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(y_ptr.dtype.element_ty).to(tl.float32)
-            x = (act * up).to(y_ptr.dtype.element_ty)
-        else:
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
@@ -74,14 +63,11 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     config: tuple[int, int, int],
-    silu_gated: bool = False,
 ) -> torch.Tensor:
     """x [1, K] times weight [N, K]^T plus bias [N]: a new [1, N] tensor of x's dtype.
-    config: (BLOCK_N, BLOCK_K, num_warps), one of CONFIGS. silu_gated: x is [1, 2K], gate | up,
-    and the product is kernels.silu_and_mul(x)'s times the weight."""
+    config: (BLOCK_N, BLOCK_K, num_warps), one of CONFIGS."""
     n, k = weight.shape
-    width = 2 * k if silu_gated else k
-    if x.shape != (1, width) or (bias is not None and bias.shape != (n,)):
+    if x.shape != (1, k) or (bias is not None and bias.shape != (n,)):
         raise ValueError(
             f"gemv: x {tuple(x.shape)}, bias {None if bias is None else tuple(bias.shape)} do "
             f"not fit weight {tuple(weight.shape)} (one row of x)"
@@ -100,7 +86,6 @@ def gemv(
         k,
         weight.stride(0),
         HAS_BIAS=bias is not None,
-        SILU_GATED=silu_gated,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,

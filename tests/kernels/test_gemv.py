@@ -44,24 +44,6 @@ def test_gemv_strided_weight_and_half_precision(device):
     torch.testing.assert_close(gemv(half_x, half_w, None, CONFIGS[2]), expected, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_silu_gated_gemv_is_silu_and_mul_then_gemv(device, config, dtype):
-    """The MLP's down projection with its activation inside: the same x, bit for bit, as the
-    Triton silu_and_mul computes it (ragged K), so the same output as the two launches."""
-    from kernels.triton_activation import silu_and_mul
-    from kernels.triton_gemv import gemv
-
-    gen = torch.Generator().manual_seed(config[0] * config[1])
-    k = 1500
-    gate_up = (torch.randn(1, 2 * k, generator=gen) * 3).to(dtype).to(device)
-    weight = torch.randn(37, k, generator=gen).to(dtype).to(device)
-    got = gemv(gate_up, weight, None, config, silu_gated=True)
-    assert torch.equal(got, gemv(silu_and_mul(gate_up), weight, None, config))
-    with pytest.raises(ValueError, match="one row"):
-        gemv(gate_up[:, :k], weight, None, config, silu_gated=True)
-
-
 def test_gemv_refuses_what_does_not_fit(device):
     from kernels.triton_gemv import gemv
 

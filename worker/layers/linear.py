@@ -30,18 +30,14 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     one_row: tuple[int, int, int] | None = None,
-    silu_gated: bool = False,
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias), of kernels.silu_and_mul(x) when silu_gated (x: gate | up). A
-    float32 x of 2 .. 64 rows on the CPU is computed as (weight @ x^T)^T: the same sums,
-    rounded to within float32's last bits of F.linear's (whose few-row path rounds differently
-    from its one-row path anyway). A one-row x on CUDA goes to the Triton GEMV when the layer
-    chose it (one_row: its config, choose_one_row), the activation inside it."""
+    """F.linear(x, weight, bias). A float32 x of 2 .. 64 rows on the CPU is computed as
+    (weight @ x^T)^T: the same sums, rounded to within float32's last bits of F.linear's
+    (whose few-row path rounds differently from its one-row path anyway). A one-row x on CUDA
+    goes to the Triton GEMV when the layer chose it (one_row: its config, choose_one_row)."""
     rows = x.shape[0] if x.dim() == 2 else 0
     if one_row is not None and rows == 1 and x.is_cuda:
-        return kernels.gemv(x, weight, bias, one_row, silu_gated)
-    if silu_gated:
-        x = kernels.silu_and_mul(x)
+        return kernels.gemv(x, weight, bias, one_row)
     if x.is_cuda or x.dtype != torch.float32 or not 1 < rows <= _CPU_FEW_ROWS:
         return F.linear(x, weight, bias)
     out = torch.mm(weight, x.t()).t()
@@ -172,9 +168,7 @@ class RowParallelLinear(nn.Module):
     """input_shard: (offset, size) of this rank's input columns when they are not an even split
     (attention's output projection follows the query heads of QKVParallelLinear.q_shard).
     reduce_results False: forward returns this rank's part of the output, for a caller that
-    sums it over the ranks itself (distributed.all_reduce_add_rms_norm). silu_gated_input: the
-    input is a merged gate / up projection's output, [..., 2 * in_features / tp], and the layer
-    takes silu(gate) * up of it (in one kernel with the product at batch 1, linear())."""
+    sums it over the ranks itself (distributed.all_reduce_add_rms_norm)."""
 
     def __init__(
         self,
@@ -183,11 +177,9 @@ class RowParallelLinear(nn.Module):
         bias: bool,
         input_shard: tuple[int, int] | None = None,
         reduce_results: bool = True,
-        silu_gated_input: bool = False,
     ) -> None:
         super().__init__()
         self.reduce_results = reduce_results
-        self.silu_gated_input = silu_gated_input
         if input_shard is None:
             size = _shard_size(in_features, "input size")
             input_shard = (distributed.tp_rank() * size, size)
@@ -215,7 +207,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, by rank 0, before the sum over ranks.
         bias = self.bias if distributed.tp_rank() == 0 else None
-        out = linear(x, self.weight, bias, self.one_row, self.silu_gated_input)
+        out = linear(x, self.weight, bias, self.one_row)
         return distributed.all_reduce(out) if self.reduce_results else out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels import silu_and_mul
 from worker.layers.attention import AttentionMetadata, PagedAttention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -107,16 +108,11 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias=False)
-        # down_proj takes silu(gate) * up of gate_up_proj's output itself (kernels.silu_and_mul;
-        # at batch 1 inside its GEMV).
-        self.down_proj = RowParallelLinear(
-            size, cfg.hidden_size, bias=False, reduce_results=False, silu_gated_input=True
-        )
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=False, reduce_results=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's part of down(silu(gate(x)) * up(x)), summed over the ranks by the next
-        norm."""
-        return self.down_proj(self.gate_up_proj(x))
+        """This rank's part of the MLP's output (summed over the ranks by the next norm)."""
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
