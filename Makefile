@@ -32,11 +32,12 @@ protos: $(STAMP)
 
 # The GPU host (../shared/gpu/README.md) has torch, transformers, grpcio and pyyaml, not the
 # frontends' HTTP stack: after ../shared/gpu/prepare.sh, this adds those wheels (Python 3.12,
-# with their dependencies) to .devcarry/whl, which .devcarry/activate.sh installs there.
+# with their dependencies) to .devcarry/whl, which .devcarry/activate.sh installs there; and
+# py-spy, to sample the engine core's and the workers' Python stacks under load there.
 gpu-wheels:
 	python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-		--platform manylinux_2_28_x86_64 -d .devcarry/whl fastapi uvicorn prometheus-client openai pytest-timeout
+		--platform manylinux_2_28_x86_64 -d .devcarry/whl fastapi uvicorn prometheus-client openai pytest-timeout py-spy
 
 clean:
 	rm -rf $(VENV)
