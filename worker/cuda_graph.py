@@ -2,7 +2,8 @@
 
 A decode step launches some ten kernels a layer (hundreds for a 32-layer model), and launching
 them from Python costs more than running them at small batches. The graphs are captured once,
-after the KV cache is allocated, for sizes 1, 2, 4, 8, 16, 24, ... up to max_num_seqs; a step of
+after the KV cache is allocated, for sizes 1, 2, 4, 8, 16, ... 256, 272, ... up to max_num_seqs
+(capture_sizes); a step of
 b decodes replays the smallest size >= b. Its padding rows write no KV (slot -1) and attend to
 nothing (seq_len 0), and their outputs are dropped. A graph runs the model and its LM head: it
 leaves this rank's logits and every row's greedy token (the argmax over the whole vocabulary,
@@ -34,9 +35,11 @@ from worker.layers.attention import AttentionMetadata
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, then every multiple of 8, up to max_num_seqs (which is always included)."""
+    """1, 2, 4, every multiple of 8 up to 256, then of 16 (as vLLM's ladder: at most 15 padded
+    rows where a step's rows cost least), up to max_num_seqs (which is always included)."""
     sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
-    sizes += range(8, max_num_seqs, 8)
+    sizes += range(8, min(max_num_seqs, 256), 8)
+    sizes += range(256, max_num_seqs, 16)
     return [*sizes, max_num_seqs]
 
 

@@ -40,7 +40,7 @@ def _serve(path, smollm2_path, tp):
         model={"model": str(path), "tokenizer": smollm2_path, "max_model_len": 1024},
         parallel={"tensor_parallel_size": tp},
         cache={"gpu_memory_utilization": 0.5},
-        # 64 sequences: 11 graph sizes to capture, not the default 67, at each of the four
+        # 64 sequences: 11 graph sizes to capture, not the default 51, at each of the four
         # cluster starts. The GPU's default step of 16384 tokens stays: its memory profile
         # runs past SmolLM2's context (tests/worker/test_profile_plan.py).
         scheduler={"max_num_seqs": 64},

@@ -19,6 +19,10 @@ def test_capture_sizes_cover_every_batch_up_to_max_num_seqs():
     assert capture_sizes(6) == [1, 2, 4, 6]
     assert capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
     assert capture_sizes(42) == [1, 2, 4, 8, 16, 24, 32, 40, 42]
+    ladder = capture_sizes(512)  # the GPU default: 51 graphs, every 16 beyond 256
+    assert ladder[:4] == [1, 2, 4, 8] and ladder[34:37] == [256, 272, 288] and ladder[-1] == 512
+    assert len(ladder) == 51 and all(b - a <= 16 for a, b in zip(ladder, ladder[1:], strict=False))
+    assert capture_sizes(300)[-5:] == [248, 256, 272, 288, 300]
 
 
 class _Recording(ModelRunner):
