@@ -10,8 +10,9 @@ answers every step at once, so the frontend, not a model, sets the pace.
 tokens streamed (output_kind DELTA), then with each completion in one message (FINAL_ONLY).
 Reports for each: the output tokens and messages the clients counted, output tokens/s and
 messages/s over the wall time (from the clients' common start to the last answer), and the
-frontend process's CPU seconds (all its threads, /proc/PID/stat) per 1000 output tokens; then
-the streamed / one-message ratio of tokens/s. --profile: the frontend's event loop thread
+frontend process's CPU seconds (all its threads, /proc/PID/stat) per 1000 output tokens, and
+the mean number of sequences in the engine's steps (how fast requests reach it); then the
+streamed / one-message ratio of tokens/s. --profile: the frontend's event loop thread
 under cProfile during the streamed pass, top 25 by cumulative time.
 
 The rank samples token FIRST_TOKEN + (37 * position) % TOKEN_RANGE for every request that
@@ -183,8 +184,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _pass(ctx, address: str, pid: int, clients: int, requests: int, tokens: int, kind: int):
-    """Every client's requests at once; the counts, wall time and the frontend's CPU time."""
+def _pass(ctx, address: str, pid: int, engine, clients: int, requests: int, tokens: int, kind):
+    """Every client's requests at once: the counts, wall time, the frontend's CPU time and the
+    mean number of sequences in the engine's steps."""
     ready, results = ctx.Barrier(clients + 1), ctx.Queue()
     procs = [
         ctx.Process(
@@ -198,9 +200,10 @@ def _pass(ctx, address: str, pid: int, clients: int, requests: int, tokens: int,
         proc.start()
     try:
         ready.wait(TIMEOUT_S)
-        cpu = _cpu_s(pid)
+        cpu, steps, generated = _cpu_s(pid), engine.num_steps, engine.num_generated_tokens
         parts = [results.get(timeout=TIMEOUT_S) for _ in procs]
-        cpu = _cpu_s(pid) - cpu
+        cpu, steps = _cpu_s(pid) - cpu, engine.num_steps - steps
+        generated = engine.num_generated_tokens - generated
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -216,6 +219,7 @@ def _pass(ctx, address: str, pid: int, clients: int, requests: int, tokens: int,
         "tok_per_s": n_tokens / wall,
         "msg_per_s": n_messages / wall,
         "cpu_s_per_1k_tokens": 1000 * cpu / n_tokens,
+        "seqs_per_step": generated / steps,  # every scheduled request samples a token
     }
 
 
@@ -252,7 +256,8 @@ def run(clients: int, requests: int, tokens: int, tokenizer: str, profile: bool 
             if isinstance(port_or_error, str):
                 raise RuntimeError(f"the frontend failed: {port_or_error}")
             address = f"127.0.0.1:{port_or_error}"
-            args = (ctx, address, frontend.pid, clients)
+            engine = core.fleet.replicas[0].engine
+            args = (ctx, address, frontend.pid, engine, clients)
             _pass(*args, 1, 4, serving_pb2.DELTA)  # warm-up: connections, first calls
             if profile:
                 conn.send("profile")
@@ -291,14 +296,15 @@ def main() -> None:
         print(r["profile"])
     print(
         "| output | tokens | messages | wall (s) | output tok/s | messages/s "
-        "| frontend CPU s / 1k tokens |"
+        "| frontend CPU s / 1k tokens | sequences per step |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for label, key in (("streamed (DELTA)", "delta"), ("one message (FINAL_ONLY)", "final_only")):
         p = r[key]
         print(
             f"| {label} | {p['tokens']} | {p['messages']} | {p['wall_s']:.2f} "
-            f"| {p['tok_per_s']:.0f} | {p['msg_per_s']:.0f} | {p['cpu_s_per_1k_tokens']:.3f} |"
+            f"| {p['tok_per_s']:.0f} | {p['msg_per_s']:.0f} | {p['cpu_s_per_1k_tokens']:.3f} "
+            f"| {p['seqs_per_step']:.1f} |"
         )
     print(f"\nstreamed / one message: {r['ratio']:.2f}")
 

@@ -17,5 +17,6 @@ def test_counts_are_what_was_sent():
     for p in (delta, final_only):
         assert p["tok_per_s"] == p["tokens"] / p["wall_s"] > 0
         assert p["cpu_s_per_1k_tokens"] >= 0
+        assert 1 <= p["seqs_per_step"] <= completions
     assert result["ratio"] == delta["tok_per_s"] / final_only["tok_per_s"]
     assert "core_backend.py" in result["profile"]  # the frontend's Generate path ran under it
