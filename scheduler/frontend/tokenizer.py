@@ -62,8 +62,9 @@ class Tokenizer:
     def decode_batch(
         self, sequences: list[list[int]], skip_special_tokens: bool = True
     ) -> list[str]:
-        """decode() of each sequence, in one call where the tokenizer allows (a step's 256
-        detokenizations cost about a quarter of 256 decode() calls)."""
+        """decode() of each sequence, in one call where the tokenizer allows (on one thread,
+        512 windows of a few tokens take 0.54 ms against 0.72 ms in decode() calls on the
+        2-core VM)."""
         if self._backend is None:
             return [self.decode(ids, skip_special_tokens) for ids in sequences]
         return self._backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
