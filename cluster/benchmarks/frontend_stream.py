@@ -30,6 +30,7 @@ import os
 import pstats
 import sys
 import tempfile
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -199,7 +200,10 @@ def _pass(ctx, address: str, pid: int, engine, clients: int, requests: int, toke
     for proc in procs:
         proc.start()
     try:
-        ready.wait(TIMEOUT_S)
+        try:
+            ready.wait(TIMEOUT_S)
+        except threading.BrokenBarrierError:  # a client failed first: its error says why
+            raise RuntimeError(f"a client process failed: {results.get(timeout=10)}") from None
         cpu, steps, generated = _cpu_s(pid), engine.num_steps, engine.num_generated_tokens
         parts = [results.get(timeout=TIMEOUT_S) for _ in procs]
         cpu, steps = _cpu_s(pid) - cpu, engine.num_steps - steps
