@@ -12,7 +12,7 @@ A FINAL_ONLY completion without stop strings needs no text before its end: its t
 are detokenized once, by finish().
 """
 
-from scheduler.frontend.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
+from scheduler.frontend.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -34,7 +34,11 @@ class CompletionText:
     def add(self, token_ids: list[int]) -> str | None:
         """Appends tokens; returns the stop string they completed, if any (the text is then cut
         before it, or after it with include_stop_str_in_output)."""
-        return add_all([self], [token_ids])[0]
+        self._num_tokens += len(token_ids)
+        if self._defer:
+            self._waiting.extend(token_ids)
+            return None
+        return self._append(self._detok.add(token_ids))
 
     def finish(self) -> None:
         """The completion ended: release the text the detokenizer still holds back."""
@@ -74,18 +78,3 @@ class CompletionText:
         self.stop_str = stop
         return stop
 
-
-def add_all(texts: list[CompletionText], token_ids: list[list[int]]) -> list[str | None]:
-    """texts[i].add(token_ids[i]) for every i, detokenized together (one step's tokens)."""
-    stops: list[str | None] = [None] * len(texts)
-    live = []  # indices of the texts that detokenize now
-    for i, (text, ids) in enumerate(zip(texts, token_ids, strict=True)):
-        text._num_tokens += len(ids)
-        if text._defer:
-            text._waiting.extend(ids)
-        else:
-            live.append(i)
-    news = add_batch([texts[i]._detok for i in live], [token_ids[i] for i in live])
-    for i, new in zip(live, news, strict=True):
-        stops[i] = texts[i]._append(new)
-    return stops

@@ -84,6 +84,15 @@ class FrontendServer:
         if self._start_error is not None:
             raise self._start_error
 
+    def call_on_loop(self, fn: Callable[[], object]) -> object:
+        """fn() on the server's event loop thread (what must run there: a profiler follows the
+        thread that enables it); returns its result."""
+
+        async def call() -> object:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(_START_TIMEOUT_S)
+
     def _run(
         self,
         core_address: str,

@@ -1,0 +1,317 @@
+"""A frontend's cost per streamed token on the CPU: one real frontend process
+(scheduler.frontend.server) in front of a real engine core (scheduler.core) whose one rank
+answers every step at once, so the frontend, not a model, sets the pace.
+
+    python -m cluster.benchmarks.frontend_stream [--clients 4] [--requests 64] [--tokens 128]
+        [--tokenizer smollm2-135m-instruct] [--profile]
+
+--clients processes, each with its own gRPC channel, send --requests requests each at once
+(prompt token ids, greedy, ignore_eos, exactly --tokens tokens each), first with every step's
+tokens streamed (output_kind DELTA), then with each completion in one message (FINAL_ONLY).
+Reports for each: the output tokens and messages the clients counted, output tokens/s and
+messages/s over the wall time (from the clients' common start to the last answer), and the
+frontend process's CPU seconds (all its threads, /proc/PID/stat) per 1000 output tokens, and
+the mean number of sequences in the engine's steps (how fast requests reach it); then the
+streamed / one-message ratio of tokens/s. --profile: the frontend's event loop thread
+under cProfile during the streamed pass, top 25 by cumulative time.
+
+The rank samples token FIRST_TOKEN + (37 * position) % TOKEN_RANGE for every request that
+samples (prompts are scheduled whole, so each scheduled request samples): ordinary tokens of
+the tokenizer's vocabulary, so incremental detokenization does real work.
+"""
+
+import argparse
+import asyncio
+import cProfile
+import functools
+import io
+import multiprocessing
+import os
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
+from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+from scheduler.core.engine_core import EngineCore
+from scheduler.core.replica import EngineConfigs, ReplicaSpec
+
+BLOCK_SIZE = 16
+PROMPT_LEN = 16
+FIRST_TOKEN = 1000
+TOKEN_RANGE = 20000
+VOCAB_SIZE = FIRST_TOKEN + TOKEN_RANGE  # what the rank reports; the tokenizer has at least as many
+TIMEOUT_S = 600.0  # any wait of the benchmark (a pass, a process starting)
+
+
+class _InstantRank(worker_pb2_grpc.WorkerServicer):
+    """Rank 0 of a replica without a model: brought up as a worker is, then every request
+    that samples gets its position's token at once."""
+
+    def __init__(self, max_model_len: int) -> None:
+        self.max_model_len = max_model_len
+        self.positions: dict[str, int] = {}  # request id -> tokens it has sampled
+
+    def Health(self, request, context):
+        return worker_pb2.HealthResponse(ready=True, device="cpu")
+
+    def InitDistributed(self, request, context):
+        return worker_pb2.Empty()
+
+    def LoadModel(self, request, context):
+        return worker_pb2.ModelInfo(
+            architecture="Instant",
+            vocab_size=VOCAB_SIZE,
+            max_position_embeddings=self.max_model_len,
+        )
+
+    def InitCache(self, request, context):
+        return worker_pb2.Empty()
+
+    def Execute(self, request_iterator, context):
+        positions = self.positions
+        for plan in request_iterator:
+            for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
+                positions.pop(rid, None)
+            ids = [r.request_id for r in plan.new_requests]
+            ids += plan.cached_requests.request_ids
+            tokens = []
+            for rid in ids:
+                n = positions.get(rid, 0)
+                positions[rid] = n + 1
+                tokens.append(FIRST_TOKEN + (37 * n) % TOKEN_RANGE)
+            yield worker_pb2.StepResult(step_id=plan.step_id, request_ids=ids, token_ids=tokens)
+
+
+def _serve_rank(max_model_len: int, port, stop) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    worker_pb2_grpc.add_WorkerServicer_to_server(_InstantRank(max_model_len), server)
+    port.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    stop.wait()
+    server.stop(0)
+
+
+def _load_tokenizer(path: str):
+    """The tokenizer, if it has every token the rank samples."""
+    from scheduler.frontend.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size < VOCAB_SIZE:
+        raise ValueError(
+            f"tokenizer: {path} has {tokenizer.vocab_size} tokens, fewer than the {VOCAB_SIZE} "
+            "the rank samples from"
+        )
+    return tokenizer
+
+
+def _serve_frontend(core_address: str, tokenizer_path: str, metrics_dir: str, conn) -> None:
+    """A frontend as the cluster's actor runs one. conn: its port out (or why it failed), then
+    "profile" (start profiling its event loop), "stats" (stop and send the top 25), "stop"."""
+    from scheduler.frontend.server import FrontendServer
+
+    sys.setswitchinterval(0.0005)  # as cluster.actors' frontends
+    load = functools.partial(_load_tokenizer, tokenizer_path)
+    config = ServerConfig(port=0, http_port=0)
+    server = FrontendServer(config, core_address, load, "bench", metrics_dir)
+    try:
+        server.wait_ready(TIMEOUT_S)
+    except Exception as e:
+        conn.send(f"{type(e).__name__}: {e}")
+        server.stop()
+        return
+    conn.send(server.port)
+    profiler = cProfile.Profile()
+    while (command := conn.recv()) != "stop":
+        if command == "profile":
+            server.call_on_loop(profiler.enable)
+        else:
+            server.call_on_loop(profiler.disable)
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+            conn.send(out.getvalue())
+    server.stop()
+
+
+@dataclass
+class _ClientCounts:
+    tokens: int
+    messages: int
+    start: float  # time.monotonic(): system-wide on Linux, comparable across processes
+    end: float
+
+
+def _client(address: str, first: int, requests: int, tokens: int, kind: int, ready, results):
+    try:
+        results.put(asyncio.run(_send(address, first, requests, tokens, kind, ready)))
+    except Exception as e:  # reported to the parent, which raises it
+        ready.abort()
+        results.put(f"{type(e).__name__}: {e}")
+
+
+async def _send(address: str, first: int, requests: int, tokens: int, kind: int, ready):
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), TIMEOUT_S)
+        stub = serving_pb2_grpc.ServingStub(channel)
+        counts = [0, 0]  # tokens, messages
+
+        async def one(i: int) -> None:
+            msg = serving_pb2.GenerateRequest()
+            msg.prompt_token_ids.ids.extend(
+                FIRST_TOKEN + (i * PROMPT_LEN + j) % TOKEN_RANGE for j in range(PROMPT_LEN)
+            )
+            p = msg.params
+            p.temperature, p.max_tokens, p.ignore_eos, p.output_kind = 0, tokens, True, kind
+            async for response in stub.Generate(msg, timeout=TIMEOUT_S):
+                counts[0] += len(response.token_ids)
+                counts[1] += 1
+
+        ready.wait(TIMEOUT_S)
+        start = time.monotonic()
+        await asyncio.gather(*(one(first + i) for i in range(requests)))
+        return _ClientCounts(counts[0], counts[1], start, time.monotonic())
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pass(ctx, address: str, pid: int, engine, clients: int, requests: int, tokens: int, kind):
+    """Every client's requests at once: the counts, wall time, the frontend's CPU time and the
+    mean number of sequences in the engine's steps."""
+    ready, results = ctx.Barrier(clients + 1), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_client,
+            args=(address, c * requests, requests, tokens, kind, ready, results),
+            daemon=True,
+        )
+        for c in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        try:
+            ready.wait(TIMEOUT_S)
+        except threading.BrokenBarrierError:  # a client failed first: its error says why
+            raise RuntimeError(f"a client process failed: {results.get(timeout=10)}") from None
+        cpu, steps, generated = _cpu_s(pid), engine.num_steps, engine.num_generated_tokens
+        parts = [results.get(timeout=TIMEOUT_S) for _ in procs]
+        cpu, steps = _cpu_s(pid) - cpu, engine.num_steps - steps
+        generated = engine.num_generated_tokens - generated
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+    errors = [part for part in parts if isinstance(part, str)]
+    if errors:
+        raise RuntimeError(f"a client process failed: {errors[0]}")
+    wall = max(p.end for p in parts) - min(p.start for p in parts)
+    n_tokens, n_messages = sum(p.tokens for p in parts), sum(p.messages for p in parts)
+    return {
+        "tokens": n_tokens,
+        "messages": n_messages,
+        "wall_s": wall,
+        "tok_per_s": n_tokens / wall,
+        "msg_per_s": n_messages / wall,
+        "cpu_s_per_1k_tokens": 1000 * cpu / n_tokens,
+        "seqs_per_step": generated / steps,  # every scheduled request samples a token
+    }
+
+
+def run(clients: int, requests: int, tokens: int, tokenizer: str, profile: bool = False) -> dict:
+    """Both passes against one core and frontend: {"delta": ..., "final_only": ...,
+    "ratio": streamed / one-message tokens per second, "profile": the top 25 or None}."""
+    from cluster.models import resolve_tokenizer
+
+    tokenizer_path = resolve_tokenizer(tokenizer, tokenizer, "auto")
+    running = clients * requests
+    max_model_len = PROMPT_LEN + tokens + 1
+    configs = EngineConfigs(
+        ModelConfig(max_model_len=max_model_len),
+        CacheConfig(block_size=BLOCK_SIZE, num_blocks=running * (-(-max_model_len // BLOCK_SIZE))),
+        SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=running * PROMPT_LEN),
+    )
+    ctx = multiprocessing.get_context("spawn")
+    port, stop = ctx.Queue(), ctx.Event()
+    rank = ctx.Process(target=_serve_rank, args=(max_model_len, port, stop), daemon=True)
+    rank.start()
+    core = frontend = conn = None
+    try:
+        core = EngineCore("bench")
+        core.start([ReplicaSpec((f"127.0.0.1:{port.get(timeout=TIMEOUT_S)}",), "bench")], configs)
+        conn, child = ctx.Pipe()
+        with tempfile.TemporaryDirectory(prefix="pagedserve-metrics-") as metrics_dir:
+            frontend = ctx.Process(
+                target=_serve_frontend, args=(core.address, tokenizer_path, metrics_dir, child)
+            )
+            frontend.start()
+            if not conn.poll(TIMEOUT_S):
+                raise TimeoutError(f"the frontend did not serve within {TIMEOUT_S} s")
+            port_or_error = conn.recv()
+            if isinstance(port_or_error, str):
+                raise RuntimeError(f"the frontend failed: {port_or_error}")
+            address = f"127.0.0.1:{port_or_error}"
+            engine = core.fleet.replicas[0].engine
+            args = (ctx, address, frontend.pid, engine, clients)
+            _pass(*args, 1, 4, serving_pb2.DELTA)  # warm-up: connections, first calls
+            if profile:
+                conn.send("profile")
+            delta = _pass(*args, requests, tokens, serving_pb2.DELTA)
+            top = None
+            if profile:
+                conn.send("stats")
+                top = conn.recv()
+            final_only = _pass(*args, requests, tokens, serving_pb2.FINAL_ONLY)
+            conn.send("stop")
+            frontend.join(timeout=30)
+    finally:
+        if frontend is not None and frontend.is_alive():
+            frontend.kill()
+        if core is not None:
+            core.stop()
+        stop.set()
+        rank.join(timeout=10)
+    ratio = delta["tok_per_s"] / final_only["tok_per_s"]
+    return {"delta": delta, "final_only": final_only, "ratio": ratio, "profile": top}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--requests", type=int, default=64, help="requests per client")
+    parser.add_argument("--tokens", type=int, default=128, help="output tokens per request")
+    parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
+    parser.add_argument("--profile", action="store_true", help="cProfile the streamed pass")
+    args = parser.parse_args()
+    for name in ("clients", "requests", "tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    r = run(args.clients, args.requests, args.tokens, args.tokenizer, args.profile)
+    if r["profile"] is not None:
+        print(r["profile"])
+    print(
+        "| output | tokens | messages | wall (s) | output tok/s | messages/s "
+        "| frontend CPU s / 1k tokens | sequences per step |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for label, key in (("streamed (DELTA)", "delta"), ("one message (FINAL_ONLY)", "final_only")):
+        p = r[key]
+        print(
+            f"| {label} | {p['tokens']} | {p['messages']} | {p['wall_s']:.2f} "
+            f"| {p['tok_per_s']:.0f} | {p['msg_per_s']:.0f} | {p['cpu_s_per_1k_tokens']:.3f} "
+            f"| {p['seqs_per_step']:.1f} |"
+        )
+    print(f"\nstreamed / one message: {r['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

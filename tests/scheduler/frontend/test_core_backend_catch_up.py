@@ -1,0 +1,70 @@
+"""A frontend behind the core streams fewer, larger messages (core_backend.CATCH_UP_TURNS): a
+core message that arrives in the turns of the event loop after a request's send leaves with
+the one before it, its text and token ids unchanged. The core's messages are put on the
+request's queue by the test, at the turns it chooses."""
+
+import asyncio
+
+from protos import frontend_pb2, serving_pb2
+from scheduler.frontend.core_backend import CoreBackend
+from scheduler.frontend.core_client import CoreOutputs
+from scheduler.sampling_params import SamplingParams
+from tests.scheduler.fake_worker import TIMEOUT
+from tests.scheduler.frontend.core_fixture import PieceTokenizer
+
+
+class QueueCore:
+    """Stands for the backend's CoreClient: hands the test each request's queue."""
+
+    connected = serving = True
+    num_requests = 0
+
+    def __init__(self) -> None:
+        self.added = asyncio.Event()
+        self.aborted: list[str] = []
+
+    def add(self, msg: frontend_pb2.AddRequest) -> asyncio.Queue:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.added.set()
+        return self.queue
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def tokens(*ids: int, finished: bool = False) -> CoreOutputs:
+    """The core's message of one step for completion 0: ids, then its end if finished."""
+    ends = [frontend_pb2.Finished(index=0, finish_reason="length")] if finished else []
+    return CoreOutputs(tokens=[(0, t, None) for t in ids], finished=ends)
+
+
+def test_a_step_that_comes_while_a_request_catches_up_leaves_with_the_one_before():
+    async def main() -> list[serving_pb2.GenerateResponse]:
+        backend = CoreBackend("fake", "unused:0")
+        core = backend.core = QueueCore()
+        backend.set_tokenizer(PieceTokenizer())
+        backend.set_model_info(
+            serving_pb2.ModelInfoResponse(vocab_size=10, max_model_len=64, max_num_seqs=8)
+        )
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        msg = serving_pb2.GenerateRequest(params=params.to_proto())
+        msg.prompt_token_ids.ids.append(1)
+        stream = backend.generate(msg)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.wait_for(core.added.wait(), TIMEOUT)
+        core.queue.put_nowait(tokens(1))
+        got = [await asyncio.wait_for(first, TIMEOUT)]
+        # The next step is queued before the request reads its queue again; the one after it
+        # one turn of the loop later, while the request lets the loop turn.
+        core.queue.put_nowait(tokens(2))
+        asyncio.get_running_loop().call_soon(core.queue.put_nowait, tokens(3))
+        got.append(await anext(stream))  # on this task: the request resumes at once
+        core.queue.put_nowait(tokens(4, finished=True))
+        got += [r async for r in stream]
+        assert core.aborted == []
+        return got
+
+    got = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    assert [list(r.token_ids) for r in got] == [[1], [2, 3], [4]]
+    assert [r.text for r in got] == [" the", " cat sat", " on"]
+    assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 4
