@@ -10,8 +10,8 @@ to the engine core as token ids, and streamed back as text.
 
 A frontend that falls behind the core streams fewer, larger messages. A streamed message
 costs the frontend about the same CPU whatever the number of its tokens (gRPC's write, a
-decode call, the metrics: ~0.2 ms on the 2-core VM, cluster/benchmarks/frontend_stream.py),
-and the core sends each request's tokens step by step. So after sending, a request lets the
+decode call, the metrics; cluster/benchmarks/frontend_stream.py measures it), and the core
+sends each request's tokens step by step. So after sending, a request lets the
 event loop turn CATCH_UP_TURNS times before it reads its queue again: when the frontend keeps
 up the turns take microseconds and every step is its own message, as before; when it is busy
 each turn serves the other requests, the core's next messages arrive meanwhile, and their
@@ -38,10 +38,8 @@ from scheduler.frontend.input_processor import InputProcessor
 from scheduler.frontend.tokenizer import Tokenizer
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
-# Turns of the event loop a request lets pass after sending, before it reads its queue again.
-# On the 2-core VM (frontend_stream, 4 x 64 streams of 128 tokens, the core's steps as fast as
-# it can make them) 0, 1, 2 and 3 turns sent 1.0, 1.6, 2.2 and 2.9 tokens a message, at
-# 0.19, 0.17, 0.13 and 0.12 ms of the frontend's CPU a token.
+# Turns of the event loop a request lets pass after sending, before it reads its queue again
+# (0 to 3 measured in BENCHMARKS.md "Frontend streaming": 2 takes most of the gain).
 CATCH_UP_TURNS = 2
 LOADING = "the model is still loading; retry shortly"
 

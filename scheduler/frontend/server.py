@@ -11,6 +11,7 @@ It runs its own event loop on a thread, so a host process (a Ray actor) stays fr
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -59,6 +60,11 @@ class FrontendServer:
         `http_port` say which) and connects to the core; loads the tokenizer (load_tokenizer())
         in the background. metrics_dir: the server's frontends' shared metrics directory.
         core_secret: the cluster secret the core demands (protos/cluster_secret.py)."""
+        # This process detokenizes a few tokens of one request at a time: the tokenizers
+        # library's thread pool costs more than it saves there, and its threads take CPU from
+        # the event loop (BENCHMARKS.md "Frontend streaming"). Off, unless the environment says
+        # otherwise (the library reads it at each call).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._config = config
         self._core_secret = core_secret
         self._loop = asyncio.new_event_loop()

@@ -15,11 +15,6 @@ class Tokenizer:
     """Wraps the HF tokenizer of a GGUF file or an HF directory."""
 
     def __init__(self, path: str) -> None:
-        # A frontend decodes a request's two short windows per message: the tokenizers
-        # library's thread pool costs more than it saves there (26 us of CPU where one thread
-        # takes 3.5 us, on the 2-core VM) and its threads take CPU from the event loop. Off for
-        # the process, unless its environment says otherwise (the library reads it each call).
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from transformers import AutoTokenizer
 
         if path.endswith(".gguf"):
@@ -62,9 +57,8 @@ class Tokenizer:
     def decode_batch(
         self, sequences: list[list[int]], skip_special_tokens: bool = True
     ) -> list[str]:
-        """decode() of each sequence, in one call where the tokenizer allows (on one thread,
-        512 windows of a few tokens take 0.54 ms against 0.72 ms in decode() calls on the
-        2-core VM)."""
+        """decode() of each sequence, in one call where the tokenizer allows (cheaper than a
+        decode() call each, BENCHMARKS.md "Frontend streaming")."""
         if self._backend is None:
             return [self.decode(ids, skip_special_tokens) for ids in sequences]
         return self._backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
