@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_launch import cdiv, next_pow2
+from kernels.triton_pdl import pdl_enter, use_pdl
 
 _BLOCK = 1024
 
@@ -25,7 +26,9 @@ def _silu_and_mul_kernel(
     stride_out,
     d,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (triton_pdl)
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -52,7 +55,16 @@ def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> t
     if rows.shape[0] == 0:
         return out
     block = min(_BLOCK, next_pow2(d))
+    pdl = use_pdl(gate_up.device)
     _silu_and_mul_kernel[(rows.shape[0], cdiv(d, block))](
-        rows, out_rows, rows.stride(0), out_rows.stride(0), d, BLOCK=block, num_warps=4
+        rows,
+        out_rows,
+        rows.stride(0),
+        out_rows.stride(0),
+        d,
+        BLOCK=block,
+        num_warps=4,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return out

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_launch import next_pow2
+from kernels.triton_pdl import pdl_enter, use_pdl
 from kernels.triton_rms_norm import MAX_HIDDEN
 
 
@@ -63,7 +64,9 @@ def _all_reduce_add_rms_norm_kernel(
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
     BLOCK: tl.constexpr,  # next_pow2(hidden)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (triton_pdl)
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -155,6 +158,7 @@ def all_reduce_add_rms_norm(
     if rows == 0:
         return out, residual_out
     block = next_pow2(hidden)
+    pdl = use_pdl(x.device)
     _all_reduce_add_rms_norm_kernel[(rows,)](
         x,
         residual,
@@ -176,5 +180,7 @@ def all_reduce_add_rms_norm(
         WORLD=world,
         BLOCK=block,
         num_warps=4 if block < 2048 else 8 if block < 8192 else 16,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return out, residual_out

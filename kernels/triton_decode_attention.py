@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_launch import dot_pad, dot_precision, next_pow2, num_sms
+from kernels.triton_pdl import pdl_enter, use_pdl
 
 LOG2E = 1.4426950408889634
 
@@ -150,7 +151,9 @@ def _decode_kernel(
     SPLITS_P2: tl.constexpr,  # num_splits rounded up to a power of two
     SPLIT_CHUNK: tl.constexpr,  # splits the merge loads per step (a power of two <= SPLITS_P2)
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (triton_pdl)
 ):
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -415,6 +418,7 @@ def decode_attention(
         counters = _ticket_counters(query.device, num_seqs * num_kv_heads)
         merge_elements = _MERGE_ELEMENTS_PER_THREAD * 32 * config.num_warps
         split_chunk = max(1, min(splits_p2, merge_elements // (next_pow2(group) * head_dim_pad)))
+    pdl = use_pdl(query.device)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         query,
         key_cache,
@@ -449,5 +453,7 @@ def decode_attention(
         DOT_PRECISION=dot_precision(key_cache.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return out

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.triton_pdl import pdl_enter, use_pdl
+
 # (BLOCK_N, BLOCK_K, num_warps): the configurations choose() tries.
 CONFIGS = ((4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 1024, 8))
 # Taken only when faster than cuBLAS by this factor: a near tie is not worth a second path.
@@ -41,7 +43,9 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (triton_pdl)
 ):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_mask = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
@@ -77,6 +81,7 @@ def gemv(
     x = x.contiguous()
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config
+    pdl = use_pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
@@ -89,6 +94,8 @@ def gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return y
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_launch import next_pow2
+from kernels.triton_pdl import pdl_enter, use_pdl
 
 # One tile per row: rows longer than this would need a loop over the row (no model here has a
 # hidden size near it; Llama-3-405B has 16384).
@@ -38,7 +39,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,  # next_pow2(hidden)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (triton_pdl)
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -92,6 +95,7 @@ def _launch(
         return out, residual_out
     block = next_pow2(hidden)
     num_warps = 4 if block < 2048 else 8 if block < 8192 else 16
+    pdl = use_pdl(x.device)
     _rms_norm_kernel[(x2.shape[0],)](
         x2,
         r2,
@@ -107,6 +111,8 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=num_warps,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return out, residual_out
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_launch import cdiv
+from kernels.triton_pdl import pdl_enter, use_pdl
 from kernels.triton_rotary import (
     check_rotary_args,
     cos_sin_rows,
@@ -66,7 +67,9 @@ def _rotary_kv_cache_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,  # next_pow2(half)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (triton_pdl)
 ):
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     cos1, cos2, sin1, sin2 = cos_sin_rows(
@@ -168,6 +171,7 @@ def rotary_write_kv_cache(
     cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
     block_half, block_hq, block_hk, num_warps = rotary_tiles(num_heads, num_kv_heads, head_dim)
     num_q_blocks = cdiv(num_heads, block_hq)
+    pdl = use_pdl(q.device)
     _rotary_kv_cache_kernel[(num_tokens, num_q_blocks + cdiv(num_kv_heads, block_hk))](
         positions,
         q,
@@ -204,5 +208,7 @@ def rotary_write_kv_cache(
         BLOCK_HALF=block_half,
         num_warps=num_warps,
         enable_fp_fusion=False,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return q_out
