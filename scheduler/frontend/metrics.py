@@ -19,6 +19,7 @@ prometheus_client metric.
 """
 
 import asyncio
+import bisect
 import contextlib
 import os
 import time
@@ -54,6 +55,10 @@ REQUEST_LATENCY_BUCKETS = (
     240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
 FINISH_REASONS = ("stop", "length", "abort")  # serving.proto's GenerateResponse.finish_reason
+# The per-token metrics (generation tokens, inter-token latency) are summed in the process and
+# written to its files when a request ends, on a scrape of this process, or when a message comes
+# this long after the last write: each write is a locked mmap store, three a token otherwise.
+FLUSH_S = 0.25
 
 
 class Metrics:
@@ -111,6 +116,13 @@ class Metrics:
         )
         self._request_success = success
         self.request_success = {r: success.labels(model_name, r) for r in FINISH_REASONS}
+        # Not yet written (see FLUSH_S): generation tokens; inter-token latencies per bucket
+        # (the histogram's upper bounds, +Inf last) and their sum.
+        self._itl_bounds = list(self.inter_token_latency._upper_bounds)
+        self._pending_tokens = 0
+        self._pending_itl = [0] * len(self._itl_bounds)
+        self._pending_itl_sum = 0.0
+        self._flushed_at = time.monotonic()
 
     def track(
         self,
@@ -143,8 +155,7 @@ class Metrics:
             async with contextlib.aclosing(stream):
                 async for msg in stream:
                     now = time.monotonic()
-                    if msg.token_ids:
-                        self.generation_tokens.inc(len(msg.token_ids))
+                    self._pending_tokens += len(msg.token_ids)
                     if msg.token_ids and not final_only:
                         previous = last_token_at.get(msg.index)
                         if previous is None:
@@ -161,11 +172,15 @@ class Metrics:
                         self.e2e_request_latency.observe(now - start)
                         self.request_queue_time.observe(msg.timings.queue_ms / 1000)
                         self._finished(msg.finish_reason).inc()
+                    if msg.finish_reason or now - self._flushed_at >= FLUSH_S:
+                        self.flush()
                     yield msg
         except (GeneratorExit, asyncio.CancelledError):  # the consumer went away: aborted
             if finished < n:
                 self._finished("abort").inc(n - finished)
             raise
+        finally:
+            self.flush()
 
     def _observe_core_timings(self, msg: serving_pb2.GenerateResponse) -> None:
         """The latencies of a completion sent in one message, from the core's timings."""
@@ -175,9 +190,30 @@ class Metrics:
         self._inter_token(decode_s, msg.usage.completion_tokens - 1)
 
     def _inter_token(self, span: float, num_tokens: int) -> None:
-        """num_tokens tokens that came span seconds after the one before them."""
-        for _ in range(num_tokens):
-            self.inter_token_latency.observe(span / num_tokens)
+        """num_tokens tokens that came span seconds after the one before them: num_tokens
+        observations of span / num_tokens, pending until the next flush."""
+        if num_tokens > 0:
+            # The first bucket whose upper bound is >= the value, as Histogram.observe's.
+            bucket = bisect.bisect_left(self._itl_bounds, span / num_tokens)
+            self._pending_itl[bucket] += num_tokens
+            self._pending_itl_sum += span
+
+    def flush(self) -> None:
+        """Writes the pending per-token metrics to this process's files (see FLUSH_S). The
+        histogram's bucket and sum values are its own (prometheus_client has no public call that
+        observes one value several times); observe() writes the same ones."""
+        self._flushed_at = time.monotonic()
+        if self._pending_tokens:
+            self.generation_tokens.inc(self._pending_tokens)
+            self._pending_tokens = 0
+        if any(self._pending_itl):
+            histogram = self.inter_token_latency
+            for bucket, count in zip(histogram._buckets, self._pending_itl, strict=True):
+                if count:
+                    bucket.inc(count)
+            histogram._sum.inc(self._pending_itl_sum)
+            self._pending_itl = [0] * len(self._itl_bounds)
+            self._pending_itl_sum = 0.0
 
     def _finished(self, reason: str) -> Counter:
         counter = self.request_success.get(reason)
@@ -190,6 +226,7 @@ class Metrics:
     def render(self, server_info: serving_pb2.ServerInfoResponse | None) -> bytes:
         """The exposition of a scrape (content type CONTENT_TYPE): every frontend's request
         metrics, summed, and the engine core's state from server_info (left out when None)."""
+        self.flush()
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.multiproc_dir)
         if server_info is not None:

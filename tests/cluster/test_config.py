@@ -89,7 +89,7 @@ def test_the_number_of_frontends_is_checked_and_defaults_to_the_machine(tmp_path
         path.write_text(f"server:\n  {body}\n")
         with pytest.raises(ConfigError, match=message):
             load_config(path)
-    for cpus, frontends in [(1, 1), (2, 1), (8, 2), (64, 4)]:
+    for cpus, frontends in [(1, 1), (2, 1), (8, 2), (32, 8), (64, 8)]:
         monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
         assert load_config(None).server.frontends == frontends
 

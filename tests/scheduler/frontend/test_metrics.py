@@ -5,10 +5,13 @@ import asyncio
 import multiprocessing
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos import serving_pb2
-from scheduler.frontend.metrics import Metrics
+from scheduler.frontend import metrics as metrics_module
+from scheduler.frontend.metrics import FLUSH_S, INTER_TOKEN_BUCKETS, Metrics
 from tests.scheduler.frontend.scripted_backend import HOLD, MODEL, ScriptedBackend, delta, last
 
 WAIT_S = 30.0
@@ -151,6 +154,65 @@ def test_the_core_state_comes_from_server_info(tmp_path):
     assert s[("pagedserve:prefix_cache_hits_total", ())] == 30
     assert s[("pagedserve:num_preemptions_total", ())] == 3
     assert ("pagedserve:num_requests_running", ()) not in scrape(metrics)
+
+
+def files_only(multiproc_dir: str) -> dict:
+    """What another frontend's scrape sees: the files alone (render() also flushes its own)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=multiproc_dir)
+    return {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+
+
+def test_inter_token_latencies_land_in_the_buckets_observe_would_choose(tmp_path):
+    metrics = Metrics(MODEL, str(tmp_path))
+    # (span, tokens): on a bound (le: counted there), between bounds, past the last (+Inf),
+    # one span spread over 4 tokens (4 x 0.05: on the 0.05 bound).
+    for span, tokens in ((0.01, 1), (0.011, 1), (100.0, 1), (0.2, 4), (0.0, 1)):
+        metrics._inter_token(span, tokens)
+    metrics._inter_token(5.0, 0)  # no tokens: nothing observed
+    s = scrape(metrics)
+    cumulative = {
+        dict(labels)["le"]: v
+        for (name, labels), v in s.items()
+        if name == "pagedserve:inter_token_latency_seconds_bucket"
+    }
+    expected = {0.01: 2, 0.025: 3, 0.05: 7, 80.0: 7}
+    for bound, count in expected.items():
+        assert cumulative[str(bound)] == count, bound
+    assert cumulative["+Inf"] == 8
+    assert s[("pagedserve:inter_token_latency_seconds_count", ())] == 8
+    assert s[("pagedserve:inter_token_latency_seconds_sum", ())] == pytest.approx(100.221)
+    assert len(cumulative) == len(INTER_TOKEN_BUCKETS) + 1
+
+
+def test_per_token_metrics_reach_the_files_at_a_request_end_or_after_flush_s(tmp_path, monkeypatch):
+    clock = [1000.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+    monkeypatch.setattr(metrics_module, "time", Clock)
+    metrics = Metrics(MODEL, str(tmp_path))
+    backend = ScriptedBackend(lambda r: [delta(0, [1], "a"), delta(0, [2, 3], "b"), HOLD])
+    tokens = ("pagedserve:generation_tokens_total", ())
+
+    async def read():
+        stream = metrics.track(request(), backend.generate(request()))
+        await anext(stream)
+        assert files_only(str(tmp_path)).get(tokens, 0) == 0  # pending: written later
+        clock[0] += FLUSH_S
+        await anext(stream)  # this message comes FLUSH_S after the last write: both written
+        assert files_only(str(tmp_path))[tokens] == 3
+        await stream.aclose()
+
+    asyncio.run(read())
+    assert files_only(str(tmp_path))[tokens] == 3
 
 
 def test_metrics_needs_an_existing_directory(tmp_path):
