@@ -4,34 +4,37 @@ fused_add_rms_norm_ref).
 
 At a decode step's few rows the all-reduce is all latency (a row of 4096 bf16 is 8 KB) and the
 norm after it another launch. Here each rank pushes its rows straight into every rank's copy of
-a symmetric buffer (torch symmetric memory maps each peer's copy into this process: NVLink P2P),
-raises one flag per row on each of them, waits for its peers' flags, sums and norms: one launch
-and one barrier per all-reduce, no NCCL protocol, no exit barrier.
+a symmetric buffer (torch symmetric memory maps each peer's copy into this process: NVLink P2P)
+and reads its own copy once every peer's rows are there, sums and norms: one launch, no NCCL
+protocol, no flags and no fences. The data is its own signal (as the "Lamport" one-shot
+all-reduces of TensorRT-LLM): an element that is still negative zero has not arrived. A rank
+sends its values with every negative zero made positive (so the sum can differ from an
+all-reduce's only in the sign of a zero), and a rank's copy holds nothing but
+negative zeros between calls.
 
-Every rank's copy of the buffer has the same layout (offsets in elements of x's dtype, then in
-int32 for the flags):
+Every rank's copy of the buffer has the same layout (in elements of x's dtype):
 
     data   [2 parities][world][slot_elems]     slot [p][s] holds rank s's rows: [rows, hidden]
-    flags  [2 parities][world][max_rows]       flag [p][s][row] = the epoch rank s last pushed
 
     epochs [max_rows] int32, this rank's own memory: calls that touched each row so far
 
 One program per row (`epoch` = epochs[row] + 1, `p` = epoch & 1):
-  1. push x[row] into slot [p][rank] of every rank's buffer, its own included;
-  2. CTA barrier, then a release store (system scope) of epoch into flag [p][rank][row] of
-     every rank;
-  3. for each source rank, spin on this rank's flag [p][src][row] (acquire, system scope)
-     until it equals epoch;
-  4. sum the slots in rank order in float32: the same sum, bit for bit, on every rank; rounded
-     to x's dtype it is what an all-reduce of two bf16 addends gives (one rounding);
-  5. the residual add and RMSNorm exactly as kernels.triton_rms_norm; epochs[row] = epoch.
+  1. push x[row], negative zeros made positive, into slot [p][rank] of every rank's copy, its
+     own included;
+  2. for each source rank in rank order, read slot [p][src]'s row of this rank's copy (volatile)
+     until no element is negative zero, and add it in float32: the same sum, bit for bit, on
+     every rank; rounded to x's dtype it is what an all-reduce of two bf16 addends gives (one
+     rounding);
+  3. put negative zeros back in the row's slots [p][*] of this rank's copy;
+  4. the residual add and RMSNorm exactly as kernels.triton_rms_norm; epochs[row] = epoch.
 
-Why two parities: a rank that finished call e may push call e+1 while a slower peer still
-reads call e's slots; e+1 writes the other parity. It cannot reach e+2 (e's parity) first: e+1
-waits for the peer's e+1 flag, stored only after the peer finished e. Flags are compared for
-equality, never reset, so they stay valid through the int32 epoch's wrap-around; every rank
-must make the same calls with the same row counts (as every collective), and the buffer,
-flags and epochs start zeroed.
+Why two parities, and why the reset in 3 is safe: a rank that finished call e may push call
+e+1 while a slower peer still reads call e's slots; e+1 writes the other parity. It cannot push
+e+2 (e's parity) before that peer's reset of e: e+2 starts after its call e+1 has read the
+peer's e+1 rows, which the peer pushes only in a later kernel than its call e (a kernel's
+stores are visible once it has finished). Every rank must make the same calls with the same row
+counts (as every collective); the copies start as negative zeros (fill_negative_zeros) and the
+epochs zeroed.
 """
 
 import torch
@@ -58,11 +61,10 @@ def _all_reduce_add_rms_norm_kernel(
     stride_ro,
     hidden,
     slot_elems,
-    max_rows,
-    flags_at,  # bytes from a buffer's start to its flags
     eps,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
+    BITS: tl.constexpr,  # the integer type of x's width (tl.int16 or tl.int32)
     BLOCK: tl.constexpr,  # next_pow2(hidden)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (triton_pdl)
 ):
@@ -71,39 +73,34 @@ def _all_reduce_add_rms_norm_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     elem = x_ptr.dtype.element_ty
+    # Negative zero: the sign bit alone, as an integer of x's width.
+    empty = tl.full([BLOCK], 1, BITS) << (BITS.primitive_bitwidth - 1)
     epoch = tl.load(epochs_ptr + row) + 1
     parity = epoch & 1
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + offs, mask=mask, other=0.0)
-    # 1. Push the row into slot [parity][RANK] of every rank's buffer.
+    # 1. Push the row, negative zeros made positive, into slot [parity][RANK] of every copy.
+    bits = x.to(BITS, bitcast=True)
+    sent = tl.where(bits == empty, tl.zeros_like(bits), bits)
     slot_row = (parity * WORLD + RANK) * slot_elems + row * hidden
     for dst in tl.static_range(WORLD):
-        base = tl.load(buffer_ptrs + dst)
-        tl.store(base.to(tl.pointer_type(elem)) + slot_row + offs, x, mask=mask)
-    # 2. Every thread's pushes issued, then the flags, released at system scope.
-    tl.debug_barrier()
-    flag = (parity * WORLD + RANK) * max_rows + row
-    for dst in tl.static_range(WORLD):
-        base = tl.load(buffer_ptrs + dst)
-        flags = (base + flags_at).to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(flags + flag, epoch, sem="release", scope="sys")
-    # 3. Wait for every source's flag in this rank's own buffer.
-    own = tl.load(buffer_ptrs + RANK)
-    own_flags = (own + flags_at).to(tl.pointer_type(tl.int32))
-    own_data = own.to(tl.pointer_type(elem))
-    for src in tl.static_range(WORLD):
-        src_flag = own_flags + (parity * WORLD + src) * max_rows + row
-        seen = tl.atomic_cas(src_flag, epoch, epoch, sem="acquire", scope="sys")
-        while seen != epoch:
-            seen = tl.atomic_cas(src_flag, epoch, epoch, sem="acquire", scope="sys")
-    tl.debug_barrier()
-    # 4. The sum in rank order, float32, one rounding.
+        base = tl.load(buffer_ptrs + dst).to(tl.pointer_type(BITS))
+        tl.store(base + slot_row + offs, sent, mask=mask)
+    # 2. Each source's row once no element of it is still negative zero, summed in rank order.
+    own = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(BITS))
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for src in tl.static_range(WORLD):
-        src_row = (parity * WORLD + src) * slot_elems + row * hidden
-        part = tl.load(own_data + src_row + offs, mask=mask, other=0.0, volatile=True)
-        acc += part.to(tl.float32)
+        src_row = own + (parity * WORLD + src) * slot_elems + row * hidden + offs
+        part = tl.load(src_row, mask=mask, other=0, volatile=True)
+        while tl.max((part == empty).to(tl.int32), axis=0) > 0:
+            part = tl.load(src_row, mask=mask, other=0, volatile=True)
+        acc += part.to(elem, bitcast=True).to(tl.float32)
+    # 3. This rank's slots of the row back to negative zeros, for the parity's next call.
+    tl.debug_barrier()
+    for src in tl.static_range(WORLD):
+        src_row = own + (parity * WORLD + src) * slot_elems + row * hidden + offs
+        tl.store(src_row, empty, mask=mask)
     summed = acc.to(elem)
-    # 5. The residual add and RMSNorm, rounded as kernels.triton_rms_norm rounds them.
+    # 4. The residual add and RMSNorm, rounded as kernels.triton_rms_norm rounds them.
     r = tl.load(residual_ptr + row.to(tl.int64) * stride_r + offs, mask=mask, other=0.0)
     h = (summed.to(tl.float32) + r.to(tl.float32)).to(elem)
     tl.store(residual_out_ptr + row.to(tl.int64) * stride_ro + offs, h, mask=mask)
@@ -117,14 +114,17 @@ def _all_reduce_add_rms_norm_kernel(
     tl.store(epochs_ptr + row, epoch)
 
 
-def flags_offset(world: int, slot_elems: int, dtype: torch.dtype) -> int:
-    """Bytes from the start of a rank's copy of the symmetric buffer to its flags."""
+_BITS = {2: tl.int16, 4: tl.int32}  # element size in bytes -> the integer type of its bits
+
+
+def buffer_bytes(world: int, slot_elems: int, dtype: torch.dtype) -> int:
+    """Bytes of each rank's copy of the symmetric buffer (see the module's layout)."""
     return 2 * world * slot_elems * torch.tensor([], dtype=dtype).element_size()
 
 
-def buffer_bytes(world: int, slot_elems: int, max_rows: int, dtype: torch.dtype) -> int:
-    """Bytes of each rank's copy of the symmetric buffer: data, then flags (see the module)."""
-    return flags_offset(world, slot_elems, dtype) + 2 * world * max_rows * 4
+def fill_negative_zeros(buffer: torch.Tensor, dtype: torch.dtype) -> None:
+    """A copy of the buffer as it must be before the first call and between calls (bytes)."""
+    buffer.view(dtype).fill_(-0.0)
 
 
 def all_reduce_add_rms_norm(
@@ -137,19 +137,21 @@ def all_reduce_add_rms_norm(
     epochs: torch.Tensor,
     rank: int,
     slot_elems: int,
-    max_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(sum_ranks(x) + residual), sum_ranks(x) + residual) for x, residual [rows,
-    hidden] of one dtype, on every rank at once. buffer_ptrs [world] int64 (the symmetric
-    buffer's copies, rank order, each buffer_bytes(...) long), epochs [max_rows] int32 (this
-    rank's, zeroed with the buffers); rows * hidden <= slot_elems, rows <= max_rows."""
+    hidden] of one dtype (16 or 32 bits), on every rank at once. buffer_ptrs [world] int64 (the
+    symmetric buffer's copies, rank order, each buffer_bytes(...) long, filled by
+    fill_negative_zeros), epochs [max_rows] int32 (this rank's, zeroed with the buffers);
+    rows * hidden <= slot_elems, rows <= max_rows."""
     rows, hidden = x.shape
     world = buffer_ptrs.numel()
+    if x.element_size() not in _BITS:
+        raise ValueError(f"x's dtype {x.dtype} is not 16 or 32 bits wide")
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError("residual must have x's shape and dtype")
     if weight.shape != (hidden,) or hidden > MAX_HIDDEN:
         raise ValueError(f"weight {tuple(weight.shape)} does not fit hidden size {hidden}")
-    if rows > max_rows or rows * hidden > slot_elems:
+    if rows > epochs.numel() or rows * hidden > slot_elems:
         raise ValueError(f"{rows} rows of {hidden} exceed the buffer's slots")
     if x.stride(1) != 1 or residual.stride(1) != 1:
         raise ValueError("x and residual need a unit last stride")
@@ -173,11 +175,10 @@ def all_reduce_add_rms_norm(
         residual_out.stride(0),
         hidden,
         slot_elems,
-        max_rows,
-        flags_offset(world, slot_elems, x.dtype),
         eps,
         RANK=rank,
         WORLD=world,
+        BITS=_BITS[x.element_size()],
         BLOCK=block,
         num_warps=4 if block < 2048 else 8 if block < 8192 else 16,
         PDL=pdl,

@@ -136,18 +136,19 @@ class _SymmetricAllReduce:
 
 class _FusedAllReduceNorm:
     """all_reduce_add_rms_norm's one kernel over a symmetric buffer of its own, each rank's copy
-    laid out as kernels.triton_all_reduce_rms_norm describes; every rank zeroes its copy and its
-    epochs before any rank pushes (the barrier in __init__)."""
+    laid out as kernels.triton_all_reduce_rms_norm describes; every rank fills its copy with
+    negative zeros and zeroes its epochs before any rank pushes (the barrier in __init__)."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        from kernels.triton_all_reduce_rms_norm import buffer_bytes
+        from kernels.triton_all_reduce_rms_norm import buffer_bytes, fill_negative_zeros
 
         self.dtype = dtype
         group_name = dist.group.WORLD.group_name
-        nbytes = buffer_bytes(_world_size, FUSED_SLOT_ELEMS, FUSED_MAX_ROWS, dtype)
-        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device).zero_()
+        nbytes = buffer_bytes(_world_size, FUSED_SLOT_ELEMS, dtype)
+        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        fill_negative_zeros(self.buffer, dtype)
         handle = symm_mem.rendezvous(self.buffer, group_name)
         self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.epochs = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
@@ -178,7 +179,6 @@ class _FusedAllReduceNorm:
             epochs=self.epochs,
             rank=_rank,
             slot_elems=FUSED_SLOT_ELEMS,
-            max_rows=FUSED_MAX_ROWS,
         )
 
 
