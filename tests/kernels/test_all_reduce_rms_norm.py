@@ -26,7 +26,8 @@ SIGN_BIT = {torch.float32: torch.int32, torch.float16: torch.int16}
 
 class Rank:
     def __init__(self, world: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.buffer = torch.empty(buffer_bytes(world, SLOT, dtype), dtype=torch.uint8, device=device)
+        nbytes = buffer_bytes(world, SLOT, dtype)
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
         fill_negative_zeros(self.buffer, dtype)
         self.epochs = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
         self.world, self.dtype = world, dtype
