@@ -153,7 +153,7 @@ class _Learned:
     result: worker_pb2.StepResult
     received: float  # time.monotonic() when its result arrived
     requests: list[Request]  # what Scheduler.update answered: the live requests
-    tokens: list[int]  # and their tokens
+    tokens: Sequence[int]  # and their tokens
     finished: list[Request]  # those of them that finished, in the same order
     sinks: list[OutputSink]  # each request's sink, taken before any request was dropped
     # Request id -> its token's logprobs (None: not asked); None when no request asked any.
@@ -175,7 +175,7 @@ class _Awaited:
 HeldRequest = tuple[list[Request], OutputSink]
 
 
-def _by_sink(learned: _Learned) -> dict[OutputSink, tuple[list[Request], list[int]]]:
+def _by_sink(learned: _Learned) -> dict[OutputSink, tuple[list[Request], Sequence[int]]]:
     """A learned step's requests and tokens grouped by sink, each in step order, the sinks in
     the order of their first request (most steps have one sink: no grouping per request)."""
     requests, tokens, sinks = learned.requests, learned.tokens, learned.sinks
@@ -183,7 +183,7 @@ def _by_sink(learned: _Learned) -> dict[OutputSink, tuple[list[Request], list[in
         return {}
     if sinks.count(sinks[0]) == len(sinks):
         return {sinks[0]: (requests, tokens)}
-    groups: dict[OutputSink, tuple[list[Request], list[int]]] = {}
+    groups: dict[OutputSink, tuple[list[Request], Sequence[int]]] = {}
     for request, token, sink in zip(requests, tokens, sinks, strict=True):
         group = groups.get(sink)
         if group is None:
@@ -455,7 +455,8 @@ class Engine:
             logprobs = dict(zip(ids, unpack_logprobs(result), strict=True))
         with self._cond:
             assert self._unsent is None, "a learned step's outputs were never sent"
-            requests, tokens, finished = self.scheduler.update(ids, list(result.token_ids))
+            # The result's own token field: the outputs copy it in C (see StepOutputsBuilder).
+            requests, tokens, finished = self.scheduler.update(ids, result.token_ids)
             # Taken before any is dropped: the n completions of a request share one sink.
             if len(self._sink_counts) == 1:  # one frontend's requests only
                 sinks = [*self._sink_counts] * len(requests)

@@ -38,6 +38,7 @@ the step's block copies and swaps.
 
 import time
 from bisect import insort
+from collections.abc import Sequence
 
 from protos import worker_pb2
 from scheduler.config import SchedulerConfig
@@ -248,8 +249,8 @@ class Scheduler:
         return budget
 
     def update(
-        self, request_ids: list[str], token_ids: list[int]
-    ) -> tuple[list[Request], list[int], list[Request]]:
+        self, request_ids: Sequence[str], token_ids: Sequence[int]
+    ) -> tuple[list[Request], Sequence[int], list[Request]]:
         """Learns the tokens of a step, the oldest step in flight; returns the live requests
         and their tokens (parallel lists: token_ids itself when every id is live) and those of
         them that finished, in the same order. Forks the completions of a request that learned
