@@ -1,5 +1,5 @@
-"""PlanBuilder's plan against the same fields filled value by value (its packed bytes for the
-fields that are mostly one value must parse to the very lists)."""
+"""PlanBuilder's plan against the same fields filled value by value (a step of steady decodes
+only has its fields packed as bytes: they must parse to the very lists)."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
