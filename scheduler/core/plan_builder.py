@@ -80,9 +80,11 @@ class PlanBuilder:
                 cached.MergeFromString(_steady_decodes(num_cached))
             return plan
         num_scheduled, num_new, replaced = [1] * num_cached, [0] * num_cached, [False] * num_cached
+        new_block_ids: list[int] = []
         for i, n, blocks, replace in self._others:
             num_scheduled[i], num_new[i], replaced[i] = n, len(blocks), replace
-            cached.new_block_ids.extend(blocks)
+            new_block_ids += blocks
+        cached.new_block_ids.extend(new_block_ids)
         cached.num_scheduled_tokens.extend(num_scheduled)
         cached.num_new_blocks.extend(num_new)
         cached.replace_block_table.extend(replaced)
