@@ -4,6 +4,7 @@ driving a rank that answers at once, so every millisecond of a step is the engin
 time must hide under the device's step; what does not shows as the worker's idle time.
 
     python -m cluster.benchmarks.engine_step [--running 256] [--steps 400] [--profile]
+    python -m cluster.benchmarks.engine_step --replicas 2 --running 256 --steps 300
 
 The rank runs in a process of its own (as a worker does) and answers each plan with one token
 for every scheduled request (prompts are scheduled whole, so each one samples). The engine's
@@ -16,6 +17,10 @@ a block at once and take the page table's general path: the mean counts those st
 median does not), the engine thread's CPU time per step (a mean, as the mean interval: less
 swayed than the intervals by what else runs on a shared machine), and with --profile the
 engine thread's cProfile.
+
+--replicas N measures instead how engines share a process: the decode steps a second of one
+engine, of N engines in this one process (threads under one interpreter lock, as the engine
+core drives its replicas), and of N engines each in a process of its own.
 """
 
 import argparse
@@ -153,12 +158,95 @@ def run(running: int, steps: int, profile: bool) -> dict:
     }
 
 
+def _replicas_window(replicas: int, running: int, steps: int) -> tuple[float, float]:
+    """`replicas` engines in this process, each over a rank of its own, each with `running`
+    requests of `steps` tokens, all at once: (start, end) of the whole, time.monotonic()."""
+    ctx = multiprocessing.get_context("spawn")
+    num_blocks = running * (-(-(PROMPT_LEN + steps + 1) // BLOCK_SIZE) + 1)
+    config = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=running * PROMPT_LEN)
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    ranks, engines = [], []
+    try:
+        for _ in range(replicas):
+            port, stop = ctx.Queue(), ctx.Event()
+            rank = ctx.Process(target=_serve_rank, args=(port, stop), daemon=True)
+            rank.start()
+            ranks.append((rank, stop))
+            worker = WorkerClient(f"127.0.0.1:{port.get(timeout=60)}")
+            page_table = PageTableManager(num_blocks, BLOCK_SIZE, True)
+            engines.append((Engine(Scheduler(config, page_table), [worker]), worker))
+        start = time.monotonic()
+        for k, (engine, _) in enumerate(engines):
+            sink = _SerializingSink()
+            with engine.lock:
+                for i in range(running):
+                    prompt = [100 + (i * PROMPT_LEN + j) % 30000 for j in range(PROMPT_LEN)]
+                    request = Request(f"e{k}r{i}", prompt, params, frozenset([0]), 4096)
+                    engine.add_request(request, sink)
+        deadline = start + 600.0
+        while any(engine.num_unfinished() for engine, _ in engines):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{replicas} engines did not finish {running} x {steps}")
+            time.sleep(0.005)
+        return start, time.monotonic()
+    finally:
+        for engine, worker in engines:
+            engine.stop()
+            worker.close()
+        for rank, stop in ranks:
+            stop.set()
+            rank.join(timeout=10)
+
+
+def _replica_process(running: int, steps: int, windows: multiprocessing.Queue) -> None:
+    windows.put(_replicas_window(1, running, steps))
+
+
+def replicas_steps_per_s(replicas: int, running: int, steps: int, processes: bool) -> float:
+    """Decode steps a second of `replicas` engines together (each `steps` steps of `running`
+    requests over its own instant rank), in this one process (their threads share one
+    interpreter lock, as the engine core's replicas do) or each in a process of its own."""
+    if not processes:
+        start, end = _replicas_window(replicas, running, steps)
+        return replicas * steps / (end - start)
+    ctx = multiprocessing.get_context("spawn")
+    windows = ctx.Queue()
+    procs = [
+        ctx.Process(target=_replica_process, args=(running, steps, windows), daemon=True)
+        for _ in range(replicas)
+    ]
+    for proc in procs:
+        proc.start()
+    spans = [windows.get(timeout=900) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    # From the first engine's start to the last one's end: only their overlap is shared.
+    return replicas * steps / (max(e for _, e in spans) - min(s for s, _ in spans))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--running", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--profile", action="store_true", help="cProfile the largest batch")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="instead: decode steps a second of 1 engine and of this many together, in one "
+        "process and each in its own, at the largest --running",
+    )
     args = parser.parse_args()
+    if args.replicas:
+        running = max(args.running)
+        one = replicas_steps_per_s(1, running, args.steps, processes=False)
+        print("| replicas | engines in | decode steps / s, all replicas | against one |")
+        print("|---|---|---|---|")
+        print(f"| 1 | one process | {one:.0f} | 1.00x |")
+        for processes, where in ((False, "one process"), (True, "a process each")):
+            rate = replicas_steps_per_s(args.replicas, running, args.steps, processes)
+            print(f"| {args.replicas} | {where} | {rate:.0f} | {rate / one:.2f}x |")
+        return
     print(
         "| running | steps | median interval (ms) | median turnaround (ms) | mean interval (ms) "
         "| engine thread CPU per step (ms) |"

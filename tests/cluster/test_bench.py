@@ -392,6 +392,14 @@ def test_bench_throughput_on_the_cpu(capsys):
     )
 
 
+def test_engine_step_runs_replicas_in_one_process_and_a_process_each():
+    from cluster.benchmarks import engine_step
+
+    for processes in (False, True):
+        # 2 engines x 30 steps of 4 requests each, every one finished (it raises if not).
+        assert engine_step.replicas_steps_per_s(2, 4, 30, processes) > 0
+
+
 def test_engine_step_measures_every_decode_step_after_the_warm_up():
     from cluster.benchmarks import engine_step
 
