@@ -199,7 +199,11 @@ def _replicas_window(replicas: int, running: int, steps: int) -> tuple[float, fl
 
 
 def _replica_process(running: int, steps: int, windows: multiprocessing.Queue) -> None:
-    windows.put(_replicas_window(1, running, steps))
+    try:
+        windows.put(_replicas_window(1, running, steps))
+    except Exception as e:  # told to the parent, which raises it
+        windows.put(f"{type(e).__name__}: {e}")
+        raise
 
 
 def replicas_steps_per_s(replicas: int, running: int, steps: int, processes: bool) -> float:
@@ -211,15 +215,23 @@ def replicas_steps_per_s(replicas: int, running: int, steps: int, processes: boo
         return replicas * steps / (end - start)
     ctx = multiprocessing.get_context("spawn")
     windows = ctx.Queue()
+    # Not daemons: each starts its rank's process.
     procs = [
-        ctx.Process(target=_replica_process, args=(running, steps, windows), daemon=True)
+        ctx.Process(target=_replica_process, args=(running, steps, windows))
         for _ in range(replicas)
     ]
     for proc in procs:
         proc.start()
-    spans = [windows.get(timeout=900) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=30)
+    try:
+        spans = [windows.get(timeout=660) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    errors = [span for span in spans if isinstance(span, str)]
+    if errors:
+        raise RuntimeError(f"an engine's process failed: {errors[0]}")
     # From the first engine's start to the last one's end: only their overlap is shared.
     return replicas * steps / (max(e for _, e in spans) - min(s for s, _ in spans))
 
