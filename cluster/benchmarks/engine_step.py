@@ -35,6 +35,7 @@ from concurrent import futures
 
 import grpc
 
+from cluster.benchmarks.report import run_processes
 from protos import frontend_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.core.engine import Engine
@@ -203,7 +204,6 @@ def _replica_process(running: int, steps: int, windows: multiprocessing.Queue) -
         windows.put(_replicas_window(1, running, steps))
     except Exception as e:  # told to the parent, which raises it
         windows.put(f"{type(e).__name__}: {e}")
-        raise
 
 
 def replicas_steps_per_s(replicas: int, running: int, steps: int, processes: bool) -> float:
@@ -213,25 +213,14 @@ def replicas_steps_per_s(replicas: int, running: int, steps: int, processes: boo
     if not processes:
         start, end = _replicas_window(replicas, running, steps)
         return replicas * steps / (end - start)
-    ctx = multiprocessing.get_context("spawn")
-    windows = ctx.Queue()
-    # Not daemons: each starts its rank's process.
-    procs = [
-        ctx.Process(target=_replica_process, args=(running, steps, windows))
-        for _ in range(replicas)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        spans = [windows.get(timeout=660) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    errors = [span for span in spans if isinstance(span, str)]
-    if errors:
-        raise RuntimeError(f"an engine's process failed: {errors[0]}")
+    spans = run_processes(
+        multiprocessing.get_context("spawn"),
+        _replica_process,
+        [(running, steps)] * replicas,
+        660.0,
+        "an engine's process",
+        daemon=False,  # each starts its rank's process
+    )
     # From the first engine's start to the last one's end: only their overlap is shared.
     return replicas * steps / (max(e for _, e in spans) - min(s for s, _ in spans))
 

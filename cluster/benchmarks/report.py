@@ -346,27 +346,13 @@ def run_workload(
     else:
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Barrier(clients)
-        results = ctx.Queue()
-        procs = [
-            ctx.Process(
-                target=_client_process,
-                args=(address, prompts[i::clients], output_len, stream, ready, results),
-                daemon=True,
-            )
-            for i in range(clients)
-        ]
-        for proc in procs:
-            proc.start()
-        try:
-            parts = [results.get(timeout=_CLIENT_TIMEOUT_S) for _ in procs]
-        finally:
-            for proc in procs:
-                proc.join(timeout=10)
-                if proc.is_alive():
-                    proc.kill()
-        errors = [part for part in parts if isinstance(part, str)]
-        if errors:
-            raise RuntimeError(f"a client process failed: {errors[0]}")
+        parts = run_processes(
+            ctx,
+            _client_process,
+            [(address, prompts[i::clients], output_len, stream, ready) for i in range(clients)],
+            _CLIENT_TIMEOUT_S,
+            "a client process",
+        )
     counts = [c for part in parts for c in part.counts]
     ttfts = [t for part in parts for t in part.ttfts_s]
     wall = max(part.end for part in parts) - min(part.start for part in parts)
@@ -380,6 +366,30 @@ def run_workload(
 
 
 _CLIENT_TIMEOUT_S = 3600.0
+
+
+def run_processes(
+    ctx, target, args: list[tuple], timeout: float, what: str, daemon: bool = True
+) -> list:
+    """target(*a, results) in a process of ctx for each a of args; each puts one result on
+    results (a queue of ctx), or its error as a string. The results in the order they came;
+    RuntimeError naming the first failure (what: how the processes are called). daemon=False
+    for targets that start processes of their own."""
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, results), daemon=daemon) for a in args]
+    for proc in procs:
+        proc.start()
+    try:
+        parts = [results.get(timeout=timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    errors = [part for part in parts if isinstance(part, str)]
+    if errors:
+        raise RuntimeError(f"{what} failed: {errors[0]}")
+    return parts
 
 
 @dataclass

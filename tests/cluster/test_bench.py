@@ -354,8 +354,8 @@ def test_the_http_backend_needs_a_vocabulary_size():
 
 
 def test_bench_throughput_on_the_cpu(capsys):
-    """`pagedserve bench throughput` through the CLI, tiny sizes: the timed pass's steps are
-    counted by the engines, and 4 x 3 output tokens reported."""
+    """`pagedserve bench throughput` through the CLI, tiny sizes, two client processes (as on a
+    GPU): the timed pass's steps are counted by the engines, and 4 x 3 output tokens reported."""
     code = cli.main(
         [
             "bench",
@@ -368,7 +368,7 @@ def test_bench_throughput_on_the_cpu(capsys):
             "--output-len",
             "3",
             "--clients",
-            "1",
+            "2",
             "--set",
             "server.frontends=2",
         ]
