@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from cluster.benchmarks.modelless_rank import ModellessRank
 from cluster.benchmarks.report import process_cpu_s
 from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
@@ -50,29 +51,13 @@ VOCAB_SIZE = FIRST_TOKEN + TOKEN_RANGE  # what the rank reports; the tokenizer h
 TIMEOUT_S = 600.0  # any wait of the benchmark (a pass, a process starting)
 
 
-class _InstantRank(worker_pb2_grpc.WorkerServicer):
-    """Rank 0 of a replica without a model: brought up as a worker is, then every request
-    that samples gets its position's token at once."""
+class _InstantRank(ModellessRank):
+    """Rank 0 of a replica without a model: every request that samples gets its position's
+    token at once."""
 
     def __init__(self, max_model_len: int) -> None:
-        self.max_model_len = max_model_len
+        super().__init__("Instant", VOCAB_SIZE, max_model_len)
         self.positions: dict[str, int] = {}  # request id -> tokens it has sampled
-
-    def Health(self, request, context):
-        return worker_pb2.HealthResponse(ready=True, device="cpu")
-
-    def InitDistributed(self, request, context):
-        return worker_pb2.Empty()
-
-    def LoadModel(self, request, context):
-        return worker_pb2.ModelInfo(
-            architecture="Instant",
-            vocab_size=VOCAB_SIZE,
-            max_position_embeddings=self.max_model_len,
-        )
-
-    def InitCache(self, request, context):
-        return worker_pb2.Empty()
 
     def Execute(self, request_iterator, context):
         positions = self.positions
