@@ -4,6 +4,7 @@ driving a rank that answers at once, so every millisecond of a step is the engin
 time must hide under the device's step; what does not shows as the worker's idle time.
 
     python -m cluster.benchmarks.engine_step [--running 256] [--steps 400] [--profile]
+    python -m cluster.benchmarks.engine_step --replicas 2 --running 256 --steps 300
 
 The rank runs in a process of its own (as a worker does) and answers each plan with one token
 for every scheduled request (prompts are scheduled whole, so each one samples). The engine's
@@ -13,7 +14,13 @@ requests): the median interval between learned steps, the engine's turnaround (f
 step to sending the next plan: what the device waits on when the engine is late), the mean
 interval (the requests' prompts are equally long, so every BLOCK_SIZE-th step all of them start
 a block at once and take the page table's general path: the mean counts those steps, the
-median does not), and with --profile the engine thread's cProfile.
+median does not), the engine thread's CPU time per step (a mean, as the mean interval: less
+swayed than the intervals by what else runs on a shared machine), and with --profile the
+engine thread's cProfile.
+
+--replicas N measures instead how engines share a process: the decode steps a second of one
+engine, of N engines in this one process (threads under one interpreter lock, as the engine
+core drives its replicas), and of N engines each in a process of its own.
 """
 
 import argparse
@@ -23,10 +30,12 @@ import pstats
 import queue
 import statistics
 import threading
+import time
 from concurrent import futures
 
 import grpc
 
+from cluster.benchmarks.report import run_processes
 from protos import frontend_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.core.engine import Engine
@@ -90,7 +99,13 @@ def run(running: int, steps: int, profile: bool) -> dict:
     config = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=running * PROMPT_LEN)
     profiler = cProfile.Profile() if profile else None
 
+    cpu_at_record: list[float] = []  # the engine thread's CPU time as each step is recorded
+
     class _Engine(Engine):
+        def _record(self, learned) -> None:  # on the engine thread: nothing else learns here
+            cpu_at_record.append(time.thread_time())
+            super()._record(learned)
+
         def _loop(self) -> None:  # the engine thread's calls, profiled when asked
             if profiler is not None:
                 profiler.enable()
@@ -126,6 +141,8 @@ def run(running: int, steps: int, profile: bool) -> dict:
         records = [
             r for r in list(engine.step_records)[WARMUP_STEPS:] if len(r.scheduled_ids) == running
         ]
+        # Over the steps of all `running` decodes after the warm-up, every one of them.
+        measured = cpu_at_record[WARMUP_STEPS : WARMUP_STEPS + len(records) + 1]
     finally:
         engine.stop()
         worker.close()
@@ -138,7 +155,74 @@ def run(running: int, steps: int, profile: bool) -> dict:
         "interval_ms": statistics.median(r.interval_ms for r in records),
         "turnaround_ms": statistics.median(r.turnaround_ms for r in records),
         "mean_interval_ms": statistics.mean(r.interval_ms for r in records),
+        "cpu_ms": (measured[-1] - measured[0]) / (len(measured) - 1) * 1e3,
     }
+
+
+def _replicas_window(replicas: int, running: int, steps: int) -> tuple[float, float]:
+    """`replicas` engines in this process, each over a rank of its own, each with `running`
+    requests of `steps` tokens, all at once: (start, end) of the whole, time.monotonic()."""
+    ctx = multiprocessing.get_context("spawn")
+    num_blocks = running * (-(-(PROMPT_LEN + steps + 1) // BLOCK_SIZE) + 1)
+    config = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=running * PROMPT_LEN)
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    ranks, engines = [], []
+    try:
+        for _ in range(replicas):
+            port, stop = ctx.Queue(), ctx.Event()
+            rank = ctx.Process(target=_serve_rank, args=(port, stop), daemon=True)
+            rank.start()
+            ranks.append((rank, stop))
+            worker = WorkerClient(f"127.0.0.1:{port.get(timeout=60)}")
+            page_table = PageTableManager(num_blocks, BLOCK_SIZE, True)
+            engines.append((Engine(Scheduler(config, page_table), [worker]), worker))
+        start = time.monotonic()
+        for k, (engine, _) in enumerate(engines):
+            sink = _SerializingSink()
+            with engine.lock:
+                for i in range(running):
+                    prompt = [100 + (i * PROMPT_LEN + j) % 30000 for j in range(PROMPT_LEN)]
+                    request = Request(f"e{k}r{i}", prompt, params, frozenset([0]), 4096)
+                    engine.add_request(request, sink)
+        deadline = start + 600.0
+        while any(engine.num_unfinished() for engine, _ in engines):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{replicas} engines did not finish {running} x {steps}")
+            time.sleep(0.005)
+        return start, time.monotonic()
+    finally:
+        for engine, worker in engines:
+            engine.stop()
+            worker.close()
+        for rank, stop in ranks:
+            stop.set()
+            rank.join(timeout=10)
+
+
+def _replica_process(running: int, steps: int, windows: multiprocessing.Queue) -> None:
+    try:
+        windows.put(_replicas_window(1, running, steps))
+    except Exception as e:  # told to the parent, which raises it
+        windows.put(f"{type(e).__name__}: {e}")
+
+
+def replicas_steps_per_s(replicas: int, running: int, steps: int, processes: bool) -> float:
+    """Decode steps a second of `replicas` engines together (each `steps` steps of `running`
+    requests over its own instant rank), in this one process (their threads share one
+    interpreter lock, as the engine core's replicas do) or each in a process of its own."""
+    if not processes:
+        start, end = _replicas_window(replicas, running, steps)
+        return replicas * steps / (end - start)
+    spans = run_processes(
+        multiprocessing.get_context("spawn"),
+        _replica_process,
+        [(running, steps)] * replicas,
+        660.0,
+        "an engine's process",
+        daemon=False,  # each starts its rank's process
+    )
+    # From the first engine's start to the last one's end: only their overlap is shared.
+    return replicas * steps / (max(e for _, e in spans) - min(s for s, _ in spans))
 
 
 def main() -> None:
@@ -146,17 +230,35 @@ def main() -> None:
     parser.add_argument("--running", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--profile", action="store_true", help="cProfile the largest batch")
-    args = parser.parse_args()
-    print(
-        "| running | steps | median interval (ms) | median turnaround (ms) | mean interval (ms) |"
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="instead: decode steps a second of 1 engine and of this many together, in one "
+        "process and each in its own, at the largest --running",
     )
-    print("|---|---|---|---|---|")
+    args = parser.parse_args()
+    if args.replicas:
+        running = max(args.running)
+        one = replicas_steps_per_s(1, running, args.steps, processes=False)
+        print("| replicas | engines in | decode steps / s, all replicas | against one |")
+        print("|---|---|---|---|")
+        print(f"| 1 | one process | {one:.0f} | 1.00x |")
+        for processes, where in ((False, "one process"), (True, "a process each")):
+            rate = replicas_steps_per_s(args.replicas, running, args.steps, processes)
+            print(f"| {args.replicas} | {where} | {rate:.0f} | {rate / one:.2f}x |")
+        return
+    print(
+        "| running | steps | median interval (ms) | median turnaround (ms) | mean interval (ms) "
+        "| engine thread CPU per step (ms) |"
+    )
+    print("|---|---|---|---|---|---|")
     for running in args.running:
         profile = args.profile and running == max(args.running)
         r = run(running, args.steps, profile)
         print(
             f"| {running} | {r['steps']} | {r['interval_ms']:.3f} | {r['turnaround_ms']:.3f} "
-            f"| {r['mean_interval_ms']:.3f} |"
+            f"| {r['mean_interval_ms']:.3f} | {r['cpu_ms']:.3f} |"
         )
 
 

@@ -26,7 +26,6 @@ import cProfile
 import functools
 import io
 import multiprocessing
-import os
 import pstats
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from cluster.benchmarks.modelless_rank import ModellessRank
+from cluster.benchmarks.report import process_cpu_s
 from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from scheduler.core.engine_core import EngineCore
@@ -50,29 +51,13 @@ VOCAB_SIZE = FIRST_TOKEN + TOKEN_RANGE  # what the rank reports; the tokenizer h
 TIMEOUT_S = 600.0  # any wait of the benchmark (a pass, a process starting)
 
 
-class _InstantRank(worker_pb2_grpc.WorkerServicer):
-    """Rank 0 of a replica without a model: brought up as a worker is, then every request
-    that samples gets its position's token at once."""
+class _InstantRank(ModellessRank):
+    """Rank 0 of a replica without a model: every request that samples gets its position's
+    token at once."""
 
     def __init__(self, max_model_len: int) -> None:
-        self.max_model_len = max_model_len
+        super().__init__("Instant", VOCAB_SIZE, max_model_len)
         self.positions: dict[str, int] = {}  # request id -> tokens it has sampled
-
-    def Health(self, request, context):
-        return worker_pb2.HealthResponse(ready=True, device="cpu")
-
-    def InitDistributed(self, request, context):
-        return worker_pb2.Empty()
-
-    def LoadModel(self, request, context):
-        return worker_pb2.ModelInfo(
-            architecture="Instant",
-            vocab_size=VOCAB_SIZE,
-            max_position_embeddings=self.max_model_len,
-        )
-
-    def InitCache(self, request, context):
-        return worker_pb2.Empty()
 
     def Execute(self, request_iterator, context):
         positions = self.positions
@@ -178,13 +163,6 @@ async def _send(address: str, first: int, requests: int, tokens: int, kind: int,
         return _ClientCounts(counts[0], counts[1], start, time.monotonic())
 
 
-def _cpu_s(pid: int) -> float:
-    """A process's user + system CPU seconds so far, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _pass(ctx, address: str, pid: int, engine, clients: int, requests: int, tokens: int, kind):
     """Every client's requests at once: the counts, wall time, the frontend's CPU time and the
     mean number of sequences in the engine's steps."""
@@ -204,9 +182,9 @@ def _pass(ctx, address: str, pid: int, engine, clients: int, requests: int, toke
             ready.wait(TIMEOUT_S)
         except threading.BrokenBarrierError:  # a client failed first: its error says why
             raise RuntimeError(f"a client process failed: {results.get(timeout=10)}") from None
-        cpu, steps, generated = _cpu_s(pid), engine.num_steps, engine.num_generated_tokens
+        cpu, steps, generated = process_cpu_s(pid), engine.num_steps, engine.num_generated_tokens
         parts = [results.get(timeout=TIMEOUT_S) for _ in procs]
-        cpu, steps = _cpu_s(pid) - cpu, engine.num_steps - steps
+        cpu, steps = process_cpu_s(pid) - cpu, engine.num_steps - steps
         generated = engine.num_generated_tokens - generated
     finally:
         for proc in procs:

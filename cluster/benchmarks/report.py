@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import random
 import statistics
 import time
@@ -223,12 +224,72 @@ class BenchCluster:
         """The latest steps of every replica (each keeps a bounded window of them)."""
         return self.cluster.step_records()
 
+    def server_pids(self) -> dict[str, list[int]]:
+        """The engine core's process and the frontends', by role (ProcessCpu's argument)."""
+        import ray
+
+        cluster = self.cluster
+        core = ray.get(cluster.scheduler.pid.remote(), timeout=30)
+        frontends = ray.get([f.pid.remote() for f in cluster.frontends], timeout=30)
+        return {"engine core": [core], "frontends": frontends}
+
     def num_steps(self) -> int:
         """Steps learned so far over all replicas (not bounded by the records' window)."""
         from cluster.client import Client
 
         with Client(self.address) as client:
             return client.server_info().num_steps
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """A process's user + system CPU seconds so far, all its threads (/proc/PID/stat); None
+    where this machine cannot see it (a process on another node)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ProcessCpu:
+    """How busy the server's processes were over a window: each one's CPU time over the wall
+    time (1.0 = one core), the engine core and every frontend. A process near 1.0 is the
+    bound of a workload whose device idles."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids  # role ("engine core", "frontends") -> its processes
+        self._start = time.monotonic()
+        self._cpu = {role: [process_cpu_s(p) for p in ps] for role, ps in pids.items()}
+
+    def shares(self) -> dict[str, list[float]]:
+        """Each role's processes' share of one core since construction (those seen twice)."""
+        wall = time.monotonic() - self._start
+        out = {}
+        for role, pids in self.pids.items():
+            now = [process_cpu_s(p) for p in pids]
+            out[role] = [
+                (b - a) / wall
+                for a, b in zip(self._cpu[role], now, strict=True)
+                if a is not None and b is not None
+            ]
+        return out
+
+
+def format_process_cpu(shares: dict[str, list[float]]) -> str:
+    """One line: each role's CPU share over the window (a range and mean for several)."""
+    parts = []
+    for role, values in shares.items():
+        if not values:
+            parts.append(f"{role} not on this node")
+        elif len(values) == 1:
+            parts.append(f"{role} {values[0]:.0%}")
+        else:
+            parts.append(
+                f"{role} {min(values):.0%}-{max(values):.0%} "
+                f"(mean {statistics.mean(values):.0%}, {len(values)} processes)"
+            )
+    return "server processes' CPU over the timed pass (100% = one core): " + "; ".join(parts)
 
 
 @contextlib.contextmanager
@@ -285,27 +346,13 @@ def run_workload(
     else:
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Barrier(clients)
-        results = ctx.Queue()
-        procs = [
-            ctx.Process(
-                target=_client_process,
-                args=(address, prompts[i::clients], output_len, stream, ready, results),
-                daemon=True,
-            )
-            for i in range(clients)
-        ]
-        for proc in procs:
-            proc.start()
-        try:
-            parts = [results.get(timeout=_CLIENT_TIMEOUT_S) for _ in procs]
-        finally:
-            for proc in procs:
-                proc.join(timeout=10)
-                if proc.is_alive():
-                    proc.kill()
-        errors = [part for part in parts if isinstance(part, str)]
-        if errors:
-            raise RuntimeError(f"a client process failed: {errors[0]}")
+        parts = run_processes(
+            ctx,
+            _client_process,
+            [(address, prompts[i::clients], output_len, stream, ready) for i in range(clients)],
+            _CLIENT_TIMEOUT_S,
+            "a client process",
+        )
     counts = [c for part in parts for c in part.counts]
     ttfts = [t for part in parts for t in part.ttfts_s]
     wall = max(part.end for part in parts) - min(part.start for part in parts)
@@ -319,6 +366,30 @@ def run_workload(
 
 
 _CLIENT_TIMEOUT_S = 3600.0
+
+
+def run_processes(
+    ctx, target, args: list[tuple], timeout: float, what: str, daemon: bool = True
+) -> list:
+    """target(*a, results) in a process of ctx for each a of args; each puts one result on
+    results (a queue of ctx), or its error as a string. The results in the order they came;
+    RuntimeError naming the first failure (what: how the processes are called). daemon=False
+    for targets that start processes of their own."""
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, results), daemon=daemon) for a in args]
+    for proc in procs:
+        proc.start()
+    try:
+        parts = [results.get(timeout=timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    errors = [part for part in parts if isinstance(part, str)]
+    if errors:
+        raise RuntimeError(f"{what} failed: {errors[0]}")
+    return parts
 
 
 @dataclass

@@ -12,7 +12,8 @@ exactly --output-len tokens (ignore_eos), greedy. Each completion comes back in 
 step's tokens streamed instead (DELTA, as a chat client). --clients processes send the requests
 (default two per frontend; see report.run_workload). The workload runs twice and the second
 pass is timed (the first compiles kernels). Prints the card, the roofline of a decode step next
-to the timed pass's median decode step, the anatomy of the timed pass's steps, and last a
+to the timed pass's median decode step, the anatomy of the timed pass's steps, how busy the
+engine core's and the frontends' processes were (a share of one core each), and last a
 markdown table: output tokens, wall time, output tokens per second, median time to first token
 (to the first message when streamed; otherwise the server's own figure, from the last message),
 median decode step and the roofline's share of it.
@@ -24,10 +25,12 @@ import sys
 import time
 
 from cluster.benchmarks.report import (
+    ProcessCpu,
     add_cluster_arguments,
     bench_cluster,
     fmt,
     format_anatomy,
+    format_process_cpu,
     format_roofline,
     make_prompts,
     records_between,
@@ -108,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         warm_up = make_prompts(args.num_requests, args.input_len, bench.vocab_size, seed=1)
         run_workload(bench.address, warm_up, args.output_len, args.stream, clients)
         since, steps_before = time.monotonic(), bench.num_steps()  # monotonic: system-wide
+        cpu = ProcessCpu(bench.server_pids())
         timed = run_workload(bench.address, prompts, args.output_len, args.stream, clients)
+        cpu_shares = cpu.shares()
         steps = records_between(bench.step_records(), since, time.monotonic())
         num_steps = bench.num_steps() - steps_before
     anatomy = step_anatomy(steps)
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             f"{kept}"
         )
     print("\n".join(format_anatomy(anatomy, "the timed pass's steps, all replicas")))
+    print(format_process_cpu(cpu_shares))
     print(
         "\n| engine | output tokens | wall (s) | output tok/s | median TTFT (ms) | "
         "median decode step (ms) | roofline / measured |"

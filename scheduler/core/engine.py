@@ -153,7 +153,8 @@ class _Learned:
     result: worker_pb2.StepResult
     received: float  # time.monotonic() when its result arrived
     requests: list[Request]  # what Scheduler.update answered: the live requests
-    tokens: list[int]  # and their tokens
+    tokens: Sequence[int]  # and their tokens
+    finished: list[Request]  # those of them that finished, in the same order
     sinks: list[OutputSink]  # each request's sink, taken before any request was dropped
     # Request id -> its token's logprobs (None: not asked); None when no request asked any.
     logprobs: dict[str, serving_pb2.TokenLogprobs | None] | None
@@ -174,7 +175,7 @@ class _Awaited:
 HeldRequest = tuple[list[Request], OutputSink]
 
 
-def _by_sink(learned: _Learned) -> dict[OutputSink, tuple[list[Request], list[int]]]:
+def _by_sink(learned: _Learned) -> dict[OutputSink, tuple[list[Request], Sequence[int]]]:
     """A learned step's requests and tokens grouped by sink, each in step order, the sinks in
     the order of their first request (most steps have one sink: no grouping per request)."""
     requests, tokens, sinks = learned.requests, learned.tokens, learned.sinks
@@ -182,7 +183,7 @@ def _by_sink(learned: _Learned) -> dict[OutputSink, tuple[list[Request], list[in
         return {}
     if sinks.count(sinks[0]) == len(sinks):
         return {sinks[0]: (requests, tokens)}
-    groups: dict[OutputSink, tuple[list[Request], list[int]]] = {}
+    groups: dict[OutputSink, tuple[list[Request], Sequence[int]]] = {}
     for request, token, sink in zip(requests, tokens, sinks, strict=True):
         group = groups.get(sink)
         if group is None:
@@ -454,7 +455,8 @@ class Engine:
             logprobs = dict(zip(ids, unpack_logprobs(result), strict=True))
         with self._cond:
             assert self._unsent is None, "a learned step's outputs were never sent"
-            requests, tokens = self.scheduler.update(ids, list(result.token_ids))
+            # The result's own token field: the outputs copy it in C (see StepOutputsBuilder).
+            requests, tokens, finished = self.scheduler.update(ids, result.token_ids)
             # Taken before any is dropped: the n completions of a request share one sink.
             if len(self._sink_counts) == 1:  # one frontend's requests only
                 sinks = [*self._sink_counts] * len(requests)
@@ -465,7 +467,9 @@ class Engine:
             samples = self._token_samples
             if not samples or received - samples[-1][0] >= _TOKEN_SAMPLE_S:
                 samples.append((received, self.num_generated_tokens))
-            self._unsent = _Learned(step, result, received, requests, tokens, sinks, logprobs)
+            self._unsent = _Learned(
+                step, result, received, requests, tokens, finished, sinks, logprobs
+            )
 
     def _send_outputs(self) -> None:
         """Records the unsent learned step and sends each sink its tokens and ends in one
@@ -474,6 +478,10 @@ class Engine:
         if learned is None:
             return
         self._record(learned)  # first: a client that got the step's outputs finds its record
+        # Each sink's finished requests, in step order: only these few are looked at again.
+        ended: dict[OutputSink, list[Request]] = {}
+        for request in learned.finished:
+            ended.setdefault(self._sinks[request.group_id], []).append(request)
         messages = []  # sent once every ended request is counted, as a sink may ask
         for sink, (requests, tokens) in _by_sink(learned).items():
             outputs = StepOutputsBuilder()
@@ -481,12 +489,11 @@ class Engine:
             if logprobs is not None:
                 logprobs = [logprobs[request.request_id] for request in requests]
             outputs.tokens(requests, tokens, logprobs)
-            for request in requests:
-                if request.status.finished:
-                    outputs.finished(request)
-                    group = request.group_id
-                    if group not in self.scheduler.groups and group in self._sinks:
-                        self._end(group)  # its last completion ended
+            for request in ended.get(sink, ()):
+                outputs.finished(request)
+                group = request.group_id
+                if group not in self.scheduler.groups and group in self._sinks:
+                    self._end(group)  # its last completion ended
             messages.append((sink, outputs.build()))
         for sink, message in messages:
             sink.send(message)

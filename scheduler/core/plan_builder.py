@@ -8,7 +8,8 @@
 
 The cached requests' fields are parallel lists. Most of a step's requests are steady decodes (one
 token, no new block): the scheduler appends their id and position directly, without a call each,
-and the other fields are filled for them in bulk.
+and the other fields are filled for them in bulk (a step of steady decodes only, as packed bytes
+that the protobuf runtime parses).
 """
 
 from protos import worker_pb2
@@ -59,12 +60,6 @@ class PlanBuilder:
         swapped: list[str],
     ) -> worker_pb2.StepPlan:
         """The plan, with the step's block operations and the ids dropped since the last."""
-        num_cached = len(self.request_ids)
-        num_scheduled, num_new, replaced = [1] * num_cached, [0] * num_cached, [False] * num_cached
-        new_block_ids: list[int] = []
-        for i, n, blocks, replace in self._others:
-            num_scheduled[i], num_new[i], replaced[i] = n, len(blocks), replace
-            new_block_ids += blocks
         plan = worker_pb2.StepPlan(
             step_id=step_id,
             new_requests=self.new_requests,
@@ -79,11 +74,52 @@ class PlanBuilder:
         cached = plan.cached_requests
         cached.request_ids.extend(self.request_ids)
         cached.num_computed_tokens.extend(self.num_computed_tokens)
+        num_cached = len(self.request_ids)
+        if not self._others:  # steady decodes only: the other fields are runs of one value
+            if num_cached:
+                cached.MergeFromString(_steady_decodes(num_cached))
+            return plan
+        num_scheduled, num_new, replaced = [1] * num_cached, [0] * num_cached, [False] * num_cached
+        new_block_ids: list[int] = []
+        for i, n, blocks, replace in self._others:
+            num_scheduled[i], num_new[i], replaced[i] = n, len(blocks), replace
+            new_block_ids += blocks
+        cached.new_block_ids.extend(new_block_ids)
         cached.num_scheduled_tokens.extend(num_scheduled)
         cached.num_new_blocks.extend(num_new)
-        cached.new_block_ids.extend(new_block_ids)
         cached.replace_block_table.extend(replaced)
         return plan
+
+
+def _steady_decodes(count: int) -> bytes:
+    """CachedRequests' num_scheduled_tokens, num_new_blocks and replace_block_table of `count`
+    steady decodes (1, 0, False each) as on the wire: packed fields of one byte a value, made
+    and parsed in C, where extending the fields with lists converts them value by value in
+    Python (50 ns each: 75 us a plan for the three at 512 requests)."""
+    return b"".join(
+        _varint(number << 3 | 2) + _varint(count) + value * count
+        for number, value in _STEADY_DECODE
+    )
+
+
+# The fields _steady_decodes fills: (field number, a steady decode's value, encoded).
+_FIELDS = worker_pb2.CachedRequests.DESCRIPTOR.fields_by_name
+_STEADY_DECODE = (
+    (_FIELDS["num_scheduled_tokens"].number, b"\x01"),
+    (_FIELDS["num_new_blocks"].number, b"\x00"),
+    (_FIELDS["replace_block_table"].number, b"\x00"),
+)
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative integer in protobuf's base-128 varint encoding."""
+    assert value >= 0, value
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _new_request(request: Request, table: list[int], n: int) -> worker_pb2.NewRequest:

@@ -63,13 +63,16 @@ class Request:
     # a cached_property would store into the instance's __dict__, which makes every attribute
     # access of the object several times slower (CPython 3.11).
     group_id: str = field(init=False)  # the client's request id, shared by all n completions
+    num_prompt_tokens: int = field(init=False, repr=False)  # len(prompt_token_ids)
     # The most tokens it can reach: its prompt plus every output it may sample.
     max_num_tokens: int = field(init=False, repr=False)
+    max_num_outputs: int = field(init=False, repr=False)  # max_num_tokens less the prompt
     # The tokens that end it when sampled: its EOS tokens (unless ignore_eos) and stop tokens.
     ending_token_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.group_id = self.parent_id or self.request_id
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         params = self.sampling_params
         eos = () if params.ignore_eos else self.eos_token_ids
         self.ending_token_ids = frozenset(params.stop_token_ids).union(eos)
@@ -77,12 +80,9 @@ class Request:
         self.max_num_tokens = (
             self.max_model_len
             if max_tokens is None
-            else min(len(self.prompt_token_ids) + max_tokens, self.max_model_len)
+            else min(self.num_prompt_tokens + max_tokens, self.max_model_len)
         )
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.max_num_outputs = self.max_num_tokens - self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -38,6 +38,7 @@ the step's block copies and swaps.
 
 import time
 from bisect import insort
+from collections.abc import Sequence
 
 from protos import worker_pb2
 from scheduler.config import SchedulerConfig
@@ -75,6 +76,9 @@ class Scheduler:
         # Finished requests' tokens still to come from steps in flight: id -> count. update()
         # drops them, even when a new request took the id meanwhile: the old tokens come first.
         self._discarded: dict[str, int] = {}
+        # Every token that ends some request added here (a superset of the live ones' own:
+        # it never shrinks), so that update() looks at a request's own only on such a token.
+        self._ending_token_ids: set[int] = set()
 
     def add_request(self, request: Request) -> list[Request]:
         """Queues a client request; returns its n completions (the request itself first).
@@ -89,6 +93,7 @@ class Scheduler:
             )
         completions = [request] + [request.fork(i) for i in range(1, params.n)]
         self._check_fits(completions)
+        self._ending_token_ids.update(*(c.ending_token_ids for c in completions))
         for completion in completions:
             self.requests[completion.request_id] = completion
         self.groups[request.request_id] = list(completions)
@@ -105,6 +110,7 @@ class Scheduler:
 
         Raises as add_request does (ValueError, RequestRefused)."""
         self._check_fits(completions)
+        self._ending_token_ids.update(*(c.ending_token_ids for c in completions))
         group_id = completions[0].group_id
         parent = next((c for c in completions if c.request_id == group_id), None)
         unforked = []
@@ -210,32 +216,31 @@ class Scheduler:
         entry is appended here, with a few attribute reads each. Any other goes through
         allocate() and _schedule(), which give a steady decode the same entry."""
         running, allocate = self.running, self.page_table.allocate
-        windows = self.page_table.decode_windows
-        ids, positions = plan.request_ids, plan.num_computed_tokens
+        window_of = self.page_table.decode_windows.get
+        add_id, add_position = plan.request_ids.append, plan.num_computed_tokens.append
         # Preemption removes requests after the current one only: iterating stays in order.
         for request in running:
             if budget <= 0:
                 break
             start = request.num_computed_tokens
-            num_prompt = len(request.prompt_token_ids)
+            num_prompt = request.num_prompt_tokens
             num_known = num_prompt + len(request.output_token_ids)
             num_tokens = num_known + request.num_pending_tokens
             if num_tokens >= request.max_num_tokens:
                 continue  # its last token is being sampled: it ends when that is learned
             if num_tokens - start == 1 and start >= num_prompt:
-                window = windows.get(request.request_id)
+                rid = request.request_id
+                window = window_of(rid)
                 # allocate()'s own window test, for the one token [start, start + 1).
-                if (
-                    window is not None
-                    and window[0] <= start < window[1]
-                    and (start < window[2] or num_known <= window[2])
-                ):
-                    ids.append(request.request_id)
-                    positions.append(start)
-                    request.num_computed_tokens = num_tokens
-                    request.num_pending_tokens += 1  # it samples in this step
-                    budget -= 1
-                    continue
+                if window is not None:
+                    lo, hi, full = window
+                    if lo <= start < hi and (start < full or num_known <= full):
+                        add_id(rid)
+                        add_position(start)
+                        request.num_computed_tokens = num_tokens
+                        request.num_pending_tokens += 1  # it samples in this step
+                        budget -= 1
+                        continue
             n = min(num_tokens - start, budget)
             if not allocate(request, n) and not self._preempt_to_allocate(request, n):
                 break
@@ -244,32 +249,61 @@ class Scheduler:
         return budget
 
     def update(
-        self, request_ids: list[str], token_ids: list[int]
-    ) -> tuple[list[Request], list[int]]:
+        self, request_ids: Sequence[str], token_ids: Sequence[int]
+    ) -> tuple[list[Request], Sequence[int], list[Request]]:
         """Learns the tokens of a step, the oldest step in flight; returns the live requests
-        and their tokens (parallel lists), forks the completions of a request that learned its
-        first token, and finishes those that hit a stop condition."""
-        learned, tokens = [], []
-        discarded, requests, unforked = self._discarded, self.requests, self._unforked
-        for rid, token in zip(request_ids, token_ids, strict=True):
-            if discarded and rid in discarded:  # it ended after this step was planned
-                if discarded[rid] == 1:
+        and their tokens (parallel lists: token_ids itself when every id is live) and those of
+        them that finished, in the same order. Forks the completions of a request that learned
+        its first token, and finishes those that hit a stop condition.
+
+        A request samples once a step, so each id appears once: every request is looked up
+        before any is learned (one map), as learning one changes what no other id finds. Most
+        tokens neither end their request nor are its first: those are appended inline, the
+        rest go through Request.append_token."""
+        requests = list(map(self.requests.get, request_ids))
+        discarded, unforked = self._discarded, self._unforked
+        if discarded and not discarded.keys().isdisjoint(request_ids):
+            for i, rid in enumerate(request_ids):
+                count = discarded.get(rid)
+                if count is None:
+                    continue
+                # It ended after this step was planned: its token is dropped, even when a new
+                # request took the id meanwhile (the old tokens come first).
+                if count == 1:
                     del discarded[rid]
                 else:
-                    discarded[rid] -= 1
-                continue
-            request = requests.get(rid)
-            if request is None:  # an id no step of this scheduler samples for
+                    discarded[rid] = count - 1
+                requests[i] = None
+        # A superset of the tokens that end some request: most steps sample none of them.
+        ending = self._ending_token_ids
+        finished = []
+        live = True  # every id found a request
+        for request, token in zip(requests, token_ids, strict=True):
+            if request is None:  # discarded, or an id no step of this scheduler samples for
+                live = False
                 continue
             request.num_pending_tokens -= 1
-            finished = request.append_token(token)
-            if unforked and rid in unforked:
+            output = request.output_token_ids
+            # What append_token does when the token does not end the request (its length, a
+            # stop token) and is not its first (timed; a parent whose completions wait to fork
+            # has learned none, so its first token forks them below).
+            if (
+                len(output) + 1 < request.max_num_outputs
+                and request.first_token_time is not None
+                and not (token in ending and token in request.ending_token_ids)
+            ):
+                output.append(token)
+                continue
+            ended = request.append_token(token)
+            if unforked and request.request_id in unforked:
                 self._fork(request)
-            if finished:
+            if ended:
                 self._finish(request, request.status)
-            learned.append(request)
-            tokens.append(token)
-        return learned, tokens
+                finished.append(request)
+        if live:
+            return requests, token_ids, finished
+        kept = [i for i, request in enumerate(requests) if request is not None]
+        return [requests[i] for i in kept], [token_ids[i] for i in kept], finished
 
     def preempt(self, request: Request) -> None:
         """Takes a running request off the device: to host memory when recomputing it would

@@ -7,6 +7,7 @@ message (protos/frontend.proto), built here and nowhere else.
 """
 
 import time
+from collections.abc import Sequence
 
 import grpc
 
@@ -20,7 +21,9 @@ class StepOutputsBuilder:
     def __init__(self) -> None:
         self._request_ids: list[str] = []
         self._indices: list[int] = []
-        self._token_ids: list[int] = []
+        # The token ids as given, a sequence per call: a StepResult's own repeated field is
+        # copied into the message in C, a list value by value (50 ns each).
+        self._token_ids: list[Sequence[int]] = []
         # One entry per token once any token carries logprobs (an empty one where not asked).
         self._logprobs: list[serving_pb2.TokenLogprobs] = []
         self._finished: list[frontend_pb2.Finished] = []
@@ -28,16 +31,16 @@ class StepOutputsBuilder:
     def tokens(
         self,
         requests: list[Request],
-        tokens: list[int],
+        tokens: Sequence[int],
         logprobs: list[serving_pb2.TokenLogprobs | None] | None,
     ) -> None:
         """Tokens the completions learned in this step, one each, in order, and their logprobs
         (None: no completion asked; else one entry each, None where not asked)."""
         self._request_ids += [request.group_id for request in requests]
         self._indices += [request.index for request in requests]
-        self._token_ids += tokens
+        self._token_ids.append(tokens)
         if logprobs is not None and any(lps is not None for lps in logprobs):
-            missing = len(self._token_ids) - len(tokens) - len(self._logprobs)
+            missing = len(self._request_ids) - len(tokens) - len(self._logprobs)
             self._logprobs.extend(serving_pb2.TokenLogprobs() for _ in range(missing))
             empty = serving_pb2.TokenLogprobs
             self._logprobs += [empty() if lps is None else lps for lps in logprobs]
@@ -53,13 +56,15 @@ class StepOutputsBuilder:
         self._finished.append(failure(request_id, code, message))
 
     def build(self) -> frontend_pb2.StepOutputs:
-        return frontend_pb2.StepOutputs(
+        outputs = frontend_pb2.StepOutputs(
             request_ids=self._request_ids,
             indices=self._indices,
-            token_ids=self._token_ids,
             logprobs=self._logprobs,
             finished=self._finished,
         )
+        for tokens in self._token_ids:
+            outputs.token_ids.extend(tokens)
+        return outputs
 
 
 def finished(request: Request) -> frontend_pb2.Finished:

@@ -7,8 +7,10 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -20,10 +22,12 @@ from cluster.benchmarks.report import (
     copy_bandwidth,
     decode_steps,
     format_anatomy,
+    format_process_cpu,
     format_roofline,
     is_decode_step,
     make_roofline,
     measure_copy_bandwidth,
+    process_cpu_s,
     records_between,
     roofline_ms,
     roofline_pct,
@@ -131,6 +135,22 @@ CPU_CLUSTER = [
     "--set",
     "model.device=cpu",
 ]
+
+
+def test_process_cpu_counts_this_process_and_not_one_that_is_not_here():
+    before = process_cpu_s(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # CPU time, not wall time: passes however loaded
+        pass
+    assert process_cpu_s(os.getpid()) >= before + 0.04  # clock ticks: 10 ms each
+    assert process_cpu_s(2**22 + 1) is None  # above Linux's pid limit
+
+
+def test_process_cpu_line_names_each_role():
+    line = format_process_cpu({"engine core": [0.973], "frontends": [0.41, 0.58, 0.5], "other": []})
+    assert line.endswith(
+        "engine core 97%; frontends 41%-58% (mean 50%, 3 processes); other not on this node"
+    )
 
 
 def test_bench_latency_on_the_cpu(capsys):
@@ -334,8 +354,8 @@ def test_the_http_backend_needs_a_vocabulary_size():
 
 
 def test_bench_throughput_on_the_cpu(capsys):
-    """`pagedserve bench throughput` through the CLI, tiny sizes: the timed pass's steps are
-    counted by the engines, and 4 x 3 output tokens reported."""
+    """`pagedserve bench throughput` through the CLI, tiny sizes, two client processes (as on a
+    GPU): the timed pass's steps are counted by the engines, and 4 x 3 output tokens reported."""
     code = cli.main(
         [
             "bench",
@@ -348,7 +368,9 @@ def test_bench_throughput_on_the_cpu(capsys):
             "--output-len",
             "3",
             "--clients",
-            "1",
+            "2",
+            "--set",
+            "server.frontends=2",
         ]
     )
     out = capsys.readouterr().out
@@ -362,6 +384,20 @@ def test_bench_throughput_on_the_cpu(capsys):
     assert steps and int(steps.group(1)) >= 3
     assert f"  steps: {steps.group(1)} (" in out
     assert re.search(r"\| pagedserve \| 12 \| [\d.]+ \| \d+ \|", out)
+    # The server's processes are on this node: the core's share and each frontend's.
+    assert re.search(
+        r"server processes' CPU over the timed pass \(100% = one core\): engine core \d+%; "
+        r"frontends \d+%-\d+% \(mean \d+%, 2 processes\)\n",
+        out,
+    )
+
+
+def test_engine_step_runs_replicas_in_one_process_and_a_process_each():
+    from cluster.benchmarks import engine_step
+
+    for processes in (False, True):
+        # 2 engines x 30 steps of 4 requests each, every one finished (it raises if not).
+        assert engine_step.replicas_steps_per_s(2, 4, 30, processes) > 0
 
 
 def test_engine_step_measures_every_decode_step_after_the_warm_up():

@@ -17,6 +17,7 @@ from concurrent import futures
 
 import grpc
 
+from cluster.benchmarks.modelless_rank import ModellessRank
 from protos import worker_pb2, worker_pb2_grpc
 from protos.keepalive import SERVER_OPTIONS
 from protos.step_plan import cached_requests
@@ -95,7 +96,7 @@ def successor(tokens: list[int]) -> int:
     return tokens[-1] % 9 + 1
 
 
-class FakeRank(worker_pb2_grpc.WorkerServicer):
+class FakeRank(ModellessRank):
     """Answers each plan like rank 0: each request that samples gets token(its tokens so far),
     counted in `sampled`. With `hold` set, the next step waits for `release` (and sets `held`
     first). With `logprobs` set, every token comes with logprob -token / 10 and rank 1 (no
@@ -109,28 +110,14 @@ class FakeRank(worker_pb2_grpc.WorkerServicer):
         block_size: int = 4,
         vocab_size: int = 10,
     ) -> None:
+        super().__init__("Fake", vocab_size, max_model_len=64)
         self.worker = FakeWorker(num_blocks, block_size, num_host_blocks)
         self.token = token
-        self.vocab_size = vocab_size
         self.sampled: Counter[str] = Counter()  # completion id -> tokens sampled for it
         self.hold = False
         self.logprobs = False
         self.held = threading.Event()
         self.release = threading.Event()
-
-    def Health(self, request, context):
-        return worker_pb2.HealthResponse(ready=True, device="cpu")
-
-    def InitDistributed(self, request, context):
-        return worker_pb2.Empty()
-
-    def LoadModel(self, request, context):
-        return worker_pb2.ModelInfo(
-            architecture="Fake", vocab_size=self.vocab_size, max_position_embeddings=64
-        )
-
-    def InitCache(self, request, context):
-        return worker_pb2.Empty()
 
     def Execute(self, request_iterator, context):
         for plan in request_iterator:

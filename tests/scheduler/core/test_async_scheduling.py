@@ -7,6 +7,7 @@ import zlib
 from collections import Counter, deque
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +51,8 @@ class Driver:
         policy = kwargs.pop("policy", "fcfs")
         host_blocks = kwargs.pop("host_blocks", 0)
         self.pt = PageTableManager(num_blocks, block_size, kwargs.pop("caching", True), host_blocks)
-        self.sched = Scheduler(SchedulerConfig(max_seqs, max_tokens, policy), self.pt)
+        scheduler = kwargs.pop("scheduler", Scheduler)
+        self.sched = scheduler(SchedulerConfig(max_seqs, max_tokens, policy), self.pt)
         self.worker = FakeWorker(num_blocks, block_size, host_blocks)
         self.token = kwargs.pop("token", next_token)
         assert not kwargs, kwargs
@@ -103,7 +105,8 @@ class Driver:
             self.max_pending = max(self.max_pending, request.num_pending_tokens)
 
     def learn(self, ids, tokens):
-        learned, tokens = self.sched.update(ids, tokens)
+        learned, tokens, finished = self.sched.update(ids, tokens)
+        assert finished == [request for request in learned if request.status.finished]
         for request, token in zip(learned, tokens, strict=True):
             self.outputs[request.request_id].append(token)
         for request in learned:
@@ -350,7 +353,36 @@ class NoDecodeWindows(dict):
         return default
 
 
-def run_workload(depth, workload, preempts, policy, caching, host_blocks, windows=True):
+class GeneralUpdate(Scheduler):
+    """A scheduler whose update() learns every token through Request.append_token, one lookup
+    and one call per id: the general path that Scheduler.update inlines for most tokens."""
+
+    def update(self, request_ids, token_ids):
+        learned, tokens, finished = [], [], []
+        for rid, token in zip(request_ids, token_ids, strict=True):
+            if rid in self._discarded:
+                self._discarded[rid] -= 1
+                if not self._discarded[rid]:
+                    del self._discarded[rid]
+                continue
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            request.num_pending_tokens -= 1
+            ended = request.append_token(token)
+            if rid in self._unforked:
+                self._fork(request)
+            if ended:
+                self._finish(request, request.status)
+                finished.append(request)
+            learned.append(request)
+            tokens.append(token)
+        return learned, tokens, finished
+
+
+def run_workload(
+    depth, workload, preempts, policy, caching, host_blocks, windows=True, scheduler=Scheduler
+):
     d = Driver(
         depth,
         num_blocks=12,
@@ -360,6 +392,7 @@ def run_workload(depth, workload, preempts, policy, caching, host_blocks, window
         policy=policy,
         caching=caching,
         host_blocks=host_blocks,
+        scheduler=scheduler,
     )
     if not windows:
         d.pt.decode_windows = NoDecodeWindows()
@@ -416,14 +449,21 @@ def test_async_gives_sync_s_tokens_for_any_workload(
         assert extra <= (0 if request.finish_reason == "length" else 1), request
 
 
+@pytest.mark.parametrize(
+    "general",
+    [{"windows": False}, {"scheduler": GeneralUpdate}],
+    ids=["steady decodes through allocate", "every token through append_token"],
+)
 @given(**workloads, depth=st.sampled_from([1, 2]))
 @settings(max_examples=100, deadline=None)
-def test_steady_decodes_get_the_plans_of_the_general_path_for_any_workload(
-    workload, preempts, policy, caching, host_blocks, depth
+def test_the_fast_paths_give_the_general_paths_plans_and_outputs_for_any_workload(
+    general, workload, preempts, policy, caching, host_blocks, depth
 ):
     args = workload, preempts, policy, caching, host_blocks
     fast = run_workload(depth, *args)
-    general = run_workload(depth, *args, windows=False)
-    assert fast.plans == general.plans
-    assert fast.result() == general.result()
-    assert fast.sched.stats == general.sched.stats
+    slow = run_workload(depth, *args, **general)
+    assert fast.plans == slow.plans
+    assert fast.result() == slow.result()
+    assert fast.sched.stats == slow.sched.stats
+    timed = [[r.first_token_time is None for r in d.completions] for d in (fast, slow)]
+    assert timed[0] == timed[1]

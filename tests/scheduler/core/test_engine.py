@@ -406,11 +406,13 @@ def test_a_step_that_hangs_past_step_timeout_s_fails_the_engine_naming_rank_step
     rank.hold = True  # the rank's process lives and answers pings, but its step never ends
     try:
         with serve(rank, step_timeout_s=0.5) as engine:
+            # Before the step is sent, so that `waited` is never short of the step's own wait
+            # (measured from when this thread saw the rank hold, a loaded machine made it so).
+            start = time.monotonic()
             sink = submit(engine, "r", max_tokens=4)
             assert rank.held.wait(TIMEOUT)
-            held = time.monotonic()
             end = collect(sink, "r")[0].end
-            waited = time.monotonic() - held
+            waited = time.monotonic() - start
             assert end.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
             assert re.fullmatch(
                 r"step 1 hangs: worker rank 0 \(127\.0\.0\.1:\d+\) sent no result in "
