@@ -48,6 +48,10 @@ class WorkerActor:
         from worker.worker import WorkerServer
 
         logging.basicConfig(level=log_level)
+        # The next plan reaches Execute through its reader thread, which needs the GIL while the
+        # Execute thread runs Python (answering the step before): at the default 5 ms switch
+        # interval the plan waited and the device idled a millisecond a step at 256 running.
+        sys.setswitchinterval(0.0002)
         if cpu_ranks_on_node is not None:
             configure_cpu_threads(cpu_ranks_on_node)
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()

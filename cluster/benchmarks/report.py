@@ -63,6 +63,12 @@ class Anatomy:
     idle_pct: float  # median_idle_ms as % of median_step_ms
     graph_hit_decode: float | None  # fraction of decode-only steps that replayed a CUDA graph
     graph_hit_all: float  # fraction of all steps that did
+    # Where the steps' time went: the sums of their intervals, decode-only steps and the others
+    # (steps with prompt tokens: eager, longer), and rank 0's idle summed over all steps.
+    decode_steps_s: float
+    other_steps_s: float
+    median_other_step_ms: float | None  # None when every step was decode-only
+    idle_s: float
 
 
 def step_anatomy(records: list[dict]) -> Anatomy | None:
@@ -70,6 +76,7 @@ def step_anatomy(records: list[dict]) -> Anatomy | None:
     if not records:
         return None
     decodes = decode_steps(records)
+    others = [r["interval_ms"] for r in records if not is_decode_step(r)]
     step = statistics.median(r["interval_ms"] for r in records)
     worker = statistics.median(r["worker_ms"] for r in records)
     idle = statistics.median(r["worker_idle_ms"] for r in records)
@@ -88,6 +95,10 @@ def step_anatomy(records: list[dict]) -> Anatomy | None:
             sum(bool(r["cuda_graph"]) for r in decodes) / len(decodes) if decodes else None
         ),
         graph_hit_all=sum(bool(r["cuda_graph"]) for r in records) / len(records),
+        decode_steps_s=sum(r["interval_ms"] for r in decodes) / 1e3,
+        other_steps_s=sum(others) / 1e3,
+        median_other_step_ms=statistics.median(others) if others else None,
+        idle_s=sum(r["worker_idle_ms"] for r in records) / 1e3,
     )
 
 
@@ -108,6 +119,9 @@ def format_anatomy(anatomy: Anatomy | None, what: str = "timed steps") -> list[s
         f"{a.median_turnaround_ms:.2f} ms",
         f"  CUDA graph hit rate: {hits} of decode-only steps, {100 * a.graph_hit_all:.1f}% of "
         f"all steps",
+        f"  time in steps: {a.decode_steps_s:.2f} s decode-only, {a.other_steps_s:.2f} s in the "
+        f"{a.num_steps - a.num_decode_steps} others (median {fmt(a.median_other_step_ms, '.2f')} "
+        f"ms); worker idle {a.idle_s:.2f} s in all",
     ]
 
 

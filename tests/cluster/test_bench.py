@@ -81,16 +81,21 @@ def test_step_anatomy():
     assert a.idle_pct == pytest.approx(10.0)
     assert a.graph_hit_decode == pytest.approx(2 / 3)
     assert a.graph_hit_all == pytest.approx(2 / 5)
+    assert a.decode_steps_s == pytest.approx(13.5e-3)  # 4 + 4.5 + 5 ms
+    assert a.other_steps_s == pytest.approx(16e-3) and a.median_other_step_ms == 8.0  # 6, 10
+    assert a.idle_s == pytest.approx(3.25e-3)
     text = "\n".join(format_anatomy(a))
     assert "5 (3 decode-only)" in text and "66.7% of decode-only steps" in text
     assert "40.0% of all steps" in text and "(10.0% of the median step)" in text
     assert "next plan sent): 1.25 ms" in text
+    assert "0.01 s decode-only, 0.02 s in the 2 others (median 8.00 ms)" in text
 
 
 def test_step_anatomy_without_decode_steps_or_steps():
     a = step_anatomy(RECORDS[:1])
     assert a.num_decode_steps == 0
     assert a.median_decode_step_ms is None and a.graph_hit_decode is None
+    assert a.decode_steps_s == 0.0 and step_anatomy(RECORDS[1:2]).median_other_step_ms is None
     assert step_anatomy([]) is None
     assert format_anatomy(None) == ["step anatomy (timed steps): no step records"]
 
