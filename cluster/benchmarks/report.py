@@ -64,7 +64,9 @@ class Anatomy:
     graph_hit_decode: float | None  # fraction of decode-only steps that replayed a CUDA graph
     graph_hit_all: float  # fraction of all steps that did
     # Where the steps' time went: the sums of their intervals, decode-only steps and the others
-    # (steps with prompt tokens: eager, longer), and rank 0's idle summed over all steps.
+    # (steps with prompt tokens: eager, longer), and rank 0's idle summed over the steps sent
+    # right after a learned one (a turnaround above 0): a step that starts a busy period
+    # counts the engine's wait for work (the pause before a pass) as its idle.
     decode_steps_s: float
     other_steps_s: float
     median_other_step_ms: float | None  # None when every step was decode-only
@@ -98,7 +100,7 @@ def step_anatomy(records: list[dict]) -> Anatomy | None:
         decode_steps_s=sum(r["interval_ms"] for r in decodes) / 1e3,
         other_steps_s=sum(others) / 1e3,
         median_other_step_ms=statistics.median(others) if others else None,
-        idle_s=sum(r["worker_idle_ms"] for r in records) / 1e3,
+        idle_s=sum(r["worker_idle_ms"] for r in records if r["turnaround_ms"] > 0) / 1e3,
     )
 
 
@@ -121,7 +123,7 @@ def format_anatomy(anatomy: Anatomy | None, what: str = "timed steps") -> list[s
         f"all steps",
         f"  time in steps: {a.decode_steps_s:.2f} s decode-only, {a.other_steps_s:.2f} s in the "
         f"{a.num_steps - a.num_decode_steps} others (median {fmt(a.median_other_step_ms, '.2f')} "
-        f"ms); worker idle {a.idle_s:.2f} s in all",
+        f"ms); worker idle {a.idle_s:.2f} s in the steps sent right after one learned",
     ]
 
 

@@ -375,6 +375,8 @@ class Engine:
                         self._stopped or self._broken or in_flight or self.scheduler.has_work()
                     ):
                         self._send_outputs()
+                        # Idle: the next plan follows no learned step (its turnaround is 0).
+                        self._received = None
                         self._cond.wait()
                     if self._stopped:
                         return

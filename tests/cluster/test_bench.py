@@ -84,6 +84,9 @@ def test_step_anatomy():
     assert a.decode_steps_s == pytest.approx(13.5e-3)  # 4 + 4.5 + 5 ms
     assert a.other_steps_s == pytest.approx(16e-3) and a.median_other_step_ms == 8.0  # 6, 10
     assert a.idle_s == pytest.approx(3.25e-3)
+    # A step that started a busy period (no turnaround) brings the wait for work: not counted.
+    after_pause = {**RECORDS[0], "worker_idle_ms": 900.0, "turnaround_ms": 0.0}
+    assert step_anatomy([after_pause, *RECORDS[1:]]).idle_s == pytest.approx(2.25e-3)
     text = "\n".join(format_anatomy(a))
     assert "5 (3 decode-only)" in text and "66.7% of decode-only steps" in text
     assert "40.0% of all steps" in text and "(10.0% of the median step)" in text

@@ -355,6 +355,19 @@ def test_with_async_scheduling_plan_n_plus_1_goes_before_result_n(async_scheduli
     assert rank.results_alone == (1 if async_scheduling else 6)
 
 
+def test_the_first_step_after_the_engine_idled_has_no_turnaround():
+    """A plan sent after the engine waited for work follows no learned step: the time it
+    idled is not its turnaround (bench's anatomy sums the worker idle of busy steps by it)."""
+    with serve(FakeRank()) as engine:
+        collect(submit(engine, "a", max_tokens=3), "a")
+        time.sleep(0.3)  # the engine idles: nothing in flight, no work
+        collect(submit(engine, "b", max_tokens=3), "b")
+        records = list(engine.step_records)
+    first_of_b = next(r for r in records if "b" in r.scheduled)
+    assert first_of_b.turnaround_ms == 0.0
+    assert any(r.turnaround_ms > 0 for r in records)  # steps sent right after a learned one
+
+
 class FailingRank(FakeRank):
     """Fails its stream when plan `fail_at` comes (steps after it may be in flight)."""
 
