@@ -169,14 +169,20 @@ class Client:
 class AsyncClient:
     """The asyncio twin of Client; create it inside the event loop that uses it."""
 
-    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
+    def __init__(
+        self, address: str, credentials: Credentials | None = None, own_connection: bool = False
+    ) -> None:
+        """own_connection: a TCP connection of its own. gRPC otherwise shares one connection
+        among a process's channels to the same address, and a server's frontends share its
+        port: each connection is served by the one frontend the kernel handed it to."""
         self.address = address
         credentials = credentials or Credentials()
         tls = credentials.channel_credentials()
+        options = [*CHANNEL_OPTIONS, *([("grpc.use_local_subchannel_pool", 1)] * own_connection)]
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(address, tls, options=CHANNEL_OPTIONS)
+            self._channel = grpc.aio.secure_channel(address, tls, options=options)
         self._metadata = credentials.metadata
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
 

@@ -347,6 +347,7 @@ def run_workload(
     output_len: int,
     stream: bool = False,
     clients: int = 1,
+    connections: int = 1,
 ) -> dict:
     """Sends every prompt at once (greedy, ignore_eos, exactly output_len tokens each) and waits
     for all: requests, output tokens, wall time, output tokens/s and the median TTFT.
@@ -356,16 +357,25 @@ def run_workload(
     Python process reading streamed tokens saturates near 7k messages a second, which would
     measure the client, not the server. They start sending together; the wall time runs from
     that start to the last answer.
+
+    connections > 1: each client process sends its prompts round-robin over that many
+    connections of its own. The server's frontends share its port and each connection is
+    served by one of them, as the kernel hands it out: 16 connections over 8 frontends leave
+    some frontends four and some none, which moves a streamed figure by a third from run to
+    run; more connections spread the load evenly.
     """
     if clients <= 1:
-        parts = [asyncio.run(_send_all(address, prompts, output_len, stream))]
+        parts = [asyncio.run(_send_all(address, prompts, output_len, stream, None, connections))]
     else:
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Barrier(clients)
         parts = run_processes(
             ctx,
             _client_process,
-            [(address, prompts[i::clients], output_len, stream, ready) for i in range(clients)],
+            [
+                (address, prompts[i::clients], output_len, stream, ready, connections)
+                for i in range(clients)
+            ],
             _CLIENT_TIMEOUT_S,
             "a client process",
         )
@@ -422,10 +432,11 @@ def _client_process(
     output_len: int,
     stream: bool,
     ready,  # multiprocessing Barrier: every client connected
+    connections: int,
     results,  # multiprocessing Queue: a _ClientResult, or the error as a string
 ) -> None:
     try:
-        result = asyncio.run(_send_all(address, prompts, output_len, stream, ready))
+        result = asyncio.run(_send_all(address, prompts, output_len, stream, ready, connections))
     except Exception as e:  # reported to the parent, which raises it
         ready.abort()
         results.put(f"{type(e).__name__}: {e}")
@@ -434,7 +445,12 @@ def _client_process(
 
 
 async def _send_all(
-    address: str, prompts: list[list[int]], output_len: int, stream: bool, ready=None
+    address: str,
+    prompts: list[list[int]],
+    output_len: int,
+    stream: bool,
+    ready=None,
+    connections: int = 1,
 ) -> _ClientResult:
     from cluster.client import AsyncClient
     from cluster.outputs import OutputCollector
@@ -444,10 +460,10 @@ async def _send_all(
     params = SamplingParams(
         temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind=kind
     )
-    client = AsyncClient(address)
+    clients = [AsyncClient(address, own_connection=connections > 1) for _ in range(connections)]
     ttfts: list[float] = []
 
-    async def one(prompt: list[int]) -> int:
+    async def one(prompt: list[int], client: AsyncClient) -> int:
         start = time.monotonic()
         collector = OutputCollector()
         async for msg in client.generate(prompt, params, timeout=_CLIENT_TIMEOUT_S):
@@ -461,13 +477,17 @@ async def _send_all(
 
     try:
         if ready is not None:
-            await client.wait_until_ready(timeout=60)
+            for client in clients:
+                await client.wait_until_ready(timeout=60)
             ready.wait(timeout=120)  # the clients start sending together
         start = time.monotonic()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
+        counts = await asyncio.gather(
+            *(one(p, clients[i % connections]) for i, p in enumerate(prompts))
+        )
         return _ClientResult(counts, ttfts, start, time.monotonic())
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
 
 
 def fmt(value: float | None, spec: str = ".2f", missing: str = "-") -> str:

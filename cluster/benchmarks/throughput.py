@@ -95,13 +95,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clients",
         type=int,
         default=None,
-        help="client processes, each on its own connection (default: 2 per frontend)",
+        help="client processes (default: 2 per frontend)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=4,
+        help="connections of each client process, its prompts sent round-robin over them "
+        "(each lands on one frontend: several spread the load over the frontends evenly)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    if min(args.num_requests, args.input_len, args.output_len) < 1:
-        raise ValueError("--num-requests, --input-len and --output-len must be >= 1")
+    if min(args.num_requests, args.input_len, args.output_len, args.connections) < 1:
+        raise ValueError("--num-requests, --input-len, --output-len and --connections must be >= 1")
     rows = []
     with bench_cluster(args.config, args.set) as bench:
         clients = args.clients or 2 * bench.config.server.frontends
@@ -109,10 +116,14 @@ def run(args: argparse.Namespace) -> int:
         # A first pass of other random prompts (no prefix the timed pass could reuse) compiles
         # the Triton kernels for the batch shapes the workload meets; the second is timed.
         warm_up = make_prompts(args.num_requests, args.input_len, bench.vocab_size, seed=1)
-        run_workload(bench.address, warm_up, args.output_len, args.stream, clients)
+        run_workload(
+            bench.address, warm_up, args.output_len, args.stream, clients, args.connections
+        )
         since, steps_before = time.monotonic(), bench.num_steps()  # monotonic: system-wide
         cpu = ProcessCpu(bench.server_pids())
-        timed = run_workload(bench.address, prompts, args.output_len, args.stream, clients)
+        timed = run_workload(
+            bench.address, prompts, args.output_len, args.stream, clients, args.connections
+        )
         cpu_shares = cpu.shares()
         steps = records_between(bench.step_records(), since, time.monotonic())
         num_steps = bench.num_steps() - steps_before
