@@ -10,9 +10,13 @@ still holds, or cache one the map never saw (a request's output tokens).
 
 A new request goes to the replica whose map holds the longest prefix of its chain (the fewest
 tokens left to prefill, as far as the router knows); ties go to the replica with the fewest
-unfinished requests, then to the lowest id. Replicas join (scale-up, a recovered replica) and
-leave (a draining or failed replica takes no new request) while it routes; with none left,
-route() says so and the fleet holds the request.
+unfinished requests, then to the lowest id. The cache counts only among the replicas loaded at
+most BALANCE_SLACK requests (or half) above the least loaded: without that bound every request
+sharing a system prompt would follow the first one to a single replica. Past it, the prefix is
+recorded on a second replica too, and the two share the load from then on.
+
+Replicas join (scale-up, a recovered replica) and leave (a draining or failed replica takes no
+new request) while it routes; with none left, route() says so and the fleet holds the request.
 """
 
 import itertools
@@ -23,6 +27,10 @@ from dataclasses import dataclass, field
 
 from scheduler.core.block_hash import block_hashes
 from scheduler.core.request import Request
+
+# A replica's cached prefix counts while its load is at most this many requests above the least
+# loaded replica's, or half of that load when more.
+BALANCE_SLACK = 32
 
 
 @dataclass
@@ -60,9 +68,7 @@ class Router:
         self._replicas: dict[int, _Replica] = {}
         self._lock = threading.Lock()  # guards _replicas and their maps
 
-    def add(
-        self, replica_id: int, block_size: int, capacity: int, load: Callable[[], int]
-    ) -> None:
+    def add(self, replica_id: int, block_size: int, capacity: int, load: Callable[[], int]) -> None:
         """Routes new requests to this replica too. capacity: its number of KV blocks (0 when
         it caches no prefix); load(): its number of unfinished requests (called while routing,
         so it must be cheap and must not block)."""
@@ -96,16 +102,19 @@ class Router:
             return self._cached_tokens(request, self._chain(request))
 
     def route(self, request: Request) -> int | None:
-        """The id of the replica for a new request: longest cached prefix, then least loaded,
-        then lowest id; None when no replica takes requests. Records the request's blocks as
-        cached there."""
+        """The id of the replica for a new request: longest cached prefix among those within
+        the balance bound, then least loaded, then lowest id; None when no replica takes
+        requests. Records the request's blocks as cached there."""
         with self._lock:
             if not self._replicas:
                 return None
             chain = self._chain(request)
             cached = self._cached_tokens(request, chain)
             loads = {i: replica.load() for i, replica in self._replicas.items()}
-            replica_id = max(cached, key=lambda i: (cached[i], -loads[i], -i))
+            least = min(loads.values())
+            bound = least + max(BALANCE_SLACK, least // 2)
+            within = [i for i in cached if loads[i] <= bound]  # the least loaded among them
+            replica_id = max(within, key=lambda i: (cached[i], -loads[i], -i))
             self._replicas[replica_id].record(chain)
             return replica_id
 
@@ -119,6 +128,5 @@ class Router:
     def _cached_tokens(self, request: Request, chain: list[bytes]) -> dict[int, int]:
         lookup = chain[: (request.num_tokens - 1) // self.block_size]  # the last one is computed
         return {
-            i: replica.num_cached(lookup) * self.block_size
-            for i, replica in self._replicas.items()
+            i: replica.num_cached(lookup) * self.block_size for i, replica in self._replicas.items()
         }

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from scheduler.core import block_hash
 from scheduler.core.page_table import PageTableManager
-from scheduler.core.router import Router
+from scheduler.core.router import BALANCE_SLACK, Router
 from tests.scheduler.core.test_scheduler import make_request
 
 BS = 4
@@ -42,6 +42,32 @@ def test_a_shared_prefix_goes_where_it_went_before_even_to_a_busier_replica():
     other_salt = salted(make_request("d", [*SHARED, 1]), "t")
     assert router.cached_tokens(other_salt) == {0: 0, 1: 0, 2: 0}
     assert router.cached_tokens(make_request("e", SHARED))[0] == 8
+
+
+def test_a_shared_prefix_spills_to_a_second_replica_past_the_balance_bound():
+    """Requests sharing a system prompt follow the first one while its replica is at most
+    BALANCE_SLACK above the least loaded; past that the next goes by load, and from then on
+    both replicas hold the prefix and share the requests by load."""
+    loads = {0: BALANCE_SLACK, 1: 0}
+    router = router_of(2, loads=loads)
+    loads[0] = 0
+    assert router.route(make_request("a", [*SHARED, 1])) == 0
+    loads[0] = BALANCE_SLACK  # the bound itself: the prefix still counts
+    assert router.route(make_request("b", [*SHARED, 2])) == 0
+    loads[0] = BALANCE_SLACK + 1
+    assert router.route(make_request("c", [*SHARED, 3])) == 1
+    assert router.cached_tokens(make_request("d", [*SHARED, 4])) == {0: 12, 1: 12}
+    loads[1] = 2  # both cache it now: the least loaded takes it
+    loads[0] = 1
+    assert router.route(make_request("e", [*SHARED, 5])) == 0
+    # The bound grows with the load: half the least loaded's, when more than BALANCE_SLACK.
+    other = [200 + t for t in range(12)]
+    loads.update({0: 0, 1: 0})
+    assert router.route(make_request("f", [*other, 1])) == 0
+    loads.update({0: 300, 1: 200})
+    assert router.route(make_request("g", [*other, 2])) == 0  # 300 <= 200 + 100
+    loads[0] = 301
+    assert router.route(make_request("h", [*other, 3])) == 1
 
 
 def test_ties_go_to_the_least_loaded_replica_then_the_lowest_id():
@@ -102,9 +128,7 @@ def test_replicas_must_share_the_routers_block_size_and_have_a_capacity():
 def test_the_router_and_the_page_table_share_one_list_of_hashes_computed_once(monkeypatch):
     calls = []
     real = block_hash.hash_block
-    monkeypatch.setattr(
-        block_hash, "hash_block", lambda *args: calls.append(args) or real(*args)
-    )
+    monkeypatch.setattr(block_hash, "hash_block", lambda *args: calls.append(args) or real(*args))
     router = router_of(2)
     request = salted(make_request("r", [*SHARED, 7]), "t")
     hashes = request.block_hashes
