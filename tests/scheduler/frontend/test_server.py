@@ -170,13 +170,13 @@ def test_a_burst_beyond_grpcs_pending_call_bounds_waits_for_a_busy_frontend(fron
     # 500 past the soft bound: gRPC's defaults refuse about 60 of them (none by a chance of
     # about e^-60).
     burst = GRPC_SOFT_PENDING_CALLS + 500
+    request = serving_pb2.ModelInfoRequest()
     busy = threading.Event()
-    for server in servers:  # busy, whichever the kernel picks: neither takes a call
-        server._loop.call_soon_threadsafe(busy.wait, TIMEOUT)
     channel, serving = stub(address)
     with channel:
-        request = serving_pb2.ModelInfoRequest()
         try:
+            for server in servers:  # busy, whichever the kernel picks: neither takes a call
+                server._loop.call_soon_threadsafe(busy.wait, TIMEOUT)
             calls = [serving.GetModelInfo.future(request, timeout=TIMEOUT) for _ in range(burst)]
         finally:
             busy.set()
