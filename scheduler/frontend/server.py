@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import serving_pb2, serving_pb2_grpc
 from scheduler.auth import TokenAuthInterceptor
-from scheduler.config import ServerConfig
+from scheduler.config import INT32_MAX, ServerConfig
 from scheduler.frontend.core_backend import CoreBackend
 from scheduler.frontend.grpc_service import ServingService
 from scheduler.frontend.http_server import HttpServer
@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 # wait their turn instead, then the frontend's admission decides (server.max_concurrent_requests,
 # scheduler.max_queued_requests); a client's deadline still ends the wait (DEADLINE_EXCEEDED).
 MAX_UNTAKEN_CALL_S = 600
+# How many calls may wait in gRPC for this server to take them. gRPC's defaults (a soft 1000,
+# past which it refuses a growing share of new calls at random, and a hard 3000) answer a
+# refused call CANCELLED with no sentence, unseen by the frontend: a burst of 4096 requests
+# from 16 connections over 8 frontends (each connection's calls go to one frontend) lost some
+# that way. No count of waiting calls is refused here: every call waits its turn as above, and
+# the frontend's admission is the count bound, answered with a sentence.
+MAX_PENDING_CALLS = INT32_MAX
 
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
 _START_TIMEOUT_S = 30.0
@@ -128,6 +135,8 @@ class FrontendServer:
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
                 ("grpc.so_reuseport", 1),
                 ("grpc.server_max_unrequested_time_in_server", MAX_UNTAKEN_CALL_S),
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
             ],
         )
         self.backend = CoreBackend(

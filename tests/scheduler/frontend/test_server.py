@@ -3,6 +3,8 @@
 codes, health (NOT_SERVING while the core's only replica recovers), and an Abort that reaches a
 request whichever frontend holds it."""
 
+import collections
+import threading
 import time
 
 import grpc
@@ -152,6 +154,34 @@ def test_health_is_not_serving_while_no_replica_serves_and_requests_wait_for_one
     finally:
         core.stop()
         placer.release(0)
+
+
+# gRPC's default soft bound on calls a server has not taken yet: with n waiting past it, a new
+# call is refused (CANCELLED, no sentence) with chance (n - 1000) / 2000 (its hard bound: 3000).
+GRPC_SOFT_PENDING_CALLS = 1000
+
+
+def test_a_burst_beyond_grpcs_pending_call_bounds_waits_for_a_busy_frontend(frontends):
+    """Calls that arrive while the frontend is busy wait in gRPC for it to take them; gRPC's
+    default backlog bounds refused a share of a burst past 1000 CANCELLED, unseen by the
+    frontend (4096 requests over 16 client connections and 8 frontends on a GPU host). Every
+    method's calls wait in the same queue: cheap GetModelInfo calls make the burst here."""
+    address, servers = frontends
+    # 500 past the soft bound: gRPC's defaults refuse about 60 of them (none by a chance of
+    # about e^-60).
+    burst = GRPC_SOFT_PENDING_CALLS + 500
+    request = serving_pb2.ModelInfoRequest()
+    busy = threading.Event()
+    channel, serving = stub(address)
+    with channel:
+        try:
+            for server in servers:  # busy, whichever the kernel picks: neither takes a call
+                server._loop.call_soon_threadsafe(busy.wait, TIMEOUT)
+            calls = [serving.GetModelInfo.future(request, timeout=TIMEOUT) for _ in range(burst)]
+        finally:
+            busy.set()
+        codes = collections.Counter(call.code() for call in calls)
+    assert codes == {grpc.StatusCode.OK: burst}, codes
 
 
 @pytest.mark.parametrize("untaken_s, cancelled", [(1, True), (4, False)])
