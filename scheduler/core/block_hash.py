@@ -1,5 +1,4 @@
-"""Chained hashes of full KV blocks: the keys of the prefix cache (and of the router's estimate of
-each replica's prefix cache).
+"""Chained hashes of full KV blocks: the keys of the prefix cache.
 
     block 0: h0 = H(no parent, salt, tokens[0:bs])
     block i: hi = H(h(i-1),    "",   tokens[i*bs:(i+1)*bs])
@@ -13,8 +12,6 @@ collision-resistant, so a crafted prompt cannot alias another request's cached b
 import hashlib
 from array import array
 from collections.abc import Sequence
-
-from scheduler.core.request import Request
 
 _NO_PARENT = bytes(32)
 
@@ -30,21 +27,3 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_key: str = 
     digest.update(extra)
     digest.update(array("i", token_ids).tobytes())
     return digest.digest()
-
-
-def block_hashes(request: Request, num_blocks: int, block_size: int) -> list[bytes]:
-    """request.block_hashes, extended to (at least) its first num_blocks full blocks: the one
-    list of the request's chained hashes, computed once, that the router and the page table
-    both read. Block 0 is keyed by the request's cache salt."""
-    hashes = request.block_hashes
-    while len(hashes) < num_blocks:
-        j = len(hashes)
-        assert (j + 1) * block_size <= request.num_tokens, "hashing tokens the scheduler lacks"
-        hashes.append(
-            hash_block(
-                hashes[j - 1] if j else None,
-                request.token_ids(j * block_size, (j + 1) * block_size),
-                "" if j else request.cache_salt,
-            )
-        )
-    return hashes

@@ -128,9 +128,9 @@ class Fleet:
             raise
         self.model_info, self.max_model_len = replicas[0].model_info, replicas[0].max_model_len
         with self._membership:
-            self.router = Router(configs.cache.block_size)
-            for replica in replicas:
-                self._route_to(replica)
+            self.router = Router(
+                [r.engine.scheduler for r in replicas], [r.engine.lock for r in replicas]
+            )
             self.replicas = replicas
             for replica in replicas:  # one that failed while the others came up
                 if replica.engine.error is not None:
@@ -277,23 +277,9 @@ class Fleet:
         if replica.engine.error is not None:
             self._fail(replica)
             return
-        self._route_to(replica)
+        self.router.add(replica.replica_id, replica.engine.scheduler, replica.engine.lock)
         self._tell_serving()
         self._place_unplaced()
-
-    def _route_to(self, replica: Replica) -> None:
-        """Adds the replica to routing (under _membership)."""
-        scheduler = replica.engine.scheduler
-        page_table = scheduler.page_table
-        self.router.add(
-            replica.replica_id,
-            page_table.block_size,
-            # Without prefix caching it caches no prefix, so none attracts a request there.
-            page_table.num_blocks if page_table.enable_prefix_caching else 0,
-            # Read without the engine lock: the engine thread changes the dict, but its len is
-            # one atomic read in CPython. (In a process of its own, the replica will report it.)
-            lambda: len(scheduler.requests),
-        )
 
     def _tell_serving(self) -> None:
         """Calls on_serving when whether some replica serves has changed (under _membership)."""

@@ -44,7 +44,7 @@ before the first block not yet offered to the prefix cache is full.
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from scheduler.core.block_hash import block_hashes
+from scheduler.core.block_hash import hash_block
 from scheduler.core.block_pool import BlockPool
 from scheduler.core.request import Request
 
@@ -119,15 +119,28 @@ class PageTableManager:
         """
         if not self.enable_prefix_caching:
             return []
-        num_blocks = (request.num_tokens - 1) // self.block_size
-        hashes = block_hashes(request, num_blocks, self.block_size)
         blocks = []
-        for i in range(num_blocks):
-            block = self.pool.cached.get(hashes[i])
+        for i in range((request.num_tokens - 1) // self.block_size):
+            block = self.pool.cached.get(self._block_hash(request, i))
             if block is None:
                 break
             blocks.append(block)
         return blocks
+
+    def _block_hash(self, request: Request, i: int) -> bytes:
+        """The chained hash of the request's block i, extending request.block_hashes to it."""
+        hashes, bs = request.block_hashes, self.block_size
+        while len(hashes) <= i:
+            j = len(hashes)
+            assert (j + 1) * bs <= request.num_tokens, "hashing tokens the scheduler lacks"
+            hashes.append(
+                hash_block(
+                    hashes[j - 1] if j else None,
+                    request.token_ids(j * bs, (j + 1) * bs),
+                    "" if j else request.cache_salt,
+                )
+            )
+        return hashes[i]
 
     def _offer_full_blocks(self, request: Request, table: list[int], num_known: int) -> None:
         """Enters the table's blocks that its first num_known tokens fill (known ones: never a
@@ -135,9 +148,8 @@ class PageTableManager:
         rid = request.request_id
         offered = self._num_offered.get(rid, 0)
         full = num_known // self.block_size
-        hashes = block_hashes(request, full, self.block_size)
         for i in range(offered, full):
-            self.pool.cache(table[i], hashes[i])
+            self.pool.cache(table[i], self._block_hash(request, i))
         if full > offered:
             self._num_offered[rid] = full
 

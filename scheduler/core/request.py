@@ -56,8 +56,7 @@ class Request:
     num_pending_tokens: int = 0
     num_preemptions: int = 0
     num_steps_passed_over: int = 0  # steps in which a later arrival was admitted first
-    # Chained hashes of the full blocks of all_token_ids, computed as far as the router or the
-    # page table asked (block_hash.block_hashes).
+    # Chained hashes of the full blocks of all_token_ids, computed as far as the page table asked.
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
     status: RequestStatus = RequestStatus.WAITING
     # Fixed for its life and read for every request every step, so plain attributes set once:
