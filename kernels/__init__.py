@@ -195,22 +195,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    config: tuple[int, int, int],
-    silu_gate: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int]
 ) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T + bias [N] by the Triton GEMV with config (CUDA tensors: a
-    config comes from choose_gemv). silu_gate: x is [1, 2K] = [gate | up] and the product is
-    silu_and_mul(x)'s, in the same launch."""
-    return _triton().gemv(x, weight, bias, config, silu_gate)
+    config comes from choose_gemv)."""
+    return _triton().gemv(x, weight, bias, config)
 
 
-def choose_gemv(weight: torch.Tensor, silu_gate: bool = False) -> tuple[int, int, int] | None:
-    """The Triton GEMV config faster than cuBLAS for one row times this CUDA weight (after
-    silu_and_mul, with silu_gate), or None."""
-    return _triton().choose_gemv(weight, silu_gate=silu_gate)
+def choose_gemv(weight: torch.Tensor) -> tuple[int, int, int] | None:
+    """The Triton GEMV config faster than cuBLAS for one row times this CUDA weight, or None."""
+    return _triton().choose_gemv(weight)
 
 
 __all__ = [

@@ -5,11 +5,6 @@ linear layers, which only stream their weights (reference: F.linear).
     for k0 in 0, BLOCK_K, ...:         acc [BLOCK_N, BLOCK_K] += W tile * x chunk   (float32)
     y[rows] = sum(acc, axis=1) + b     rounded once to x's dtype
 
-With silu_gate, x is a merged gate/up projection's output [1, 2K] = [gate | up] and each chunk of
-x is silu(gate) * up, computed as it is loaded (rounded as kernels.activation rounds it): the MLP's
-SiLU-and-multiply and down projection in one launch, the same output bit for bit as
-silu_and_mul followed by this GEMV.
-
 Every program streams BLOCK_N whole rows of W, so the launch has N / BLOCK_N programs and no
 split over K: no partial sums to reduce afterwards (cuBLAS's batch-1 kernels for K >> N add a
 split-K reduce kernel), one launch a layer. Whether it beats cuBLAS depends on the shape and the
@@ -24,7 +19,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_activation import silu_and_mul
 from kernels.triton_pdl import pdl_enter, use_pdl
 
 # (BLOCK_N, BLOCK_K, num_warps): the configurations choose() tries.
@@ -39,7 +33,7 @@ MIN_CALLS = 16
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr,  # [K], unit stride; [2K] = [gate | up] when SILU_GATE
+    x_ptr,  # [K], unit stride
     w_ptr,  # [N, K], unit last stride
     b_ptr,  # [N] or a dummy when not HAS_BIAS
     y_ptr,  # [N], x's dtype
@@ -47,7 +41,6 @@ def _gemv_kernel(
     K,
     stride_wn,
     HAS_BIAS: tl.constexpr,
-    SILU_GATE: tl.constexpr,  # x = silu(gate) * up, rounded as kernels.activation rounds it
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (triton_pdl)
@@ -62,11 +55,6 @@ def _gemv_kernel(
         col_mask = cols < K
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-        if SILU_GATE:
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0)
-            act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
-            x = (act.to(tl.float32) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
@@ -79,17 +67,14 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     config: tuple[int, int, int],
-    silu_gate: bool = False,
 ) -> torch.Tensor:
     """x [1, K] times weight [N, K]^T plus bias [N]: a new [1, N] tensor of x's dtype.
-    config: (BLOCK_N, BLOCK_K, num_warps), one of CONFIGS. silu_gate: x is [1, 2K] = [gate | up]
-    and the product is silu_and_mul(x) times weight^T."""
+    config: (BLOCK_N, BLOCK_K, num_warps), one of CONFIGS."""
     n, k = weight.shape
-    if x.shape != (1, 2 * k if silu_gate else k) or (bias is not None and bias.shape != (n,)):
+    if x.shape != (1, k) or (bias is not None and bias.shape != (n,)):
         raise ValueError(
             f"gemv: x {tuple(x.shape)}, bias {None if bias is None else tuple(bias.shape)} do "
-            f"not fit weight {tuple(weight.shape)} (one row of x"
-            f"{', gate and up' if silu_gate else ''})"
+            f"not fit weight {tuple(weight.shape)} (one row of x)"
         )
     if weight.stride(1) != 1:
         raise ValueError("gemv: the weight's input dimension must be contiguous")
@@ -106,7 +91,6 @@ def gemv(
         k,
         weight.stride(0),
         HAS_BIAS=bias is not None,
-        SILU_GATE=silu_gate,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
@@ -116,21 +100,17 @@ def gemv(
     return y
 
 
-def choose(
-    weight: torch.Tensor, rounds: int = 5, silu_gate: bool = False
-) -> tuple[int, int, int] | None:
+def choose(weight: torch.Tensor, rounds: int = 5) -> tuple[int, int, int] | None:
     """The fastest of CONFIGS for one row times this (CUDA, half-precision) weight, or None when
-    cuBLAS (F.linear) is as fast (within MIN_GAIN). With silu_gate, gemv(..., silu_gate=True)
-    against the Triton SiLU-and-multiply followed by cuBLAS. Each is timed as a decode graph
-    runs it: a CUDA graph of at least MIN_CALLS calls, over copies of the weight that together
-    exceed the L2 cache (COLD_BYTES), as a decode step meets each layer's weights cold; the
-    median of `rounds` replays. (Timed eagerly, a kernel of ~10 us measures the host's launch, where
+    cuBLAS (F.linear) is as fast (within MIN_GAIN). Each is timed as a decode graph runs it: a
+    CUDA graph of at least MIN_CALLS calls, over copies of the weight that together exceed the
+    L2 cache (COLD_BYTES), as a decode step meets each layer's weights cold; the median of
+    `rounds` replays. (Timed eagerly, a kernel of ~10 us measures the host's launch, where
     Triton's costs more than cuBLAS's.) Must run outside graph capture; takes COLD_BYTES of
     device memory for the while."""
     copies = [weight] + [weight.clone() for _ in range(COLD_BYTES // _nbytes(weight))]
     calls = copies * -(-MIN_CALLS // len(copies))
-    width = weight.shape[1] * (2 if silu_gate else 1)
-    x = torch.randn(1, width, dtype=weight.dtype, device=weight.device)
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
 
     def timed(one) -> float:
         one(weight)  # compiles a Triton config on its first call
@@ -150,13 +130,9 @@ def choose(
             times.append(start.elapsed_time(end))
         return sorted(times)[len(times) // 2]
 
-    if silu_gate:
-        best_ms = timed(lambda w: F.linear(silu_and_mul(x), w)) / MIN_GAIN
-    else:
-        best_ms = timed(lambda w: F.linear(x, w)) / MIN_GAIN
-    best = None
+    best, best_ms = None, timed(lambda w: F.linear(x, w)) / MIN_GAIN
     for config in CONFIGS:
-        ms = timed(lambda w, config=config: gemv(x, w, None, config, silu_gate))
+        ms = timed(lambda w, config=config: gemv(x, w, None, config))
         if ms < best_ms:
             best, best_ms = config, ms
     return best

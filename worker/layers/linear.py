@@ -30,19 +30,14 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     one_row: tuple[int, int, int] | None = None,
-    silu_gate: bool = False,
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias), of kernels.silu_and_mul(x) with silu_gate (x [..., 2K] =
-    [gate | up]; one launch with the Triton GEMV). A float32 x of 2 .. 64 rows on the CPU is
-    computed as (weight @ x^T)^T: the same sums, rounded to within float32's last bits of
-    F.linear's (whose few-row path rounds differently from its one-row path anyway). A one-row x
-    on CUDA goes to the Triton GEMV when the layer chose it (one_row: its config,
-    choose_one_row)."""
+    """F.linear(x, weight, bias). A float32 x of 2 .. 64 rows on the CPU is computed as
+    (weight @ x^T)^T: the same sums, rounded to within float32's last bits of F.linear's
+    (whose few-row path rounds differently from its one-row path anyway). A one-row x on CUDA
+    goes to the Triton GEMV when the layer chose it (one_row: its config, choose_one_row)."""
     rows = x.shape[0] if x.dim() == 2 else 0
     if one_row is not None and rows == 1 and x.is_cuda:
-        return kernels.gemv(x, weight, bias, one_row, silu_gate)
-    if silu_gate:
-        x = kernels.silu_and_mul(x)
+        return kernels.gemv(x, weight, bias, one_row)
     if x.is_cuda or x.dtype != torch.float32 or not 1 < rows <= _CPU_FEW_ROWS:
         return F.linear(x, weight, bias)
     out = torch.mm(weight, x.t()).t()
@@ -173,9 +168,7 @@ class RowParallelLinear(nn.Module):
     """input_shard: (offset, size) of this rank's input columns when they are not an even split
     (attention's output projection follows the query heads of QKVParallelLinear.q_shard).
     reduce_results False: forward returns this rank's part of the output, for a caller that
-    sums it over the ranks itself (distributed.all_reduce_add_rms_norm). silu_gate: the input is
-    a merged gate/up projection's output [..., 2 * in_local] and the layer multiplies
-    silu(gate) * up (an MLP's down projection: one launch at batch 1, kernels.gemv)."""
+    sums it over the ranks itself (distributed.all_reduce_add_rms_norm)."""
 
     def __init__(
         self,
@@ -184,11 +177,9 @@ class RowParallelLinear(nn.Module):
         bias: bool,
         input_shard: tuple[int, int] | None = None,
         reduce_results: bool = True,
-        silu_gate: bool = False,
     ) -> None:
         super().__init__()
         self.reduce_results = reduce_results
-        self.silu_gate = silu_gate
         if input_shard is None:
             size = _shard_size(in_features, "input size")
             input_shard = (distributed.tp_rank() * size, size)
@@ -216,16 +207,14 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, by rank 0, before the sum over ranks.
         bias = self.bias if distributed.tp_rank() == 0 else None
-        out = linear(x, self.weight, bias, self.one_row, self.silu_gate)
+        out = linear(x, self.weight, bias, self.one_row)
         return distributed.all_reduce(out) if self.reduce_results else out
 
 
 def choose_one_row(model: nn.Module) -> int:
     """For a batch-1 decode step: on CUDA, each linear layer with a half-precision weight takes
     the Triton GEMV (kernels.gemv) where it beats cuBLAS on that weight (timed once per weight
-    shape and input kind, here: before the decode graphs are captured; a down projection that
-    takes gate and up against the SiLU-and-multiply kernel followed by cuBLAS). Returns how many
-    layers take it."""
+    shape, here: before the decode graphs are captured). Returns how many layers take it."""
     layers = [
         m
         for m in model.modules()
@@ -233,13 +222,12 @@ def choose_one_row(model: nn.Module) -> int:
         and m.weight.is_cuda
         and m.weight.dtype in (torch.float16, torch.bfloat16)
     ]
-    chosen: dict[tuple[int, int, torch.dtype, bool], tuple[int, int, int] | None] = {}
+    chosen: dict[tuple[int, int, torch.dtype], tuple[int, int, int] | None] = {}
     for layer in layers:
-        silu_gate = getattr(layer, "silu_gate", False)
-        key = (*layer.weight.shape, layer.weight.dtype, silu_gate)
+        key = (*layer.weight.shape, layer.weight.dtype)
         if key not in chosen:
             try:
-                chosen[key] = kernels.choose_gemv(layer.weight, silu_gate)
+                chosen[key] = kernels.choose_gemv(layer.weight)
             except Exception as e:  # a Triton or driver failure: cuBLAS serves as before
                 log.warning("batch-1 GEMV not timed for %s (cuBLAS serves it): %s", key, e)
                 chosen[key] = None

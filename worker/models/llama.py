@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels import silu_and_mul
 from worker.layers.attention import AttentionMetadata, PagedAttention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -107,14 +108,11 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias=False)
-        # down(silu(gate) * up): the down projection applies SiLU-and-multiply to its input.
-        self.down_proj = RowParallelLinear(
-            size, cfg.hidden_size, bias=False, reduce_results=False, silu_gate=True
-        )
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=False, reduce_results=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's part of the MLP's output (summed over the ranks by the next norm)."""
-        return self.down_proj(self.gate_up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
