@@ -292,7 +292,7 @@ class ProcessCpu:
         return out
 
 
-def format_process_cpu(shares: dict[str, list[float]]) -> str:
+def format_process_cpu(shares: dict[str, list[float]], what: str = "server processes'") -> str:
     """One line: each role's CPU share over the window (a range and mean for several)."""
     parts = []
     for role, values in shares.items():
@@ -305,7 +305,7 @@ def format_process_cpu(shares: dict[str, list[float]]) -> str:
                 f"{role} {min(values):.0%}-{max(values):.0%} "
                 f"(mean {statistics.mean(values):.0%}, {len(values)} processes)"
             )
-    return "server processes' CPU over the timed pass (100% = one core): " + "; ".join(parts)
+    return f"{what} CPU over the timed pass (100% = one core): " + "; ".join(parts)
 
 
 @contextlib.contextmanager
@@ -350,7 +350,8 @@ def run_workload(
     connections: int = 1,
 ) -> dict:
     """Sends every prompt at once (greedy, ignore_eos, exactly output_len tokens each) and waits
-    for all: requests, output tokens, wall time, output tokens/s and the median TTFT.
+    for all: requests, output tokens, wall time, output tokens/s, the median TTFT and each client
+    process's CPU share over its pass (near 100%: the figure measures the client).
 
     clients > 1 splits the prompts round-robin over that many client processes, each with its
     own connection (so the server's frontends, which share the port, each take some): one
@@ -388,6 +389,7 @@ def run_workload(
         "wall_s": wall,
         "tok_per_s": sum(counts) / wall,
         "ttft_ms": statistics.median(ttfts) * 1e3,
+        "client_cpu": [part.cpu_s / (part.end - part.start) for part in parts],
     }
 
 
@@ -424,6 +426,7 @@ class _ClientResult:
     ttfts_s: list[float]
     start: float  # time.monotonic(): system-wide on Linux, comparable across processes
     end: float
+    cpu_s: float  # the process's CPU time (all its threads) from start to end
 
 
 def _client_process(
@@ -466,9 +469,11 @@ async def _send_all(
     async def one(prompt: list[int], client: AsyncClient) -> int:
         start = time.monotonic()
         collector = OutputCollector()
+        first = stream
         async for msg in client.generate(prompt, params, timeout=_CLIENT_TIMEOUT_S):
-            if stream and not collector.output().outputs[0].token_ids:
+            if first and msg.token_ids:  # the first message that carries a token
                 ttfts.append(time.monotonic() - start)
+                first = False
             collector.add(msg)
         out = collector.result().outputs[0]
         if not stream:
@@ -480,11 +485,11 @@ async def _send_all(
             for client in clients:
                 await client.wait_until_ready(timeout=60)
             ready.wait(timeout=120)  # the clients start sending together
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         counts = await asyncio.gather(
             *(one(p, clients[i % connections]) for i, p in enumerate(prompts))
         )
-        return _ClientResult(counts, ttfts, start, time.monotonic())
+        return _ClientResult(counts, ttfts, start, time.monotonic(), time.process_time() - cpu)
     finally:
         for client in clients:
             await client.close()

@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print("\n".join(format_anatomy(anatomy, "the timed pass's steps, all replicas")))
     print(format_process_cpu(cpu_shares))
+    print(format_process_cpu({"clients": timed["client_cpu"]}, "client processes'"))
     print(
         "\n| engine | output tokens | wall (s) | output tok/s | median TTFT (ms) | "
         "median decode step (ms) | roofline / measured |"

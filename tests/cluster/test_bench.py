@@ -398,6 +398,12 @@ def test_bench_throughput_on_the_cpu(capsys):
         r"frontends \d+%-\d+% \(mean \d+%, 2 processes\)\n",
         out,
     )
+    # And the two client processes' shares (near 100%: the figure measures the client).
+    assert re.search(
+        r"client processes' CPU over the timed pass \(100% = one core\): "
+        r"clients \d+%-\d+% \(mean \d+%, 2 processes\)\n",
+        out,
+    )
 
 
 def test_engine_step_runs_replicas_in_one_process_and_a_process_each():
