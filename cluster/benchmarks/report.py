@@ -51,6 +51,27 @@ def records_between(records: list[dict], start: float, end: float) -> list[dict]
     return [r for r in records if start <= r["start"] <= end]
 
 
+def format_timeline(records: list[dict], start: float, end: float) -> str:
+    """Where the engines' steps fell in a pass of the clients from start to end (time.monotonic()
+    seconds): the first plan sent and the last step learned, from the clients' start, and the
+    time within the pass with no step in flight on any replica (before, between and after)."""
+    wall = end - start
+    if not records:
+        return f"engine steps: none within the clients' {wall:.2f} s"
+    spans = sorted((r["start"], r["start"] + r["duration_ms"] / 1e3) for r in records)
+    busy, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo = busy + hi - lo, a
+        hi = max(hi, b)
+    busy += hi - lo
+    return (
+        f"engine steps from +{spans[0][0] - start:.2f} s to "
+        f"+{max(b for _, b in spans) - start:.2f} s of the clients' {wall:.2f} s; "
+        f"no step in flight for {max(0.0, wall - busy):.2f} s of it"
+    )
+
+
 @dataclass(frozen=True)
 class Anatomy:
     num_steps: int
@@ -390,6 +411,8 @@ def run_workload(
         "tok_per_s": sum(counts) / wall,
         "ttft_ms": statistics.median(ttfts) * 1e3,
         "client_cpu": [part.cpu_s / (part.end - part.start) for part in parts],
+        "start": min(part.start for part in parts),
+        "end": max(part.end for part in parts),
     }
 
 

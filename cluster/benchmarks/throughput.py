@@ -32,6 +32,7 @@ from cluster.benchmarks.report import (
     format_anatomy,
     format_process_cpu,
     format_roofline,
+    format_timeline,
     make_prompts,
     records_between,
     roofline_pct,
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             f"{kept}"
         )
     print("\n".join(format_anatomy(anatomy, "the timed pass's steps, all replicas")))
+    print(format_timeline(steps, timed["start"], timed["end"]))
     print(format_process_cpu(cpu_shares))
     print(format_process_cpu({"clients": timed["client_cpu"]}, "client processes'"))
     print(

@@ -24,6 +24,7 @@ from cluster.benchmarks.report import (
     format_anatomy,
     format_process_cpu,
     format_roofline,
+    format_timeline,
     is_decode_step,
     make_roofline,
     measure_copy_bandwidth,
@@ -101,6 +102,22 @@ def test_step_anatomy_without_decode_steps_or_steps():
     assert a.decode_steps_s == 0.0 and step_anatomy(RECORDS[1:2]).median_other_step_ms is None
     assert step_anatomy([]) is None
     assert format_anatomy(None) == ["step anatomy (timed steps): no step records"]
+
+
+def test_timeline_of_the_steps_within_the_clients_pass():
+    """Overlapping steps (two in flight) count once; the gaps before, between and after count
+    as no step in flight."""
+    records = [
+        {"start": 10.0, "duration_ms": 100.0},
+        {"start": 10.05, "duration_ms": 100.0},  # overlaps the first: busy 10.0 .. 10.15
+        {"start": 10.5, "duration_ms": 200.0},  # busy 10.5 .. 10.7
+    ]
+    line = format_timeline(records, 9.9, 11.0)
+    assert line == (
+        "engine steps from +0.10 s to +0.80 s of the clients' 1.10 s; "
+        "no step in flight for 0.75 s of it"
+    )
+    assert format_timeline([], 9.9, 11.0) == "engine steps: none within the clients' 1.10 s"
 
 
 def test_roofline_arithmetic():
@@ -396,6 +413,11 @@ def test_bench_throughput_on_the_cpu(capsys):
     assert re.search(
         r"server processes' CPU over the timed pass \(100% = one core\): engine core \d+%; "
         r"frontends \d+%-\d+% \(mean \d+%, 2 processes\)\n",
+        out,
+    )
+    assert re.search(
+        r"engine steps from \+[\d.]+ s to \+[\d.]+ s of the clients' [\d.]+ s; "
+        r"no step in flight for [\d.]+ s of it\n",
         out,
     )
     # And the two client processes' shares (near 100%: the figure measures the client).
