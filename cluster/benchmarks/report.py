@@ -51,6 +51,24 @@ def records_between(records: list[dict], start: float, end: float) -> list[dict]
     return [r for r in records if start <= r["start"] <= end]
 
 
+def triton_cache_entries() -> int | None:
+    """Entries in this node's Triton cache (TRITON_CACHE_DIR, else ~/.triton/cache), one per
+    compiled kernel variant; None without a cache. The workers of a one-node cluster compile
+    into it: a count that grows over a timed pass means the pass paid for compiling."""
+    path = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
+    try:
+        return len(os.listdir(path))
+    except OSError:
+        return None
+
+
+def format_compiled(before: int | None, after: int | None) -> str:
+    """One line: the Triton kernels compiled on this node between the two counts."""
+    if before is None or after is None:
+        return "Triton kernels compiled during the timed pass: no Triton cache on this node"
+    return f"Triton kernels compiled during the timed pass (this node's cache): {after - before}"
+
+
 def format_timeline(records: list[dict], start: float, end: float) -> str:
     """Where the engines' steps fell in a pass of the clients from start to end (time.monotonic()
     seconds): the first plan sent and the last step learned, from the clients' start, and the

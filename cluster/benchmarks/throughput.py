@@ -30,6 +30,7 @@ from cluster.benchmarks.report import (
     bench_cluster,
     fmt,
     format_anatomy,
+    format_compiled,
     format_process_cpu,
     format_roofline,
     format_timeline,
@@ -38,6 +39,7 @@ from cluster.benchmarks.report import (
     roofline_pct,
     run_workload,
     step_anatomy,
+    triton_cache_entries,
 )
 
 __all__ = ["add_arguments", "main", "make_prompts", "run", "run_hf", "run_workload"]
@@ -121,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             bench.address, warm_up, args.output_len, args.stream, clients, args.connections
         )
         since, steps_before = time.monotonic(), bench.num_steps()  # monotonic: system-wide
+        compiled_before = triton_cache_entries()
         cpu = ProcessCpu(bench.server_pids())
         timed = run_workload(
             bench.address, prompts, args.output_len, args.stream, clients, args.connections
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         cpu_shares = cpu.shares()
         steps = records_between(bench.step_records(), since, time.monotonic())
         num_steps = bench.num_steps() - steps_before
+        compiled_after = triton_cache_entries()
     anatomy = step_anatomy(steps)
     decode_ms = None if anatomy is None else anatomy.median_decode_step_ms
     rows.append(("pagedserve (streamed)" if args.stream else "pagedserve", timed, decode_ms))
@@ -148,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print("\n".join(format_anatomy(anatomy, "the timed pass's steps, all replicas")))
     print(format_timeline(steps, timed["start"], timed["end"]))
+    print(format_compiled(compiled_before, compiled_after))
     print(format_process_cpu(cpu_shares))
     print(format_process_cpu({"clients": timed["client_cpu"]}, "client processes'"))
     print(

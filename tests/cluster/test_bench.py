@@ -22,6 +22,7 @@ from cluster.benchmarks.report import (
     copy_bandwidth,
     decode_steps,
     format_anatomy,
+    format_compiled,
     format_process_cpu,
     format_roofline,
     format_timeline,
@@ -33,6 +34,7 @@ from cluster.benchmarks.report import (
     roofline_ms,
     roofline_pct,
     step_anatomy,
+    triton_cache_entries,
 )
 from tests.conftest import REPO
 
@@ -118,6 +120,20 @@ def test_timeline_of_the_steps_within_the_clients_pass():
         "no step in flight for 0.75 s of it"
     )
     assert format_timeline([], 9.9, 11.0) == "engine steps: none within the clients' 1.10 s"
+
+
+def test_triton_kernels_compiled_are_counted_in_the_nodes_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert triton_cache_entries() is None
+    assert format_compiled(None, None).endswith("no Triton cache on this node")
+    (tmp_path / "cache").mkdir()
+    before = triton_cache_entries()
+    for name in ("a1", "b2", "c3"):  # one directory a compiled kernel variant
+        (tmp_path / "cache" / name).mkdir()
+    assert (before, triton_cache_entries()) == (0, 3)
+    assert format_compiled(before, 3) == (
+        "Triton kernels compiled during the timed pass (this node's cache): 3"
+    )
 
 
 def test_roofline_arithmetic():
@@ -418,6 +434,10 @@ def test_bench_throughput_on_the_cpu(capsys):
     assert re.search(
         r"engine steps from \+[\d.]+ s to \+[\d.]+ s of the clients' [\d.]+ s; "
         r"no step in flight for [\d.]+ s of it\n",
+        out,
+    )
+    assert re.search(
+        r"Triton kernels compiled during the timed pass\b.*: (\d+|no Triton cache on this node)\n",
         out,
     )
     # And the two client processes' shares (near 100%: the figure measures the client).
