@@ -84,7 +84,10 @@ class LaunchedStep:
     rows: np.ndarray | None = None  # [num_samplers] their rows in RequestRows
     epochs: np.ndarray | None = None  # [num_samplers] those rows' epochs at the launch
     tokens: torch.Tensor | None = None  # [num_samplers] int64 on the host once `done` fired
-    done: torch.cuda.Event | None = None  # None on the CPU: already done
+    # CUDA only (None on the CPU, where a launched step is already done), both timing events
+    # on the step's stream: `start` before its first device work, `done` after its last.
+    start: torch.cuda.Event | None = None
+    done: torch.cuda.Event | None = None
     out: SampleOutput | None = None  # rank 0's logprobs, when asked
     logprob_options: list[worker_pb2.SamplingOptions] | None = None  # each row's, when asked
 
@@ -102,8 +105,8 @@ class ModelRunner:
         self.rows = RequestRows()
         self.staging = StepStaging(device)  # the eager steps' inputs, one copy a step
         self.graphs: DecodeGraphs | None = None
-        self._last_done = time.perf_counter()  # the newest finished step's tokens reached the host
-        self._launched: LaunchedStep | None = None  # the newest launched step
+        self._last_done = time.perf_counter()  # CPU: the newest finished step's tokens arrived
+        self._done_before: torch.cuda.Event | None = None  # CUDA: the newest finished step's end
         self._sampled: torch.Tensor | None = None  # its sampled tokens, on the device
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
         # Swap space: per layer K and V in host memory (pinned for CUDA), like the device cache.
@@ -211,6 +214,15 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: worker_pb2.StepPlan) -> LaunchedStep:
         """Applies the plan's diff and queues the step on the device (see the module doc)."""
+        start = None
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()  # before the swaps and copies: they are this step's device work
+        step = self._launch(plan)
+        step.start = start
+        return step
+
+    def _launch(self, plan: worker_pb2.StepPlan) -> LaunchedStep:
         tables = self.block_tables
         for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
             state = self.requests.pop(rid, None)
@@ -269,9 +281,11 @@ class ModelRunner:
 
     def finish(self, step: LaunchedStep) -> worker_pb2.StepResult:
         """Waits for a launched step's tokens and appends them; returns its StepResult."""
-        if not step.request_ids:
+        if not step.request_ids:  # nothing sampled (a prefill chunk alone): nothing to wait for
+            self._time_device_idle(step)
             return step.result
         self.wait(step)
+        self._time_device_idle(step)
         tokens = step.tokens.numpy()  # the one host copy of the step's tokens
         self.rows.append(step.rows, step.epochs, tokens)
         self._last_done = time.perf_counter()
@@ -384,7 +398,9 @@ class ModelRunner:
         graph_size = None
         if self.graphs is not None and max_query_len == 1:
             graph_size = self.graphs.size_for(len(rows))
-        result = worker_pb2.StepResult(cuda_graph=graph_size is not None, idle_ms=self._idle_ms())
+        result = worker_pb2.StepResult(cuda_graph=graph_size is not None)
+        if self.device.type != "cuda":
+            result.idle_ms = (time.perf_counter() - self._last_done) * 1e3
         greedy = None  # the samplers' greedy tokens, in place where the next graph reads them
         if graph_size is not None:
             # Decodes alone: one token per sequence, at position starts[i].
@@ -405,17 +421,24 @@ class ModelRunner:
         step = LaunchedStep(result, request_ids, sample_rows, held.epoch[sample_rows])
         if len(sample_rows):
             self._sample(local, greedy, step)
+        if self.device.type == "cuda":
+            step.done = torch.cuda.Event(enable_timing=True)
+            step.done.record()
         held.launched(rows, counts, sample_rows)
-        self._launched = step
         return step
 
-    def _idle_ms(self) -> float:
-        """Host time before this launch during which the device had nothing queued: 0 when
-        the newest launched step is still running, else the time since its tokens arrived."""
-        last = self._launched
-        if last is not None and last.done is not None and not last.done.query():
-            return 0.0
-        return (time.perf_counter() - self._last_done) * 1e3
+    def _time_device_idle(self, step: LaunchedStep) -> None:
+        """Sets the result's idle_ms on CUDA: the device time between the end of the step
+        finished before and this step's start (the stream ran dry while the host built it).
+
+            stream  ..prev..|done  (idle)  start|..step..|done
+        A start event that has not fired yet is still queued behind earlier work: no gap."""
+        if step.done is None:  # launched no device work (an empty plan)
+            return
+        before, self._done_before = self._done_before, step.done
+        if before is None or not step.start.query():
+            return
+        step.result.idle_ms = max(before.elapsed_time(step.start), 0.0)
 
     def _run_eager(
         self,
@@ -487,8 +510,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             step.tokens = torch.empty(num_samplers, dtype=torch.int64, pin_memory=True)
             step.tokens.copy_(sampled, non_blocking=True)
-            step.done = torch.cuda.Event()
-            step.done.record()
         else:
             step.tokens = sampled
 

@@ -12,7 +12,8 @@ The anatomy, from the scheduler's step records (scheduler.core.engine.StepRecord
 interval_ms is a step's time (from learning the step before to learning it: with two steps in
 flight, duration_ms spans the step before too), worker_ms rank 0's time in Execute (from the
 launch to the answer, which waits for the step before on the device), worker_idle_ms rank 0's
-host time before this step's launch with nothing queued on the device (the device idles),
+device idle before this step (on CUDA the time between the step before's end and this step's
+start, from CUDA events on the stream; on the CPU the host time since the tokens before arrived),
 cuda_graph whether the step replayed a CUDA graph, scheduled request id -> tokens computed.
 """
 
@@ -97,7 +98,7 @@ class Anatomy:
     median_step_ms: float
     median_decode_step_ms: float | None  # None when no step was decode-only
     median_worker_ms: float  # rank 0's time in Execute
-    median_idle_ms: float  # rank 0's host time between steps: the device idles
+    median_idle_ms: float  # rank 0's device idle between steps
     median_turnaround_ms: float  # the engine's, from learning a step to sending the next plan
     idle_pct: float  # median_idle_ms as % of median_step_ms
     graph_hit_decode: float | None  # fraction of decode-only steps that replayed a CUDA graph

@@ -2,6 +2,8 @@
 tokens must be exactly those of running the plans one at a time, for greedy, seeded, unseeded,
 penalized and min_tokens rows, with requests arriving and leaving in between."""
 
+import time
+
 import pytest
 import torch
 
@@ -116,3 +118,22 @@ def test_launching_ahead_gives_the_tokens_of_one_step_at_a_time(tiny_llama_dir, 
     scheduled = [len(p.new_requests) + len(p.cached_requests.request_ids) for p in steps]
     assert [len(r.token_ids) for r in got] == scheduled
     assert launched_ahead == [False] * 5 + [True] * 7
+
+
+@pytest.mark.gpu
+def test_device_idle_is_the_gap_on_the_stream(tiny_llama_dir):
+    """idle_ms is the device's: a host pause between two steps is counted, a step launched
+    while the one before still runs (queued behind it) has none."""
+    path, _ = tiny_llama_dir
+    prompts = {"greedy-a": [5, 6, 7, 8, 9], "greedy-b": [10, 11, 12]}
+    steps = plans(prompts, steps=4, late="none", leaves="none")
+    runner = _runner(path, "cuda")
+    runner.execute(steps[0])
+    time.sleep(0.05)  # the device has nothing queued for these 50 ms
+    paused = runner.execute(steps[1])
+    assert 50.0 <= paused.idle_ms < 1000.0
+    torch.cuda._sleep(200_000_000)  # keeps the stream busy while both steps launch
+    first = runner.launch(steps[2])
+    second = runner.launch(steps[3])  # queued behind the first on the stream
+    runner.finish(first)
+    assert runner.finish(second).idle_ms < 0.5
