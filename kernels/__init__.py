@@ -16,6 +16,10 @@ tensors go to the Triton kernels:
     rotary_write_kv_cache -> kernels.triton_rotary_kv_cache (one launch; reference: rotary, then
                              write_kv_cache)
     silu_and_mul      -> kernels.triton_activation (reference: kernels.activation)
+    shard_embedding   -> kernels.triton_embedding (a vocab-parallel embedding's lookup on one
+                         rank, one launch; reference: kernels.embedding)
+    row_max           -> kernels.triton_argmax (each row's max and lowest argmax, two launches;
+                         reference: kernels.argmax)
     gemv, choose_gemv -> kernels.triton_gemv (one row times a weight; reference: F.linear), CUDA
                          only: a layer takes it where choose_gemv timed it faster than cuBLAS
 
@@ -29,8 +33,10 @@ from types import SimpleNamespace
 import torch
 
 from kernels.activation import silu_and_mul_ref
+from kernels.argmax import row_max_ref
 from kernels.copy_blocks import copy_blocks_ref
 from kernels.cpu_paged_attention import paged_attention_cpu
+from kernels.embedding import shard_embedding_ref
 from kernels.kv_cache import write_kv_cache_ref
 from kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import rotary_ref
@@ -39,8 +45,10 @@ from kernels.rotary import rotary_ref
 @functools.cache
 def _triton() -> SimpleNamespace:
     from kernels.triton_activation import silu_and_mul as silu_and_mul_triton
+    from kernels.triton_argmax import row_max as row_max_triton
     from kernels.triton_copy_blocks import copy_blocks as copy_blocks_triton
     from kernels.triton_decode_attention import decode_attention
+    from kernels.triton_embedding import shard_embedding as shard_embedding_triton
     from kernels.triton_gemv import choose as choose_gemv_triton
     from kernels.triton_gemv import gemv as gemv_triton
     from kernels.triton_kv_cache import write_kv_cache as write_kv_cache_triton
@@ -62,6 +70,8 @@ def _triton() -> SimpleNamespace:
         rotary=rotary_triton,
         rotary_write_kv_cache=rotary_write_kv_cache_triton,
         silu_and_mul=silu_and_mul_triton,
+        row_max=row_max_triton,
+        shard_embedding=shard_embedding_triton,
         gemv=gemv_triton,
         choose_gemv=choose_gemv_triton,
     )
@@ -194,6 +204,23 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(gate_up)
 
 
+def shard_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
+    """ids [num_tokens] -> this rank's part of their embedding [num_tokens, hidden]: the row
+    weight[id - start] of the ids in its shard, zeros for the others (see kernels.embedding);
+    one launch on CUDA."""
+    if weight.is_cuda:
+        return _triton().shard_embedding(ids, weight, start)
+    return shard_embedding_ref(ids, weight, start)
+
+
+def row_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [rows, n] -> (each row's maximum [rows] float32, the lowest column holding it
+    [rows] int64), as torch.max(dim=-1) (see kernels.argmax); two short launches on CUDA."""
+    if logits.is_cuda:
+        return _triton().row_max(logits)
+    return row_max_ref(logits)
+
+
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int]
 ) -> torch.Tensor:
@@ -216,6 +243,8 @@ __all__ = [
     "rms_norm",
     "rotary",
     "rotary_write_kv_cache",
+    "row_max",
+    "shard_embedding",
     "silu_and_mul",
     "write_kv_cache",
 ]

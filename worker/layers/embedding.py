@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from worker import distributed
 from worker.layers.linear import linear
 
@@ -26,14 +27,15 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         param.data[:rows].copy_(loaded.narrow(0, self.start, rows))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def local(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [num_tokens] -> this rank's part of their embedding [num_tokens, dim]: the
+        rows of its ids, zeros for the other ranks' (summed over the ranks: forward)."""
         if distributed.tp_size() == 1:
             return F.embedding(input_ids, self.weight)
-        local = input_ids - self.start
-        outside = (local < 0) | (local >= self.shard)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        out.masked_fill_(outside.unsqueeze(-1), 0)
-        return distributed.all_reduce(out)
+        return kernels.shard_embedding(input_ids, self.weight, self.start)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce(self.local(input_ids))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -70,5 +72,5 @@ class ParallelLMHead(VocabParallelEmbedding):
             values = local.new_full(local.shape[:1], float("-inf"))
             ids = torch.zeros(local.shape[:1], dtype=torch.int64, device=local.device)
         else:
-            values, ids = local[:, : self.vocab_size - self.start].max(dim=-1)
+            values, ids = kernels.row_max(local[:, : self.vocab_size - self.start])
         return distributed.argmax_over_ranks(values, ids + self.start)

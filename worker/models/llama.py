@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kernels import silu_and_mul
+from worker import distributed
 from worker.layers.attention import AttentionMetadata, PagedAttention
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -132,7 +133,8 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [num_tokens, hidden_size]: this rank's part of the previous layer's MLP output,
         not yet summed over the ranks nor added to the residual stream (residual None for the
-        first layer, whose x is the whole embedding). Returns this layer's MLP output (this
+        first layer of one rank, whose x is the whole embedding; zeros for the first of several,
+        whose x is this rank's part of it). Returns this layer's MLP output (this
         rank's part) and the stream before it: each sum and add is fused into the norm after
         it, and a + b == b + a in floating point, so this is HF's x = x + f(norm(x)) exactly."""
         if residual is None:
@@ -154,8 +156,10 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        residual = None
+        x = self.embed_tokens.local(input_ids)  # [num_tokens, hidden_size], this rank's part
+        # With several ranks the first layer sums the parts in its input norm, as every other
+        # layer sums its input (x + 0 == x): one fused all-reduce + norm instead of two calls.
+        residual = torch.zeros_like(x) if distributed.tp_size() > 1 else None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
         return self.norm(x, residual, sum_ranks=True)[0]
