@@ -111,6 +111,7 @@ class Anatomy:
     other_steps_s: float
     median_other_step_ms: float | None  # None when every step was decode-only
     idle_s: float
+    decode_idle_s: float  # the part of idle_s before decode-only steps
 
 
 def step_anatomy(records: list[dict]) -> Anatomy | None:
@@ -140,8 +141,13 @@ def step_anatomy(records: list[dict]) -> Anatomy | None:
         decode_steps_s=sum(r["interval_ms"] for r in decodes) / 1e3,
         other_steps_s=sum(others) / 1e3,
         median_other_step_ms=statistics.median(others) if others else None,
-        idle_s=sum(r["worker_idle_ms"] for r in records if r["turnaround_ms"] > 0) / 1e3,
+        idle_s=_idle_s(records),
+        decode_idle_s=_idle_s(decodes),
     )
+
+
+def _idle_s(records: list[dict]) -> float:
+    return sum(r["worker_idle_ms"] for r in records if r["turnaround_ms"] > 0) / 1e3
 
 
 def format_anatomy(anatomy: Anatomy | None, what: str = "timed steps") -> list[str]:
@@ -163,7 +169,10 @@ def format_anatomy(anatomy: Anatomy | None, what: str = "timed steps") -> list[s
         f"all steps",
         f"  time in steps: {a.decode_steps_s:.2f} s decode-only, {a.other_steps_s:.2f} s in the "
         f"{a.num_steps - a.num_decode_steps} others (median {fmt(a.median_other_step_ms, '.2f')} "
-        f"ms); worker idle {a.idle_s:.2f} s in the steps sent right after one learned",
+        f"ms); worker idle {a.idle_s:.2f} s in the steps sent right after one learned, "
+        f"{a.decode_idle_s:.2f} s of it before decode-only steps "
+        f"({fmt(100 * a.decode_idle_s / a.decode_steps_s if a.decode_steps_s else None, '.1f')}% "
+        f"of their time)",
     ]
 
 

@@ -87,6 +87,7 @@ def test_step_anatomy():
     assert a.decode_steps_s == pytest.approx(13.5e-3)  # 4 + 4.5 + 5 ms
     assert a.other_steps_s == pytest.approx(16e-3) and a.median_other_step_ms == 8.0  # 6, 10
     assert a.idle_s == pytest.approx(3.25e-3)
+    assert a.decode_idle_s == pytest.approx(1.25e-3)  # 0.5 + 0.5 + 0.25 ms
     # A step that started a busy period (no turnaround) brings the wait for work: not counted.
     after_pause = {**RECORDS[0], "worker_idle_ms": 900.0, "turnaround_ms": 0.0}
     assert step_anatomy([after_pause, *RECORDS[1:]]).idle_s == pytest.approx(2.25e-3)
@@ -95,6 +96,7 @@ def test_step_anatomy():
     assert "40.0% of all steps" in text and "(10.0% of the median step)" in text
     assert "next plan sent): 1.25 ms" in text
     assert "0.01 s decode-only, 0.02 s in the 2 others (median 8.00 ms)" in text
+    assert "0.00 s of it before decode-only steps (9.3% of their time)" in text  # 1.25 / 13.5
 
 
 def test_step_anatomy_without_decode_steps_or_steps():
