@@ -4,7 +4,8 @@ driving a rank that answers at once, so every millisecond of a step is the engin
 time must hide under the device's step; what does not shows as the worker's idle time.
 
     python -m cluster.benchmarks.engine_step [--running 256] [--steps 400] [--profile]
-    python -m cluster.benchmarks.engine_step --replicas 2 --running 256 --steps 300
+    python -m cluster.benchmarks.engine_step --replicas 2 --running 256 --steps 300 \
+        [--device-ms 2.5]
 
 The rank runs in a process of its own (as a worker does) and answers each plan with one token
 for every scheduled request (prompts are scheduled whole, so each one samples). The engine's
@@ -20,7 +21,9 @@ engine thread's cProfile.
 
 --replicas N measures instead how engines share a process: the decode steps a second of one
 engine, of N engines in this one process (threads under one interpreter lock, as the engine
-core drives its replicas), and of N engines each in a process of its own.
+core drives its replicas), and of N engines each in a process of its own. With --device-ms each
+rank plays a GPU whose step takes that long (launched as soon as its plan arrives, as the worker
+launches ahead): what a GPU would wait on the engines shows as the device idle.
 """
 
 import argparse
@@ -51,21 +54,60 @@ WARMUP_STEPS = 50
 TOKEN = 7
 
 
-class _InstantRank(worker_pb2_grpc.WorkerServicer):
-    """Rank 0 of a replica without a model: every scheduled request samples TOKEN."""
+class _ModellessRank(worker_pb2_grpc.WorkerServicer):
+    """Rank 0 of a replica without a model: every scheduled request samples TOKEN. With
+    device_ms 0 it answers each plan at once; else it plays a device that runs one step at a
+    time for device_ms, a plan launched as soon as it arrives (as the worker launches ahead):
+
+        step N ends at max(N's arrival, N-1's end) + device_ms
+        its idle_ms: how long the device waited for it, max(N's arrival - N-1's end, 0)
+    """
+
+    def __init__(self, device_ms: float) -> None:
+        self.device_s = device_ms / 1e3
+
+    @staticmethod
+    def _result(plan: worker_pb2.StepPlan, idle_s: float = 0.0) -> worker_pb2.StepResult:
+        ids = [r.request_id for r in plan.new_requests]
+        ids += plan.cached_requests.request_ids
+        return worker_pb2.StepResult(
+            step_id=plan.step_id,
+            request_ids=ids,
+            token_ids=[TOKEN] * len(ids),
+            idle_ms=idle_s * 1e3,
+        )
 
     def Execute(self, request_iterator, context):
-        for plan in request_iterator:
-            ids = [r.request_id for r in plan.new_requests]
-            ids += plan.cached_requests.request_ids
-            yield worker_pb2.StepResult(
-                step_id=plan.step_id, request_ids=ids, token_ids=[TOKEN] * len(ids)
-            )
+        if not self.device_s:
+            for plan in request_iterator:
+                yield self._result(plan)
+            return
+        arrivals: queue.SimpleQueue = queue.SimpleQueue()
+
+        def read() -> None:  # plans are taken as they come, while a step "runs"
+            try:
+                for plan in request_iterator:
+                    arrivals.put((time.monotonic(), plan))
+            except grpc.RpcError:  # the engine closed the stream
+                pass
+            arrivals.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        free_at = None  # when the device finishes the last step launched
+        while (item := arrivals.get()) is not None:
+            arrived, plan = item
+            start = arrived if free_at is None else max(arrived, free_at)
+            idle = 0.0 if free_at is None else start - free_at
+            free_at = start + self.device_s
+            time.sleep(max(free_at - time.monotonic(), 0.0))
+            yield self._result(plan, idle)
 
 
-def _serve_rank(port: multiprocessing.Queue, stop: multiprocessing.Event) -> None:
+def _serve_rank(
+    port: multiprocessing.Queue, stop: multiprocessing.Event, device_ms: float = 0.0
+) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    worker_pb2_grpc.add_WorkerServicer_to_server(_InstantRank(), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(_ModellessRank(device_ms), server)
     port.put(server.add_insecure_port("127.0.0.1:0"))
     server.start()
     stop.wait()
@@ -159,9 +201,12 @@ def run(running: int, steps: int, profile: bool) -> dict:
     }
 
 
-def _replicas_window(replicas: int, running: int, steps: int) -> tuple[float, float]:
-    """`replicas` engines in this process, each over a rank of its own, each with `running`
-    requests of `steps` tokens, all at once: (start, end) of the whole, time.monotonic()."""
+def _replicas_window(
+    replicas: int, running: int, steps: int, device_ms: float = 0.0
+) -> tuple[float, float, float]:
+    """`replicas` engines in this process, each over a rank of its own (device_ms: see
+    _ModellessRank), each with `running` requests of `steps` tokens, all at once: (start, end)
+    of the whole, time.monotonic(), and the ranks' device idle summed (s)."""
     ctx = multiprocessing.get_context("spawn")
     num_blocks = running * (-(-(PROMPT_LEN + steps + 1) // BLOCK_SIZE) + 1)
     config = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=running * PROMPT_LEN)
@@ -170,12 +215,13 @@ def _replicas_window(replicas: int, running: int, steps: int) -> tuple[float, fl
     try:
         for _ in range(replicas):
             port, stop = ctx.Queue(), ctx.Event()
-            rank = ctx.Process(target=_serve_rank, args=(port, stop), daemon=True)
+            rank = ctx.Process(target=_serve_rank, args=(port, stop, device_ms), daemon=True)
             rank.start()
             ranks.append((rank, stop))
             worker = WorkerClient(f"127.0.0.1:{port.get(timeout=60)}")
             page_table = PageTableManager(num_blocks, BLOCK_SIZE, True)
-            engines.append((Engine(Scheduler(config, page_table), [worker]), worker))
+            engine = Engine(Scheduler(config, page_table), [worker], max_step_records=steps + 8)
+            engines.append((engine, worker))
         start = time.monotonic()
         for k, (engine, _) in enumerate(engines):
             sink = _SerializingSink()
@@ -189,7 +235,9 @@ def _replicas_window(replicas: int, running: int, steps: int) -> tuple[float, fl
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{replicas} engines did not finish {running} x {steps}")
             time.sleep(0.005)
-        return start, time.monotonic()
+        end = time.monotonic()
+        idle_ms = sum(r.worker_idle_ms for e, _ in engines for r in e.step_records)
+        return start, end, idle_ms / 1e3
     finally:
         for engine, worker in engines:
             engine.stop()
@@ -199,30 +247,36 @@ def _replicas_window(replicas: int, running: int, steps: int) -> tuple[float, fl
             rank.join(timeout=10)
 
 
-def _replica_process(running: int, steps: int, windows: multiprocessing.Queue) -> None:
+def _replica_process(
+    running: int, steps: int, device_ms: float, windows: multiprocessing.Queue
+) -> None:
     try:
-        windows.put(_replicas_window(1, running, steps))
+        windows.put(_replicas_window(1, running, steps, device_ms))
     except Exception as e:  # told to the parent, which raises it
         windows.put(f"{type(e).__name__}: {e}")
 
 
-def replicas_steps_per_s(replicas: int, running: int, steps: int, processes: bool) -> float:
+def replicas_steps_per_s(
+    replicas: int, running: int, steps: int, processes: bool, device_ms: float = 0.0
+) -> tuple[float, float]:
     """Decode steps a second of `replicas` engines together (each `steps` steps of `running`
-    requests over its own instant rank), in this one process (their threads share one
-    interpreter lock, as the engine core's replicas do) or each in a process of its own."""
+    requests over its own rank, instant or playing a device of device_ms a step), in this one
+    process (their threads share one interpreter lock, as the engine core's replicas do) or each
+    in a process of its own; and the ranks' device idle as a share of their time."""
     if not processes:
-        start, end = _replicas_window(replicas, running, steps)
-        return replicas * steps / (end - start)
-    spans = run_processes(
-        multiprocessing.get_context("spawn"),
-        _replica_process,
-        [(running, steps)] * replicas,
-        660.0,
-        "an engine's process",
-        daemon=False,  # each starts its rank's process
-    )
+        spans = [_replicas_window(replicas, running, steps, device_ms)]
+    else:
+        spans = run_processes(
+            multiprocessing.get_context("spawn"),
+            _replica_process,
+            [(running, steps, device_ms)] * replicas,
+            660.0,
+            "an engine's process",
+            daemon=False,  # each starts its rank's process
+        )
     # From the first engine's start to the last one's end: only their overlap is shared.
-    return replicas * steps / (max(e for _, e in spans) - min(s for s, _ in spans))
+    wall = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
+    return replicas * steps / wall, sum(i for _, _, i in spans) / (replicas * wall)
 
 
 def main() -> None:
@@ -237,16 +291,26 @@ def main() -> None:
         help="instead: decode steps a second of 1 engine and of this many together, in one "
         "process and each in its own, at the largest --running",
     )
+    parser.add_argument(
+        "--device-ms",
+        type=float,
+        default=0.0,
+        help="with --replicas: each rank plays a device that takes this long a step (0: instant)",
+    )
     args = parser.parse_args()
     if args.replicas:
-        running = max(args.running)
-        one = replicas_steps_per_s(1, running, args.steps, processes=False)
-        print("| replicas | engines in | decode steps / s, all replicas | against one |")
-        print("|---|---|---|---|")
-        print(f"| 1 | one process | {one:.0f} | 1.00x |")
+        running, dev = max(args.running), args.device_ms
+        one, idle = replicas_steps_per_s(1, running, args.steps, False, dev)
+        print(f"ranks: {f'a device of {dev} ms a step' if dev else 'instant'}")
+        print(
+            "| replicas | engines in | decode steps / s, all replicas | against one | device idle |"
+        )
+        print("|---|---|---|---|---|")
+        print(f"| 1 | one process | {one:.0f} | 1.00x | {100 * idle:.1f}% |")
         for processes, where in ((False, "one process"), (True, "a process each")):
-            rate = replicas_steps_per_s(args.replicas, running, args.steps, processes)
-            print(f"| {args.replicas} | {where} | {rate:.0f} | {rate / one:.2f}x |")
+            rate, idle = replicas_steps_per_s(args.replicas, running, args.steps, processes, dev)
+            share = f"{rate / one:.2f}x | {100 * idle:.1f}%"
+            print(f"| {args.replicas} | {where} | {rate:.0f} | {share} |")
         return
     print(
         "| running | steps | median interval (ms) | median turnaround (ms) | mean interval (ms) "

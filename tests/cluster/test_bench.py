@@ -455,7 +455,17 @@ def test_engine_step_runs_replicas_in_one_process_and_a_process_each():
 
     for processes in (False, True):
         # 2 engines x 30 steps of 4 requests each, every one finished (it raises if not).
-        assert engine_step.replicas_steps_per_s(2, 4, 30, processes) > 0
+        rate, idle = engine_step.replicas_steps_per_s(2, 4, 30, processes)
+        assert rate > 0 and idle == 0.0  # an instant rank reports no idle
+
+
+def test_engine_step_ranks_can_play_a_device_of_fixed_step_time():
+    from cluster.benchmarks import engine_step
+
+    # 40 steps of 20 ms each cannot take less than 0.8 s: at most 50 steps a second.
+    rate, idle = engine_step.replicas_steps_per_s(1, 4, 40, False, device_ms=20.0)
+    assert 25 < rate <= 50
+    assert 0 <= idle < 0.5
 
 
 def test_engine_step_measures_every_decode_step_after_the_warm_up():
