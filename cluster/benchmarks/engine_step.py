@@ -54,7 +54,7 @@ WARMUP_STEPS = 50
 TOKEN = 7
 
 
-class _ModellessRank(worker_pb2_grpc.WorkerServicer):
+class _PacedRank(worker_pb2_grpc.WorkerServicer):
     """Rank 0 of a replica without a model: every scheduled request samples TOKEN. With
     device_ms 0 it answers each plan at once; else it plays a device that runs one step at a
     time for device_ms, a plan launched as soon as it arrives (as the worker launches ahead):
@@ -107,7 +107,7 @@ def _serve_rank(
     port: multiprocessing.Queue, stop: multiprocessing.Event, device_ms: float = 0.0
 ) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    worker_pb2_grpc.add_WorkerServicer_to_server(_ModellessRank(device_ms), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(_PacedRank(device_ms), server)
     port.put(server.add_insecure_port("127.0.0.1:0"))
     server.start()
     stop.wait()
@@ -205,7 +205,7 @@ def _replicas_window(
     replicas: int, running: int, steps: int, device_ms: float = 0.0
 ) -> tuple[float, float, float]:
     """`replicas` engines in this process, each over a rank of its own (device_ms: see
-    _ModellessRank), each with `running` requests of `steps` tokens, all at once: (start, end)
+    _PacedRank), each with `running` requests of `steps` tokens, all at once: (start, end)
     of the whole, time.monotonic(), and the ranks' device idle summed (s)."""
     ctx = multiprocessing.get_context("spawn")
     num_blocks = running * (-(-(PROMPT_LEN + steps + 1) // BLOCK_SIZE) + 1)
