@@ -2,6 +2,7 @@
 argmax of the gathered logits: ties go to the lowest id, a padded last shard never wins, on one
 rank and on two (gloo)."""
 
+import os
 import socket
 
 import pytest
@@ -43,6 +44,7 @@ def test_greedy_is_the_argmax_on_one_rank(vocab):
 
 
 def _two_ranks(rank: int, port: int) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on a GPU host too (CPU tensors: not NCCL)
     distributed.init(rank, 2, "127.0.0.1", port)
     try:
         for vocab in VOCABS:
