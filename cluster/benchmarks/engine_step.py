@@ -34,10 +34,8 @@ import queue
 import statistics
 import threading
 import time
-from concurrent import futures
 
-import grpc
-
+from cluster.benchmarks.modelless_rank import paced, serve_rank
 from cluster.benchmarks.report import run_processes
 from protos import frontend_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
@@ -55,19 +53,14 @@ TOKEN = 7
 
 
 class _PacedRank(worker_pb2_grpc.WorkerServicer):
-    """Rank 0 of a replica without a model: every scheduled request samples TOKEN. With
-    device_ms 0 it answers each plan at once; else it plays a device that runs one step at a
-    time for device_ms, a plan launched as soon as it arrives (as the worker launches ahead):
-
-        step N ends at max(N's arrival, N-1's end) + device_ms
-        its idle_ms: how long the device waited for it, max(N's arrival - N-1's end, 0)
-    """
+    """Rank 0 of a replica without a model: every scheduled request samples TOKEN, at once with
+    device_ms 0, else at the pace of a device taking device_ms a step (modelless_rank.paced)."""
 
     def __init__(self, device_ms: float) -> None:
-        self.device_s = device_ms / 1e3
+        self.device_ms = device_ms
 
     @staticmethod
-    def _result(plan: worker_pb2.StepPlan, idle_s: float = 0.0) -> worker_pb2.StepResult:
+    def _result(plan: worker_pb2.StepPlan, idle_s: float) -> worker_pb2.StepResult:
         ids = [r.request_id for r in plan.new_requests]
         ids += plan.cached_requests.request_ids
         return worker_pb2.StepResult(
@@ -78,40 +71,7 @@ class _PacedRank(worker_pb2_grpc.WorkerServicer):
         )
 
     def Execute(self, request_iterator, context):
-        if not self.device_s:
-            for plan in request_iterator:
-                yield self._result(plan)
-            return
-        arrivals: queue.SimpleQueue = queue.SimpleQueue()
-
-        def read() -> None:  # plans are taken as they come, while a step "runs"
-            try:
-                for plan in request_iterator:
-                    arrivals.put((time.monotonic(), plan))
-            except grpc.RpcError:  # the engine closed the stream
-                pass
-            arrivals.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        free_at = None  # when the device finishes the last step launched
-        while (item := arrivals.get()) is not None:
-            arrived, plan = item
-            start = arrived if free_at is None else max(arrived, free_at)
-            idle = 0.0 if free_at is None else start - free_at
-            free_at = start + self.device_s
-            time.sleep(max(free_at - time.monotonic(), 0.0))
-            yield self._result(plan, idle)
-
-
-def _serve_rank(
-    port: multiprocessing.Queue, stop: multiprocessing.Event, device_ms: float = 0.0
-) -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    worker_pb2_grpc.add_WorkerServicer_to_server(_PacedRank(device_ms), server)
-    port.put(server.add_insecure_port("127.0.0.1:0"))
-    server.start()
-    stop.wait()
-    server.stop(0)
+        return paced(request_iterator, self.device_ms, self._result)
 
 
 class _SerializingSink:
@@ -134,7 +94,7 @@ class _SerializingSink:
 def run(running: int, steps: int, profile: bool) -> dict:
     ctx = multiprocessing.get_context("spawn")
     port, stop = ctx.Queue(), ctx.Event()
-    rank = ctx.Process(target=_serve_rank, args=(port, stop), daemon=True)
+    rank = ctx.Process(target=serve_rank, args=(_PacedRank(0.0), port, stop), daemon=True)
     rank.start()
     worker = WorkerClient(f"127.0.0.1:{port.get(timeout=60)}")
     num_blocks = running * (-(-(PROMPT_LEN + steps + 1) // BLOCK_SIZE) + 1)
@@ -215,7 +175,9 @@ def _replicas_window(
     try:
         for _ in range(replicas):
             port, stop = ctx.Queue(), ctx.Event()
-            rank = ctx.Process(target=_serve_rank, args=(port, stop, device_ms), daemon=True)
+            rank = ctx.Process(
+                target=serve_rank, args=(_PacedRank(device_ms), port, stop), daemon=True
+            )
             rank.start()
             ranks.append((rank, stop))
             worker = WorkerClient(f"127.0.0.1:{port.get(timeout=60)}")

@@ -31,56 +31,27 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import grpc
 
-from cluster.benchmarks.modelless_rank import ModellessRank
+from cluster.benchmarks.modelless_rank import (
+    FIRST_TOKEN,
+    SEQUENCE_VOCAB_SIZE,
+    TOKEN_RANGE,
+    SequenceRank,
+    serve_rank,
+)
 from cluster.benchmarks.report import process_cpu_s
-from protos import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
+from protos import serving_pb2, serving_pb2_grpc
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from scheduler.core.engine_core import EngineCore
 from scheduler.core.replica import EngineConfigs, ReplicaSpec
 
 BLOCK_SIZE = 16
 PROMPT_LEN = 16
-FIRST_TOKEN = 1000
-TOKEN_RANGE = 20000
-VOCAB_SIZE = FIRST_TOKEN + TOKEN_RANGE  # what the rank reports; the tokenizer has at least as many
 TIMEOUT_S = 600.0  # any wait of the benchmark (a pass, a process starting)
-
-
-class _InstantRank(ModellessRank):
-    """Rank 0 of a replica without a model: every request that samples gets its position's
-    token at once."""
-
-    def __init__(self, max_model_len: int) -> None:
-        super().__init__("Instant", VOCAB_SIZE, max_model_len)
-        self.positions: dict[str, int] = {}  # request id -> tokens it has sampled
-
-    def Execute(self, request_iterator, context):
-        positions = self.positions
-        for plan in request_iterator:
-            for rid in (*plan.finished_request_ids, *plan.preempted_request_ids):
-                positions.pop(rid, None)
-            ids = [r.request_id for r in plan.new_requests]
-            ids += plan.cached_requests.request_ids
-            tokens = []
-            for rid in ids:
-                n = positions.get(rid, 0)
-                positions[rid] = n + 1
-                tokens.append(FIRST_TOKEN + (37 * n) % TOKEN_RANGE)
-            yield worker_pb2.StepResult(step_id=plan.step_id, request_ids=ids, token_ids=tokens)
-
-
-def _serve_rank(max_model_len: int, port, stop) -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    worker_pb2_grpc.add_WorkerServicer_to_server(_InstantRank(max_model_len), server)
-    port.put(server.add_insecure_port("127.0.0.1:0"))
-    server.start()
-    stop.wait()
-    server.stop(0)
 
 
 def _load_tokenizer(path: str):
@@ -88,22 +59,25 @@ def _load_tokenizer(path: str):
     from scheduler.frontend.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(path)
-    if tokenizer.vocab_size < VOCAB_SIZE:
+    if tokenizer.vocab_size < SEQUENCE_VOCAB_SIZE:
         raise ValueError(
-            f"tokenizer: {path} has {tokenizer.vocab_size} tokens, fewer than the {VOCAB_SIZE} "
-            "the rank samples from"
+            f"tokenizer: {path} has {tokenizer.vocab_size} tokens, fewer than the "
+            f"{SEQUENCE_VOCAB_SIZE} the rank samples from"
         )
     return tokenizer
 
 
-def _serve_frontend(core_address: str, tokenizer_path: str, metrics_dir: str, conn) -> None:
-    """A frontend as the cluster's actor runs one. conn: its port out (or why it failed), then
-    "profile" (start profiling its event loop), "stats" (stop and send the top 25), "stop"."""
+def _serve_frontend(
+    core_address: str, tokenizer_path: str, metrics_dir: str, ports: tuple[int, int], conn
+) -> None:
+    """A frontend as the cluster's actor runs one, on ports (0: free ones). conn: its ports out
+    (or why it failed), then "profile" (start profiling its event loop), "stats" (stop and send
+    the top 25), "tokens" (send the output tokens it has streamed), "stop"."""
     from scheduler.frontend.server import FrontendServer
 
     sys.setswitchinterval(0.0005)  # as cluster.actors' frontends
     load = functools.partial(_load_tokenizer, tokenizer_path)
-    config = ServerConfig(port=0, http_port=0)
+    config = ServerConfig(port=ports[0], http_port=ports[1])
     server = FrontendServer(config, core_address, load, "bench", metrics_dir)
     try:
         server.wait_ready(TIMEOUT_S)
@@ -111,17 +85,85 @@ def _serve_frontend(core_address: str, tokenizer_path: str, metrics_dir: str, co
         conn.send(f"{type(e).__name__}: {e}")
         server.stop()
         return
-    conn.send(server.port)
+    conn.send((server.port, server.http_port))
     profiler = cProfile.Profile()
     while (command := conn.recv()) != "stop":
         if command == "profile":
             server.call_on_loop(profiler.enable)
+        elif command == "tokens":  # this process's count (prometheus_client's multiprocess value)
+            conn.send(server.call_on_loop(server.metrics.generation_tokens._value.get))
         else:
             server.call_on_loop(profiler.disable)
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
             conn.send(out.getvalue())
     server.stop()
+
+
+@dataclass
+class FrontendProcess:
+    """A frontend in a process of its own, serving (start_frontend)."""
+
+    process: multiprocessing.process.BaseProcess
+    conn: Connection  # the commands of _serve_frontend
+    ports: tuple[int, int]  # gRPC, HTTP
+
+    def profile(self) -> None:
+        """Starts profiling its event loop thread."""
+        self.conn.send("profile")
+
+    def stats(self) -> str:
+        """Stops profiling: the top 25 functions by cumulative time."""
+        self.conn.send("stats")
+        return self.conn.recv()
+
+    def tokens(self) -> int:
+        """The output tokens it has sent its clients so far (its metrics' count)."""
+        self.conn.send("tokens")
+        return int(self.conn.recv())
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send("stop")
+            except OSError:  # it is going already
+                pass
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def start_frontends(
+    ctx, count: int, core_address: str, tokenizer_path: str, metrics_dir: str
+) -> list[FrontendProcess]:
+    """count frontend processes of ctx in front of the core at core_address, sharing the first
+    one's free ports (gRPC, HTTP), once all serve; the others start together, as the cluster's
+    frontend actors do."""
+
+    def launch(ports: tuple[int, int]) -> FrontendProcess:
+        conn, child = ctx.Pipe()
+        args = (core_address, tokenizer_path, metrics_dir, ports, child)
+        process = ctx.Process(target=_serve_frontend, args=args)
+        process.start()
+        return FrontendProcess(process, conn, ports)
+
+    def serving(frontend: FrontendProcess) -> None:
+        ports_or_error = None
+        if frontend.conn.poll(TIMEOUT_S):
+            ports_or_error = frontend.conn.recv()
+        if not isinstance(ports_or_error, tuple):
+            for f in frontends:
+                f.stop()
+            why = ports_or_error or f"it did not serve within {TIMEOUT_S} s"
+            raise RuntimeError(f"a frontend failed: {why}")
+        frontend.ports = ports_or_error
+
+    frontends = [launch((0, 0))]
+    serving(frontends[0])
+    frontends += [launch(frontends[0].ports) for _ in range(count - 1)]
+    for frontend in frontends[1:]:
+        serving(frontend)
+    return frontends
 
 
 @dataclass
@@ -220,40 +262,28 @@ def run(clients: int, requests: int, tokens: int, tokenizer: str, profile: bool 
     )
     ctx = multiprocessing.get_context("spawn")
     port, stop = ctx.Queue(), ctx.Event()
-    rank = ctx.Process(target=_serve_rank, args=(max_model_len, port, stop), daemon=True)
+    rank = ctx.Process(
+        target=serve_rank, args=(SequenceRank(max_model_len), port, stop), daemon=True
+    )
     rank.start()
-    core = frontend = conn = None
+    core = frontend = None
     try:
         core = EngineCore("bench")
         core.start([ReplicaSpec((f"127.0.0.1:{port.get(timeout=TIMEOUT_S)}",), "bench")], configs)
-        conn, child = ctx.Pipe()
         with tempfile.TemporaryDirectory(prefix="pagedserve-metrics-") as metrics_dir:
-            frontend = ctx.Process(
-                target=_serve_frontend, args=(core.address, tokenizer_path, metrics_dir, child)
-            )
-            frontend.start()
-            if not conn.poll(TIMEOUT_S):
-                raise TimeoutError(f"the frontend did not serve within {TIMEOUT_S} s")
-            port_or_error = conn.recv()
-            if isinstance(port_or_error, str):
-                raise RuntimeError(f"the frontend failed: {port_or_error}")
-            address = f"127.0.0.1:{port_or_error}"
+            (frontend,) = start_frontends(ctx, 1, core.address, tokenizer_path, metrics_dir)
+            address = f"127.0.0.1:{frontend.ports[0]}"
             engine = core.fleet.replicas[0].engine
-            args = (ctx, address, frontend.pid, engine, clients)
+            args = (ctx, address, frontend.process.pid, engine, clients)
             _pass(*args, 1, 4, serving_pb2.DELTA)  # warm-up: connections, first calls
             if profile:
-                conn.send("profile")
+                frontend.profile()
             delta = _pass(*args, requests, tokens, serving_pb2.DELTA)
-            top = None
-            if profile:
-                conn.send("stats")
-                top = conn.recv()
+            top = frontend.stats() if profile else None
             final_only = _pass(*args, requests, tokens, serving_pb2.FINAL_ONLY)
-            conn.send("stop")
-            frontend.join(timeout=30)
     finally:
-        if frontend is not None and frontend.is_alive():
-            frontend.kill()
+        if frontend is not None:
+            frontend.stop()
         if core is not None:
             core.stop()
         stop.set()

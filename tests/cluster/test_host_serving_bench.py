@@ -1,0 +1,81 @@
+"""cluster.benchmarks.host_serving end to end, tiny, and the modelless rank it plays a device
+with (cluster.benchmarks.modelless_rank.SequenceRank)."""
+
+import argparse
+import time
+
+from cluster.benchmarks import host_serving
+from cluster.benchmarks.modelless_rank import FIRST_TOKEN, TOKEN_RANGE, SequenceRank
+from protos import worker_pb2
+
+REQUESTS, OUTPUT_LEN = 24, 6
+
+
+def _args(**kw) -> argparse.Namespace:
+    values = dict(
+        frontends=2,
+        clients=2,
+        connections=2,
+        num_requests=REQUESTS,
+        input_len=40,
+        output_len=OUTPUT_LEN,
+        max_num_seqs=8,  # three waves on one replica: requests wait for one another
+        max_num_batched_tokens=64,  # a 40-token prompt is split over two steps at times
+        device_ms=1.0,
+        prefill_us=1.0,
+        tokenizer="smollm2-135m-instruct",
+    )
+    values.update(kw)
+    return argparse.Namespace(**values)
+
+
+def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends():
+    result = host_serving.run(_args(), replicas=2)
+    assert set(result) == {"one message", "streamed"}
+    for p in result.values():
+        assert p["requests"] == REQUESTS
+        assert p["output_tokens"] == REQUESTS * OUTPUT_LEN  # none lost, none made up
+        a = p["anatomy"]
+        assert a is not None and a.num_steps >= 2 * OUTPUT_LEN  # both replicas stepped
+        assert a.median_decode_step_ms >= 1.0  # the rank played its device's step time
+        shares = [int(s.split("%")[0]) for s in p["frontends"].split("; ")]
+        assert len(shares) == 2 and 98 <= sum(shares) <= 102  # every token, by its frontend
+
+
+def _plan(step_id: int, new=(), cached=()) -> worker_pb2.StepPlan:
+    plan = worker_pb2.StepPlan(step_id=step_id)
+    for rid, prompt_len, computed, scheduled in new:
+        plan.new_requests.add(
+            request_id=rid,
+            token_ids=range(prompt_len),
+            num_computed_tokens=computed,
+            num_scheduled_tokens=scheduled,
+        )
+    c = plan.cached_requests
+    for rid, computed, scheduled in cached:
+        c.request_ids.append(rid)
+        c.num_computed_tokens.append(computed)
+        c.num_scheduled_tokens.append(scheduled)
+    return plan
+
+
+def test_sequence_rank_samples_once_a_prompt_is_computed_and_paces_steps():
+    rank = SequenceRank(max_model_len=64, device_ms=20.0, prefill_us=1000.0)
+    plans = [
+        # a's 10-token prompt in two chunks (no token after the first), b's whole
+        _plan(1, new=[("a", 10, 0, 6), ("b", 4, 0, 4)]),
+        _plan(2, cached=[("a", 6, 4), ("b", 4, 1)]),
+        _plan(3, cached=[("a", 10, 1), ("b", 5, 1)]),
+    ]
+    start = time.monotonic()
+    results = list(rank.Execute(iter(plans), None))
+    took = time.monotonic() - start
+    assert [list(r.request_ids) for r in results] == [["b"], ["a", "b"], ["a", "b"]]
+    token = [FIRST_TOKEN + (37 * n) % TOKEN_RANGE for n in range(3)]
+    assert [list(r.token_ids) for r in results] == [
+        [token[0]],
+        [token[0], token[1]],
+        [token[1], token[2]],
+    ]
+    # 20 ms a step, plus 1 ms for each token beyond one a request: (5 + 3) + 3 + 0 ms
+    assert took >= 0.060 + 0.011
