@@ -7,7 +7,7 @@ when the device is as fast as a given card, and whether R replicas give R times 
 
     python -m cluster.benchmarks.host_serving [--replicas 1 2] [--frontends 4] [--clients 8]
         [--connections 4] [--num-requests 1024] [--input-len 128] [--output-len 128]
-        [--max-num-seqs 512] [--device-ms 3.7] [--prefill-us 1.0]
+        [--max-num-seqs 512] [--device-ms 3.7] [--prefill-us 1.0] [--profile]
 
                 clients (processes) --gRPC, one port--> frontends (processes)
                                                           | one stream each
@@ -17,18 +17,23 @@ when the device is as fast as a given card, and whether R replicas give R times 
 For each replica count: a warm-up pass of other prompts, then the workload with each completion
 in one message, then streamed (every step's tokens): output tokens/s, the engines' steps (median
 decode step and the ranks' median idle before one: what a device would wait on the host), when
-the steps ran within the pass, and each process's CPU share. Last, streamed / one message for
-each replica count and each count against the first.
+the steps ran within the pass, each process's CPU share, each frontend's share of the tokens
+and the engine core's CPU by thread (--profile: the step loops' cProfile). Last, streamed / one
+message for each replica count and each count against the first.
 
 The defaults play the Llama-3.2-1B shape on one H200 (BENCHMARKS.md: decode steps of 512
 sequences take 3.7 ms); `--device-ms 0` answers at once (the host's own ceiling).
 """
 
 import argparse
+import cProfile
+import io
 import multiprocessing
 import os
+import pstats
 import sys
 import tempfile
+import threading
 
 from cluster.benchmarks.frontend_stream import TIMEOUT_S, start_frontends
 from cluster.benchmarks.modelless_rank import SEQUENCE_VOCAB_SIZE, SequenceRank, serve_rank
@@ -43,10 +48,52 @@ from cluster.benchmarks.report import (
     step_anatomy,
 )
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig
+from scheduler.core.engine import Engine
 from scheduler.core.engine_core import EngineCore
 from scheduler.core.replica import EngineConfigs, ReplicaSpec
 
 BLOCK_SIZE = 16
+
+
+# (thread name prefix, role) in the engine core's process; a thread Python does not know is
+# gRPC's own (its C core's pollers and executors).
+_ROLES = (
+    ("engine-watchdog", "engines' watchdogs"),
+    ("engine", "engines' step loops"),
+    ("core_", "frontend links' senders"),  # the core's gRPC server pool runs Connect
+    ("frontend-link", "frontend links' readers"),
+    ("Thread-", "gRPC's Python threads"),  # the core's server poller, the worker streams'
+    ("MainThread", "the benchmark's main thread"),
+    ("", "gRPC's C threads"),
+)
+
+
+def _thread_cpu_s() -> dict[int, tuple[str, float]]:
+    """This process's threads: native id -> (role, CPU seconds so far, /proc), the role by the
+    Python thread's name (_ROLES)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        name = names.get(int(tid), "")
+        role = next((r for prefix, r in _ROLES if name.startswith(prefix)), name)
+        out[int(tid)] = (role, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+def _thread_shares(before: dict[int, tuple[str, float]], wall: float) -> str:
+    """The engine core's CPU over a pass by thread role, as shares of one core."""
+    by_role: dict[str, float] = {}
+    for tid, (role, cpu) in _thread_cpu_s().items():
+        by_role[role] = by_role.get(role, 0.0) + cpu - before.get(tid, (role, 0.0))[1]
+    parts = sorted(by_role.items(), key=lambda kv: -kv[1])
+    return "; ".join(f"{role} {cpu / wall:.0%}" for role, cpu in parts if cpu > 0)
+
+
 FIRST_PROMPT_TOKEN = 100  # prompts draw from [100, SEQUENCE_VOCAB_SIZE): no special tokens
 
 
@@ -66,6 +113,9 @@ def run(args: argparse.Namespace, replicas: int) -> dict:
         SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
     sys.setswitchinterval(0.0005)  # as the scheduler actor's process, where the core runs
+    profilers: list[cProfile.Profile] = []
+    if args.profile:
+        _profile_step_loops(profilers)
     ctx = multiprocessing.get_context("spawn")
     ranks, frontends = [], []
     core = None
@@ -99,8 +149,10 @@ def run(args: argparse.Namespace, replicas: int) -> dict:
             ):
                 prompts = make_prompts(args.num_requests, args.input_len, vocab, seed=seed)
                 cpu, tokens = ProcessCpu(pids), [f.tokens() for f in frontends]
+                threads = _thread_cpu_s()
                 timed = run_workload(address, prompts, args.output_len, stream, *clients)
                 shares = cpu.shares()
+                timed["core threads"] = _thread_shares(threads, timed["wall_s"])
                 tokens = [f.tokens() - n for f, n in zip(frontends, tokens, strict=True)]
                 timed["frontends"] = "; ".join(
                     f"{n / timed['output_tokens']:.0%} of the tokens at {share:.0%} CPU"
@@ -120,7 +172,31 @@ def run(args: argparse.Namespace, replicas: int) -> dict:
         for proc, stop in ranks:
             stop.set()
             proc.join(timeout=10)
+        Engine._loop = _STEP_LOOP
+    if profilers:
+        text = io.StringIO()
+        pstats.Stats(*profilers, stream=text).sort_stats("tottime").print_stats(30)
+        out["profile"] = text.getvalue()
     return out
+
+
+_STEP_LOOP = Engine._loop
+
+
+def _profile_step_loops(profilers: list[cProfile.Profile]) -> None:
+    """Every engine's step loop started from now on runs under a profiler of its own (put on
+    profilers; disabled when the loop ends)."""
+
+    def profiled(engine: Engine) -> None:
+        profiler = cProfile.Profile()
+        profilers.append(profiler)
+        profiler.enable()
+        try:
+            _STEP_LOOP(engine)
+        finally:
+            profiler.disable()
+
+    Engine._loop = profiled
 
 
 def main() -> None:
@@ -139,6 +215,11 @@ def main() -> None:
         "--prefill-us", type=float, default=1.0, help="device time a prompt token adds to a step"
     )
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the engines' step loops (all passes), top 30 by own time",
+    )
     args = parser.parse_args()
     counts = ("frontends", "clients", "connections", "num_requests", "input_len", "output_len")
     for name in (*counts, "max_num_seqs", "max_num_batched_tokens"):
@@ -151,6 +232,9 @@ def main() -> None:
     results = {}
     for r in args.replicas:
         results[r] = run(args, r)
+        profile = results[r].pop("profile", None)
+        if profile is not None:
+            print(f"\n{r} replica(s): the step loops' profile\n{profile}")
         for label, p in results[r].items():
             a = p["anatomy"]
             print(f"\n{r} replica(s), {label}: {p['tok_per_s']:.0f} output tok/s")
@@ -163,6 +247,7 @@ def main() -> None:
             print(f"  {p['timeline']}")
             print(f"  {p['cpu']}")
             print(f"  frontends: {p['frontends']}")
+            print(f"  engine core's threads: {p['core threads']}")
     print(
         "\n| replicas | output | output tok/s | wall (s) | median TTFT (ms) | median decode "
         "step (ms) | median rank idle (ms) | against one message | "
