@@ -24,6 +24,7 @@ def _args(**kw) -> argparse.Namespace:
         device_ms=1.0,
         prefill_us=1.0,
         tokenizer="smollm2-135m-instruct",
+        profile=True,
     )
     values.update(kw)
     return argparse.Namespace(**values)
@@ -31,6 +32,7 @@ def _args(**kw) -> argparse.Namespace:
 
 def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends():
     result = host_serving.run(_args(), replicas=2)
+    assert "engine.py" in result.pop("profile")  # the step loops ran under the profiler
     assert set(result) == {"one message", "streamed"}
     for p in result.values():
         assert p["requests"] == REQUESTS
@@ -40,6 +42,7 @@ def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends():
         assert a.median_decode_step_ms >= 1.0  # the rank played its device's step time
         shares = [int(s.split("%")[0]) for s in p["frontends"].split("; ")]
         assert len(shares) == 2 and 98 <= sum(shares) <= 102  # every token, by its frontend
+        assert "engines' step loops" in p["core threads"]
 
 
 def _plan(step_id: int, new=(), cached=()) -> worker_pb2.StepPlan:
