@@ -134,15 +134,16 @@ class FrontendProcess:
 
 
 def start_frontends(
-    ctx, count: int, core_address: str, tokenizer_path: str, metrics_dir: str
+    ctx, count: int, core_addresses: list[str], tokenizer_path: str, metrics_dir: str
 ) -> list[FrontendProcess]:
-    """count frontend processes of ctx in front of the core at core_address, sharing the first
-    one's free ports (gRPC, HTTP), once all serve; the others start together, as the cluster's
-    frontend actors do."""
+    """count frontend processes of ctx, frontend i in front of the engine core at
+    core_addresses[i % len(core_addresses)], all on the first one's free ports (gRPC, HTTP),
+    once all serve; the others start together, as the cluster's frontend actors do."""
+    cores = iter(core_addresses * count)
 
     def launch(ports: tuple[int, int]) -> FrontendProcess:
         conn, child = ctx.Pipe()
-        args = (core_address, tokenizer_path, metrics_dir, ports, child)
+        args = (next(cores), tokenizer_path, metrics_dir, ports, child)
         process = ctx.Process(target=_serve_frontend, args=args)
         process.start()
         return FrontendProcess(process, conn, ports)
@@ -271,7 +272,7 @@ def run(clients: int, requests: int, tokens: int, tokenizer: str, profile: bool 
         core = EngineCore("bench")
         core.start([ReplicaSpec((f"127.0.0.1:{port.get(timeout=TIMEOUT_S)}",), "bench")], configs)
         with tempfile.TemporaryDirectory(prefix="pagedserve-metrics-") as metrics_dir:
-            (frontend,) = start_frontends(ctx, 1, core.address, tokenizer_path, metrics_dir)
+            (frontend,) = start_frontends(ctx, 1, [core.address], tokenizer_path, metrics_dir)
             address = f"127.0.0.1:{frontend.ports[0]}"
             engine = core.fleet.replicas[0].engine
             args = (ctx, address, frontend.process.pid, engine, clients)

@@ -5,14 +5,21 @@ replicas whose rank is a modelless process playing a device (modelless_rank.Sequ
 --device-ms a step, plus --prefill-us for each prompt token). What the host's processes deliver
 when the device is as fast as a given card, and whether R replicas give R times one.
 
-    python -m cluster.benchmarks.host_serving [--replicas 1 2] [--frontends 4] [--clients 8]
-        [--connections 4] [--num-requests 1024] [--input-len 128] [--output-len 128]
-        [--max-num-seqs 512] [--device-ms 3.7] [--prefill-us 1.0] [--profile]
+    python -m cluster.benchmarks.host_serving [--replicas 1 2] [--cores 1] [--frontends 4]
+        [--clients 8] [--connections 4] [--num-requests 1024] [--input-len 128]
+        [--output-len 128] [--max-num-seqs 512] [--device-ms 3.7] [--prefill-us 1.0] [--profile]
 
                 clients (processes) --gRPC, one port--> frontends (processes)
                                                           | one stream each
                                                           v
-    ranks (a process each) <--Execute stream-- engine core (this process: R step loops)
+    ranks (a process each) <--Execute stream-- engine core (a process: R step loops)
+
+--cores C runs C engine-core processes instead, each over R / C of the replicas, frontend i
+connected to core i % C: the replicas' step loops and their frontends' traffic in processes of
+their own, as data parallelism with an engine process per replica would have them (no router
+between the cores: each frontend sends its requests to its own core, and the kernel spreads the
+clients' connections over the frontends, so a core's load is as even as that spread: the run
+prints each frontend's share of the tokens).
 
 For each replica count: a warm-up pass of other prompts, then the workload with each completion
 in one message, then streamed (every step's tokens): output tokens/s, the engines' steps (median
@@ -63,7 +70,7 @@ _ROLES = (
     ("core_", "frontend links' senders"),  # the core's gRPC server pool runs Connect
     ("frontend-link", "frontend links' readers"),
     ("Thread-", "gRPC's Python threads"),  # the core's server poller, the worker streams'
-    ("MainThread", "the benchmark's main thread"),
+    ("MainThread", "its main thread (the benchmark's commands)"),
     ("", "gRPC's C threads"),
 )
 
@@ -85,24 +92,94 @@ def _thread_cpu_s() -> dict[int, tuple[str, float]]:
     return out
 
 
-def _thread_shares(before: dict[int, tuple[str, float]], wall: float) -> str:
-    """The engine core's CPU over a pass by thread role, as shares of one core."""
+def _thread_shares(cpu: dict[str, float], wall: float) -> str:
+    """CPU seconds by thread role as shares of one core over wall seconds, largest first."""
+    parts = sorted(cpu.items(), key=lambda kv: -kv[1])
+    return "; ".join(f"{role} {s / wall:.0%}" for role, s in parts if s > 0)
+
+
+def _core_process(specs: list[ReplicaSpec], configs: EngineConfigs, profile: bool, conn) -> None:
+    """An engine core over specs' replicas, as the scheduler actor's process runs one. conn:
+    its address out (or why it failed), then "records" (send the step records), "threads"
+    (send _thread_cpu_s()), "stop" (send the step loops' profile, or None, and stop)."""
+    sys.setswitchinterval(0.0005)  # as the scheduler actor's process
+    profilers: list[cProfile.Profile] = []
+    if profile:
+        _profile_step_loops(profilers)
+    try:
+        core = EngineCore("bench")
+        core.start(specs, configs)
+    except Exception as e:
+        conn.send(f"{type(e).__name__}: {e}")
+        return
+    conn.send(core.address)
+    while (command := conn.recv()) != "stop":
+        conn.send(core.fleet.step_records() if command == "records" else _thread_cpu_s())
+    core.stop()
+    text = None
+    if profilers:
+        out = io.StringIO()
+        pstats.Stats(*profilers, stream=out).sort_stats("tottime").print_stats(30)
+        text = out.getvalue()
+    conn.send(text)
+
+
+class _Core:
+    """An engine-core process (_core_process) and its pipe."""
+
+    def __init__(self, ctx, specs: list[ReplicaSpec], configs: EngineConfigs, profile: bool):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_core_process, args=(specs, configs, profile, child))
+        self.process.start()
+        self.address = self._answer()
+        if not self.address.startswith("127.0.0.1:"):
+            raise RuntimeError(f"an engine core failed: {self.address}")
+
+    def _answer(self):
+        if not self.conn.poll(TIMEOUT_S):
+            raise TimeoutError(f"an engine core did not answer within {TIMEOUT_S} s")
+        return self.conn.recv()
+
+    def ask(self, command: str):
+        self.conn.send(command)
+        return self._answer()
+
+    def stop(self) -> str | None:
+        """Stops it; the step loops' profile, if it ran them under one."""
+        profile = None
+        if self.process.is_alive():
+            try:
+                profile = self.ask("stop")
+            except (OSError, EOFError, TimeoutError):  # it is gone already
+                pass
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+        return profile
+
+
+def _by_role(threads: dict[int, tuple[str, float]], before: dict) -> dict[str, float]:
+    """CPU seconds by role since `before` (both _thread_cpu_s() of one process)."""
     by_role: dict[str, float] = {}
-    for tid, (role, cpu) in _thread_cpu_s().items():
+    for tid, (role, cpu) in threads.items():
         by_role[role] = by_role.get(role, 0.0) + cpu - before.get(tid, (role, 0.0))[1]
-    parts = sorted(by_role.items(), key=lambda kv: -kv[1])
-    return "; ".join(f"{role} {cpu / wall:.0%}" for role, cpu in parts if cpu > 0)
+    return by_role
 
 
 FIRST_PROMPT_TOKEN = 100  # prompts draw from [100, SEQUENCE_VOCAB_SIZE): no special tokens
 
 
-def run(args: argparse.Namespace, replicas: int) -> dict:
-    """The warm-up, one-message and streamed passes against `replicas` replicas: for "one
-    message" and "streamed", run_workload's figures with the pass's step anatomy ("anatomy"),
-    timeline line ("timeline") and CPU shares ("cpu")."""
+def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
+    """The warm-up, one-message and streamed passes against `replicas` replicas, driven by
+    `cores` engine-core processes (replicas split evenly; frontend i connects to core
+    i % cores): for "one message" and "streamed", run_workload's figures with the pass's step
+    anatomy ("anatomy"), timeline line ("timeline"), CPU shares ("cpu"), each frontend's
+    share of the tokens ("frontends") and each core's threads ("core threads"); "profile":
+    the step loops' profile with args.profile."""
     from cluster.models import resolve_tokenizer
 
+    if replicas % cores:
+        raise ValueError(f"{replicas} replicas cannot be split evenly over {cores} engine cores")
     tokenizer_path = resolve_tokenizer(args.tokenizer, args.tokenizer, "auto")
     max_model_len = args.input_len + args.output_len + 1
     blocks_per_request = -(-max_model_len // BLOCK_SIZE)
@@ -112,13 +189,8 @@ def run(args: argparse.Namespace, replicas: int) -> dict:
         CacheConfig(block_size=BLOCK_SIZE, num_blocks=seqs * blocks_per_request),
         SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
-    sys.setswitchinterval(0.0005)  # as the scheduler actor's process, where the core runs
-    profilers: list[cProfile.Profile] = []
-    if args.profile:
-        _profile_step_loops(profilers)
     ctx = multiprocessing.get_context("spawn")
-    ranks, frontends = [], []
-    core = None
+    ranks, frontends, engine_cores = [], [], []
     out: dict = {}
     try:
         specs = []
@@ -129,11 +201,17 @@ def run(args: argparse.Namespace, replicas: int) -> dict:
             proc.start()
             ranks.append((proc, stop))
             specs.append(ReplicaSpec((f"127.0.0.1:{port.get(timeout=TIMEOUT_S)}",), f"r{k}"))
-        core = EngineCore("bench")
-        core.start(specs, configs)
+        per_core = replicas // cores
+        for c in range(cores):
+            part = specs[c * per_core : (c + 1) * per_core]
+            engine_cores.append(_Core(ctx, part, configs, args.profile))
         with tempfile.TemporaryDirectory(prefix="pagedserve-metrics-") as metrics_dir:
             frontends = start_frontends(
-                ctx, args.frontends, core.address, tokenizer_path, metrics_dir
+                ctx,
+                args.frontends,
+                [core.address for core in engine_cores],
+                tokenizer_path,
+                metrics_dir,
             )
             address = f"127.0.0.1:{frontends[0].ports[0]}"
             vocab = SEQUENCE_VOCAB_SIZE
@@ -141,7 +219,7 @@ def run(args: argparse.Namespace, replicas: int) -> dict:
             clients = (args.clients, args.connections)
             run_workload(address, warm_up, args.output_len, True, *clients)
             pids = {
-                "engine core": [os.getpid()],
+                "engine cores": [core.process.pid for core in engine_cores],
                 "frontends": [f.process.pid for f in frontends],
             }
             for seed, (label, stream) in enumerate(
@@ -149,17 +227,21 @@ def run(args: argparse.Namespace, replicas: int) -> dict:
             ):
                 prompts = make_prompts(args.num_requests, args.input_len, vocab, seed=seed)
                 cpu, tokens = ProcessCpu(pids), [f.tokens() for f in frontends]
-                threads = _thread_cpu_s()
+                threads = [core.ask("threads") for core in engine_cores]
                 timed = run_workload(address, prompts, args.output_len, stream, *clients)
                 shares = cpu.shares()
-                timed["core threads"] = _thread_shares(threads, timed["wall_s"])
+                timed["core threads"] = [
+                    _thread_shares(_by_role(core.ask("threads"), before), timed["wall_s"])
+                    for core, before in zip(engine_cores, threads, strict=True)
+                ]
                 tokens = [f.tokens() - n for f, n in zip(frontends, tokens, strict=True)]
                 timed["frontends"] = "; ".join(
                     f"{n / timed['output_tokens']:.0%} of the tokens at {share:.0%} CPU"
                     for n, share in zip(tokens, shares["frontends"], strict=True)
                 )
                 shares["clients"] = timed["client_cpu"]
-                steps = records_between(core.fleet.step_records(), timed["start"], timed["end"])
+                records = [r for core in engine_cores for r in core.ask("records")]
+                steps = records_between(records, timed["start"], timed["end"])
                 timed["anatomy"] = step_anatomy(steps)
                 timed["timeline"] = format_timeline(steps, timed["start"], timed["end"])
                 timed["cpu"] = format_process_cpu(shares, "processes'")
@@ -167,32 +249,26 @@ def run(args: argparse.Namespace, replicas: int) -> dict:
     finally:
         for frontend in frontends:
             frontend.stop()
-        if core is not None:
-            core.stop()
+        profiles = [core.stop() for core in engine_cores]
         for proc, stop in ranks:
             stop.set()
             proc.join(timeout=10)
-        Engine._loop = _STEP_LOOP
-    if profilers:
-        text = io.StringIO()
-        pstats.Stats(*profilers, stream=text).sort_stats("tottime").print_stats(30)
-        out["profile"] = text.getvalue()
+    if args.profile:
+        out["profile"] = "\n".join(p for p in profiles if p)
     return out
 
 
-_STEP_LOOP = Engine._loop
-
-
 def _profile_step_loops(profilers: list[cProfile.Profile]) -> None:
-    """Every engine's step loop started from now on runs under a profiler of its own (put on
-    profilers; disabled when the loop ends)."""
+    """Every engine's step loop started from now on in this process runs under a profiler of
+    its own (put on profilers; disabled when the loop ends)."""
+    step_loop = Engine._loop
 
     def profiled(engine: Engine) -> None:
         profiler = cProfile.Profile()
         profilers.append(profiler)
         profiler.enable()
         try:
-            _STEP_LOOP(engine)
+            step_loop(engine)
         finally:
             profiler.disable()
 
@@ -202,6 +278,13 @@ def _profile_step_loops(profilers: list[cProfile.Profile]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--cores",
+        type=int,
+        default=1,
+        help="engine-core processes, the replicas split evenly over them (a replica count "
+        "they do not divide runs on one)",
+    )
     parser.add_argument("--frontends", type=int, default=4)
     parser.add_argument("--clients", type=int, default=8, help="client processes")
     parser.add_argument("--connections", type=int, default=4, help="of each client process")
@@ -231,7 +314,7 @@ def main() -> None:
         parser.error("--device-ms and --prefill-us must be at least 0")
     results = {}
     for r in args.replicas:
-        results[r] = run(args, r)
+        results[r] = run(args, r, args.cores if r % args.cores == 0 else 1)
         profile = results[r].pop("profile", None)
         if profile is not None:
             print(f"\n{r} replica(s): the step loops' profile\n{profile}")
@@ -247,7 +330,8 @@ def main() -> None:
             print(f"  {p['timeline']}")
             print(f"  {p['cpu']}")
             print(f"  frontends: {p['frontends']}")
-            print(f"  engine core's threads: {p['core threads']}")
+            for c, threads in enumerate(p["core threads"]):
+                print(f"  engine core {c}'s threads: {threads}")
     print(
         "\n| replicas | output | output tok/s | wall (s) | median TTFT (ms) | median decode "
         "step (ms) | median rank idle (ms) | against one message | "

@@ -1,8 +1,10 @@
-"""cluster.benchmarks.host_serving end to end, tiny, and the modelless rank it plays a device
-with (cluster.benchmarks.modelless_rank.SequenceRank)."""
+"""cluster.benchmarks.host_serving end to end, tiny (one engine core and one per replica), and
+the modelless rank it plays a device with (cluster.benchmarks.modelless_rank.SequenceRank)."""
 
 import argparse
 import time
+
+import pytest
 
 from cluster.benchmarks import host_serving
 from cluster.benchmarks.modelless_rank import FIRST_TOKEN, TOKEN_RANGE, SequenceRank
@@ -30,8 +32,9 @@ def _args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends():
-    result = host_serving.run(_args(), replicas=2)
+@pytest.mark.parametrize("cores", [1, 2])
+def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends(cores):
+    result = host_serving.run(_args(), replicas=2, cores=cores)
     assert "engine.py" in result.pop("profile")  # the step loops ran under the profiler
     assert set(result) == {"one message", "streamed"}
     for p in result.values():
@@ -42,7 +45,8 @@ def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends():
         assert a.median_decode_step_ms >= 1.0  # the rank played its device's step time
         shares = [int(s.split("%")[0]) for s in p["frontends"].split("; ")]
         assert len(shares) == 2 and 98 <= sum(shares) <= 102  # every token, by its frontend
-        assert "engines' step loops" in p["core threads"]
+        assert len(p["core threads"]) == cores
+        assert all("engines' step loops" in threads for threads in p["core threads"])
 
 
 def _plan(step_id: int, new=(), cached=()) -> worker_pb2.StepPlan:
