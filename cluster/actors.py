@@ -238,6 +238,10 @@ class FrontendActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def streamed(self) -> tuple[int, float | None]:
+        """Output tokens this frontend has sent and when its last message went (Metrics)."""
+        return self._server.metrics.streamed()
+
     def wait_ready(self, timeout: float) -> None:
         """Returns once this frontend serves (the core has brought the replicas up)."""
         self._server.wait_ready(timeout)

@@ -72,7 +72,7 @@ def _serve_frontend(
 ) -> None:
     """A frontend as the cluster's actor runs one, on ports (0: free ones). conn: its ports out
     (or why it failed), then "profile" (start profiling its event loop), "stats" (stop and send
-    the top 25), "tokens" (send the output tokens it has streamed), "stop"."""
+    the top 25), "streamed" (send Metrics.streamed()), "stop"."""
     from scheduler.frontend.server import FrontendServer
 
     sys.setswitchinterval(0.0005)  # as cluster.actors' frontends
@@ -90,8 +90,8 @@ def _serve_frontend(
     while (command := conn.recv()) != "stop":
         if command == "profile":
             server.call_on_loop(profiler.enable)
-        elif command == "tokens":  # this process's count (prometheus_client's multiprocess value)
-            conn.send(server.call_on_loop(server.metrics.generation_tokens._value.get))
+        elif command == "streamed":
+            conn.send(server.call_on_loop(server.metrics.streamed))
         else:
             server.call_on_loop(profiler.disable)
             out = io.StringIO()
@@ -117,10 +117,11 @@ class FrontendProcess:
         self.conn.send("stats")
         return self.conn.recv()
 
-    def tokens(self) -> int:
-        """The output tokens it has sent its clients so far (its metrics' count)."""
-        self.conn.send("tokens")
-        return int(self.conn.recv())
+    def streamed(self) -> tuple[int, float | None]:
+        """The output tokens it has sent its clients so far, and when its last message went
+        (its Metrics.streamed())."""
+        self.conn.send("streamed")
+        return self.conn.recv()
 
     def stop(self) -> None:
         if self.process.is_alive():

@@ -47,6 +47,7 @@ from cluster.benchmarks.modelless_rank import SEQUENCE_VOCAB_SIZE, SequenceRank,
 from cluster.benchmarks.report import (
     ProcessCpu,
     fmt,
+    format_frontends,
     format_process_cpu,
     format_timeline,
     make_prompts,
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
                 (("one message", False), ("streamed", True)), start=2
             ):
                 prompts = make_prompts(args.num_requests, args.input_len, vocab, seed=seed)
-                cpu, tokens = ProcessCpu(pids), [f.tokens() for f in frontends]
+                cpu, streamed = ProcessCpu(pids), [f.streamed() for f in frontends]
                 threads = [core.ask("threads") for core in engine_cores]
                 timed = run_workload(address, prompts, args.output_len, stream, *clients)
                 shares = cpu.shares()
@@ -234,10 +235,11 @@ def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
                     _thread_shares(_by_role(core.ask("threads"), before), timed["wall_s"])
                     for core, before in zip(engine_cores, threads, strict=True)
                 ]
-                tokens = [f.tokens() - n for f, n in zip(frontends, tokens, strict=True)]
-                timed["frontends"] = "; ".join(
-                    f"{n / timed['output_tokens']:.0%} of the tokens at {share:.0%} CPU"
-                    for n, share in zip(tokens, shares["frontends"], strict=True)
+                timed["frontends"] = format_frontends(
+                    streamed,
+                    [f.streamed() for f in frontends],
+                    shares["frontends"],
+                    timed["start"],
                 )
                 shares["clients"] = timed["client_cpu"]
                 records = [r for core in engine_cores for r in core.ask("records")]
@@ -329,7 +331,7 @@ def main() -> None:
                 )
             print(f"  {p['timeline']}")
             print(f"  {p['cpu']}")
-            print(f"  frontends: {p['frontends']}")
+            print(f"  {p['frontends']}")
             for c, threads in enumerate(p["core threads"]):
                 print(f"  engine core {c}'s threads: {threads}")
     print(

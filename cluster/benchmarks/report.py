@@ -298,6 +298,13 @@ class BenchCluster:
         frontends = ray.get([f.pid.remote() for f in cluster.frontends], timeout=30)
         return {"engine core": [core], "frontends": frontends}
 
+    def frontends_streamed(self) -> list[tuple[int, float | None]]:
+        """Each frontend's output tokens sent so far and its last message's time, in the order
+        of server_pids()'s frontends."""
+        import ray
+
+        return ray.get([f.streamed.remote() for f in self.cluster.frontends], timeout=30)
+
     def num_steps(self) -> int:
         """Steps learned so far over all replicas (not bounded by the records' window)."""
         from cluster.client import Client
@@ -355,6 +362,24 @@ def format_process_cpu(shares: dict[str, list[float]], what: str = "server proce
                 f"(mean {statistics.mean(values):.0%}, {len(values)} processes)"
             )
     return f"{what} CPU over the timed pass (100% = one core): " + "; ".join(parts)
+
+
+def format_frontends(
+    before: list[tuple[int, float | None]],
+    after: list[tuple[int, float | None]],
+    cpu: list[float],
+    start: float,
+) -> str:
+    """One line: each frontend's share of a pass's output tokens, its CPU share and when its
+    last message of the pass went, from the pass's start. before, after: each frontend's
+    Metrics.streamed() around the pass (in the same order as cpu); start: time.monotonic()."""
+    sent = [b[0] - a[0] for a, b in zip(before, after, strict=True)]
+    total = sum(sent) or 1
+    parts = []
+    for n, (_, last), share in zip(sent, after, cpu, strict=True):
+        when = "-" if last is None or not n else f"+{last - start:.2f} s"
+        parts.append(f"{n / total:.0%} of the tokens at {share:.0%} CPU, last message {when}")
+    return "frontends: " + "; ".join(parts)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from cluster.benchmarks.report import (
     fmt,
     format_anatomy,
     format_compiled,
+    format_frontends,
     format_process_cpu,
     format_roofline,
     format_timeline,
@@ -124,11 +125,14 @@ def run(args: argparse.Namespace) -> int:
         )
         since, steps_before = time.monotonic(), bench.num_steps()  # monotonic: system-wide
         compiled_before = triton_cache_entries()
-        cpu = ProcessCpu(bench.server_pids())
+        cpu, streamed = ProcessCpu(bench.server_pids()), bench.frontends_streamed()
         timed = run_workload(
             bench.address, prompts, args.output_len, args.stream, clients, args.connections
         )
         cpu_shares = cpu.shares()
+        frontends = format_frontends(
+            streamed, bench.frontends_streamed(), cpu_shares["frontends"], timed["start"]
+        )
         steps = records_between(bench.step_records(), since, time.monotonic())
         num_steps = bench.num_steps() - steps_before
         compiled_after = triton_cache_entries()
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_timeline(steps, timed["start"], timed["end"]))
     print(format_compiled(compiled_before, compiled_after))
     print(format_process_cpu(cpu_shares))
+    print(frontends)
     print(format_process_cpu({"clients": timed["client_cpu"]}, "client processes'"))
     print(
         "\n| engine | output tokens | wall (s) | output tok/s | median TTFT (ms) | "

@@ -123,6 +123,7 @@ class Metrics:
         self._pending_itl = [0] * len(self._itl_bounds)
         self._pending_itl_sum = 0.0
         self._flushed_at = time.monotonic()
+        self._last_sent_at: float | None = None  # time.monotonic() of this process's last message
 
     def track(
         self,
@@ -154,7 +155,7 @@ class Metrics:
         try:
             async with contextlib.aclosing(stream):
                 async for msg in stream:
-                    now = time.monotonic()
+                    now = self._last_sent_at = time.monotonic()
                     self._pending_tokens += len(msg.token_ids)
                     if msg.token_ids and not final_only:
                         previous = last_token_at.get(msg.index)
@@ -197,6 +198,13 @@ class Metrics:
             bucket = bisect.bisect_left(self._itl_bounds, span / num_tokens)
             self._pending_itl[bucket] += num_tokens
             self._pending_itl_sum += span
+
+    def streamed(self) -> tuple[int, float | None]:
+        """This process's output tokens sent so far (written to its files or pending) and when
+        its last message went (time.monotonic(), None before any): what benchmarks read to tell
+        a server's frontends apart (not exported)."""
+        # prometheus_client keeps this process's own value of a multiprocess counter there.
+        return int(self.generation_tokens._value.get()) + self._pending_tokens, self._last_sent_at
 
     def flush(self) -> None:
         """Writes the pending per-token metrics to this process's files (see FLUSH_S). The

@@ -433,6 +433,17 @@ def test_bench_throughput_on_the_cpu(capsys):
         r"frontends \d+%-\d+% \(mean \d+%, 2 processes\)\n",
         out,
     )
+    # Each frontend's share of the 12 tokens, its CPU and its last message of the pass.
+    line = re.search(r"\nfrontends: (.*)\n", out)
+    assert line
+    parts = line.group(1).split("; ")
+    assert len(parts) == 2
+    shares = [
+        re.match(r"(\d+)% of the tokens at \d+% CPU, last message (-|\+[\d.]+ s)$", p)
+        for p in parts
+    ]
+    assert all(shares) and 99 <= sum(int(m.group(1)) for m in shares) <= 101
+    assert all((m.group(2) == "-") == (m.group(1) == "0") for m in shares)
     assert re.search(
         r"engine steps from \+[\d.]+ s to \+[\d.]+ s of the clients' [\d.]+ s; "
         r"no step in flight for [\d.]+ s of it\n",

@@ -43,8 +43,16 @@ def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends(cor
         a = p["anatomy"]
         assert a is not None and a.num_steps >= 2 * OUTPUT_LEN  # both replicas stepped
         assert a.median_decode_step_ms >= 1.0  # the rank played its device's step time
-        shares = [int(s.split("%")[0]) for s in p["frontends"].split("; ")]
+        assert p["frontends"].startswith("frontends: ")
+        parts = p["frontends"].removeprefix("frontends: ").split("; ")
+        shares = [int(part.split("%")[0]) for part in parts]
         assert len(shares) == 2 and 98 <= sum(shares) <= 102  # every token, by its frontend
+        for part, share in zip(parts, shares, strict=True):
+            # a frontend that sent tokens sent its last within the pass
+            last = part.rsplit("last message ", 1)[1]
+            assert (last == "-") == (share == 0)
+            if share:
+                assert 0 < float(last.strip("+ s")) <= p["wall_s"] + 0.05
         assert len(p["core threads"]) == cores
         assert all("engines' step loops" in threads for threads in p["core threads"])
 

@@ -215,6 +215,35 @@ def test_per_token_metrics_reach_the_files_at_a_request_end_or_after_flush_s(tmp
     assert files_only(str(tmp_path))[tokens] == 3
 
 
+def test_streamed_counts_this_processs_tokens_written_or_pending_and_its_last_message(
+    tmp_path, monkeypatch
+):
+    clock = [1000.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+    monkeypatch.setattr(metrics_module, "time", Clock)
+    metrics = Metrics(MODEL, str(tmp_path))
+    assert metrics.streamed() == (0, None)
+    backend = ScriptedBackend(lambda r: [delta(0, [1], "a"), delta(0, [2, 3], "b"), HOLD])
+
+    async def read():
+        stream = metrics.track(request(), backend.generate(request()))
+        clock[0] += 1.0
+        await anext(stream)
+        assert metrics.streamed() == (1, 1001.0)  # pending, not yet in the files
+        clock[0] += FLUSH_S
+        await anext(stream)  # written now
+        assert metrics.streamed() == (3, 1001.0 + FLUSH_S)
+        await stream.aclose()
+
+    asyncio.run(read())
+    assert metrics.streamed() == (3, 1001.0 + FLUSH_S)
+
+
 def test_metrics_needs_an_existing_directory(tmp_path):
     with pytest.raises(ValueError, match="no such directory"):
         Metrics(MODEL, str(tmp_path / "missing"))
