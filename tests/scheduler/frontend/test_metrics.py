@@ -17,6 +17,20 @@ from tests.scheduler.frontend.scripted_backend import HOLD, MODEL, ScriptedBacke
 WAIT_S = 30.0
 
 
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """The metrics' time.monotonic(), set by the test: clock[0], from 1000.0."""
+    now = [1000.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+    monkeypatch.setattr(metrics_module, "time", Clock)
+    return now
+
+
 def scrape(metrics: Metrics, info: serving_pb2.ServerInfoResponse | None = None) -> dict:
     """Every sample of a scrape, by name and labels other than model_name."""
     samples = {}
@@ -189,15 +203,7 @@ def test_inter_token_latencies_land_in_the_buckets_observe_would_choose(tmp_path
     assert len(cumulative) == len(INTER_TOKEN_BUCKETS) + 1
 
 
-def test_per_token_metrics_reach_the_files_at_a_request_end_or_after_flush_s(tmp_path, monkeypatch):
-    clock = [1000.0]
-
-    class Clock:
-        @staticmethod
-        def monotonic() -> float:
-            return clock[0]
-
-    monkeypatch.setattr(metrics_module, "time", Clock)
+def test_per_token_metrics_reach_the_files_at_a_request_end_or_after_flush_s(tmp_path, clock):
     metrics = Metrics(MODEL, str(tmp_path))
     backend = ScriptedBackend(lambda r: [delta(0, [1], "a"), delta(0, [2, 3], "b"), HOLD])
     tokens = ("pagedserve:generation_tokens_total", ())
@@ -216,16 +222,8 @@ def test_per_token_metrics_reach_the_files_at_a_request_end_or_after_flush_s(tmp
 
 
 def test_streamed_counts_this_processs_tokens_written_or_pending_and_its_last_message(
-    tmp_path, monkeypatch
+    tmp_path, clock
 ):
-    clock = [1000.0]
-
-    class Clock:
-        @staticmethod
-        def monotonic() -> float:
-            return clock[0]
-
-    monkeypatch.setattr(metrics_module, "time", Clock)
     metrics = Metrics(MODEL, str(tmp_path))
     assert metrics.streamed() == (0, None)
     backend = ScriptedBackend(lambda r: [delta(0, [1], "a"), delta(0, [2, 3], "b"), HOLD])
