@@ -239,8 +239,9 @@ class FrontendActor:
         return os.getpid()
 
     def streamed(self) -> tuple[int, float | None]:
-        """Output tokens this frontend has sent and when its last message went (Metrics)."""
-        return self._server.metrics.streamed()
+        """Output tokens this frontend has sent and when its last message went (Metrics), read
+        on its event loop (where the counts change)."""
+        return self._server.call_on_loop(self._server.metrics.streamed)
 
     def wait_ready(self, timeout: float) -> None:
         """Returns once this frontend serves (the core has brought the replicas up)."""
