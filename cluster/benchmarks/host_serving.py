@@ -1,6 +1,6 @@
 """The serving host's side at a device's pace, without a model or a GPU: the throughput
 benchmark's clients (report.run_workload), --frontends real frontend processes sharing one
-port, the real engine core (in this process, as in the scheduler actor's) and --replicas
+port, the real engine core (in a process of its own, as the scheduler actor's) and --replicas
 replicas whose rank is a modelless process playing a device (modelless_rank.SequenceRank:
 --device-ms a step, plus --prefill-us for each prompt token). What the host's processes deliver
 when the device is as fast as a given card, and whether R replicas give R times one.
@@ -167,9 +167,6 @@ def _by_role(threads: dict[int, tuple[str, float]], before: dict) -> dict[str, f
     return by_role
 
 
-FIRST_PROMPT_TOKEN = 100  # prompts draw from [100, SEQUENCE_VOCAB_SIZE): no special tokens
-
-
 def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
     """The warm-up, one-message and streamed passes against `replicas` replicas, driven by
     `cores` engine-core processes (replicas split evenly; frontend i connects to core
@@ -310,19 +307,23 @@ def main() -> None:
     for name in (*counts, "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.replicas) < 1:
-        parser.error("--replicas must be at least 1")
+    if min(args.replicas) < 1 or args.cores < 1:
+        parser.error("--replicas and --cores must be at least 1")
     if min(args.device_ms, args.prefill_us) < 0:
         parser.error("--device-ms and --prefill-us must be at least 0")
-    results = {}
+    results, cores = {}, {}
     for r in args.replicas:
-        results[r] = run(args, r, args.cores if r % args.cores == 0 else 1)
+        cores[r] = args.cores if r % args.cores == 0 else 1
+        results[r] = run(args, r, cores[r])
         profile = results[r].pop("profile", None)
         if profile is not None:
             print(f"\n{r} replica(s): the step loops' profile\n{profile}")
         for label, p in results[r].items():
             a = p["anatomy"]
-            print(f"\n{r} replica(s), {label}: {p['tok_per_s']:.0f} output tok/s")
+            print(
+                f"\n{r} replica(s) over {cores[r]} engine core(s), {label}: "
+                f"{p['tok_per_s']:.0f} output tok/s"
+            )
             if a is not None:
                 print(
                     f"  steps {a.num_steps} ({a.num_decode_steps} decode-only), median decode "
@@ -335,17 +336,17 @@ def main() -> None:
             for c, threads in enumerate(p["core threads"]):
                 print(f"  engine core {c}'s threads: {threads}")
     print(
-        "\n| replicas | output | output tok/s | wall (s) | median TTFT (ms) | median decode "
-        "step (ms) | median rank idle (ms) | against one message | "
+        "\n| replicas | engine cores | output | output tok/s | wall (s) | median TTFT (ms) | "
+        "median decode step (ms) | median rank idle (ms) | against one message | "
         f"against {args.replicas[0]} replica(s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     first = results[args.replicas[0]]
     for r, passes in results.items():
         for label, p in passes.items():
             a = p["anatomy"]
             print(
-                f"| {r} | {label} | {p['tok_per_s']:.0f} | {p['wall_s']:.2f} | "
+                f"| {r} | {cores[r]} | {label} | {p['tok_per_s']:.0f} | {p['wall_s']:.2f} | "
                 f"{p['ttft_ms']:.1f} | {fmt(a and a.median_decode_step_ms, '.2f')} | "
                 f"{fmt(a and a.median_idle_ms, '.2f')} | "
                 f"{p['tok_per_s'] / passes['one message']['tok_per_s']:.2f}x | "
