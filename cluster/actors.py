@@ -197,12 +197,12 @@ def _kill_hung_frontend(pid: int) -> None:
 class FrontendActor:
     """One frontend process: serves the Serving gRPC API on server.host:server.port and the
     OpenAI-compatible HTTP API on server.http_port (both shared with the other frontends) in
-    front of the engine core at core_address."""
+    front of the engine cores at core_addresses (routing its requests over them)."""
 
     def __init__(
         self,
         config: Config,
-        core_address: str,
+        core_addresses: list[str],
         core_secret: str,
         tokenizer_path: str,
         metrics_dir: str,
@@ -224,7 +224,7 @@ class FrontendActor:
             server = dataclasses.replace(server, port=ports[0], http_port=ports[1])
         self._server = FrontendServer(
             server,
-            core_address,
+            core_addresses,
             functools.partial(Tokenizer, tokenizer_path),
             config.model.model,
             metrics_dir,

@@ -83,7 +83,7 @@ class Cluster:
             # Their request metrics meet in one directory on this node (removed on shutdown).
             self.metrics_dir = tempfile.mkdtemp(prefix="pagedserve-metrics-")
             frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here)
-            args = (cfg, core_address, self.secret, self.tokenizer_path, self.metrics_dir)
+            args = (cfg, [core_address], self.secret, self.tokenizer_path, self.metrics_dir)
             self.frontends.append(frontend.remote(*args))
             ports = ray.get(self.frontends[0].ports.remote(), timeout=timeout)
             self.frontends += [

@@ -68,7 +68,7 @@ def _load_tokenizer(path: str):
 
 
 def _serve_frontend(
-    core_address: str, tokenizer_path: str, metrics_dir: str, ports: tuple[int, int], conn
+    core_addresses: list[str], tokenizer_path: str, metrics_dir: str, ports: tuple[int, int], conn
 ) -> None:
     """A frontend as the cluster's actor runs one, on ports (0: free ones). conn: its ports out
     (or why it failed), then "profile" (start profiling its event loop), "stats" (stop and send
@@ -78,7 +78,7 @@ def _serve_frontend(
     sys.setswitchinterval(0.0005)  # as cluster.actors' frontends
     load = functools.partial(_load_tokenizer, tokenizer_path)
     config = ServerConfig(port=ports[0], http_port=ports[1])
-    server = FrontendServer(config, core_address, load, "bench", metrics_dir)
+    server = FrontendServer(config, core_addresses, load, "bench", metrics_dir)
     try:
         server.wait_ready(TIMEOUT_S)
     except Exception as e:
@@ -137,14 +137,13 @@ class FrontendProcess:
 def start_frontends(
     ctx, count: int, core_addresses: list[str], tokenizer_path: str, metrics_dir: str
 ) -> list[FrontendProcess]:
-    """count frontend processes of ctx, frontend i in front of the engine core at
-    core_addresses[i % len(core_addresses)], all on the first one's free ports (gRPC, HTTP),
-    once all serve; the others start together, as the cluster's frontend actors do."""
-    cores = iter(core_addresses * count)
+    """count frontend processes of ctx, each in front of every engine core of core_addresses
+    (routing its requests over them), all on the first one's free ports (gRPC, HTTP), once all
+    serve; the others start together, as the cluster's frontend actors do."""
 
     def launch(ports: tuple[int, int]) -> FrontendProcess:
         conn, child = ctx.Pipe()
-        args = (next(cores), tokenizer_path, metrics_dir, ports, child)
+        args = (core_addresses, tokenizer_path, metrics_dir, ports, child)
         process = ctx.Process(target=_serve_frontend, args=args)
         process.start()
         return FrontendProcess(process, conn, ports)

@@ -14,12 +14,11 @@ when the device is as fast as a given card, and whether R replicas give R times 
                                                           v
     ranks (a process each) <--Execute stream-- engine core (a process: R step loops)
 
---cores C runs C engine-core processes instead, each over R / C of the replicas, frontend i
-connected to core i % C: the replicas' step loops and their frontends' traffic in processes of
-their own, as data parallelism with an engine process per replica would have them (no router
-between the cores: each frontend sends its requests to its own core, and the kernel spreads the
-clients' connections over the frontends, so a core's load is as even as that spread: the run
-prints each frontend's share of the tokens).
+--cores C runs C engine-core processes instead, each over R / C of the replicas, every frontend
+connected to every core and routing each new request to the core holding the fewest of its
+unfinished ones (scheduler.frontend.core_set): the replicas' step loops and their frontends'
+traffic in processes of their own, as data parallelism with an engine process per replica has
+them.
 
 For each replica count: a warm-up pass of other prompts, then the workload with each completion
 in one message, then streamed (every step's tokens): output tokens/s, the engines' steps (median
@@ -169,8 +168,8 @@ def _by_role(threads: dict[int, tuple[str, float]], before: dict) -> dict[str, f
 
 def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
     """The warm-up, one-message and streamed passes against `replicas` replicas, driven by
-    `cores` engine-core processes (replicas split evenly; frontend i connects to core
-    i % cores): for "one message" and "streamed", run_workload's figures with the pass's step
+    `cores` engine-core processes (replicas split evenly; every frontend routes over all of
+    them): for "one message" and "streamed", run_workload's figures with the pass's step
     anatomy ("anatomy"), timeline line ("timeline"), CPU shares ("cpu"), each frontend's
     share of the tokens ("frontends") and each core's threads ("core threads"); "profile":
     the step loops' profile with args.profile."""

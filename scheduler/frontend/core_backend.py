@@ -3,7 +3,7 @@ to the engine core as token ids, and streamed back as text.
 
     generate(GenerateRequest)
       InputProcessor.process (executor thread)    -> AddRequest, SamplingParams
-      CoreClient.add                              -> the request's queue of CoreOutputs
+      CoreSet.add (routed to an engine core)      -> the request's queue of CoreOutputs
       per batch of what the queue holds: CompletionStream per completion (text, stop strings;
       a stop string is sent to the core), then a GenerateResponse per completion with news,
       then CATCH_UP_TURNS turns of the event loop before the queue is read again
@@ -25,7 +25,7 @@ its abort reaches the core. Beyond it, generate() refuses RESOURCE_EXHAUSTED bef
 """
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -33,7 +33,8 @@ from protos import serving_pb2
 from protos.heartbeat import HEARTBEAT, Heartbeat
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.completion_stream import CompletionStream
-from scheduler.frontend.core_client import CORE_GONE, CoreClient, CoreOutputs
+from scheduler.frontend.core_client import CORE_GONE, CoreOutputs
+from scheduler.frontend.core_set import CoreSet
 from scheduler.frontend.input_processor import InputProcessor
 from scheduler.frontend.tokenizer import Tokenizer
 
@@ -51,16 +52,17 @@ class CoreBackend:
     def __init__(
         self,
         model_name: str,
-        core_address: str,
+        core_addresses: Sequence[str],
         max_concurrent_requests: int = 0,
         core_secret: str | None = None,
         heartbeat: Heartbeat = HEARTBEAT,
     ):
-        """max_concurrent_requests: the most requests admitted and unfinished (0 = no limit).
-        core_secret: the cluster secret the core demands (protos/cluster_secret.py).
+        """core_addresses: the engine cores' (requests are routed over them, CoreSet).
+        max_concurrent_requests: the most requests admitted and unfinished (0 = no limit).
+        core_secret: the cluster secret the cores demand (protos/cluster_secret.py).
         heartbeat: how often the core's stream speaks at least (protos/heartbeat.py)."""
         self.model_name = model_name
-        self.core = CoreClient(core_address, self.set_model_info, core_secret, heartbeat)
+        self.core = CoreSet(core_addresses, self.set_model_info, core_secret, heartbeat)
         self.max_concurrent_requests = max_concurrent_requests
         # Admitted, being checked and tokenized, not yet registered with the core (event loop
         # only: no lock). With core.num_requests, what max_concurrent_requests bounds.

@@ -17,7 +17,7 @@ reused on this frontend before the core has freed it.
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,6 +31,21 @@ from scheduler.frontend.backend import ServingError
 log = logging.getLogger(__name__)
 
 CORE_GONE = "the engine core is gone; the server is shutting down or failed"
+
+
+async def serving_changes(closed: asyncio.Event, changed: asyncio.Event) -> AsyncIterator[None]:
+    """Yields each time `changed` is set (clearing it first), until `closed` is set: a core's
+    (or a CoreSet's) serving_changed and closed, for whoever re-reads its `serving`."""
+    ended = asyncio.ensure_future(closed.wait())
+    try:
+        while not closed.is_set():
+            changed_now = asyncio.ensure_future(changed.wait())
+            await asyncio.wait((ended, changed_now), return_when=asyncio.FIRST_COMPLETED)
+            changed_now.cancel()
+            changed.clear()
+            yield
+    finally:
+        ended.cancel()
 
 
 @dataclass
@@ -92,6 +107,10 @@ class CoreClient:
     def num_requests(self) -> int:
         """Requests sent to the core that it has not ended yet (nor refused)."""
         return len(self._requests)
+
+    def holds(self, request_id: str) -> bool:
+        """Whether the request is sent to this core and not yet ended by it."""
+        return request_id in self._requests
 
     def add(self, msg: frontend_pb2.AddRequest) -> asyncio.Queue:
         """Sends a request to the core; returns the queue its CoreOutputs arrive on."""

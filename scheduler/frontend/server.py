@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -24,6 +24,7 @@ from protos import serving_pb2, serving_pb2_grpc
 from scheduler.auth import TokenAuthInterceptor
 from scheduler.config import INT32_MAX, ServerConfig
 from scheduler.frontend.core_backend import CoreBackend
+from scheduler.frontend.core_client import serving_changes
 from scheduler.frontend.grpc_service import ServingService
 from scheduler.frontend.http_server import HttpServer
 from scheduler.frontend.metrics import Metrics
@@ -57,14 +58,15 @@ class FrontendServer:
     def __init__(
         self,
         config: ServerConfig,
-        core_address: str,
+        core_addresses: Sequence[str],
         load_tokenizer: Callable[[], Tokenizer],
         model_name: str,
         metrics_dir: str,
         core_secret: str | None = None,
     ) -> None:
         """Listens (config.port and config.http_port, or free ports where 0: `port` and
-        `http_port` say which) and connects to the core; loads the tokenizer (load_tokenizer())
+        `http_port` say which) and connects to the engine cores (core_addresses: one, or several
+        that requests are routed over: CoreSet); loads the tokenizer (load_tokenizer())
         in the background. metrics_dir: the server's frontends' shared metrics directory.
         core_secret: the cluster secret the core demands (protos/cluster_secret.py)."""
         # This process detokenizes a few tokens of one request at a time: the tokenizers
@@ -80,7 +82,7 @@ class FrontendServer:
         self._ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run,
-            args=(core_address, load_tokenizer, model_name, metrics_dir),
+            args=(core_addresses, load_tokenizer, model_name, metrics_dir),
             name="frontend",
             daemon=True,
         )
@@ -108,14 +110,14 @@ class FrontendServer:
 
     def _run(
         self,
-        core_address: str,
+        core_addresses: Sequence[str],
         load_tokenizer: Callable[[], Tokenizer],
         model_name: str,
         metrics_dir: str,
     ) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            self._loop.run_until_complete(self._start(core_address, model_name, metrics_dir))
+            self._loop.run_until_complete(self._start(core_addresses, model_name, metrics_dir))
         except BaseException as e:
             self._start_error = e
             self._started.set()
@@ -124,7 +126,9 @@ class FrontendServer:
         self._watch = self._loop.create_task(self._serve_when_ready(load_tokenizer))
         self._loop.run_forever()
 
-    async def _start(self, core_address: str, model_name: str, metrics_dir: str) -> None:
+    async def _start(
+        self, core_addresses: Sequence[str], model_name: str, metrics_dir: str
+    ) -> None:
         cfg = self._config
         tokens = cfg.tokens()
         # Authentication first: a client without a token learns nothing of the decoding.
@@ -140,7 +144,7 @@ class FrontendServer:
             ],
         )
         self.backend = CoreBackend(
-            model_name, core_address, cfg.max_concurrent_requests, self._core_secret
+            model_name, core_addresses, cfg.max_concurrent_requests, self._core_secret
         )
         self.metrics = Metrics(model_name, metrics_dir)
         serving_pb2_grpc.add_ServingServicer_to_server(
@@ -191,12 +195,7 @@ class FrontendServer:
         self._ready.set()
         log.info("frontend serving on %s", self.address)
         core = self.backend.core
-        closed = asyncio.ensure_future(core.closed.wait())
-        while not core.closed.is_set():
-            changed = asyncio.ensure_future(core.serving_changed.wait())
-            await asyncio.wait((closed, changed), return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-            core.serving_changed.clear()
+        async for _ in serving_changes(core.closed, core.serving_changed):
             await self._set_health(core.serving and not core.closed.is_set())
         await self._set_health(False)
 

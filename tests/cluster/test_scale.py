@@ -151,7 +151,7 @@ def test_scale_refuses_bad_counts_and_servers_without_a_placer(tiny_models, smol
     try:
         frontend = FrontendServer(
             ServerConfig(port=0, http_port=0),
-            core.address,
+            [core.address],
             functools.partial(Tokenizer, smollm2_path),
             "tiny",
             str(tmp_path),

@@ -178,7 +178,7 @@ def extra_frontend(cluster):
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here).remote(
         cluster.config,
-        core_address,
+        [core_address],
         cluster.secret,
         cluster.tokenizer_path,
         cluster.metrics_dir,

@@ -83,7 +83,7 @@ def running_frontend(
     (free ones); core_secret: the one the core demands."""
     config = config or ServerConfig(port=0, http_port=0)
     frontend = FrontendServer(
-        config, core.address, PieceTokenizer, "fake", metrics_dir, core_secret
+        config, [core.address], PieceTokenizer, "fake", metrics_dir, core_secret
     )
     try:
         frontend.wait_ready(TIMEOUT)

@@ -41,7 +41,7 @@ def core(rank):
 
 async def connected(core, heartbeat: Heartbeat = HEARTBEAT) -> CoreBackend:
     """A backend on this loop, connected and ready."""
-    backend = CoreBackend("fake", core.address, heartbeat=heartbeat)
+    backend = CoreBackend("fake", [core.address], heartbeat=heartbeat)
     await backend.core.start()
     backend.set_tokenizer(PieceTokenizer())
     await asyncio.wait_for(backend.became_ready.wait(), TIMEOUT)

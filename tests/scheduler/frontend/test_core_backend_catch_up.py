@@ -40,7 +40,7 @@ def tokens(*ids: int, finished: bool = False) -> CoreOutputs:
 
 def test_a_step_that_comes_while_a_request_catches_up_leaves_with_the_one_before():
     async def main() -> list[serving_pb2.GenerateResponse]:
-        backend = CoreBackend("fake", "unused:0")
+        backend = CoreBackend("fake", ["unused:0"])
         core = backend.core = QueueCore()
         backend.set_tokenizer(PieceTokenizer())
         backend.set_model_info(

@@ -35,13 +35,13 @@ def frontends(tmp_path_factory):
     metrics_dir = str(tmp_path_factory.mktemp("metrics"))
     with running_core(fake_rank()) as core:
         first = FrontendServer(
-            ServerConfig(port=0, http_port=0), core.address, PieceTokenizer, "fake", metrics_dir
+            ServerConfig(port=0, http_port=0), [core.address], PieceTokenizer, "fake", metrics_dir
         )
         second = None
         try:
             second = FrontendServer(
                 ServerConfig(port=first.port, http_port=first.http_port),
-                core.address,
+                [core.address],
                 PieceTokenizer,
                 "fake",
                 metrics_dir,

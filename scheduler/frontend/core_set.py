@@ -1,0 +1,182 @@
+"""A frontend's engine cores: one CoreClient (one Connect stream) each, every new request routed
+to one of them. Several engine cores are data parallelism across processes: each core drives
+its own replicas' step loops under its own interpreter lock.
+
+    add(AddRequest) --route--> core i: the one holding the fewest of this frontend's unfinished
+                               requests among those ready and serving (ties: the lowest index)
+    abort(id), stop(id, ...) --> the core that holds the request
+    abort_by_id, server_info --> every core (found anywhere; the replicas merged)
+    scale                    --> the one core (several: refused, each core scales its own)
+
+With one core it behaves as that core's CoreClient. A core whose stream breaks ends its own
+requests (CORE_GONE) and takes no new one; the others keep serving.
+"""
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from protos import frontend_pb2, serving_pb2
+from protos.heartbeat import HEARTBEAT, Heartbeat
+from scheduler.frontend.backend import ServingError
+from scheduler.frontend.core_client import CORE_GONE, CoreClient, serving_changes
+
+NOT_SERVING = "no engine core serves now (a replica recovers); retry shortly"
+
+
+class CoreSet:
+    """Create and use it on one event loop; start() opens every core's stream."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        on_ready: Callable[[serving_pb2.ModelInfoResponse], None],
+        secret: str | None = None,
+        heartbeat: Heartbeat = HEARTBEAT,
+    ) -> None:
+        """on_ready(model info) is called once, when the first core is ready (every core
+        serves the same model). secret, heartbeat: as CoreClient's."""
+        if isinstance(addresses, str) or not addresses:
+            raise ValueError(f"a frontend needs a list of engine-core addresses, got {addresses!r}")
+        self._on_ready = on_ready
+        self._ready: list[bool] = [False] * len(addresses)
+        self.cores = [
+            CoreClient(address, self._ready_callback(i), secret, heartbeat)
+            for i, address in enumerate(addresses)
+        ]
+        self.closed = asyncio.Event()  # set once every core's stream has ended
+        # Set whenever `serving` may have changed (a core's serving, or its stream's end);
+        # cleared by the server that watches it, which re-reads `serving`.
+        self.serving_changed = asyncio.Event()
+        self._watchers: list[asyncio.Task] = []
+
+    def _ready_callback(self, i: int) -> Callable[[serving_pb2.ModelInfoResponse], None]:
+        def ready(info: serving_pb2.ModelInfoResponse) -> None:
+            if not any(self._ready):
+                self._on_ready(info)
+            self._ready[i] = True
+            self.serving_changed.set()
+
+        return ready
+
+    async def start(self) -> None:
+        for core in self.cores:
+            await core.start()
+        self._watchers = [asyncio.ensure_future(self._watch(core)) for core in self.cores]
+
+    async def _watch(self, core: CoreClient) -> None:
+        """Passes on a core's serving changes and its stream's end."""
+        async for _ in serving_changes(core.closed, core.serving_changed):
+            self.serving_changed.set()
+        if all(c.closed.is_set() for c in self.cores):
+            self.closed.set()
+        self.serving_changed.set()
+
+    @property
+    def connected(self) -> bool:
+        """Some core's stream is open."""
+        return any(core.connected for core in self.cores)
+
+    @property
+    def serving(self) -> bool:
+        """Some core is ready, connected and serves."""
+        return self.num_serving > 0
+
+    @property
+    def num_serving(self) -> int:
+        """Cores ready, connected and serving: those new requests are routed over."""
+        return sum(self._takes(i) for i in range(len(self.cores)))
+
+    def _takes(self, i: int) -> bool:
+        core = self.cores[i]
+        return self._ready[i] and core.connected and core.serving
+
+    @property
+    def num_requests(self) -> int:
+        """Requests sent to the cores that they have not ended yet (nor refused)."""
+        return sum(core.num_requests for core in self.cores)
+
+    def add(self, msg: frontend_pb2.AddRequest) -> asyncio.Queue:
+        """Sends a request to the core it is routed to; returns its queue (CoreClient.add)."""
+        if any(core.holds(msg.request_id) for core in self.cores):
+            raise ServingError(
+                grpc.StatusCode.ALREADY_EXISTS, f"request_id {msg.request_id!r} is already in use"
+            )
+        return self._route().add(msg)
+
+    def _route(self) -> CoreClient:
+        takers = [i for i in range(len(self.cores)) if self._takes(i)]
+        if not takers:
+            if len(self.cores) == 1:  # its own refusal: gone, or holding requests while
+                return self.cores[0]  # its replicas recover
+            raise ServingError(
+                grpc.StatusCode.UNAVAILABLE, CORE_GONE if not self.connected else NOT_SERVING
+            )
+        return self.cores[min(takers, key=lambda i: self.cores[i].num_requests)]
+
+    def _holder(self, request_id: str) -> CoreClient | None:
+        return next((core for core in self.cores if core.holds(request_id)), None)
+
+    def abort(self, request_id: str) -> None:
+        """Asks the core holding the request to end every completion of it."""
+        core = self._holder(request_id)
+        if core is not None:
+            core.abort(request_id)
+
+    def stop(self, request_id: str, index: int, stop_str: str) -> None:
+        """Tells the core holding the request that a completion reached a stop string."""
+        core = self._holder(request_id)
+        if core is not None:
+            core.stop(request_id, index, stop_str)
+
+    async def abort_by_id(self, request_id: str, owner: str) -> bool:
+        """Abort of the Serving API, for a request of owner ("" = any) on any frontend and
+        any core."""
+        live = [core for core in self.cores if core.connected]
+        if not live:
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, CORE_GONE)
+        found = await asyncio.gather(*(core.abort_by_id(request_id, owner) for core in live))
+        return any(found)
+
+    async def server_info(self) -> serving_pb2.ServerInfoResponse:
+        """Every core's state in one answer: counters summed, replicas and frontends listed
+        (core i's replica r shows as replica r * number of cores + i, so ids stay distinct)."""
+        if len(self.cores) == 1:
+            return await self.cores[0].server_info()
+        count = len(self.cores)
+        merged = serving_pb2.ServerInfoResponse()
+        infos = await asyncio.gather(
+            *(core.server_info() for core in self.cores if core.connected)
+        )
+        for i, info in enumerate(infos):
+            merged.model = info.model
+            merged.throughput_window_s = info.throughput_window_s
+            for replica in info.replicas:
+                replica.replica_id = replica.replica_id * count + i
+            merged.replicas.extend(info.replicas)
+            merged.nodes.extend(n for n in info.nodes if n not in merged.nodes)
+            merged.frontends.extend(info.frontends)
+            merged.num_steps += info.num_steps
+            merged.num_finished_requests += info.num_finished_requests
+            merged.num_generated_tokens += info.num_generated_tokens
+            merged.generated_tokens_per_s += info.generated_tokens_per_s
+            merged.num_replica_failures += info.num_replica_failures
+            merged.num_recovered_requests += info.num_recovered_requests
+        return merged
+
+    async def scale(self, replicas: int) -> serving_pb2.ScaleResponse:
+        if len(self.cores) > 1:
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this server runs {len(self.cores)} engine cores, each with replicas of its "
+                "own; Scale sets the replicas of a server with one engine core",
+            )
+        return await self.cores[0].scale(replicas)
+
+    async def close(self) -> None:
+        """Ends every core's stream (each core aborts what this frontend still holds)."""
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*(core.close() for core in self.cores))
+        self.closed.set()

@@ -1,0 +1,153 @@
+"""A frontend's Backend in front of two real engine cores (each one replica of its own fake
+rank, token i + 1 following token i): requests routed by load, each answered by its own core;
+aborts, stop strings and Serving's Abort reaching the core that holds the request; the cores'
+states merged; one core gone while the other serves on."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from scheduler.frontend.backend import ServingError
+from scheduler.frontend.core_backend import CoreBackend
+from tests.scheduler.fake_worker import TIMEOUT
+from tests.scheduler.frontend.core_fixture import (
+    PieceTokenizer,
+    blocks_in_use,
+    fake_rank,
+    running_core,
+    wait_until,
+)
+from tests.scheduler.frontend.test_core_backend import request, responses
+
+
+@pytest.fixture
+def ranks():
+    return fake_rank(), fake_rank()
+
+
+@pytest.fixture
+def cores(ranks):
+    with running_core(ranks[0]) as first, running_core(ranks[1]) as second:
+        yield first, second
+
+
+def with_backend(cores, body):
+    """Runs body(backend) on a fresh event loop, the backend (over both cores) closed after."""
+
+    async def main():
+        backend = CoreBackend("fake", [core.address for core in cores])
+        await backend.core.start()
+        backend.set_tokenizer(PieceTokenizer())
+        await asyncio.wait_for(_until(lambda: backend.core.num_serving == len(cores)), TIMEOUT)
+        try:
+            return await asyncio.wait_for(body(backend), TIMEOUT)
+        finally:
+            await backend.core.close()
+
+    return asyncio.run(main())
+
+
+def sampled_requests(rank) -> set[str]:
+    """The request ids a fake rank sampled tokens for (a completion's id: the request's, or
+    "<request_id>#<index>")."""
+    return {completion_id.split("#")[0] for completion_id in rank.sampled}
+
+
+def test_requests_go_to_the_core_holding_the_fewest_and_each_core_answers_its_own(cores, ranks):
+    async def four(backend):
+        streams = [
+            backend.generate(request((1, i % 3 + 1), request_id=f"r{i}", max_tokens=30))
+            for i in range(4)
+        ]
+        firsts = []
+        for stream in streams:  # each added once the one before holds its core
+            firsts.append(await anext(stream))
+        held = [core.num_requests for core in backend.core.cores]
+        rests = [[r async for r in stream] for stream in streams]
+        return held, [[first, *rest] for first, rest in zip(firsts, rests, strict=True)]
+
+    held, answers = with_backend(cores, four)
+    assert held == [2, 2]
+    assert sampled_requests(ranks[0]) == {"r0", "r2"}
+    assert sampled_requests(ranks[1]) == {"r1", "r3"}
+    for i, got in enumerate(answers):
+        last = i % 3 + 1  # the prompt's last token; each token is the one before's successor
+        assert [t for r in got for t in r.token_ids] == [(last + k) % 9 + 1 for k in range(30)]
+        assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 30
+
+
+def test_stop_strings_and_client_aborts_reach_the_core_that_holds_the_request(cores, ranks):
+    async def on_the_second(backend):
+        held = backend.generate(request(request_id="first", max_tokens=50))
+        await anext(held)  # on the first core: the next goes to the second
+        stopped = await responses(backend, request(request_id="s", max_tokens=50, stop=["t on"]))
+        leaving = backend.generate(request(request_id="gone", max_tokens=50))
+        await anext(leaving)
+        await leaving.aclose()
+        await held.aclose()
+        return stopped
+
+    stopped = with_backend(cores, on_the_second)
+    assert sampled_requests(ranks[1]) == {"s", "gone"}
+    # Stopped by its core at the stop string (a few steps later: the rank answers at once),
+    # not run to its 50 tokens.
+    assert ranks[1].sampled["s"] < 50
+    assert [t for r in stopped for t in r.token_ids] == [2, 3, 4]
+    assert (stopped[-1].finish_reason, stopped[-1].stop_str) == ("stop", "t on")
+    for core in cores:
+        wait_until(lambda core=core: blocks_in_use(core) == 0, "every request's blocks are free")
+
+
+def test_servings_abort_finds_a_request_on_either_core_and_server_info_merges_them(cores):
+    async def body(backend):
+        streams = [backend.generate(request(request_id=f"a{i}", max_tokens=60)) for i in range(2)]
+        for stream in streams:
+            await anext(stream)
+        info = await backend.server_info()
+        found = [await backend.abort(f"a{i}") for i in range(2)] + [await backend.abort("none")]
+        ends = [[r async for r in stream][-1].finish_reason for stream in streams]
+        with pytest.raises(ServingError) as scale:
+            await backend.scale(3)
+        return info, found, ends, scale.value
+
+    info, found, ends, scale = with_backend(cores, body)
+    assert sorted(r.replica_id for r in info.replicas) == [0, 1]  # core 0's, core 1's replica 0
+    assert [r.num_running + r.num_waiting for r in info.replicas] == [1, 1]
+    assert len(info.frontends) == 2  # this frontend, once on each core
+    assert found == [True, True, False]
+    assert ends == ["abort", "abort"]
+    assert scale.code == grpc.StatusCode.FAILED_PRECONDITION and "2 engine cores" in scale.message
+
+
+def test_a_core_that_goes_ends_its_requests_and_the_other_takes_the_new_ones(ranks):
+    with running_core(ranks[1]) as kept:
+        gone = running_core(ranks[0])
+        lost = gone.__enter__()
+
+        async def body(backend):
+            casualty = backend.generate(request(request_id="c", max_tokens=60))
+            await anext(casualty)  # on the first core
+            gone.__exit__(None, None, None)  # that core stops: its streams end
+            with pytest.raises(ServingError) as err:
+                async for _ in casualty:
+                    pass
+            await asyncio.wait_for(_until(lambda: not backend.core.cores[0].connected), TIMEOUT)
+            after = [await responses(backend, request(max_tokens=5)) for _ in range(3)]
+            return err.value, after, backend.ready()
+
+        error, after, ready = with_backend((lost, kept), body)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert [got[-1].usage.completion_tokens for got in after] == [5, 5, 5]
+    assert ready
+    assert len(ranks[1].sampled) == 3
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def test_a_list_of_addresses_is_required():
+    with pytest.raises(ValueError, match="list of engine-core addresses"):
+        CoreBackend("fake", "127.0.0.1:1")
