@@ -56,10 +56,24 @@ class ClusterSection:
 class ParallelConfig:
     tensor_parallel_size: int = 1  # ranks (GPUs) of one replica
     replicas: int = 1  # tensor-parallel groups, each with its own KV cache, one scheduler
+    # Engine-core processes the replicas are split over (each drives its replicas' step loops
+    # under its own interpreter lock; the frontends route requests over them by load).
+    engine_cores: int = 1
 
     def __post_init__(self) -> None:
         check_int_range("parallel.tensor_parallel_size", self.tensor_parallel_size, 1)
         check_int_range("parallel.replicas", self.replicas, 1)
+        check_int_range("parallel.engine_cores", self.engine_cores, 1)
+        if self.engine_cores > self.replicas:
+            raise ValueError(
+                f"parallel.engine_cores={self.engine_cores} exceeds parallel.replicas="
+                f"{self.replicas}: each engine core drives at least one replica"
+            )
+
+    def split(self) -> list[int]:
+        """Replicas of each engine core: as even as can be, the first ones one more."""
+        base, extra = divmod(self.replicas, self.engine_cores)
+        return [base + (i < extra) for i in range(self.engine_cores)]
 
 
 @dataclass(frozen=True)

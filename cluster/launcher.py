@@ -1,7 +1,9 @@
-"""Starts a pagedserve cluster on Ray from a Config, on this node: the scheduler actor (the
-engine core), which places each replica's worker actors in a placement group of their own
-(cluster.placement) and drives them all (it places more, or drains some, when asked to scale),
-and server.frontends frontend actors sharing the Serving port in front of it.
+"""Starts a pagedserve cluster on Ray from a Config, on this node: parallel.engine_cores
+scheduler actors (the engine cores, each over its share of the replicas), each of which places
+its replicas' worker actors in a placement group of their own (cluster.placement) and drives
+them (it places more, or drains some, when asked to scale: with one engine core), and
+server.frontends frontend actors sharing the Serving port in front of them, each routing its
+requests over every engine core (scheduler.frontend.core_set).
 
 Cluster(config).start()  ->  the Serving address (host:port)
 Cluster.shutdown()       ->  stops the actors, and the embedded Ray if this process started it
@@ -34,7 +36,7 @@ class Cluster:
         model = config.model
         self.model_path = resolve_model(model.model, model.load_format)
         self.tokenizer_path = resolve_tokenizer(model.tokenizer, model.model, model.load_format)
-        self.scheduler = None
+        self.schedulers: list = []  # SchedulerActor handles: the engine cores
         self.frontends: list = []  # FrontendActor handles
         self.address: str | None = None  # the Serving gRPC API's host:port
         self.http_url: str | None = None  # the OpenAI-compatible HTTP API's
@@ -73,17 +75,26 @@ class Cluster:
                 check_before_loading(cfg, shape, cpu_workers=not num_gpus)
             except ValueError as e:
                 raise ConfigError(f"{self.source}: {e}") from None
-            # The frontends are placed on this node too (below): the core listens on loopback.
-            self.scheduler = SchedulerActor.options(num_cpus=0, scheduling_strategy=here).remote(
-                cfg, self.model_path, num_gpus, self.secret, loopback=True
-            )
-            core_address = ray.get(self.scheduler.address.remote(), timeout=timeout)
+            # The frontends are placed on this node too (below): the cores listen on loopback.
+            # Each engine core is started with its share of the replicas as its whole config.
+            core = SchedulerActor.options(num_cpus=0, scheduling_strategy=here)
+            self.schedulers = [
+                core.remote(
+                    replace_sections(cfg, parallel={"replicas": n, "engine_cores": 1}),
+                    self.model_path,
+                    num_gpus,
+                    self.secret,
+                    loopback=True,
+                )
+                for n in cfg.parallel.split()
+            ]
+            core_addresses = ray.get([s.address.remote() for s in self.schedulers], timeout=timeout)
             # The frontends listen while the workers load (NOT_SERVING until they serve); with
             # server.port or http_port 0 the first is given a free port and the others share it.
             # Their request metrics meet in one directory on this node (removed on shutdown).
             self.metrics_dir = tempfile.mkdtemp(prefix="pagedserve-metrics-")
             frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here)
-            args = (cfg, [core_address], self.secret, self.tokenizer_path, self.metrics_dir)
+            args = (cfg, core_addresses, self.secret, self.tokenizer_path, self.metrics_dir)
             self.frontends.append(frontend.remote(*args))
             ports = ray.get(self.frontends[0].ports.remote(), timeout=timeout)
             self.frontends += [
@@ -94,7 +105,7 @@ class Cluster:
             scheme = "http" if cfg.server.tls_cert_file is None else "https"
             self.http_url = f"{scheme}://{cfg.server.host}:{ports[1]}"
             # Placing the workers, then loading the model: each within the timeout.
-            ray.get(self.scheduler.start.remote(), timeout=2 * timeout)
+            ray.get([s.start.remote() for s in self.schedulers], timeout=2 * timeout)
             ray.get([f.wait_ready.remote(timeout) for f in self.frontends], timeout=2 * timeout)
         except BaseException:
             self.shutdown()
@@ -103,15 +114,19 @@ class Cluster:
         return self.address
 
     def workers(self) -> list:
-        """Every replica's worker actors, replica by replica, in rank order."""
-        return ray.get(self.scheduler.workers.remote(), timeout=60)
+        """Every replica's worker actors, engine core by engine core, replica by replica, in
+        rank order."""
+        per_core = ray.get([s.workers.remote() for s in self.schedulers], timeout=60)
+        return [worker for workers in per_core for worker in workers]
 
     def step_records(self) -> list[dict]:
-        return ray.get(self.scheduler.step_records.remote(), timeout=60)
+        """Every replica's recent steps, engine core by engine core."""
+        per_core = ray.get([s.step_records.remote() for s in self.schedulers], timeout=60)
+        return [record for records in per_core for record in records]
 
     def shutdown(self) -> None:
-        """Stops the frontends, then the scheduler actor, which stops every worker it placed
-        and removes their placement groups (both fate-share with it, should it not answer);
+        """Stops the frontends, then the scheduler actors, each of which stops every worker it
+        placed and removes their placement groups (both fate-share with it, should it not answer);
         the embedded Ray goes too if this process started it."""
         for frontend in self.frontends:
             try:
@@ -123,13 +138,13 @@ class Cluster:
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir = None
-        if self.scheduler is not None:
+        for scheduler in self.schedulers:
             try:
-                ray.get(self.scheduler.stop.remote(), timeout=120)
+                ray.get(scheduler.stop.remote(), timeout=120)
             except Exception as e:  # already dead or unreachable: kill it regardless
-                log.warning("stopping the scheduler: %s", e)
-            ray.kill(self.scheduler)
-            self.scheduler = None
+                log.warning("stopping an engine core: %s", e)
+            ray.kill(scheduler)
+        self.schedulers = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False

@@ -290,13 +290,13 @@ class BenchCluster:
         return self.cluster.step_records()
 
     def server_pids(self) -> dict[str, list[int]]:
-        """The engine core's process and the frontends', by role (ProcessCpu's argument)."""
+        """The engine cores' processes and the frontends', by role (ProcessCpu's argument)."""
         import ray
 
         cluster = self.cluster
-        core = ray.get(cluster.scheduler.pid.remote(), timeout=30)
+        cores = ray.get([s.pid.remote() for s in cluster.schedulers], timeout=30)
         frontends = ray.get([f.pid.remote() for f in cluster.frontends], timeout=30)
-        return {"engine core": [core], "frontends": frontends}
+        return {"engine core": cores, "frontends": frontends}
 
     def frontends_streamed(self) -> list[tuple[int, float | None]]:
         """Each frontend's output tokens sent so far and its last message's time, in the order

@@ -140,29 +140,36 @@ class CoreSet:
         return any(found)
 
     async def server_info(self) -> serving_pb2.ServerInfoResponse:
-        """Every core's state in one answer: counters summed, replicas and frontends listed
-        (core i's replica r shows as replica r * number of cores + i, so ids stay distinct)."""
+        """Every core's state in one answer: counters summed, replicas listed (core i's replica
+        r shows as replica r * number of cores + i, so ids stay distinct), each frontend once
+        (its requests on every core summed)."""
         if len(self.cores) == 1:
             return await self.cores[0].server_info()
         count = len(self.cores)
         merged = serving_pb2.ServerInfoResponse()
-        infos = await asyncio.gather(
-            *(core.server_info() for core in self.cores if core.connected)
-        )
-        for i, info in enumerate(infos):
+        frontends: dict[int, serving_pb2.FrontendInfo] = {}
+        live = [i for i, core in enumerate(self.cores) if core.connected]
+        infos = await asyncio.gather(*(self.cores[i].server_info() for i in live))
+        for i, info in zip(live, infos, strict=True):
             merged.model = info.model
             merged.throughput_window_s = info.throughput_window_s
             for replica in info.replicas:
                 replica.replica_id = replica.replica_id * count + i
             merged.replicas.extend(info.replicas)
             merged.nodes.extend(n for n in info.nodes if n not in merged.nodes)
-            merged.frontends.extend(info.frontends)
+            for frontend in info.frontends:
+                seen = frontends.setdefault(
+                    frontend.pid, serving_pb2.FrontendInfo(pid=frontend.pid)
+                )
+                seen.num_requests += frontend.num_requests
+                seen.num_unfinished += frontend.num_unfinished
             merged.num_steps += info.num_steps
             merged.num_finished_requests += info.num_finished_requests
             merged.num_generated_tokens += info.num_generated_tokens
             merged.generated_tokens_per_s += info.generated_tokens_per_s
             merged.num_replica_failures += info.num_replica_failures
             merged.num_recovered_requests += info.num_recovered_requests
+        merged.frontends.extend(frontends.values())
         return merged
 
     async def scale(self, replicas: int) -> serving_pb2.ScaleResponse:

@@ -94,6 +94,23 @@ def test_the_number_of_frontends_is_checked_and_defaults_to_the_machine(tmp_path
         assert load_config(None).server.frontends == frontends
 
 
+def test_the_replicas_are_split_over_the_engine_cores_as_evenly_as_can_be():
+    split = {
+        (replicas, cores): load_config(
+            None, [f"parallel.replicas={replicas}", f"parallel.engine_cores={cores}"]
+        ).parallel.split()
+        for replicas, cores in [(1, 1), (2, 1), (2, 2), (5, 2), (7, 3)]
+    }
+    assert split == {
+        (1, 1): [1],
+        (2, 1): [2],
+        (2, 2): [1, 1],
+        (5, 2): [3, 2],
+        (7, 3): [3, 2, 2],
+    }
+    assert load_config(None).parallel.engine_cores == 1
+
+
 @pytest.mark.parametrize(
     "section, body, message",
     [
@@ -115,6 +132,13 @@ def test_the_number_of_frontends_is_checked_and_defaults_to_the_machine(tmp_path
         ("cache", "swap_space_gb: .nan", r"cache\.swap_space_gb must be a finite number >= 0"),
         ("parallel", f"replicas: {2**31}", r"parallel\.replicas must be in \[1, 2147483647\]"),
         ("parallel", f"tensor_parallel_size: {2**31}", r"parallel\.tensor_parallel_size"),
+        ("parallel", "engine_cores: 0", r"parallel\.engine_cores must be in \[1, 2147483647\]"),
+        (
+            "parallel",
+            "replicas: 2\n  engine_cores: 3",
+            r"parallel\.engine_cores=3 exceeds parallel\.replicas=2: each engine core drives at "
+            r"least one replica",
+        ),
         (
             "model",
             "max_model_len: 321\ncache:\n  num_blocks: 20",

@@ -80,4 +80,4 @@ def test_a_context_beyond_the_model_fails_before_anything_starts(
         f"{path}: model.max_model_len=512 exceeds the model's context length of 256 tokens "
         "(its max_position_embeddings); lower it"
     )
-    assert cluster.scheduler is None
+    assert cluster.schedulers == []

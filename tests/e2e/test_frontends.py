@@ -173,12 +173,12 @@ def extra_frontend(cluster):
 
     from cluster.actors import FrontendActor
 
-    core_address = ray.get(cluster.scheduler.address.remote(), timeout=TIMEOUT)
+    core_addresses = ray.get([s.address.remote() for s in cluster.schedulers], timeout=TIMEOUT)
     ports = ray.get(cluster.frontends[0].ports.remote(), timeout=TIMEOUT)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here).remote(
         cluster.config,
-        [core_address],
+        core_addresses,
         cluster.secret,
         cluster.tokenizer_path,
         cluster.metrics_dir,

@@ -1,7 +1,10 @@
-"""Recovery on a local 2-replica CPU cluster (a tiny random Llama, greedy): `kill -9` of one
-replica's worker while 16 streams of 128 tokens run. Every stream finishes with exactly its
-fault-free tokens, the replica serves again (new worker) within 60 s, and every pool's used
-blocks return to their baseline. `pagedserve chaos` (cluster/chaos.py) injects the fault.
+"""Recovery on a local 2-replica CPU cluster (a tiny random Llama, greedy), both replicas in one
+engine core and each in an engine core of its own (parallel.engine_cores 1 and 2: with two, the
+failed replica's requests wait in its core for its restart while the frontend routes new ones to
+the other core): `kill -9` of one replica's worker while 16 streams of 128 tokens run. Every
+stream finishes with exactly its fault-free tokens, the replica serves again (new worker) within
+60 s, and every pool's used blocks return to their baseline. `pagedserve chaos`
+(cluster/chaos.py) injects the fault.
 
 Then `kill -STOP` of a worker (alive, silent) under a few streams, through `pagedserve chaos
 --hang`: the step watchdog (a short scheduler.step_timeout_s here) fails its replica, which is
@@ -28,8 +31,8 @@ TIMEOUT = 300.0
 STEP_TIMEOUT_S = 3
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_models, smollm2_path):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one_engine_core", "two_engine_cores"])
+def cluster(request, tiny_models, smollm2_path):
     path, _ = tiny_models["llama"]
     config = load_config(
         os.path.join(REPO, "configs", "replicas.yaml"),
@@ -45,6 +48,7 @@ def cluster(tiny_models, smollm2_path):
             "server.frontends=1",
             "cluster.num_cpus=2",
             f"scheduler.step_timeout_s={STEP_TIMEOUT_S}",
+            f"parallel.engine_cores={request.param}",
         ],
     )
     cluster = Cluster(config)

@@ -62,7 +62,7 @@ def secure(local_cluster, tiny_models, smollm2_path, tmp_path_factory):
     )
     cluster = Cluster(config)
     address = cluster.start()
-    core_address = ray.get(cluster.scheduler.address.remote(), timeout=TIMEOUT)
+    core_address = ray.get(cluster.schedulers[0].address.remote(), timeout=TIMEOUT)
     yield address, server_cert, client_cert, client_key, core_address
     cluster.shutdown()
 
