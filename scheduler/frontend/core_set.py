@@ -2,8 +2,10 @@
 to one of them. Several engine cores are data parallelism across processes: each core drives
 its own replicas' step loops under its own interpreter lock.
 
-    add(AddRequest) --route--> core i: the one holding the fewest of this frontend's unfinished
-                               requests among those ready and serving (ties: the lowest index)
+    add(AddRequest) --route--> core i, among those ready and serving and within a load bound of
+                               the least loaded (this frontend's unfinished requests on each):
+                               the one it sent the longest prefix of the prompt before
+                               (PrefixIndex), then the least loaded, then the lowest index
     abort(id), stop(id, ...) --> the core that holds the request
     abort_by_id, server_info --> every core (found anywhere; the replicas merged)
     scale                    --> the one core (several: refused, each core scales its own)
@@ -19,8 +21,10 @@ import grpc
 
 from protos import frontend_pb2, serving_pb2
 from protos.heartbeat import HEARTBEAT, Heartbeat
+from scheduler.core.router import BALANCE_SLACK
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.core_client import CORE_GONE, CoreClient, serving_changes
+from scheduler.frontend.prefix_index import PrefixIndex
 
 NOT_SERVING = "no engine core serves now (a replica recovers); retry shortly"
 
@@ -50,6 +54,7 @@ class CoreSet:
         # cleared by the server that watches it, which re-reads `serving`.
         self.serving_changed = asyncio.Event()
         self._watchers: list[asyncio.Task] = []
+        self._prefixes = PrefixIndex(len(addresses))
 
     def _ready_callback(self, i: int) -> Callable[[serving_pb2.ModelInfoResponse], None]:
         def ready(info: serving_pb2.ModelInfoResponse) -> None:
@@ -103,9 +108,9 @@ class CoreSet:
             raise ServingError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id {msg.request_id!r} is already in use"
             )
-        return self._route().add(msg)
+        return self._route(msg.prompt_token_ids).add(msg)
 
-    def _route(self) -> CoreClient:
+    def _route(self, prompt: Sequence[int]) -> CoreClient:
         takers = [i for i in range(len(self.cores)) if self._takes(i)]
         if not takers:
             if len(self.cores) == 1:  # its own refusal: gone, or holding requests while
@@ -113,7 +118,20 @@ class CoreSet:
             raise ServingError(
                 grpc.StatusCode.UNAVAILABLE, CORE_GONE if not self.connected else NOT_SERVING
             )
-        return self.cores[min(takers, key=lambda i: self.cores[i].num_requests)]
+        if len(self.cores) == 1:
+            return self.cores[0]
+        # As the core's Router among its replicas: a prefix counts among the cores loaded at
+        # most BALANCE_SLACK requests (or half the least's load) above the least loaded.
+        loads = {i: self.cores[i].num_requests for i in takers}
+        least = min(loads.values())
+        bound = least + max(BALANCE_SLACK, least // 2)
+        hashes = PrefixIndex.hashes(prompt)
+        best = max(
+            (i for i in takers if loads[i] <= bound),
+            key=lambda i: (self._prefixes.matched(i, hashes), -loads[i], -i),
+        )
+        self._prefixes.record(best, hashes)
+        return self.cores[best]
 
     def _holder(self, request_id: str) -> CoreClient | None:
         return next((core for core in self.cores if core.holds(request_id)), None)

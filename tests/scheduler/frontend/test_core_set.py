@@ -10,6 +10,7 @@ import pytest
 
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.core_backend import CoreBackend
+from scheduler.frontend.prefix_index import CHUNK
 from tests.scheduler.fake_worker import TIMEOUT
 from tests.scheduler.frontend.core_fixture import (
     PieceTokenizer,
@@ -75,6 +76,34 @@ def test_requests_go_to_the_core_holding_the_fewest_and_each_core_answers_its_ow
         last = i % 3 + 1  # the prompt's last token; each token is the one before's successor
         assert [t for r in got for t in r.token_ids] == [(last + k) % 9 + 1 for k in range(30)]
         assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 30
+
+
+def test_prompts_sharing_a_prefix_go_to_the_core_that_was_sent_it(cores, ranks):
+    """Within the load bound a shared prefix outweighs load; a prompt without it goes by load.
+    The first core's rank holds its steps, so its requests stay unfinished meanwhile."""
+    shared = [1, 2, 3, 4] * (CHUNK // 2)  # two full chunks
+    ranks[0].hold = True
+
+    async def body(backend):
+        firsts = []
+        for i in range(3):
+            stream = backend.generate(request((*shared, 1 + i), request_id=f"p{i}", max_tokens=20))
+            firsts.append((stream, asyncio.ensure_future(anext(stream))))
+            await _until(lambda i=i: backend.core.cores[0].num_requests == i + 1)
+        other = await responses(backend, request((5,) * 40, request_id="other", max_tokens=20))
+        held = [core.num_requests for core in backend.core.cores]
+        ranks[0].release.set()
+        for stream, first in firsts:
+            await first
+            async for _ in stream:
+                pass
+        return held, other
+
+    held, other = with_backend(cores, body)
+    assert held == [3, 0]  # the shared prefix's three on the first core, held there
+    assert other[-1].usage.completion_tokens == 20
+    assert sampled_requests(ranks[0]) == {"p0", "p1", "p2"}
+    assert sampled_requests(ranks[1]) == {"other"}
 
 
 def test_stop_strings_and_client_aborts_reach_the_core_that_holds_the_request(cores, ranks):
