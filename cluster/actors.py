@@ -238,10 +238,10 @@ class FrontendActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def streamed(self) -> tuple[int, float | None]:
-        """Output tokens this frontend has sent and when its last message went (Metrics), read
-        on its event loop (where the counts change)."""
-        return self._server.call_on_loop(self._server.metrics.streamed)
+    def streamed(self) -> tuple[int, float | None, float | None]:
+        """Output tokens this frontend has sent, when its last message went and when its last
+        outputs came from the cores (FrontendServer.streamed)."""
+        return self._server.streamed()
 
     def wait_ready(self, timeout: float) -> None:
         """Returns once this frontend serves (the core has brought the replicas up)."""

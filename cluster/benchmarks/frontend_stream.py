@@ -72,7 +72,7 @@ def _serve_frontend(
 ) -> None:
     """A frontend as the cluster's actor runs one, on ports (0: free ones). conn: its ports out
     (or why it failed), then "profile" (start profiling its event loop), "stats" (stop and send
-    the top 25), "streamed" (send Metrics.streamed()), "stop"."""
+    the top 25), "streamed" (send FrontendServer.streamed()), "stop"."""
     from scheduler.frontend.server import FrontendServer
 
     sys.setswitchinterval(0.0005)  # as cluster.actors' frontends
@@ -91,7 +91,7 @@ def _serve_frontend(
         if command == "profile":
             server.call_on_loop(profiler.enable)
         elif command == "streamed":
-            conn.send(server.call_on_loop(server.metrics.streamed))
+            conn.send(server.streamed())
         else:
             server.call_on_loop(profiler.disable)
             out = io.StringIO()
@@ -117,9 +117,9 @@ class FrontendProcess:
         self.conn.send("stats")
         return self.conn.recv()
 
-    def streamed(self) -> tuple[int, float | None]:
-        """The output tokens it has sent its clients so far, and when its last message went
-        (its Metrics.streamed())."""
+    def streamed(self) -> tuple[int, float | None, float | None]:
+        """The output tokens it has sent its clients so far, when its last message went and
+        when its last outputs came from the cores (FrontendServer.streamed)."""
         self.conn.send("streamed")
         return self.conn.recv()
 

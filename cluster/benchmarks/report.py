@@ -298,9 +298,9 @@ class BenchCluster:
         frontends = ray.get([f.pid.remote() for f in cluster.frontends], timeout=30)
         return {"engine core": cores, "frontends": frontends}
 
-    def frontends_streamed(self) -> list[tuple[int, float | None]]:
-        """Each frontend's output tokens sent so far and its last message's time, in the order
-        of server_pids()'s frontends."""
+    def frontends_streamed(self) -> list[tuple[int, float | None, float | None]]:
+        """Each frontend's FrontendServer.streamed() (tokens sent so far, its last message's
+        time, its last core message's), in the order of server_pids()'s frontends."""
         import ray
 
         return ray.get([f.streamed.remote() for f in self.cluster.frontends], timeout=30)
@@ -365,19 +365,25 @@ def format_process_cpu(shares: dict[str, list[float]], what: str = "server proce
 
 
 def format_frontends(
-    before: list[tuple[int, float | None]],
-    after: list[tuple[int, float | None]],
+    before: list[tuple[int, float | None, float | None]],
+    after: list[tuple[int, float | None, float | None]],
     cpu: list[float],
     start: float,
 ) -> str:
-    """One line: each frontend's share of a pass's output tokens, its CPU share and when its
-    last message of the pass went, from the pass's start. before, after: each frontend's
-    Metrics.streamed() around the pass (in the same order as cpu); start: time.monotonic()."""
+    """One line: each frontend's share of a pass's output tokens, its CPU share, when its last
+    message of the pass went and when its last outputs came from the cores, from the pass's
+    start (a frontend whose last message trails its last core message by far is behind; one
+    whose core messages come late, behind the core's link). before, after: each frontend's
+    FrontendServer.streamed() around the pass (in the same order as cpu); start:
+    time.monotonic()."""
     sent = [b[0] - a[0] for a, b in zip(before, after, strict=True)]
     total = sum(sent) or 1
     parts = []
-    for n, (_, last), share in zip(sent, after, cpu, strict=True):
-        when = "-" if last is None or not n else f"+{last - start:.2f} s"
+    for n, (_, last, core), share in zip(sent, after, cpu, strict=True):
+        if last is None or core is None or not n:
+            when = "-"
+        else:
+            when = f"+{last - start:.2f} s (its last core message +{core - start:.2f} s)"
         parts.append(f"{n / total:.0%} of the tokens at {share:.0%} CPU, last message {when}")
     return "frontends: " + "; ".join(parts)
 

@@ -17,6 +17,7 @@ reused on this frontend before the core has freed it.
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +87,8 @@ class CoreClient:
         self.serving = True
         self.serving_changed = asyncio.Event()
         self._requests: dict[str, _Registered] = {}
+        # time.monotonic() when the core's last message of outputs came (None before any).
+        self.last_outputs_at: float | None = None
         self._outgoing = frontend_pb2.FrontendMessage()
         self._wake = asyncio.Event()
         self._closing = False
@@ -191,6 +194,7 @@ class CoreClient:
                     self.serving = message.serving
                     self.serving_changed.set()
                 else:
+                    self.last_outputs_at = time.monotonic()
                     self._dispatch(message.outputs)
         except grpc.aio.AioRpcError as e:
             if not self._closing:

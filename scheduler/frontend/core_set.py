@@ -98,6 +98,12 @@ class CoreSet:
         return self._ready[i] and core.connected and core.serving
 
     @property
+    def last_outputs_at(self) -> float | None:
+        """time.monotonic() when the last message of outputs came from any core."""
+        times = [core.last_outputs_at for core in self.cores if core.last_outputs_at is not None]
+        return max(times, default=None)
+
+    @property
     def num_requests(self) -> int:
         """Requests sent to the cores that they have not ended yet (nor refused)."""
         return sum(core.num_requests for core in self.cores)

@@ -108,6 +108,16 @@ class FrontendServer:
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(_START_TIMEOUT_S)
 
+    def streamed(self) -> tuple[int, float | None, float | None]:
+        """What benchmarks read to tell frontends apart: the output tokens sent so far, when the
+        last message to a client went and when the last outputs came from the cores
+        (time.monotonic(), None before any), read on the event loop (where they change)."""
+
+        def read() -> tuple[int, float | None, float | None]:
+            return (*self.metrics.streamed(), self.backend.core.last_outputs_at)
+
+        return self.call_on_loop(read)
+
     def _run(
         self,
         core_addresses: Sequence[str],

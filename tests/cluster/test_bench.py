@@ -433,13 +433,18 @@ def test_bench_throughput_on_the_cpu(capsys):
         r"frontends \d+%-\d+% \(mean \d+%, 2 processes\)\n",
         out,
     )
-    # Each frontend's share of the 12 tokens, its CPU and its last message of the pass.
+    # Each frontend's share of the 12 tokens, its CPU, its last message of the pass and its last
+    # message from the core.
     line = re.search(r"\nfrontends: (.*)\n", out)
     assert line
     parts = line.group(1).split("; ")
     assert len(parts) == 2
     shares = [
-        re.match(r"(\d+)% of the tokens at \d+% CPU, last message (-|\+[\d.]+ s)$", p)
+        re.match(
+            r"(\d+)% of the tokens at \d+% CPU, last message "
+            r"(-|\+[\d.]+ s \(its last core message \+[\d.]+ s\))$",
+            p,
+        )
         for p in parts
     ]
     assert all(shares) and 99 <= sum(int(m.group(1)) for m in shares) <= 101
