@@ -27,6 +27,7 @@ from scheduler.config import (
     ServerConfig,
     check_int_range,
     check_positive_float,
+    split_evenly,
 )
 
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK")
@@ -72,8 +73,7 @@ class ParallelConfig:
 
     def split(self) -> list[int]:
         """Replicas of each engine core: as even as can be, the first ones one more."""
-        base, extra = divmod(self.replicas, self.engine_cores)
-        return [base + (i < extra) for i in range(self.engine_cores)]
+        return split_evenly(self.replicas, self.engine_cores)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,12 @@ def check_int_range(field: str, value: int | None, low: int, high: int = INT32_M
         raise ValueError(f"{field} must be in [{low}, {high}], got {value}")
 
 
+def split_evenly(total: int, parts: int) -> list[int]:
+    """total split into parts counts as even as can be, the first ones one more."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
 def check_positive_float(field: str, value: float, allow_zero: bool = False) -> None:
     """A ValueError naming field unless value is finite and > 0 (or >= 0 with allow_zero)."""
     try:

@@ -8,7 +8,9 @@ its own replicas' step loops under its own interpreter lock.
                                (PrefixIndex), then the least loaded, then the lowest index
     abort(id), stop(id, ...) --> the core that holds the request
     abort_by_id, server_info --> every core (found anywhere; the replicas merged)
-    scale                    --> the one core (several: refused, each core scales its own)
+    scale(n)                 --> every core, to its share of n (split_evenly: n >= cores)
+
+Core i's replica r shows as replica r * (number of cores) + i, so ids stay distinct.
 
 With one core it behaves as that core's CoreClient. A core whose stream breaks ends its own
 requests (CORE_GONE) and takes no new one; the others keep serving.
@@ -21,6 +23,7 @@ import grpc
 
 from protos import frontend_pb2, serving_pb2
 from protos.heartbeat import HEARTBEAT, Heartbeat
+from scheduler.config import split_evenly
 from scheduler.core.router import BALANCE_SLACK
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.core_client import CORE_GONE, CoreClient, serving_changes
@@ -164,9 +167,8 @@ class CoreSet:
         return any(found)
 
     async def server_info(self) -> serving_pb2.ServerInfoResponse:
-        """Every core's state in one answer: counters summed, replicas listed (core i's replica
-        r shows as replica r * number of cores + i, so ids stay distinct), each frontend once
-        (its requests on every core summed)."""
+        """Every core's state in one answer: counters summed, replicas listed (ids as above),
+        each frontend once (its requests on every core summed)."""
         if len(self.cores) == 1:
             return await self.cores[0].server_info()
         count = len(self.cores)
@@ -197,13 +199,31 @@ class CoreSet:
         return merged
 
     async def scale(self, replicas: int) -> serving_pb2.ScaleResponse:
-        if len(self.cores) > 1:
+        """Splits the replicas over the cores as the config does (each core keeps at least one)
+        and has each scale to its share; a core that fails answers for all (the others'
+        changes stand, as those of a core placed before a failed replica do)."""
+        count = len(self.cores)
+        if count == 1:
+            return await self.cores[0].scale(replicas)
+        if replicas < count:
             raise ServingError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"this server runs {len(self.cores)} engine cores, each with replicas of its "
-                "own; Scale sets the replicas of a server with one engine core",
+                f"this server runs {count} engine cores, each with at least one replica; "
+                f"Scale to at least {count} replicas, not {replicas}",
             )
-        return await self.cores[0].scale(replicas)
+        shares = split_evenly(replicas, count)
+        answers = await asyncio.gather(
+            *(core.scale(n) for core, n in zip(self.cores, shares, strict=True))
+        )
+        merged = serving_pb2.ScaleResponse()
+        for i, answer in enumerate(answers):
+            merged.serving.extend(r * count + i for r in answer.serving)
+            merged.added.extend(r * count + i for r in answer.added)
+            merged.draining.extend(r * count + i for r in answer.draining)
+            merged.num_draining_requests += answer.num_draining_requests
+        for ids in (merged.serving, merged.added, merged.draining):
+            ids.sort()
+        return merged
 
     async def close(self) -> None:
         """Ends every core's stream (each core aborts what this frontend still holds)."""

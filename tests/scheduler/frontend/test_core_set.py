@@ -4,15 +4,22 @@ aborts, stop strings and Serving's Abort reaching the core that holds the reques
 states merged; one core gone while the other serves on."""
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from scheduler.core.engine_core import EngineCore
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.core_backend import CoreBackend
 from scheduler.frontend.prefix_index import CHUNK
+from tests.scheduler.core.fake_placer import FakePlacer
 from tests.scheduler.fake_worker import TIMEOUT
 from tests.scheduler.frontend.core_fixture import (
+    BLOCK_SIZE,
+    ENGINE_CONFIGS,
+    NUM_BLOCKS,
     PieceTokenizer,
     blocks_in_use,
     fake_rank,
@@ -147,7 +154,42 @@ def test_servings_abort_finds_a_request_on_either_core_and_server_info_merges_th
     assert (frontend.num_requests, frontend.num_unfinished) == (2, 2)
     assert found == [True, True, False]
     assert ends == ["abort", "abort"]
-    assert scale.code == grpc.StatusCode.FAILED_PRECONDITION and "2 engine cores" in scale.message
+    # These cores have no placer: each refuses, and the frontend passes the refusal on.
+    assert scale.code == grpc.StatusCode.FAILED_PRECONDITION and "placer" in scale.message
+
+
+@contextlib.contextmanager
+def placed_core(placer: FakePlacer) -> Iterator[EngineCore]:
+    """An EngineCore over one replica its placer placed, which can scale (the placer places
+    and releases fake ranks)."""
+    core = EngineCore("fake")
+    try:
+        core.start([placer.place(0)], ENGINE_CONFIGS, placer=placer)
+        yield core
+    finally:
+        core.stop()
+
+
+def test_scale_splits_the_replicas_over_the_cores_each_keeping_one():
+    placers = FakePlacer(NUM_BLOCKS, BLOCK_SIZE), FakePlacer(NUM_BLOCKS, BLOCK_SIZE)
+
+    async def body(backend):
+        up = await backend.scale(5)
+        info = await backend.server_info()
+        down = await backend.scale(2)
+        with pytest.raises(ServingError) as refused:
+            await backend.scale(1)
+        return up, info, down, refused.value
+
+    with placed_core(placers[0]) as first, placed_core(placers[1]) as second:
+        up, info, down, refused = with_backend((first, second), body)
+    # Core 0 takes 3 replicas (its 0, 1, 2: ids 0, 2, 4), core 1 takes 2 (ids 1, 3).
+    assert list(up.serving) == [0, 1, 2, 3, 4] and list(up.added) == [2, 3, 4]
+    assert [p.num_placed for p in placers] == [3, 2]
+    assert sorted(r.replica_id for r in info.replicas) == [0, 1, 2, 3, 4]
+    assert list(down.serving) == [0, 1] and list(down.draining) == [2, 3, 4]
+    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "2 engine cores" in refused.message and "at least 2 replicas, not 1" in refused.message
 
 
 def test_a_core_that_goes_ends_its_requests_and_the_other_takes_the_new_ones(ranks):
