@@ -407,6 +407,9 @@ class Fleet:
                 return
         engine = replica.engine
         replica.stop()
+        # Its workers and placement group go before it leaves the list: once GetServerInfo no
+        # longer shows it, nothing of it is left.
+        self.placer.release(replica.replica_id)
         with self._membership:
             self.replicas = [r for r in self.replicas if r is not replica]
             self._retired = self._retired + Counter(
@@ -414,7 +417,6 @@ class Fleet:
                 finished=engine.num_finished,
                 generated=engine.num_generated_tokens,
             )
-        self.placer.release(replica.replica_id)
         log.info("replica %d drained and stopped", replica.replica_id)
 
     def step_records(self) -> list[dict]:
