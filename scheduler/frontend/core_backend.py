@@ -18,6 +18,9 @@ each turn serves the other requests, the core's next messages arrive meanwhile, 
 tokens leave in one message (as for a client that falls behind). The first message (time to
 first token) is sent as soon as its tokens come.
 
+A request whose engine core goes (its stream breaks) before the client was sent anything is
+sent again, whole, to a core that serves; one that was sent something ends UNAVAILABLE.
+
 Admission: a frontend holds at most server.max_concurrent_requests requests admitted and
 unfinished, counted from admission (before tokenizing) until the core has ended every
 completion, not until the client leaves: an abandoned request still holds its blocks until
@@ -37,12 +40,22 @@ from scheduler.frontend.core_client import CORE_GONE, CoreOutputs
 from scheduler.frontend.core_set import CoreSet
 from scheduler.frontend.input_processor import InputProcessor
 from scheduler.frontend.tokenizer import Tokenizer
+from scheduler.sampling_params import SamplingParams
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 # Turns of the event loop a request lets pass after sending, before it reads its queue again
 # (0 to 3 measured in BENCHMARKS.md "Frontend streaming": 2 takes most of the gain).
 CATCH_UP_TURNS = 2
 LOADING = "the model is still loading; retry shortly"
+
+
+def _core_gone(batch: list[CoreOutputs]) -> bool:
+    """Whether the request's engine core went (its stream broke) in these outputs."""
+    return any(
+        end.HasField("error") and end.error.message == CORE_GONE
+        for outputs in batch
+        for end in outputs.finished
+    )
 
 
 class CoreBackend:
@@ -115,21 +128,26 @@ class CoreBackend:
         # Registered with no await since _num_preparing fell: the count never dips.
         outputs = self.core.add(add)
         request_id, prompt = add.request_id, list(add.prompt_token_ids)
-        streams = [
-            CompletionStream(request_id, i, params, self._tokenizer, self._token_text)
-            for i in range(params.n)
-        ]
+        streams = self._streams(request_id, params)
         ended = False  # by the core: every completion, or an error
+        sent = False  # anything to the client yet
         try:
             while not ended:
                 batch = [await outputs.get()]
                 while not outputs.empty():  # a client that fell behind: merged
                     batch.append(outputs.get_nowait())
+                if not sent and _core_gone(batch) and self.core.serving:
+                    # Its engine core went before the client saw anything: another computes
+                    # it from the start (what the gone one made was never sent).
+                    outputs = self.core.add(add)
+                    streams = self._streams(request_id, params)
+                    continue
                 responses = self._advance(request_id, streams, batch, prompt)
                 # Before they are sent: a client that leaves after its last one has
                 # nothing to abort (the id may already be another request's).
                 ended = all(s.sent_last for s in streams)
                 for response in responses:
+                    sent = True
                     yield response
                 if not ended:  # nothing taken from the queue: an abort now is still right
                     for _ in range(CATCH_UP_TURNS):
@@ -140,6 +158,12 @@ class CoreBackend:
         finally:
             if not ended:  # the client left (or its deadline passed): the core frees it
                 self.core.abort(request_id)
+
+    def _streams(self, request_id: str, params: SamplingParams) -> list[CompletionStream]:
+        return [
+            CompletionStream(request_id, i, params, self._tokenizer, self._token_text)
+            for i in range(params.n)
+        ]
 
     @property
     def num_admitted(self) -> int:

@@ -13,7 +13,8 @@ its own replicas' step loops under its own interpreter lock.
 Core i's replica r shows as replica r * (number of cores) + i, so ids stay distinct.
 
 With one core it behaves as that core's CoreClient. A core whose stream breaks ends its own
-requests (CORE_GONE) and takes no new one; the others keep serving.
+requests (CORE_GONE: CoreBackend sends those that sent their client nothing yet to another core)
+and takes no new one; the others keep serving.
 """
 
 import asyncio

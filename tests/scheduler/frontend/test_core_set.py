@@ -5,6 +5,7 @@ states merged; one core gone while the other serves on."""
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -213,6 +214,34 @@ def test_a_core_that_goes_ends_its_requests_and_the_other_takes_the_new_ones(ran
     assert [got[-1].usage.completion_tokens for got in after] == [5, 5, 5]
     assert ready
     assert len(ranks[1].sampled) == 3
+
+
+def test_a_request_with_nothing_sent_yet_moves_to_another_core_when_its_core_goes(ranks):
+    """The first core's rank holds its first step, so its request has no token when the core
+    stops: the frontend sends it to the other core and the client sees one whole answer."""
+    ranks[0].hold = True
+    with running_core(ranks[1]) as kept:
+        gone = running_core(ranks[0])
+        lost = gone.__enter__()
+        stopping = threading.Thread(target=gone.__exit__, args=(None, None, None))
+
+        async def body(backend):
+            waiting = asyncio.ensure_future(
+                responses(backend, request((1, 1), request_id="w", max_tokens=6))
+            )
+            await asyncio.to_thread(ranks[0].held.wait, TIMEOUT)  # on the first core, held
+            stopping.start()  # its streams end first, then it waits on the held step
+            return await waiting
+
+        try:
+            got = with_backend((lost, kept), body)
+        finally:
+            ranks[0].release.set()
+            if stopping.is_alive() or stopping.ident is not None:
+                stopping.join(TIMEOUT)
+    assert [t for r in got for t in r.token_ids] == [2, 3, 4, 5, 6, 7]
+    assert got[-1].finish_reason == "length"
+    assert ranks[1].sampled["w"] == 6
 
 
 async def _until(condition) -> None:
