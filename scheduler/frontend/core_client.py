@@ -41,8 +41,10 @@ async def serving_changes(closed: asyncio.Event, changed: asyncio.Event) -> Asyn
     try:
         while not closed.is_set():
             changed_now = asyncio.ensure_future(changed.wait())
-            await asyncio.wait((ended, changed_now), return_when=asyncio.FIRST_COMPLETED)
-            changed_now.cancel()
+            try:
+                await asyncio.wait((ended, changed_now), return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the watcher is cancelled: no waiter is left behind
+                changed_now.cancel()
             changed.clear()
             yield
     finally:

@@ -1,5 +1,6 @@
 """Scaling on a simulated two-node Ray (fake GPUs, gloo, a tiny random Llama): 1 -> 2 -> 1
-replicas under streaming load loses no request and changes no output; a cancelled stream's
+replicas under streaming load loses no request and changes no output; with two engine cores the
+count is split over them; a cancelled stream's
 blocks are free again within one step; Scale refuses what it cannot do with a clear status."""
 
 import functools
@@ -98,6 +99,37 @@ def test_scaling_1_2_1_under_streaming_load_loses_nothing_and_changes_nothing(
     finally:
         cluster.shutdown()
     assert all(g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())
+
+
+def test_scale_splits_the_replicas_over_two_engine_cores_and_changes_no_output(
+    two_nodes, tiny_models, smollm2_path
+):
+    """Two replicas, each in an engine core of its own: Scale to 3 places the third in the
+    first core (the count split as at start), Scale to 2 drains it, Scale to 1 is refused (each
+    core keeps one); greedy outputs stay those of the start."""
+    path, _ = tiny_models["llama"]
+    prompts = PROMPTS[:16]
+    cluster = start_cluster(
+        "replicas.yaml", path, smollm2_path, "parallel.replicas=2", "parallel.engine_cores=2"
+    )
+    try:
+        address = cluster.address
+        assert len(cluster.schedulers) == 2
+        expected = generate_all(address, prompts, 12)
+        up = _scale(address, 3)
+        assert list(up.serving) == [0, 1, 2] and list(up.added) == [2]  # core 0's second
+        assert generate_all(address, prompts, 12) == expected
+        down = _scale(address, 2)
+        assert list(down.serving) == [0, 1] and list(down.draining) == [2]
+        with Client(address) as client:
+            _wait_for(lambda: len(client.server_info().replicas) == 2, "replica 2 stops")
+        with pytest.raises(grpc.RpcError) as refused:
+            _scale(address, 1)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "2 engine cores" in refused.value.details()
+        assert generate_all(address, prompts, 12) == expected
+    finally:
+        cluster.shutdown()
 
 
 def test_a_cancelled_stream_frees_its_blocks_within_one_step(two_nodes, tiny_models, smollm2_path):
