@@ -30,8 +30,6 @@ from scheduler.frontend.backend import ServingError
 from scheduler.frontend.core_client import CORE_GONE, CoreClient, serving_changes
 from scheduler.frontend.prefix_index import PrefixIndex
 
-NOT_SERVING = "no engine core serves now (a replica recovers); retry shortly"
-
 
 class CoreSet:
     """Create and use it on one event loop; start() opens every core's stream."""
@@ -121,15 +119,13 @@ class CoreSet:
         return self._route(msg.prompt_token_ids).add(msg)
 
     def _route(self, prompt: Sequence[int]) -> CoreClient:
-        takers = [i for i in range(len(self.cores)) if self._takes(i)]
-        if not takers:
-            if len(self.cores) == 1:  # its own refusal: gone, or holding requests while
-                return self.cores[0]  # its replicas recover
-            raise ServingError(
-                grpc.StatusCode.UNAVAILABLE, CORE_GONE if not self.connected else NOT_SERVING
-            )
         if len(self.cores) == 1:
             return self.cores[0]
+        takers = [i for i in range(len(self.cores)) if self._takes(i)]
+        if not takers:  # none serves: a core whose replicas recover holds it until one does
+            takers = [i for i, core in enumerate(self.cores) if self._ready[i] and core.connected]
+        if not takers:
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, CORE_GONE)
         # As the core's Router among its replicas: a prefix counts among the cores loaded at
         # most BALANCE_SLACK requests (or half the least's load) above the least loaded.
         loads = {i: self.cores[i].num_requests for i in takers}

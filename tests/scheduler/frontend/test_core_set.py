@@ -193,6 +193,27 @@ def test_scale_splits_the_replicas_over_the_cores_each_keeping_one():
     assert "2 engine cores" in refused.message and "at least 2 replicas, not 1" in refused.message
 
 
+def test_while_no_core_serves_a_request_waits_in_one_whose_replica_recovers():
+    placers = FakePlacer(NUM_BLOCKS, BLOCK_SIZE), FakePlacer(NUM_BLOCKS, BLOCK_SIZE)
+
+    async def body(backend):
+        for placer in placers:  # every core's only replica fails; its restart waits
+            placer.may_place.clear()
+            placer.kill(0)
+        await _until(lambda: not backend.core.serving)
+        waiting = asyncio.ensure_future(responses(backend, request((1, 1), max_tokens=4)))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # held, not refused
+        for placer in placers:
+            placer.may_place.set()
+        return await waiting
+
+    with placed_core(placers[0]) as first, placed_core(placers[1]) as second:
+        got = with_backend((first, second), body)
+    assert [t for r in got for t in r.token_ids] == [2, 3, 4, 5]
+    assert got[-1].finish_reason == "length"
+
+
 def test_a_core_that_goes_ends_its_requests_and_the_other_takes_the_new_ones(ranks):
     with running_core(ranks[1]) as kept:
         gone = running_core(ranks[0])
