@@ -58,7 +58,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1  # ranks (GPUs) of one replica
     replicas: int = 1  # tensor-parallel groups, each with its own KV cache, one scheduler
     # Engine-core processes the replicas are split over (each drives its replicas' step loops
-    # under its own interpreter lock; the frontends route requests over them by load).
+    # under its own interpreter lock; the frontends route requests over them, CoreSet).
     engine_cores: int = 1
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Starts a pagedserve cluster on Ray from a Config, on this node: parallel.engine_cores
 scheduler actors (the engine cores, each over its share of the replicas), each of which places
 its replicas' worker actors in a placement group of their own (cluster.placement) and drives
-them (it places more, or drains some, when asked to scale: with one engine core), and
+them (it places more, or drains some, when asked to scale: its share of the count), and
 server.frontends frontend actors sharing the Serving port in front of them, each routing its
 requests over every engine core (scheduler.frontend.core_set).
 

@@ -49,15 +49,6 @@ CATCH_UP_TURNS = 2
 LOADING = "the model is still loading; retry shortly"
 
 
-def _core_gone(batch: list[CoreOutputs]) -> bool:
-    """Whether the request's engine core went (its stream broke) in these outputs."""
-    return any(
-        end.HasField("error") and end.error.message == CORE_GONE
-        for outputs in batch
-        for end in outputs.finished
-    )
-
-
 class CoreBackend:
     """Serves on the event loop it is used on; the model is known once the tokenizer is loaded
     (set_tokenizer) and the core has sent it (set_model_info)."""
@@ -136,7 +127,7 @@ class CoreBackend:
                 batch = [await outputs.get()]
                 while not outputs.empty():  # a client that fell behind: merged
                     batch.append(outputs.get_nowait())
-                if not sent and _core_gone(batch) and self.core.serving:
+                if not sent and any(o.core_gone for o in batch) and self.core.serving:
                     # Its engine core went before the client saw anything: another computes
                     # it from the start (what the gone one made was never sent).
                     outputs = self.core.add(add)

@@ -54,10 +54,12 @@ async def serving_changes(closed: asyncio.Event, changed: asyncio.Event) -> Asyn
 @dataclass
 class CoreOutputs:
     """One request's share of one core message: (index, token, logprobs) per new token (logprobs
-    None where not asked), then the completions that ended."""
+    None where not asked), then the completions that ended. core_gone: the core's stream broke
+    (finished holds the request's end, UNAVAILABLE)."""
 
     tokens: list[tuple[int, int, serving_pb2.TokenLogprobs | None]] = field(default_factory=list)
     finished: list[frontend_pb2.Finished] = field(default_factory=list)
+    core_gone: bool = False
 
 
 @dataclass
@@ -211,7 +213,7 @@ class CoreClient:
                 ),
             )
             for registered in self._requests.values():
-                registered.outputs.put_nowait(CoreOutputs(finished=[lost]))
+                registered.outputs.put_nowait(CoreOutputs(finished=[lost], core_gone=True))
             self._requests.clear()
 
     def _dispatch(self, outputs: frontend_pb2.StepOutputs) -> None:
