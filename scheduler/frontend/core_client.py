@@ -1,9 +1,17 @@
 """A frontend's connection to the engine core: one Connect stream (protos/frontend.proto) and
-the unary calls it forwards, on the frontend's event loop.
+the unary calls it forwards.
 
     add(AddRequest) -> the request's queue      ...      Connect stream      engine core
     abort(id), stop(id, index, stop_str)  --> batched into one FrontendMessage per loop turn -->
-    request queues <-- a StepOutputs split by request (one CoreOutputs each) <-- per step
+    request queues <-- every core message that came since the loop's last turn, split by
+                       request (one CoreOutputs per request and message)   <-- one per step
+
+The stream is read by a thread of its own (grpc's blocking API), not on the event loop: the
+loop takes, in one turn, every core message that came while it was busy. On the loop a read
+of the stream takes a turn for itself, so a loop whose turns grow longer than a step (a frontend
+holding many streams) fell further behind the core at every step, however many tokens each
+client message carried; taken together, a request's tokens of all those steps leave in one
+message, and a busy frontend's backlog is at most one turn.
 
 The stream speaks at least every heartbeat.interval_s (an empty message when nothing is queued):
 the core takes a frontend silent for heartbeat.timeout_s for hung (protos/heartbeat.py). The
@@ -17,6 +25,8 @@ reused on this frontend before the core has freed it.
 import asyncio
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -94,21 +104,31 @@ class CoreClient:
         # time.monotonic() when the core's last message of outputs came (None before any).
         self.last_outputs_at: float | None = None
         self._outgoing = frontend_pb2.FrontendMessage()
-        self._wake = asyncio.Event()
+        self._flush_pending = False  # a _flush is scheduled on the loop
+        # FrontendMessages for the stream's sending side (grpc's thread); None ends it.
+        self._sending: queue.SimpleQueue = queue.SimpleQueue()
+        # The core's messages the reader thread took and the loop has not: (time, message).
+        self._inbox: list[tuple[float, frontend_pb2.CoreMessage]] = []
+        self._inbox_lock = threading.Lock()
+        self._delivery_pending = False  # under _inbox_lock: a _deliver is scheduled
         self._closing = False
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address)
+        self._loop = asyncio.get_running_loop()
+        self._channel = grpc.aio.insecure_channel(self.address)  # the unary calls
         self._stub = frontend_pb2_grpc.EngineCoreStub(self._channel)
-        self._call = self._stub.Connect(
-            self._send_loop(),
+        self._stream_channel = grpc.insecure_channel(self.address)
+        self._call = frontend_pb2_grpc.EngineCoreStub(self._stream_channel).Connect(
+            iter(self._sending.get, None),
             metadata=((PID_METADATA, str(os.getpid())), *self._secret_metadata),
             wait_for_ready=True,
         )
         self.connected = True
-        loop = asyncio.get_running_loop()
-        self._receiver = loop.create_task(self._receive_loop())
-        self._beater = loop.create_task(self._beat())
+        self._reader = threading.Thread(
+            target=self._read, name=f"core-link-{self.address}", daemon=True
+        )
+        self._reader.start()
+        self._beater = self._loop.create_task(self._beat())
 
     @property
     def num_requests(self) -> int:
@@ -130,18 +150,18 @@ class CoreClient:
         n = msg.params.n if msg.params.HasField("n") else 1
         registered = self._requests[msg.request_id] = _Registered(asyncio.Queue(), n)
         self._outgoing.add.append(msg)
-        self._wake.set()
+        self._flush_soon()
         return registered.outputs
 
     def abort(self, request_id: str) -> None:
         """Asks the core to end every completion of a request (their ends still arrive)."""
         self._outgoing.abort.append(request_id)
-        self._wake.set()
+        self._flush_soon()
 
     def stop(self, request_id: str, index: int, stop_str: str) -> None:
         """Tells the core that a completion's text reached a stop string."""
         self._outgoing.stop.add(request_id=request_id, index=index, stop_str=stop_str)
-        self._wake.set()
+        self._flush_soon()
 
     async def abort_by_id(self, request_id: str, owner: str) -> bool:
         """Abort of the Serving API, for a request of owner ("" = any) on any frontend."""
@@ -162,59 +182,91 @@ class CoreClient:
             raise ServingError(e.code(), e.details()) from None
 
     async def close(self) -> None:
-        """Ends the stream (the core aborts what this frontend still holds) and the channel."""
+        """Ends the stream (the core aborts what this frontend still holds) and the channels."""
         self._closing = True
-        self._wake.set()
         self._beater.cancel()
         if self.connected:
             self._call.cancel()
-            await asyncio.wait([self._receiver], timeout=10)
+            try:
+                await asyncio.wait_for(self.closed.wait(), timeout=10)
+            except TimeoutError:
+                log.error("the engine core's stream did not end within 10 s of its cancel")
+        self._sending.put(None)
         await self._channel.close()
+        self._stream_channel.close()
 
-    async def _send_loop(self):
-        """What was queued since the last turn of the loop, as one message (an empty one when
-        only the heartbeat woke it)."""
-        while not self._closing:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._closing:
-                return
-            message, self._outgoing = self._outgoing, frontend_pb2.FrontendMessage()
-            yield message
+    def _flush_soon(self) -> None:
+        """What is queued leaves as one message once the loop's current turn has run."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Sends what was queued (an empty message when only the heartbeat calls)."""
+        self._flush_pending = False
+        if self._closing:
+            return
+        message, self._outgoing = self._outgoing, frontend_pb2.FrontendMessage()
+        self._sending.put(message)
 
     async def _beat(self) -> None:
-        """Wakes the send loop every heartbeat.interval_s: the stream speaks at least that
-        often, busy or idle."""
+        """The stream speaks at least every heartbeat.interval_s, busy or idle."""
         while not self._closing:
             await asyncio.sleep(self._heartbeat.interval_s)
-            self._wake.set()
+            self._flush()
 
-    async def _receive_loop(self) -> None:
+    def _read(self) -> None:
+        """The reader thread: hands the loop each core message as it comes; once the stream
+        ends, its end."""
+        error: grpc.RpcError | None = None
         try:
-            async for message in self._call:
-                if message.HasField("ready"):
-                    self._on_ready(message.ready)
-                elif message.HasField("serving"):
-                    self.serving = message.serving
-                    self.serving_changed.set()
-                else:
-                    self.last_outputs_at = time.monotonic()
-                    self._dispatch(message.outputs)
-        except grpc.aio.AioRpcError as e:
-            if not self._closing:
-                log.error("the engine core's stream broke: %s", e.details())
+            for message in self._call:
+                with self._inbox_lock:
+                    self._inbox.append((time.monotonic(), message))
+                    wake, self._delivery_pending = not self._delivery_pending, True
+                if wake:
+                    self._to_loop(self._deliver)
+        except grpc.RpcError as e:
+            error = e
         finally:
-            self.connected = False
-            self.closed.set()
-            lost = frontend_pb2.Finished(
-                finish_reason="abort",
-                error=frontend_pb2.Error(
-                    code=grpc.StatusCode.UNAVAILABLE.value[0], message=CORE_GONE
-                ),
-            )
-            for registered in self._requests.values():
-                registered.outputs.put_nowait(CoreOutputs(finished=[lost], core_gone=True))
-            self._requests.clear()
+            self._to_loop(self._ended, error)
+
+    def _to_loop(self, callback: Callable, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
+
+    def _deliver(self) -> None:
+        """Applies, in order, every core message that came since the last call."""
+        with self._inbox_lock:
+            messages, self._inbox = self._inbox, []
+            self._delivery_pending = False
+        for came, message in messages:
+            if message.HasField("ready"):
+                self._on_ready(message.ready)
+            elif message.HasField("serving"):
+                self.serving = message.serving
+                self.serving_changed.set()
+            else:
+                self.last_outputs_at = came
+                self._dispatch(message.outputs)
+
+    def _ended(self, error: grpc.RpcError | None) -> None:
+        """The stream ended (after every message it brought was delivered): the requests the
+        core still held end UNAVAILABLE."""
+        if error is not None and not self._closing:
+            log.error("the engine core's stream broke: %s", error.details())
+        self.connected = False
+        self._sending.put(None)  # grpc's sending thread stops waiting
+        self.closed.set()
+        lost = frontend_pb2.Finished(
+            finish_reason="abort",
+            error=frontend_pb2.Error(code=grpc.StatusCode.UNAVAILABLE.value[0], message=CORE_GONE),
+        )
+        for registered in self._requests.values():
+            registered.outputs.put_nowait(CoreOutputs(finished=[lost], core_gone=True))
+        self._requests.clear()
 
     def _dispatch(self, outputs: frontend_pb2.StepOutputs) -> None:
         """Splits one core message by request, each request's share put on its queue at once."""
