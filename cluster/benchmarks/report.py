@@ -25,6 +25,7 @@ import os
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,22 +53,42 @@ def records_between(records: list[dict], start: float, end: float) -> list[dict]
     return [r for r in records if start <= r["start"] <= end]
 
 
-def triton_cache_entries() -> int | None:
-    """Entries in this node's Triton cache (TRITON_CACHE_DIR, else ~/.triton/cache), one per
-    compiled kernel variant; None without a cache. The workers of a one-node cluster compile
-    into it: a count that grows over a timed pass means the pass paid for compiling."""
-    path = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
+def _triton_cache_dir() -> str:
+    return os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
+
+
+def triton_cache_entries() -> frozenset[str] | None:
+    """The entries of this node's Triton cache (TRITON_CACHE_DIR, else ~/.triton/cache), a
+    directory per compiled kernel variant; None without a cache. The workers of a one-node
+    cluster compile into it: entries new after a timed pass mean the pass paid for compiling."""
     try:
-        return len(os.listdir(path))
+        return frozenset(os.listdir(_triton_cache_dir()))
     except OSError:
         return None
 
 
-def format_compiled(before: int | None, after: int | None) -> str:
-    """One line: the Triton kernels compiled on this node between the two counts."""
+def _kernel_name(entry: str) -> str:
+    """The kernel an entry of the cache was compiled for: its metadata file's name (the one
+    .json not named __grp__*), else the entry's own."""
+    try:
+        files = os.listdir(os.path.join(_triton_cache_dir(), entry))
+    except OSError:
+        return entry
+    names = [f[:-5] for f in files if f.endswith(".json") and not f.startswith("__grp__")]
+    return min(names) if names else entry
+
+
+def format_compiled(before: frozenset[str] | None, after: frozenset[str] | None) -> str:
+    """One line: how many Triton kernel variants were compiled on this node between the two
+    listings, and of which kernels ("_prefill_kernel x2": two variants of it)."""
     if before is None or after is None:
         return "Triton kernels compiled during the timed pass: no Triton cache on this node"
-    return f"Triton kernels compiled during the timed pass (this node's cache): {after - before}"
+    counts = Counter(_kernel_name(entry) for entry in after - before)
+    line = f"Triton kernels compiled during the timed pass (this node's cache): {counts.total()}"
+    if counts:
+        kernels = (name if n == 1 else f"{name} x{n}" for name, n in sorted(counts.items()))
+        line += f" ({', '.join(kernels)})"
+    return line
 
 
 def format_timeline(records: list[dict], start: float, end: float) -> str:

@@ -124,18 +124,28 @@ def test_timeline_of_the_steps_within_the_clients_pass():
     assert format_timeline([], 9.9, 11.0) == "engine steps: none within the clients' 1.10 s"
 
 
-def test_triton_kernels_compiled_are_counted_in_the_nodes_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+def test_triton_kernels_compiled_are_counted_and_named_from_the_nodes_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
     assert triton_cache_entries() is None
     assert format_compiled(None, None).endswith("no Triton cache on this node")
-    (tmp_path / "cache").mkdir()
+    cache.mkdir()
+    (cache / "old").mkdir()  # compiled before: not counted
     before = triton_cache_entries()
-    for name in ("a1", "b2", "c3"):  # one directory a compiled kernel variant
-        (tmp_path / "cache" / name).mkdir()
-    assert (before, triton_cache_entries()) == (0, 3)
-    assert format_compiled(before, 3) == (
-        "Triton kernels compiled during the timed pass (this node's cache): 3"
+    # One directory a compiled kernel variant, holding its metadata as <kernel>.json (and the
+    # group file __grp__<kernel>.json); an entry without metadata goes by its own name.
+    for entry, kernel in (("a1", "_prefill_kernel"), ("b2", "_prefill_kernel"), ("c3", "_gemv")):
+        (cache / entry).mkdir()
+        (cache / entry / f"{kernel}.json").write_text("{}")
+        (cache / entry / f"__grp__{kernel}.json").write_text("{}")
+    (cache / "d4").mkdir()
+    after = triton_cache_entries()
+    assert (len(before), len(after)) == (1, 5)
+    assert format_compiled(before, after) == (
+        "Triton kernels compiled during the timed pass (this node's cache): 4 "
+        "(_gemv, _prefill_kernel x2, d4)"
     )
+    assert format_compiled(after, after).endswith("(this node's cache): 0")
 
 
 def test_roofline_arithmetic():
