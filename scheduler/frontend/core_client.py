@@ -4,7 +4,7 @@ the unary calls it forwards.
     add(AddRequest) -> the request's queue      ...      Connect stream      engine core
     abort(id), stop(id, index, stop_str)  --> batched into one FrontendMessage per loop turn -->
     request queues <-- every core message that came since the loop's last turn, split by
-                       request (one CoreOutputs per request and message)   <-- one per step
+                       request (one CoreOutputs per request for all of them) <-- one per step
 
 The stream is read by a thread of its own (grpc's blocking API), not on the event loop: the
 loop takes, in one turn, every core message that came while it was busy. On the loop a read
@@ -63,9 +63,9 @@ async def serving_changes(closed: asyncio.Event, changed: asyncio.Event) -> Asyn
 
 @dataclass
 class CoreOutputs:
-    """One request's share of one core message: (index, token, logprobs) per new token (logprobs
-    None where not asked), then the completions that ended. core_gone: the core's stream broke
-    (finished holds the request's end, UNAVAILABLE)."""
+    """One request's share of the core messages that came since its last: (index, token,
+    logprobs) per new token (logprobs None where not asked), then the completions that ended.
+    core_gone: the core's stream broke (finished holds the request's end, UNAVAILABLE)."""
 
     tokens: list[tuple[int, int, serving_pb2.TokenLogprobs | None]] = field(default_factory=list)
     finished: list[frontend_pb2.Finished] = field(default_factory=list)
@@ -242,15 +242,20 @@ class CoreClient:
         with self._inbox_lock:
             messages, self._inbox = self._inbox, []
             self._delivery_pending = False
+        steps: list[frontend_pb2.StepOutputs] = []  # outputs not dispatched yet, in order
         for came, message in messages:
+            if message.HasField("outputs"):
+                self.last_outputs_at = came
+                steps.append(message.outputs)
+                continue
+            self._dispatch(steps)
+            steps = []
             if message.HasField("ready"):
                 self._on_ready(message.ready)
-            elif message.HasField("serving"):
+            else:
                 self.serving = message.serving
                 self.serving_changed.set()
-            else:
-                self.last_outputs_at = came
-                self._dispatch(message.outputs)
+        self._dispatch(steps)
 
     def _ended(self, error: grpc.RpcError | None) -> None:
         """The stream ended (after every message it brought was delivered): the requests the
@@ -268,23 +273,26 @@ class CoreClient:
             registered.outputs.put_nowait(CoreOutputs(finished=[lost], core_gone=True))
         self._requests.clear()
 
-    def _dispatch(self, outputs: frontend_pb2.StepOutputs) -> None:
-        """Splits one core message by request, each request's share put on its queue at once."""
+    def _dispatch(self, steps: list[frontend_pb2.StepOutputs]) -> None:
+        """Splits core messages by request: each request's share of all of them goes on its
+        queue as one CoreOutputs (a completion's tokens come before its end, in every message
+        and so in their sum)."""
         split: dict[str, CoreOutputs] = {}
-        logprobs = outputs.logprobs
-        for i, (request_id, index, token) in enumerate(
-            zip(outputs.request_ids, outputs.indices, outputs.token_ids, strict=True)
-        ):
-            mine = split.get(request_id)
-            if mine is None:
-                mine = split[request_id] = CoreOutputs()
-            lp = logprobs[i] if logprobs and logprobs[i].entries else None
-            mine.tokens.append((index, token, lp))
-        for finished in outputs.finished:
-            mine = split.get(finished.request_id)
-            if mine is None:
-                mine = split[finished.request_id] = CoreOutputs()
-            mine.finished.append(finished)
+        for outputs in steps:
+            logprobs = outputs.logprobs
+            for i, (request_id, index, token) in enumerate(
+                zip(outputs.request_ids, outputs.indices, outputs.token_ids, strict=True)
+            ):
+                mine = split.get(request_id)
+                if mine is None:
+                    mine = split[request_id] = CoreOutputs()
+                lp = logprobs[i] if logprobs and logprobs[i].entries else None
+                mine.tokens.append((index, token, lp))
+            for finished in outputs.finished:
+                mine = split.get(finished.request_id)
+                if mine is None:
+                    mine = split[finished.request_id] = CoreOutputs()
+                mine.finished.append(finished)
         for request_id, mine in split.items():
             registered = self._requests.get(request_id)
             if registered is None:

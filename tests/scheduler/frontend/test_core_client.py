@@ -76,11 +76,11 @@ def step(token: int) -> frontend_pb2.CoreMessage:
 
 def test_a_busy_loop_takes_every_step_that_came_meanwhile_in_its_next_turn():
     """While the loop is busy for a long turn, the core sends STEPS steps; in the next turns
-    the request's queue holds them all, in order. (Read on the loop, a gRPC stream yields one
-    message every few turns, so a frontend whose turns outgrow the core's steps fell further
-    behind at every step.)"""
+    the request's queue holds them all, in order, as one CoreOutputs. (Read on the loop, a gRPC
+    stream yields one message every few turns, so a frontend whose turns outgrow the core's
+    steps fell further behind at every step.)"""
 
-    async def run(address: str, core: ScriptedCore) -> list[int]:
+    async def run(address: str, core: ScriptedCore) -> list[list[int]]:
         async with client_with_request(address, core) as (_, outputs):
             for token in range(STEPS):
                 core.outgoing.put(step(token))
@@ -89,11 +89,11 @@ def test_a_busy_loop_takes_every_step_that_came_meanwhile_in_its_next_turn():
                 await asyncio.sleep(0)
             taken = []
             while not outputs.empty():
-                taken.extend(token for _, token, _ in outputs.get_nowait().tokens)
+                taken.append([token for _, token, _ in outputs.get_nowait().tokens])
             return taken
 
     with scripted_core() as (core, address):
-        assert asyncio.run(run(address, core)) == list(range(STEPS))
+        assert asyncio.run(run(address, core)) == [list(range(STEPS))]
 
 
 def test_the_end_of_the_stream_comes_after_every_message_it_brought():
