@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ class Tokenizer:
         self.eos_token_ids = frozenset([] if eos is None else [eos])
         self.vocab_size = len(self._tok)
         # The tokenizers library's own tokenizer, where decode() adds nothing to what it returns
-        # (no clean-up of spaces): decode_batch() then makes one call for many sequences.
+        # (no clean-up of spaces): its DecodeStream then streams text (decode_stream()).
         fast = getattr(self._tok, "is_fast", False)
         cleans_up = getattr(self._tok, "clean_up_tokenization_spaces", False)
         self._backend = self._tok.backend_tokenizer if fast and not cleans_up else None
@@ -54,21 +55,26 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def decode_batch(
-        self, sequences: list[list[int]], skip_special_tokens: bool = True
-    ) -> list[str]:
-        """decode() of each sequence, in one call where the tokenizer allows (cheaper than a
-        decode() call each, BENCHMARKS.md "Frontend streaming")."""
+    def decode_stream(self, skip_special_tokens: bool) -> Callable[[list[int]], str | None] | None:
+        """A new stream of one sequence's text: a function taking its next token ids and
+        returning the text they complete (None while a character is incomplete), the tokenizers
+        library's DecodeStream; None where decode() is not the library's own (the tokenizer
+        cleans up spaces, or is not a fast one)."""
         if self._backend is None:
-            return [self.decode(ids, skip_special_tokens) for ids in sequences]
-        return self._backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
+            return None
+        from tokenizers.decoders import DecodeStream
+
+        stream, backend = DecodeStream(skip_special_tokens=skip_special_tokens), self._backend
+        return lambda token_ids: stream.step(backend, token_ids)
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas; the text streamed is always a
+    prefix of decode(token_ids) (output that ends in an incomplete character is held back).
 
-    Decodes a short window (prefix_offset .. end) and emits only what follows the text of
-    (prefix_offset .. read_offset), holding back output that ends in an incomplete character.
+    With the tokenizers library's own tokenizer, its incremental decoder (DecodeStream,
+    Tokenizer.decode_stream); else decodes a short window (prefix_offset .. end) and emits only
+    what follows the text of (prefix_offset .. read_offset).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
@@ -76,26 +82,22 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self.text = ""
+        self._stream = tokenizer.decode_stream(skip_special_tokens)
         self._prefix_offset = 0
         self._read_offset = 0
 
     def add(self, token_ids: list[int]) -> str:
-        """Appends tokens; returns the new text they complete (possibly empty): add_batch of
-        this detokenizer alone, without its grouping (a frontend detokenizes each message's
-        tokens as they come, one completion at a time)."""
+        """Appends tokens; returns the new text they complete (possibly empty)."""
         self.token_ids.extend(token_ids)
-        prefix, full = self.tokenizer.decode_batch(self._windows(), self.skip_special_tokens)
-        return self._advance(prefix, full)
-
-    def _windows(self) -> tuple[list[int], list[int]]:
-        """The two token windows whose texts add() compares: the prefix, and prefix + new."""
-        return (
-            self.token_ids[self._prefix_offset : self._read_offset],
-            self.token_ids[self._prefix_offset :],
+        if self._stream is not None:
+            delta = (self._stream(token_ids) or "") if token_ids else ""
+            self.text += delta
+            return delta
+        skip = self.skip_special_tokens
+        prefix = self.tokenizer.decode(
+            self.token_ids[self._prefix_offset : self._read_offset], skip
         )
-
-    def _advance(self, prefix: str, full: str) -> str:
-        """add()'s result from the texts of its two windows."""
+        full = self.tokenizer.decode(self.token_ids[self._prefix_offset :], skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         delta = full[len(prefix) :]
@@ -110,23 +112,6 @@ class IncrementalDetokenizer:
         delta = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text += delta
         return delta
-
-
-def add_batch(detokenizers: list[IncrementalDetokenizer], token_ids: list[list[int]]) -> list[str]:
-    """detokenizers[i].add(token_ids[i]) for every i, the windows of all of them decoded in one
-    decode_batch call per (tokenizer, skip_special_tokens)."""
-    groups: dict[tuple[int, bool], list[int]] = {}
-    for i, (detok, ids) in enumerate(zip(detokenizers, token_ids, strict=True)):
-        detok.token_ids.extend(ids)
-        groups.setdefault((id(detok.tokenizer), detok.skip_special_tokens), []).append(i)
-    out = [""] * len(detokenizers)
-    for members in groups.values():
-        first = detokenizers[members[0]]
-        windows = [w for i in members for w in detokenizers[i]._windows()]
-        texts = first.tokenizer.decode_batch(windows, first.skip_special_tokens)
-        for k, i in enumerate(members):
-            out[i] = detokenizers[i]._advance(texts[2 * k], texts[2 * k + 1])
-    return out
 
 
 def _gguf_tokenizer(path: str) -> Any:

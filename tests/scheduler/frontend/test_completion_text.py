@@ -14,8 +14,8 @@ class PieceTokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(PIECES[i] for i in token_ids)
 
-    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = True):
-        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+    def decode_stream(self, skip_special_tokens: bool) -> None:
+        return None  # streamed text comes from decode() of windows
 
 
 def stream(params: SamplingParams, num_tokens: int = len(PIECES)) -> tuple[list[str], str | None]:

@@ -1,12 +1,12 @@
-"""Batched detokenization against one decode call at a time, with SmolLM2's real tokenizer:
-random ids, so special tokens and byte pieces that end mid-character come up."""
+"""Incremental detokenization with SmolLM2's real tokenizer, its DecodeStream against decode()
+of windows: random ids, so special tokens and byte pieces that end mid-character come up."""
 
 import random
 from pathlib import Path
 
 import pytest
 
-from scheduler.frontend.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
+from scheduler.frontend.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +14,8 @@ def tokenizer(smollm2_path) -> Tokenizer:
     return Tokenizer(smollm2_path)
 
 
-class OneCallEach:
-    """The tokenizer with decode_batch as one decode() call per sequence."""
+class Windowed:
+    """The tokenizer without its DecodeStream: text streams from decode() of windows."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -23,8 +23,8 @@ class OneCallEach:
     def decode(self, token_ids: list[int], skip: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip)
 
-    def decode_batch(self, sequences: list[list[int]], skip: bool = True) -> list[str]:
-        return [self.tokenizer.decode(ids, skip) for ids in sequences]
+    def decode_stream(self, skip_special_tokens: bool) -> None:
+        return None
 
 
 def random_sequences(vocab: int, num: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -32,28 +32,25 @@ def random_sequences(vocab: int, num: int, length: int, seed: int = 0) -> list[l
     return [[rng.randrange(vocab) for _ in range(rng.randrange(length))] for _ in range(num)]
 
 
-def test_the_batched_call_is_in_use_and_decodes_as_decode_does(tokenizer):
-    assert tokenizer._backend is not None  # else decode_batch is decode() in a loop
-    sequences = random_sequences(tokenizer.vocab_size, 64, 12)
-    for skip in (True, False):
-        expected = [tokenizer.decode(ids, skip) for ids in sequences]
-        assert tokenizer.decode_batch(sequences, skip) == expected
-
-
-def test_a_batched_step_streams_what_one_detokenizer_at_a_time_streams(tokenizer):
-    sequences = random_sequences(tokenizer.vocab_size, 16, 40, seed=1)
+@pytest.mark.parametrize("tokens_a_step", [1, 3])
+def test_the_stream_and_the_windows_stream_the_same_text_a_prefix_of_decode(
+    tokenizer, tokens_a_step
+):
+    assert tokenizer.decode_stream(True) is not None  # SmolLM2's is the library's own
+    sequences = random_sequences(tokenizer.vocab_size, 64, 40, seed=1)
     # Byte pieces of one multi-byte character, then text: text is held back until complete.
     sequences.append(tokenizer.encode("naïve café ☕ 日本語") * 2)
-    skips = [i % 2 == 0 for i in range(len(sequences))]
-    alone = [IncrementalDetokenizer(OneCallEach(tokenizer), skip) for skip in skips]
-    batched = [IncrementalDetokenizer(tokenizer, skip) for skip in skips]
-    for step in range(max(map(len, sequences))):
-        rows = [i for i, ids in enumerate(sequences) if step < len(ids)]
-        texts = add_batch([batched[i] for i in rows], [[sequences[i][step]] for i in rows])
-        assert texts == [alone[i].add([sequences[i][step]]) for i in rows]
-    for a, b, ids, skip in zip(alone, batched, sequences, skips, strict=True):
-        assert a.flush() == b.flush()
-        assert a.text == b.text == tokenizer.decode(ids, skip)
+    for i, ids in enumerate(sequences):
+        skip = i % 2 == 0
+        final = tokenizer.decode(ids, skip)
+        streamed = IncrementalDetokenizer(tokenizer, skip)
+        windowed = IncrementalDetokenizer(Windowed(tokenizer), skip)
+        for start in range(0, len(ids), tokens_a_step):
+            step = ids[start : start + tokens_a_step]
+            assert streamed.add(step) == windowed.add(step)
+            assert final.startswith(streamed.text)
+        assert streamed.flush() == windowed.flush()
+        assert streamed.text == windowed.text == final
 
 
 def test_messages_a_chat_template_refuses_are_a_value_error_naming_messages(smollm2_path):
@@ -94,7 +91,10 @@ def test_a_gguf_tokenizer_loads_from_its_cache_as_from_the_file(
         converted.eos_token_ids,
         converted.vocab_size,
     )
-    assert cached._backend is not None
+    assert cached.decode_stream(True) is not None
     sequences = random_sequences(converted.vocab_size, 32, 12, seed=3)
     for skip in (True, False):
-        assert cached.decode_batch(sequences, skip) == converted.decode_batch(sequences, skip)
+        for ids in sequences:
+            assert cached.decode(ids, skip) == converted.decode(ids, skip)
+            ours, theirs = cached.decode_stream(skip), converted.decode_stream(skip)
+            assert [ours([t]) for t in ids] == [theirs([t]) for t in ids]
