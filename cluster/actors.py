@@ -38,8 +38,8 @@ class WorkerActor:
     listening on loopback (loopback: its replica and the engine core share this node) or else
     on this node's address.
 
-    cpu_ranks_on_node: for a rank that computes on the CPU, how many ranks of its replica this
-    node holds (they share its cores: worker.threads); None for a GPU rank."""
+    cpu_ranks_on_node: for a rank that computes on the CPU, how many CPU ranks share this
+    node's cores (worker.threads); None for a GPU rank."""
 
     def __init__(
         self, secret: str, loopback: bool, log_level: str, cpu_ranks_on_node: int | None
@@ -130,7 +130,10 @@ class SchedulerActor:
         gpus_per_worker: float,
         secret: str,
         loopback: bool,
+        cluster_replicas: int,
     ) -> None:
+        """cluster_replicas: the replicas of every engine core together (CPU workers on one
+        node share its cores: RayPlacer)."""
         from cluster.placement import RayPlacer
         from scheduler.core.engine_core import EngineCore
 
@@ -142,7 +145,7 @@ class SchedulerActor:
         # The scheduler's sizes a YAML leaves unset follow the workers' device from here on.
         config = replace(config, scheduler=config.scheduler.for_device(gpus_per_worker > 0))
         self._config = config
-        self._placer = RayPlacer(config, model_path, gpus_per_worker, secret)
+        self._placer = RayPlacer(config, model_path, gpus_per_worker, secret, cluster_replicas)
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         on_hung = _kill_hung_frontend if loopback else None
         self._core = EngineCore(config.model.model, host, secret, on_hung=on_hung)

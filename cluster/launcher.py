@@ -85,6 +85,7 @@ class Cluster:
                     num_gpus,
                     self.secret,
                     loopback=True,
+                    cluster_replicas=cfg.parallel.replicas,
                 )
                 for n in cfg.parallel.split()
             ]

@@ -61,9 +61,23 @@ class _Placed:
 class RayPlacer:
     """The Placer of scheduler.core.fleet on the Ray cluster this process is connected to."""
 
-    def __init__(self, config: Config, model_path: str, num_gpus: float, secret: str) -> None:
-        """secret: the cluster secret its workers demand of every call."""
+    def __init__(
+        self,
+        config: Config,
+        model_path: str,
+        num_gpus: float,
+        secret: str,
+        cluster_replicas: int | None = None,
+    ) -> None:
+        """secret: the cluster secret its workers demand of every call. cluster_replicas: the
+        replicas of every engine core together (default: this config's). A CPU rank's torch
+        threads are its node's cores over the CPU ranks taken to share them: its replica's
+        ranks there times cluster_replicas, as if every replica ran on that node (a CPU cluster
+        is one node as a rule; spread over several, each rank computes on fewer threads than it
+        could, never on more than there are cores). Replicas added by Scale past it share the
+        cores with those placed before."""
         self.config = config
+        self._cluster_replicas = cluster_replicas or config.parallel.replicas
         self.model_path = model_path
         self.num_gpus = num_gpus  # per worker, decided once so that all replicas are alike
         self._secret = secret
@@ -90,8 +104,12 @@ class RayPlacer:
                     f"(available: {ray.available_resources()} of {ray.cluster_resources()})"
                 ) from None
             # CPU ranks on one node share its cores (worker.threads): how many share each one's?
+            # This replica's ranks there, times every replica of the cluster (__init__).
             nodes = placement_group_table(placed.group)["bundles_to_node_id"]
-            ranks_on_node = [list(nodes.values()).count(nodes[rank]) for rank in range(tp)]
+            ranks_on_node = [
+                list(nodes.values()).count(nodes[rank]) * self._cluster_replicas
+                for rank in range(tp)
+            ]
             # A replica wholly on the core's node listens on loopback: off-node, none reach it.
             loopback = all(nodes[rank] == self._node_id for rank in range(tp))
             placed.workers = [

@@ -3,8 +3,10 @@
 Ray sets OMP_NUM_THREADS in each worker process, when it is not set already, to the CPUs its
 actor reserved (at least 1); a CPU worker reserves a sliver of one (cluster.placement), so torch
 would compute on a single thread. Instead a CPU worker uses the cores this process may run on,
-divided among the ranks of its replica on the same node (a tensor-parallel replica of 2 on 2
-cores: 1 thread each), unless OMP_NUM_THREADS was set when the process started (by the user,
+divided among the CPU ranks that share the node (cluster.placement counts them: a
+tensor-parallel replica of 2 on 2 cores, 1 thread each; two replicas of one rank on 2 cores,
+1 thread each, where 2 each would contend for the cores: BENCHMARKS.md "CPU workers'
+threads"), unless OMP_NUM_THREADS was set when the process started (by the user,
 in the environment of the node's Ray, or through a runtime_env): then torch keeps that.
 """
 
@@ -37,7 +39,7 @@ def available_cores() -> int:
 
 
 def cpu_threads(cores: int, ranks_on_node: int) -> int:
-    """The node's cores shared evenly by the replica's ranks there, at least 1 each."""
+    """The node's cores shared evenly by the CPU ranks there, at least 1 each."""
     return max(1, cores // max(ranks_on_node, 1))
 
 

@@ -51,3 +51,27 @@ def test_tp2_matches_hf(local_cluster, tiny_models, smollm2_path, arch):
         cluster.shutdown()
     assert got == [hf_greedy(hf, p, 10) for p in PROMPTS]
     assert not os.path.exists(rendezvous)  # removed as the workers stopped
+
+
+def test_the_cpu_workers_of_two_replicas_share_the_cores(local_cluster, tiny_models, smollm2_path):
+    """Two replicas, each in an engine core of its own: their CPU workers take half the cores
+    each (each core places one of the cluster's two), not all of them each."""
+    if torch.cuda.is_available():
+        pytest.skip("the workers run on GPUs")
+    path, _ = tiny_models["llama"]
+    config = replace_sections(
+        Config(),
+        model={"model": str(path), "tokenizer": smollm2_path, "max_model_len": 64},
+        parallel={"replicas": 2, "engine_cores": 2},
+        cache={"num_blocks": 32, "block_size": 8},
+        server={"port": 0},
+    )
+    cluster = Cluster(config)  # on the session's Ray
+    try:
+        with Client(cluster.start()) as client:
+            assert len(client.server_info().replicas) == 2
+            share = int(os.environ.get("OMP_NUM_THREADS") or max(available_cores() // 2, 1))
+            threads = ray.get([w.torch_threads.remote() for w in cluster.workers()], timeout=60)
+            assert threads == [share] * 2
+    finally:
+        cluster.shutdown()
