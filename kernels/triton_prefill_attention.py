@@ -144,7 +144,8 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# num_seqs varies step by step: unspecialised, one compiled variant serves every batch.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]

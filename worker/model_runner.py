@@ -53,6 +53,11 @@ from worker.sampler import (
 )
 from worker.step_staging import StepStaging
 
+# ModelRunner.warm_up's prefill lengths: with every longer one the prefill kernel's tile height
+# (kernels.triton_prefill_attention.prefill_config: the longest query's next power of two,
+# between 16 rows / the GQA group and 128 rows) takes each value it can.
+WARM_UP_QUERY_LENS = (2, 4, 8, 16, 32, 64, 128)
+
 log = logging.getLogger(__name__)
 
 
@@ -159,6 +164,43 @@ class ModelRunner:
         if self.device.type == "cuda" and not enforce_eager and max_num_seqs and num_blocks:
             self.graphs = DecodeGraphs(self.model, max_num_seqs, max(max_blocks, 1), self.device)
             self.graphs.capture()
+
+    def warm_up(self) -> int:
+        """Prefills of WARM_UP_QUERY_LENS tokens, one request each (those that fit the cache
+        and the model's positions), so that every tile height the prefill kernel picks by a
+        step's longest query is compiled now rather than by the first step that needs it (a
+        compile stalls every request of the replica for about a second); then forgets them.
+        Their KV entries stay in the cache's first blocks, free: a request writes a slot before
+        it reads it. Needs init_cache. Returns the prefills run."""
+        bs = self.block_size
+        num_blocks = len(self.model.attention_layers()[0].key_cache)
+        lengths = [
+            n
+            for n in WARM_UP_QUERY_LENS
+            if -(-n // bs) <= min(num_blocks, self.block_tables.max_blocks)
+            and n <= self.model.max_positions
+        ]
+        previous: list[str] = []
+        for n in lengths:
+            request_id = f"warm-up-{n}"
+            plan = worker_pb2.StepPlan(finished_request_ids=previous)
+            plan.new_requests.append(
+                worker_pb2.NewRequest(
+                    request_id=request_id,
+                    token_ids=[0] * n,
+                    sampling=worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0),
+                    block_ids=list(range(-(-n // bs))),
+                    num_scheduled_tokens=n,
+                )
+            )
+            self.execute(plan)
+            previous = [request_id]
+        self.requests.clear()
+        self.block_tables = BlockTables(self.block_tables.max_blocks)
+        self.rows = RequestRows()
+        self._sampled, self._done_before = None, None
+        self._last_done = time.perf_counter()
+        return len(lengths)
 
     def _device_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         layers = self.model.attention_layers()
@@ -457,7 +499,9 @@ class ModelRunner:
         inputs move to the device in one copy. Returns the hidden states of the tokens
         last_inputs [num_samplers]: [num_samplers, hidden]."""
         max_seq_len = int(ends.max())
-        tables = self.block_tables.table[rows, : -(-max_seq_len // self.block_size)]
+        tables = self.block_tables.table[
+            rows, : self.block_tables.step_width(max_seq_len, self.block_size)
+        ]
         in_flight = bool((sources >= 0).any())
         select = len(last_inputs) < len(ids)
         int64 = [ids, positions, slots, last_inputs, *([sources] if in_flight else [])]

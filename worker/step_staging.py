@@ -1,9 +1,12 @@
 """A step's integer inputs moved to the device in one copy: packed into a pinned host buffer,
 copied, and handed out as views of the device copy.
 
-    buffer (int64)  [ int64 array 0 | int64 array 1 | ... | pad | int32 region ...... ]
-    int32 region    [ int32 array 0 | pad | int32 array 1 | pad | ... ]  each start 16-byte
-                                                                         aligned
+    buffer (int64)  [ int64 array 0 | pad | int64 array 1 | pad | ... | int32 region ... ]
+    int32 region    [ int32 array 0 | pad | int32 array 1 | pad | ... ]
+
+Every array starts 16-byte aligned: Triton specialises a pointer argument on its alignment to
+16 bytes, so a view whose alignment varied step by step (with the length of the array before
+it) would compile another variant of a kernel mid-serving.
 
 Two host buffers alternate: a step's buffer is rewritten two steps later, after the step between
 has finished (the worker finishes step N before it launches N + 2), so its copy has completed.
@@ -27,8 +30,9 @@ class StepStaging:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The arrays on the device (int64 ones as int64, int32 ones as int32, any shape):
         views of one buffer, valid until the step two steps later is staged."""
-        starts64 = np.cumsum([0] + [a.size for a in int64])
-        at32 = -(-int(starts64[-1]) // 2) * 2  # where the int32 region starts, 16-byte aligned
+        sizes64 = [-(-a.size // 2) * 2 for a in int64]  # padded: each start 16-byte aligned
+        starts64 = np.cumsum([0] + sizes64)
+        at32 = int(starts64[-1])  # where the int32 region starts
         sizes32 = [-(-a.size // 4) * 4 for a in int32]  # padded: each start 16-byte aligned
         starts32 = np.cumsum([0] + sizes32)
         total = at32 + int(starts32[-1]) // 2

@@ -172,6 +172,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             max_model_len=request.max_model_len,
             enforce_eager=request.enforce_eager,
         )
+        if self.device.type == "cuda":  # Triton compiles on CUDA only
+            runner.warm_up()
         self._ready = True
         return worker_pb2.Empty()
 

@@ -1,0 +1,66 @@
+"""ModelRunner.warm_up: the prefill lengths that compile every tile height of the prefill kernel
+run at start-up and leave nothing behind: the tokens of any later plans are those of a runner
+that never warmed up (their KV entries, left in free blocks, are overwritten before read).
+Eager steps' block tables are a multiple of 16 wide and the staged arrays 16-byte aligned, so
+per-step values never select another compiled variant of a Triton kernel."""
+
+import pytest
+import torch
+
+from worker.block_table import BlockTables
+from worker.loader import load_model
+from worker.model_runner import WARM_UP_QUERY_LENS, ModelRunner
+
+from .test_launch_ahead import plans
+
+BLOCK = 4
+
+
+def _runner(path, device: str, num_blocks: int = 256) -> ModelRunner:
+    dev = torch.device(device)
+    model = load_model(str(path), "auto", torch.float32, dev, seed=0)
+    runner = ModelRunner(model, dev, torch.float32, seed=0)
+    runner.init_cache(
+        num_blocks=num_blocks,
+        block_size=BLOCK,
+        max_num_seqs=8,
+        max_model_len=64,
+        enforce_eager=False,
+    )
+    return runner
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_warmed_up_runner_samples_what_a_fresh_one_does(tiny_llama_dir, device):
+    path, _ = tiny_llama_dir
+    gen = torch.Generator().manual_seed(2)
+    names = ["greedy-a", "greedy-b", "seeded-a", "penalized-a"]
+    prompts = {
+        rid: torch.randint(4, 250, (int(torch.randint(3, 11, (1,), generator=gen)),)).tolist()
+        for rid in names
+    }
+    steps = plans(prompts, steps=10, late="seeded-a", leaves="penalized-a")
+    fresh = _runner(path, device)
+    want = [fresh.execute(plan) for plan in steps]
+
+    warmed = _runner(path, device)
+    # max_model_len 64 over blocks of 4: 16 blocks a request, so lengths up to 64 fit.
+    assert warmed.warm_up() == len([n for n in WARM_UP_QUERY_LENS if n <= 64])
+    assert not warmed.requests and warmed.block_tables.lengths.sum() == 0
+    got = [warmed.execute(plan) for plan in steps]
+    for w, g in zip(want, got, strict=True):
+        assert list(g.request_ids) == list(w.request_ids)
+        assert list(g.token_ids) == list(w.token_ids)
+
+
+def test_warm_up_runs_only_the_lengths_the_cache_holds(tiny_llama_dir):
+    path, _ = tiny_llama_dir
+    runner = _runner(path, "cpu", num_blocks=4)  # 16 tokens
+    assert runner.warm_up() == len([n for n in WARM_UP_QUERY_LENS if n <= 16])
+
+
+def test_an_eager_step_s_table_is_a_multiple_of_16_wide():
+    tables = BlockTables(max_blocks=20)  # stored 32 wide: a full-length request fits
+    assert tables.table.shape[1] == 32
+    widths = {n: tables.step_width(n, block_size=16) for n in (1, 16, 17, 256, 257, 320)}
+    assert widths == {1: 16, 16: 16, 17: 16, 256: 16, 257: 32, 320: 32}
