@@ -69,12 +69,26 @@ def plans(prompts: dict[str, list[int]], steps: int, late: str, leaves: str) -> 
     return out
 
 
-def _runner(path, device: str) -> ModelRunner:
+def random_prompts(names: list[str], seed: int) -> dict[str, list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        rid: torch.randint(4, 250, (int(torch.randint(3, 11, (1,), generator=gen)),)).tolist()
+        for rid in names
+    }
+
+
+def runner_with_cache(path, device: str, num_blocks: int = 256) -> ModelRunner:
+    """A float32 runner of the model at path, its cache num_blocks blocks of BLOCK tokens, 64
+    tokens a request at most, decode graphs on CUDA."""
     dev = torch.device(device)
     model = load_model(str(path), "auto", torch.float32, dev, seed=0)
     runner = ModelRunner(model, dev, torch.float32, seed=0)
     runner.init_cache(
-        num_blocks=256, block_size=BLOCK, max_num_seqs=8, max_model_len=64, enforce_eager=False
+        num_blocks=num_blocks,
+        block_size=BLOCK,
+        max_num_seqs=8,
+        max_model_len=64,
+        enforce_eager=False,
     )
     return runner
 
@@ -82,21 +96,17 @@ def _runner(path, device: str) -> ModelRunner:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_launching_ahead_gives_the_tokens_of_one_step_at_a_time(tiny_llama_dir, device):
     path, _ = tiny_llama_dir
-    gen = torch.Generator().manual_seed(1)
     names = ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "penalized-a", "min_tokens-a"]
-    prompts = {
-        rid: torch.randint(4, 250, (int(torch.randint(3, 11, (1,), generator=gen)),)).tolist()
-        for rid in names
-    }
+    prompts = random_prompts(names, seed=1)
     # The penalized row needs its whole history on the host, so it leaves after step 5 and
     # the steps after it launch ahead.
     steps = plans(prompts, steps=12, late="seeded-a", leaves="penalized-a")
 
-    one_at_a_time = _runner(path, device)
+    one_at_a_time = runner_with_cache(path, device)
     want = [one_at_a_time.execute(plan) for plan in steps]
 
     service = WorkerService(on_shutdown=None)
-    service.runner = runner = _runner(path, device)
+    service.runner = runner = runner_with_cache(path, device)
     launched_ahead = []  # per launch: did a request still wait for a token of the step before?
     launch = runner.launch
 
@@ -127,7 +137,7 @@ def test_device_idle_is_the_gap_on_the_stream(tiny_llama_dir):
     path, _ = tiny_llama_dir
     prompts = {"greedy-a": [5, 6, 7, 8, 9], "greedy-b": [10, 11, 12]}
     steps = plans(prompts, steps=4, late="none", leaves="none")
-    runner = _runner(path, "cuda")
+    runner = runner_with_cache(path, "cuda")
     runner.execute(steps[0])
     time.sleep(0.05)  # the device has nothing queued for these 50 ms
     paused = runner.execute(steps[1])

@@ -5,45 +5,22 @@ Eager steps' block tables are a multiple of 16 wide and the staged arrays 16-byt
 per-step values never select another compiled variant of a Triton kernel."""
 
 import pytest
-import torch
 
 from worker.block_table import BlockTables
-from worker.loader import load_model
-from worker.model_runner import WARM_UP_QUERY_LENS, ModelRunner
+from worker.model_runner import WARM_UP_QUERY_LENS
 
-from .test_launch_ahead import plans
-
-BLOCK = 4
-
-
-def _runner(path, device: str, num_blocks: int = 256) -> ModelRunner:
-    dev = torch.device(device)
-    model = load_model(str(path), "auto", torch.float32, dev, seed=0)
-    runner = ModelRunner(model, dev, torch.float32, seed=0)
-    runner.init_cache(
-        num_blocks=num_blocks,
-        block_size=BLOCK,
-        max_num_seqs=8,
-        max_model_len=64,
-        enforce_eager=False,
-    )
-    return runner
+from .test_launch_ahead import plans, random_prompts, runner_with_cache
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_a_warmed_up_runner_samples_what_a_fresh_one_does(tiny_llama_dir, device):
     path, _ = tiny_llama_dir
-    gen = torch.Generator().manual_seed(2)
-    names = ["greedy-a", "greedy-b", "seeded-a", "penalized-a"]
-    prompts = {
-        rid: torch.randint(4, 250, (int(torch.randint(3, 11, (1,), generator=gen)),)).tolist()
-        for rid in names
-    }
+    prompts = random_prompts(["greedy-a", "greedy-b", "seeded-a", "penalized-a"], seed=2)
     steps = plans(prompts, steps=10, late="seeded-a", leaves="penalized-a")
-    fresh = _runner(path, device)
+    fresh = runner_with_cache(path, device)
     want = [fresh.execute(plan) for plan in steps]
 
-    warmed = _runner(path, device)
+    warmed = runner_with_cache(path, device)
     # max_model_len 64 over blocks of 4: 16 blocks a request, so lengths up to 64 fit.
     assert warmed.warm_up() == len([n for n in WARM_UP_QUERY_LENS if n <= 64])
     assert not warmed.requests and warmed.block_tables.lengths.sum() == 0
@@ -55,7 +32,7 @@ def test_a_warmed_up_runner_samples_what_a_fresh_one_does(tiny_llama_dir, device
 
 def test_warm_up_runs_only_the_lengths_the_cache_holds(tiny_llama_dir):
     path, _ = tiny_llama_dir
-    runner = _runner(path, "cpu", num_blocks=4)  # 16 tokens
+    runner = runner_with_cache(path, "cpu", num_blocks=4)  # 16 tokens
     assert runner.warm_up() == len([n for n in WARM_UP_QUERY_LENS if n <= 16])
 
 
