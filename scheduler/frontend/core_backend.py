@@ -5,18 +5,12 @@ to the engine core as token ids, and streamed back as text.
       InputProcessor.process (executor thread)    -> AddRequest, SamplingParams
       CoreSet.add (routed to an engine core)      -> the request's queue of CoreOutputs
       per batch of what the queue holds: CompletionStream per completion (text, stop strings;
-      a stop string is sent to the core), then a GenerateResponse per completion with news,
-      then CATCH_UP_TURNS turns of the event loop before the queue is read again
+      a stop string is sent to the core), then a GenerateResponse per completion with news
 
-A frontend that falls behind the core streams fewer, larger messages. A streamed message
-costs the frontend about the same CPU whatever the number of its tokens (gRPC's write, a
-decode call, the metrics; cluster/benchmarks/frontend_stream.py measures it), and the core
-sends each request's tokens step by step. So after sending, a request lets the
-event loop turn CATCH_UP_TURNS times before it reads its queue again: when the frontend keeps
-up the turns take microseconds and every step is its own message, as before; when it is busy
-each turn serves the other requests, the core's next messages arrive meanwhile, and their
-tokens leave in one message (as for a client that falls behind). The first message (time to
-first token) is sent as soon as its tokens come.
+A frontend that falls behind the core streams fewer, larger messages: its core link's reader
+thread hands the event loop every core message that came while the loop was busy, at once
+(core_client.py), and a request sends all that its queue holds in one message a completion.
+The first message (time to first token) is sent as soon as its tokens come.
 
 A request whose engine core goes (its stream breaks) before the client was sent anything is
 sent again, whole, to a core that serves; one that was sent something ends UNAVAILABLE.
@@ -43,9 +37,6 @@ from scheduler.frontend.tokenizer import Tokenizer
 from scheduler.sampling_params import SamplingParams
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
-# Turns of the event loop a request lets pass after sending, before it reads its queue again
-# (0 to 3 measured in BENCHMARKS.md "Frontend streaming": 2 takes most of the gain).
-CATCH_UP_TURNS = 2
 LOADING = "the model is still loading; retry shortly"
 
 
@@ -140,9 +131,6 @@ class CoreBackend:
                 for response in responses:
                     sent = True
                     yield response
-                if not ended:  # nothing taken from the queue: an abort now is still right
-                    for _ in range(CATCH_UP_TURNS):
-                        await asyncio.sleep(0)
         except ServingError:
             ended = True  # the core ended the request with an error
             raise

@@ -1,7 +1,6 @@
-"""A frontend behind the core streams fewer, larger messages (core_backend.CATCH_UP_TURNS): a
-core message that arrives in the turns of the event loop after a request's send leaves with
-the one before it, its text and token ids unchanged. The core's messages are put on the
-request's queue by the test, at the turns it chooses."""
+"""A frontend behind the core streams fewer, larger messages: the core messages a request's
+queue holds when it reads it leave in one message, their text and token ids unchanged. The
+core's messages are put on the request's queue by the test, at the turns it chooses."""
 
 import asyncio
 
@@ -38,7 +37,7 @@ def tokens(*ids: int, finished: bool = False) -> CoreOutputs:
     return CoreOutputs(tokens=[(0, t, None) for t in ids], finished=ends)
 
 
-def test_a_step_that_comes_while_a_request_catches_up_leaves_with_the_one_before():
+def test_the_steps_a_request_finds_queued_leave_in_one_message():
     async def main() -> list[serving_pb2.GenerateResponse]:
         backend = CoreBackend("fake", ["unused:0"])
         core = backend.core = QueueCore()
@@ -54,11 +53,10 @@ def test_a_step_that_comes_while_a_request_catches_up_leaves_with_the_one_before
         await asyncio.wait_for(core.added.wait(), TIMEOUT)
         core.queue.put_nowait(tokens(1))
         got = [await asyncio.wait_for(first, TIMEOUT)]
-        # The next step is queued before the request reads its queue again; the one after it
-        # one turn of the loop later, while the request lets the loop turn.
+        # Two steps queued before the request reads its queue again: one message.
         core.queue.put_nowait(tokens(2))
-        asyncio.get_running_loop().call_soon(core.queue.put_nowait, tokens(3))
-        got.append(await anext(stream))  # on this task: the request resumes at once
+        core.queue.put_nowait(tokens(3))
+        got.append(await anext(stream))
         core.queue.put_nowait(tokens(4, finished=True))
         got += [r async for r in stream]
         assert core.aborted == []
