@@ -1,7 +1,7 @@
 """Online serving latency against a running server, as `vllm bench serve`.
 
     pagedserve bench serve --address 127.0.0.1:50051 --request-rate 2 4 8 --num-prompts 200 \
-        --input-len 128 --output-len 128 [--max-concurrency 64] [--backend http] \
+        --input-len 128 --output-len 128 [--max-concurrency 64] [--backend http] [--clients 4] \
         [--result-json results.json] [--plot latency.png]
 
 For each request rate in turn, --num-prompts requests of --input-len random token ids are sent
@@ -9,6 +9,12 @@ with Poisson arrivals at that rate (exponential gaps; inf sends all at once), at
 --max-concurrency in flight when given; each asks for exactly --output-len tokens (greedy,
 ignore_eos) and is streamed. Over gRPC (the Serving API's Generate, every step's tokens streamed)
 or HTTP (--backend http: OpenAI's /v1/completions with stream=true, the token ids as `prompt`).
+
+One Python process reads some thousands of streamed messages a second; beyond that the figures
+measure the client. --clients N splits each rate's requests round-robin over N client processes
+that start together, each sending its share with Poisson arrivals at rate / N (independent
+Poisson arrivals add up to Poisson arrivals at the sum of their rates) and holding at most its
+share of --max-concurrency; each process's CPU share is reported beside the latencies.
 
 Per rate: time to first token (send to the first output), inter-token latency (the gaps between
 a request's later outputs), end-to-end latency (send to the end), each as mean, p50, p90 and
@@ -20,6 +26,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import random
 import sys
 import time
@@ -30,8 +37,10 @@ from typing import Protocol
 
 import numpy as np
 
+from cluster.benchmarks.report import run_processes
 from cluster.client import AsyncClient, Credentials
 from cluster.outputs import OutputCollector
+from scheduler.config import split_evenly
 from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
 PERCENTILES = (50, 90, 99)
@@ -207,6 +216,84 @@ async def run_rate(
     return records, time.perf_counter() - start
 
 
+@dataclass
+class ClientPart:
+    """What one client process sent at one rate: its records, when it started sending and when
+    its last answer came (perf_counter: CLOCK_MONOTONIC, system-wide on Linux, so comparable
+    across processes), and its CPU time meanwhile."""
+
+    records: list[RequestRecord]
+    start: float
+    end: float
+    cpu_s: float
+
+    @property
+    def cpu_share(self) -> float:
+        """Its CPU over its wall time (1.0 = one core busy: the client is the bound)."""
+        return self.cpu_s / (self.end - self.start)
+
+
+async def send_part(
+    backend: Backend,
+    prompts: list[list[int]],
+    output_len: int,
+    rate: float,
+    max_concurrency: int | None,
+    seed: int,
+) -> ClientPart:
+    """run_rate, timed with this process's CPU."""
+    cpu, start = time.process_time(), time.perf_counter()
+    records, duration = await run_rate(backend, prompts, output_len, rate, max_concurrency, seed)
+    return ClientPart(records, start, start + duration, time.process_time() - cpu)
+
+
+async def _client_part(
+    args: argparse.Namespace,
+    prompts: list[list[int]],
+    rate: float,
+    max_concurrency: int | None,
+    seed: int,
+    ready,  # multiprocessing Barrier: every client process set up
+) -> ClientPart:
+    backend = make_backend(args)
+    try:
+        await backend.setup()
+        ready.wait(timeout=120)  # nothing else runs on this loop yet: blocking is fine
+        return await send_part(backend, prompts, args.output_len, rate, max_concurrency, seed)
+    finally:
+        await backend.close()
+
+
+def _client_process(args, prompts, rate, max_concurrency, seed, ready, results) -> None:
+    try:
+        part = asyncio.run(_client_part(args, prompts, rate, max_concurrency, seed, ready))
+    except Exception as e:  # reported to the parent, which raises it
+        ready.abort()
+        results.put(f"{type(e).__name__}: {e}")
+    else:
+        results.put(part)
+
+
+def send_in_processes(
+    args: argparse.Namespace, prompts: list[list[int]], rate: float, seed: int
+) -> list[ClientPart]:
+    """The prompts split round-robin over args.clients processes (module docstring)."""
+    n = args.clients
+    limits = [None] * n if args.max_concurrency is None else split_evenly(args.max_concurrency, n)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Barrier(n)
+    return run_processes(
+        ctx,
+        _client_process,
+        [(args, prompts[i::n], rate / n, limits[i], seed + 7919 * i, ready) for i in range(n)],
+        _CLIENT_TIMEOUT_S,
+        "a bench serve client process",
+    )
+
+
+_CLIENT_TIMEOUT_S = 3600.0
+
+
 def percentiles(values_s: list[float]) -> dict[str, float | None]:
     """Mean and p50 / p90 / p99 of some durations, in ms; None without any."""
     keys = ["mean", *(f"p{p}" for p in PERCENTILES)]
@@ -321,6 +408,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-concurrency", type=int, default=None, help="at most this many in flight"
     )
     parser.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="client processes each rate's requests are split over (one reads some thousands "
+        "of streamed messages a second)",
+    )
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -338,6 +432,18 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.clients < 1:
+        raise ValueError(f"--clients must be >= 1, got {args.clients}")
+    if args.clients > args.num_prompts:
+        raise ValueError(
+            f"--clients {args.clients} exceeds --num-prompts {args.num_prompts}: each client "
+            "process sends at least one request"
+        )
+    if args.max_concurrency is not None and args.max_concurrency < args.clients:
+        raise ValueError(
+            f"--max-concurrency {args.max_concurrency} is below --clients {args.clients}: each "
+            "client process holds its share of it, at least one"
+        )
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
@@ -359,14 +465,25 @@ async def bench(args: argparse.Namespace) -> dict:
                 [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(args.input_len)]
                 for _ in range(args.num_prompts)
             ]
-            records, duration = await run_rate(
-                backend, prompts, args.output_len, rate, args.max_concurrency, args.seed + n
-            )
+            if args.clients == 1:
+                parts = [
+                    await send_part(
+                        backend, prompts, args.output_len, rate, args.max_concurrency, args.seed + n
+                    )
+                ]
+            else:
+                parts = await asyncio.to_thread(
+                    send_in_processes, args, prompts, rate, args.seed + n
+                )
+            records = [r for part in parts for r in part.records]
+            duration = max(p.end for p in parts) - min(p.start for p in parts)
             runs.append(summarize(records, duration, rate, args.max_concurrency, args.input_len))
             done = runs[-1]
+            done["client_cpu"] = [part.cpu_share for part in parts]
             print(
                 f"rate {done['request_rate']}: {done['completed']} of {done['num_requests']} "
-                f"requests done in {duration:.1f} s",
+                f"requests done in {duration:.1f} s; client processes at "
+                f"{min(done['client_cpu']):.0%}-{max(done['client_cpu']):.0%} of a core",
                 flush=True,
             )
     finally:

@@ -304,6 +304,9 @@ def test_bad_serve_arguments_name_the_option():
         (["--request-rate", "0"], "--request-rate"),
         (["--max-concurrency", "0"], "--max-concurrency"),
         (["--output-len", "0"], "--output-len"),
+        (["--clients", "0"], "--clients"),
+        (["--clients", "3", "--num-prompts", "2"], "--clients 3 exceeds --num-prompts"),
+        (["--clients", "3", "--max-concurrency", "2"], "--max-concurrency 2 is below --clients"),
     ]:
         with pytest.raises(ValueError, match=option):
             serve.check(parser.parse_args(["--address", "x:1", *argv]))
@@ -394,6 +397,26 @@ def test_the_http_backend_streams_openai_sse(openai_stub):
         and "HTTP 400" in refused.error
         and "max_tokens is too large" in refused.error
     )
+
+
+def test_bench_serve_splits_the_requests_over_client_processes(openai_stub, tmp_path):
+    """--clients 2: every request is sent once, by one of two processes started together, and
+    the run counts them all, with each process's CPU share."""
+    result = tmp_path / "serve.json"
+    argv = ["--address", openai_stub, "--backend", "http", "--vocab-size", "256"]
+    argv += ["--clients", "2", "--num-prompts", "7", "--input-len", "3", "--output-len", "4"]
+    argv += ["--request-rate", "50", "inf", "--max-concurrency", "3"]
+    assert serve.main([*argv, "--result-json", str(result)]) == 0
+    runs = json.loads(result.read_text())["runs"]
+    assert [r["request_rate"] for r in runs] == [50.0, "inf"]
+    for r in runs:
+        assert (r["completed"], r["failed"], r["total_output_tokens"]) == (7, 0, 7 * 4)
+        assert len(r["client_cpu"]) == 2 and all(0 < c for c in r["client_cpu"])
+        assert 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"]
+    prompts = [tuple(body["prompt"]) for body in _OpenAIStub.bodies]
+    # Seven requests a rate, each sent once (random prompts: all distinct), none lost.
+    assert len(prompts) == len(set(prompts)) == 2 * 7
+    assert all(len(p) == 3 for p in prompts)
 
 
 def test_the_http_backend_needs_a_vocabulary_size():
