@@ -194,33 +194,11 @@ async def send_one(
     return record
 
 
-async def run_rate(
-    backend: Backend,
-    prompts: list[list[int]],
-    output_len: int,
-    rate: float,
-    max_concurrency: int | None,
-    seed: int,
-) -> tuple[list[RequestRecord], float]:
-    """Every prompt sent on a Poisson schedule at `rate` requests/s (all at once for inf); the
-    records in prompt order and the wall time from the first send to the last answer."""
-    rng = random.Random(seed)
-    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    start = time.perf_counter()
-    tasks = []
-    for i, prompt in enumerate(prompts):
-        if i and math.isfinite(rate):
-            await asyncio.sleep(rng.expovariate(rate))
-        tasks.append(asyncio.create_task(send_one(backend, prompt, output_len, limit)))
-    records = list(await asyncio.gather(*tasks))
-    return records, time.perf_counter() - start
-
-
 @dataclass
 class ClientPart:
-    """What one client process sent at one rate: its records, when it started sending and when
-    its last answer came (perf_counter: CLOCK_MONOTONIC, system-wide on Linux, so comparable
-    across processes), and its CPU time meanwhile."""
+    """What one client process sent at one rate: its records in prompt order, when it started
+    sending and when its last answer came (perf_counter: CLOCK_MONOTONIC, system-wide on Linux,
+    so comparable across processes), and its CPU time meanwhile."""
 
     records: list[RequestRecord]
     start: float
@@ -233,7 +211,7 @@ class ClientPart:
         return self.cpu_s / (self.end - self.start)
 
 
-async def send_part(
+async def run_rate(
     backend: Backend,
     prompts: list[list[int]],
     output_len: int,
@@ -241,10 +219,17 @@ async def send_part(
     max_concurrency: int | None,
     seed: int,
 ) -> ClientPart:
-    """run_rate, timed with this process's CPU."""
+    """Every prompt sent on a Poisson schedule at `rate` requests/s (all at once for inf)."""
+    rng = random.Random(seed)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     cpu, start = time.process_time(), time.perf_counter()
-    records, duration = await run_rate(backend, prompts, output_len, rate, max_concurrency, seed)
-    return ClientPart(records, start, start + duration, time.process_time() - cpu)
+    tasks = []
+    for i, prompt in enumerate(prompts):
+        if i and math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+        tasks.append(asyncio.create_task(send_one(backend, prompt, output_len, limit)))
+    records = list(await asyncio.gather(*tasks))
+    return ClientPart(records, start, time.perf_counter(), time.process_time() - cpu)
 
 
 async def _client_part(
@@ -259,7 +244,7 @@ async def _client_part(
     try:
         await backend.setup()
         ready.wait(timeout=120)  # nothing else runs on this loop yet: blocking is fine
-        return await send_part(backend, prompts, args.output_len, rate, max_concurrency, seed)
+        return await run_rate(backend, prompts, args.output_len, rate, max_concurrency, seed)
     finally:
         await backend.close()
 
@@ -467,7 +452,7 @@ async def bench(args: argparse.Namespace) -> dict:
             ]
             if args.clients == 1:
                 parts = [
-                    await send_part(
+                    await run_rate(
                         backend, prompts, args.output_len, rate, args.max_concurrency, args.seed + n
                     )
                 ]
