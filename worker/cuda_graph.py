@@ -1,10 +1,13 @@
-"""CUDA graphs of the model's forward pass over decode steps, one per batch size of a ladder.
+"""CUDA graphs of the model's forward pass one row a token, one per row count of a ladder: a
+decode step's rows are its sequences; a step with short prefill chunks gives each of their
+tokens a row of its own at its position, attending to its prefix (model_runner decides which
+steps fit).
 
 A decode step launches some ten kernels a layer (hundreds for a 32-layer model), and launching
 them from Python costs more than running them at small batches. The graphs are captured once,
 after the KV cache is allocated, for sizes 1, 2, 4, 8, 16, ... 256, 272, ... up to max_num_seqs
 (capture_sizes); a step of
-b decodes replays the smallest size >= b. Its padding rows write no KV (slot -1) and attend to
+b rows replays the smallest size >= b. Its padding rows write no KV (slot -1) and attend to
 nothing (seq_len 0), and their outputs are dropped. A graph runs the model and its LM head: it
 leaves this rank's logits and every row's greedy token (the argmax over the whole vocabulary,
 the same on every rank), so a step whose rows all decode greedily needs nothing after it. The

@@ -9,8 +9,10 @@ Each request held is one row of host arrays: its tokens and counters (worker.req
 and its block table (worker.block_table), the same row in both. A plan's diff is applied to
 them in place and the batch gathered from them with numpy, with no Python loop over the
 scheduled requests but the one mapping their ids to rows; the sampled tokens are appended
-with one scatter. On CUDA a step of decodes alone replays a captured graph
-(worker.cuda_graph), its inputs moved in one copy; prefill and mixed steps run eagerly.
+with one scatter. On CUDA a step replays a captured graph (worker.cuda_graph), its inputs
+moved in one copy, when it fits one row a token: decodes, and prefill chunks short enough
+(GRAPH_PREFILL_PAIRS) that attending each of their tokens to its prefix with the decode kernel
+costs less than launching the step eagerly; other steps run eagerly.
 
 A step is launched, then finished: launch() queues the device work and the copy of the sampled
 tokens to the host; finish() waits for them and appends them. The worker launches step N+1
@@ -57,6 +59,12 @@ from worker.step_staging import StepStaging
 # (kernels.triton_prefill_attention.prefill_config: the longest query's next power of two,
 # between 16 rows / the GQA group and 128 rows) takes each value it can.
 WARM_UP_QUERY_LENS = (2, 4, 8, 16, 32, 64, 128)
+# A step's prefill chunks replay a decode graph, one row a token, while the (token, context)
+# pairs their attention reads stay within this: the decode kernel reads a token's whole prefix
+# for each token of a chunk, where the prefill kernel reads it once a tile of queries. Eight
+# 128-token prompts from the start: 8 x 128 x 128 pairs (BENCHMARKS.md "Short prefills in the
+# decode graphs").
+GRAPH_PREFILL_PAIRS = 1 << 17
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +189,7 @@ class ModelRunner:
             and n <= self.model.max_positions
         ]
         previous: list[str] = []
+        graphs, self.graphs = self.graphs, None  # eager: what compiles is the prefill kernel
         for n in lengths:
             request_id = f"warm-up-{n}"
             plan = worker_pb2.StepPlan(finished_request_ids=previous)
@@ -195,6 +204,7 @@ class ModelRunner:
             )
             self.execute(plan)
             previous = [request_id]
+        self.graphs = graphs
         self.requests.clear()
         self.block_tables = BlockTables(self.block_tables.max_blocks)
         self.rows = RequestRows()
@@ -436,25 +446,26 @@ class ModelRunner:
         sample_rows = rows[sample_seqs]
         if len(sample_seqs) < len(rows):
             request_ids = [request_ids[i] for i in sample_seqs]
-        max_query_len = int(counts.max())
         graph_size = None
-        if self.graphs is not None and max_query_len == 1:
-            graph_size = self.graphs.size_for(len(rows))
+        chunks = counts > 1  # prefill chunks of more than one token
+        if self.graphs is not None and counts[chunks] @ ends[chunks] <= GRAPH_PREFILL_PAIRS:
+            graph_size = self.graphs.size_for(len(ids))  # None: more tokens than any graph
         result = worker_pb2.StepResult(cuda_graph=graph_size is not None)
         if self.device.type != "cuda":
             result.idle_ms = (time.perf_counter() - self._last_done) * 1e3
         greedy = None  # the samplers' greedy tokens, in place where the next graph reads them
+        last_inputs = query_start_loc[1:][sample_seqs] - 1  # [num_samplers] in the batch
         if graph_size is not None:
-            # Decodes alone: one token per sequence, at position starts[i].
+            # One row a token, at its position, attending to its prefix: the tokens before it in
+            # its chunk were written to the cache in this step, before any row reads it.
             width = int(-(-ends.max() // bs))
             local, greedy = self.graphs.run(
-                graph_size, ids, sources, positions, slots, tables.table[rows, :width]
+                graph_size, ids, sources, positions, slots, tables.table[token_rows, :width]
             )
-            if len(sample_seqs) < len(rows):  # a one-token prefill chunk that does not sample
-                local = local[torch.from_numpy(sample_seqs).to(self.device)]
-                greedy = None  # the graph's are in sequence order, not the samplers
+            if len(last_inputs) < len(ids):  # rows of tokens that sample nothing
+                local = local[torch.from_numpy(last_inputs).to(self.device)]
+                greedy = None  # the graph's are in token order, not the samplers'
         else:
-            last_inputs = query_start_loc[1:][sample_seqs] - 1  # [num_samplers] in the batch
             hidden = self._run_eager(
                 ids, sources, positions, slots, query_start_loc, ends, rows, last_inputs
             )

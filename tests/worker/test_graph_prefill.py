@@ -1,0 +1,139 @@
+"""Short prefill chunks replay the decode graphs, one row a token (GRAPH_PREFILL_PAIRS).
+
+On the CPU the graphs' forward pass runs eagerly where a replay would be (EagerGraphs), so the
+runner's side of it (a row for every token, its position, slot and its request's block table;
+the samplers' rows picked out; a chunk's tokens attending to those the same step wrote before
+them) is checked against the eager runner in float32: the same tokens each step, greedy, seeded
+and penalized, with late arrivals and chunked prompts. On a GPU the captured graphs do the same
+(tests/worker/test_cuda_graph.py: prefills within a graph's size replay it)."""
+
+import numpy as np
+import torch
+
+from protos import worker_pb2
+from worker import model_runner
+from worker.cuda_graph import DecodeGraphs
+from worker.model_runner import ModelRunner
+
+from .test_launch_ahead import BLOCK, plans, random_prompts, runner_with_cache
+
+MAX_GRAPH_ROWS = 16
+
+
+class _Replay:
+    """Stands for a captured graph of `size` rows: running it runs what would be captured."""
+
+    def __init__(self, graphs: DecodeGraphs, size: int) -> None:
+        self.graphs, self.size = graphs, size
+
+    @torch.inference_mode()
+    def replay(self) -> None:
+        self.graphs._forward(self.size)
+
+
+class EagerGraphs(DecodeGraphs):
+    def capture(self) -> None:
+        self.graphs = {size: _Replay(self, size) for size in self.sizes}
+
+
+def graphed_runner(path) -> ModelRunner:
+    runner = runner_with_cache(path, "cpu")
+    runner.graphs = EagerGraphs(
+        runner.model, MAX_GRAPH_ROWS, runner.block_tables.max_blocks, runner.device
+    )
+    runner.graphs.capture()
+    return runner
+
+
+def _tokens(result: worker_pb2.StepResult) -> tuple[list[str], list[int]]:
+    return list(result.request_ids), list(result.token_ids)
+
+
+def test_prefills_through_the_graphs_sample_what_eager_steps_do(tiny_llama_dir):
+    path, _ = tiny_llama_dir
+    names = ["greedy-a", "greedy-b", "seeded-a", "penalized-a", "min_tokens-a"]
+    prompts = random_prompts(names, seed=3)  # 3 to 10 tokens each
+    steps = plans(prompts, steps=10, late="seeded-a", leaves="penalized-a")
+    eager = runner_with_cache(path, "cpu")
+    graphed = graphed_runner(path)
+    want = [eager.execute(plan) for plan in steps]
+    got = [graphed.execute(plan) for plan in steps]
+    assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+    assert not any(w.cuda_graph for w in want)
+    # Every step fits a graph but the first, whose prompts take more rows than its largest:
+    # the late request's prompt (step 3) rides with the others' decodes in one.
+    first_rows = sum(len(p) for name, p in prompts.items() if name != "seeded-a")
+    assert first_rows > MAX_GRAPH_ROWS
+    assert [g.cuda_graph for g in got] == [False] + [True] * 9
+
+
+def test_a_chunked_prompt_through_the_graphs_samples_what_eager_steps_do(tiny_llama_dir):
+    """A 40-token prompt in chunks of 13, 13 and 14 tokens (each after the first attends to
+    the chunks before it, in the cache, and to its own tokens written in the same step), then
+    decodes; beside it a request decoding from the first step."""
+    path, _ = tiny_llama_dir
+    gen = torch.Generator().manual_seed(5)
+    long_prompt = torch.randint(4, 250, (40,), generator=gen).tolist()
+    short_prompt = torch.randint(4, 250, (3,), generator=gen).tolist()  # 13 + 3: 16 rows
+    greedy = worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0)
+    long_blocks, short_blocks = list(range(0, 12)), list(range(12, 16))
+    chunks = [13, 13, 14, 1, 1, 1]
+    steps, short_done = [], 0
+    for i, n in enumerate(chunks):
+        plan = worker_pb2.StepPlan(step_id=i + 1)
+        short_n = len(short_prompt) if i == 0 else 1
+        if i == 0:
+            for rid, prompt, blocks, count in (
+                ("long", long_prompt, long_blocks, n),
+                ("short", short_prompt, short_blocks, short_n),
+            ):
+                plan.new_requests.append(
+                    worker_pb2.NewRequest(
+                        request_id=rid,
+                        token_ids=prompt,
+                        sampling=greedy,
+                        block_ids=blocks,
+                        num_scheduled_tokens=count,
+                    )
+                )
+        else:
+            c = plan.cached_requests
+            c.request_ids.extend(["long", "short"])
+            c.num_computed_tokens.extend([sum(chunks[:i]), short_done])
+            c.num_scheduled_tokens.extend([n, short_n])
+            c.num_new_blocks.extend([0, 0])
+            c.replace_block_table.extend([False, False])
+        short_done += short_n
+        steps.append(plan)
+    assert np.cumsum(chunks)[2] == len(long_prompt) and 12 * BLOCK >= 40 + 3
+    eager = runner_with_cache(path, "cpu")
+    graphed = graphed_runner(path)
+    want = [eager.execute(plan) for plan in steps]
+    got = [graphed.execute(plan) for plan in steps]
+    assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+    # The long request samples from its last chunk on; the short one every step.
+    assert [list(w.request_ids) for w in want[:3]] == [["short"]] * 2 + [["long", "short"]]
+    assert all(g.cuda_graph for g in got)
+
+
+def test_prefill_chunks_past_the_pairs_bound_run_eagerly(tiny_llama_dir, monkeypatch):
+    """A step whose chunks' (tokens x context) pass GRAPH_PREFILL_PAIRS runs eagerly, even where
+    its tokens fit a graph's rows (bound lowered to 100 for the tiny model's short contexts)."""
+    path, _ = tiny_llama_dir
+    monkeypatch.setattr(model_runner, "GRAPH_PREFILL_PAIRS", 100)
+    greedy = worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0)
+    graphed = graphed_runner(path)
+    replayed = {}
+    for rid, tokens, first_block in (("ten", 10, 0), ("eleven", 11, 4)):  # 100 and 121 pairs
+        plan = worker_pb2.StepPlan(step_id=len(replayed) + 1)
+        plan.new_requests.append(
+            worker_pb2.NewRequest(
+                request_id=rid,
+                token_ids=list(range(4, 4 + tokens)),
+                sampling=greedy,
+                block_ids=list(range(first_block, first_block + 3)),
+                num_scheduled_tokens=tokens,
+            )
+        )
+        replayed[rid] = graphed.execute(plan).cuda_graph
+    assert replayed == {"ten": True, "eleven": False}
