@@ -298,9 +298,15 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
             return Response()
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = sse(first, stream, builder, include_usage)
-        # The background task closes stream also when the response ends before iterating events.
+
+        async def close_stream() -> None:  # an async def: Starlette awaits it on the loop
+            await stream.aclose()
+
+        # The background task closes stream also when the response ends before iterating events
+        # (given stream.aclose itself, a built-in method, Starlette would call it in a thread
+        # and drop the awaitable it returns).
         return StreamingResponse(
-            events, media_type="text/event-stream", background=BackgroundTask(stream.aclose)
+            events, media_type="text/event-stream", background=BackgroundTask(close_stream)
         )
 
     return app

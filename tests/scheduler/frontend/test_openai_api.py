@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API on a real uvicorn server, over a scripted Backend: the official
 openai client for what succeeds, raw httpx for error shapes and disconnects."""
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -154,9 +155,7 @@ def test_completion_n2_logprobs_stop(tmp_path):
 def test_completion_streamed_from_token_ids(tmp_path):
     backend = ScriptedBackend(lambda r: [delta(0, [1], "a"), last(0, [2], "b")])
     with serving(backend, tmp_path) as url:
-        chunks = list(
-            client(url).completions.create(model=MODEL, prompt=[[1, 2, 3]], stream=True)
-        )
+        chunks = list(client(url).completions.create(model=MODEL, prompt=[[1, 2, 3]], stream=True))
     (request,) = backend.requests
     assert list(request.prompt_token_ids.ids) == [1, 2, 3]
     assert not request.params.HasField("max_tokens")  # a completion's default: 16
@@ -473,3 +472,47 @@ def test_a_client_gone_before_the_answer_closes_the_backend_stream(tmp_path, str
             sock.sendall(head.encode() + body)
             assert backend.holding.wait(WAIT_S)
         assert backend.closed.wait(WAIT_S)
+
+
+def test_a_streamed_response_ended_before_its_events_closes_the_backend_stream(tmp_path):
+    """The client goes between the first message and the response's first byte: Starlette runs
+    the response's background task without iterating its events, and that task has closed the
+    backend stream by the time the app returns (plain ASGI: the client's disconnect comes once
+    the response starts, and the response's start never completes)."""
+    backend = ScriptedBackend(lambda r: [delta(0, [1], "a"), HOLD])
+    app = make_app(backend, ServerConfig(), Metrics(MODEL, str(tmp_path)))
+    body = json.dumps({**COMPLETION, "stream": True}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def main() -> bool:
+        started, asked = asyncio.Event(), []
+
+        async def receive() -> dict:
+            asked.append(True)
+            if len(asked) == 1:
+                return {"type": "http.request", "body": body, "more_body": False}
+            await started.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                started.set()
+                await asyncio.Event().wait()  # the client is gone: this never completes
+
+        await asyncio.wait_for(app(scope, receive, send), WAIT_S)
+        return backend.closed.is_set()  # before the loop turns again
+
+    assert asyncio.run(main())
