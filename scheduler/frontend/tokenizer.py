@@ -26,7 +26,8 @@ class Tokenizer:
         self.eos_token_ids = frozenset([] if eos is None else [eos])
         self.vocab_size = len(self._tok)
         # The tokenizers library's own tokenizer, where decode() adds nothing to what it returns
-        # (no clean-up of spaces): its DecodeStream then streams text (decode_stream()).
+        # (no clean-up of spaces): decode() calls it directly and its DecodeStream streams text
+        # (decode_stream()).
         fast = getattr(self._tok, "is_fast", False)
         cleans_up = getattr(self._tok, "clean_up_tokenization_spaces", False)
         self._backend = self._tok.backend_tokenizer if fast and not cleans_up else None
@@ -53,6 +54,8 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._backend is not None:  # what transformers' decode returns, without its overhead
+            return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def decode_stream(self, skip_special_tokens: bool) -> Callable[[list[int]], str | None] | None:

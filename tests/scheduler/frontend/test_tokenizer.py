@@ -53,6 +53,15 @@ def test_the_stream_and_the_windows_stream_the_same_text_a_prefix_of_decode(
         assert streamed.text == windowed.text == final
 
 
+def test_decode_through_the_library_is_transformers_decode(tokenizer):
+    """decode() calls the tokenizers library directly: the text transformers' decode gives."""
+    sequences = random_sequences(tokenizer.vocab_size, 64, 40, seed=2)
+    sequences.append(tokenizer.encode("naïve café ☕ 日本語  two  spaces, 'quotes' n't"))
+    for i, ids in enumerate(sequences):
+        skip = i % 2 == 0
+        assert tokenizer.decode(ids, skip) == tokenizer._tok.decode(ids, skip_special_tokens=skip)
+
+
 def test_messages_a_chat_template_refuses_are_a_value_error_naming_messages(smollm2_path):
     tokenizer = Tokenizer(smollm2_path)
     tokenizer._tok.chat_template = (
