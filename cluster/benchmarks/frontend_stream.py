@@ -3,7 +3,7 @@
 answers every step at once, so the frontend, not a model, sets the pace.
 
     python -m cluster.benchmarks.frontend_stream [--clients 4] [--requests 64] [--tokens 128]
-        [--tokenizer smollm2-135m-instruct] [--profile]
+        [--tokenizer smollm2-135m-instruct] [--wire grpc|http] [--profile]
 
 --clients processes, each with its own gRPC channel, send --requests requests each at once
 (prompt token ids, greedy, ignore_eos, exactly --tokens tokens each), first with every step's
@@ -14,6 +14,10 @@ frontend process's CPU seconds (all its threads, /proc/PID/stat) per 1000 output
 the mean number of sequences in the engine's steps (how fast requests reach it); then the
 streamed / one-message ratio of tokens/s. --profile: the frontend's event loop thread
 under cProfile during the streamed pass, top 25 by cumulative time.
+
+--wire http: the clients use the OpenAI-compatible HTTP API instead (/v1/completions, the
+prompt as token ids; streamed as server-sent events with the usage chunk, or one JSON body);
+a client counts the tokens from the usage and the messages as the events carrying text.
 
 The rank samples token FIRST_TOKEN + (37 * position) % TOKEN_RANGE for every request that
 samples (prompts are scheduled whole, so each scheduled request samples): ordinary tokens of
@@ -176,11 +180,17 @@ class _ClientCounts:
 
 
 def _client(address: str, first: int, requests: int, tokens: int, kind: int, ready, results):
+    """address: the gRPC host:port, or an http:// URL (the OpenAI-compatible API)."""
+    send = _send_http if address.startswith("http://") else _send
     try:
-        results.put(asyncio.run(_send(address, first, requests, tokens, kind, ready)))
+        results.put(asyncio.run(send(address, first, requests, tokens, kind, ready)))
     except Exception as e:  # reported to the parent, which raises it
         ready.abort()
         results.put(f"{type(e).__name__}: {e}")
+
+
+def _prompt(i: int) -> list[int]:
+    return [FIRST_TOKEN + (i * PROMPT_LEN + j) % TOKEN_RANGE for j in range(PROMPT_LEN)]
 
 
 async def _send(address: str, first: int, requests: int, tokens: int, kind: int, ready):
@@ -191,14 +201,46 @@ async def _send(address: str, first: int, requests: int, tokens: int, kind: int,
 
         async def one(i: int) -> None:
             msg = serving_pb2.GenerateRequest()
-            msg.prompt_token_ids.ids.extend(
-                FIRST_TOKEN + (i * PROMPT_LEN + j) % TOKEN_RANGE for j in range(PROMPT_LEN)
-            )
+            msg.prompt_token_ids.ids.extend(_prompt(i))
             p = msg.params
             p.temperature, p.max_tokens, p.ignore_eos, p.output_kind = 0, tokens, True, kind
             async for response in stub.Generate(msg, timeout=TIMEOUT_S):
                 counts[0] += len(response.token_ids)
                 counts[1] += 1
+
+        ready.wait(TIMEOUT_S)
+        start = time.monotonic()
+        await asyncio.gather(*(one(first + i) for i in range(requests)))
+        return _ClientCounts(counts[0], counts[1], start, time.monotonic())
+
+
+async def _send_http(url: str, first: int, requests: int, tokens: int, kind: int, ready):
+    import httpx
+
+    from cluster.benchmarks.serve import sse_events
+
+    stream = kind == serving_pb2.DELTA
+    limits = httpx.Limits(max_connections=requests)
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S, limits=limits) as client:
+        counts = [0, 0]  # tokens, messages
+
+        async def one(i: int) -> None:
+            body = {"model": "bench", "prompt": _prompt(i), "max_tokens": tokens}
+            body.update(temperature=0.0, ignore_eos=True, stream=stream)
+            if not stream:
+                reply = await client.post("/v1/completions", json=body)
+                reply.raise_for_status()
+                counts[0] += reply.json()["usage"]["completion_tokens"]
+                counts[1] += 1
+                return
+            body["stream_options"] = {"include_usage": True}
+            async with client.stream("POST", "/v1/completions", json=body) as reply:
+                reply.raise_for_status()
+                async for event in sse_events(reply.aiter_lines()):
+                    if any(choice.get("text") for choice in event.get("choices") or ()):
+                        counts[1] += 1
+                    if event.get("usage"):
+                        counts[0] += event["usage"]["completion_tokens"]
 
         ready.wait(TIMEOUT_S)
         start = time.monotonic()
@@ -248,8 +290,16 @@ def _pass(ctx, address: str, pid: int, engine, clients: int, requests: int, toke
     }
 
 
-def run(clients: int, requests: int, tokens: int, tokenizer: str, profile: bool = False) -> dict:
-    """Both passes against one core and frontend: {"delta": ..., "final_only": ...,
+def run(
+    clients: int,
+    requests: int,
+    tokens: int,
+    tokenizer: str,
+    profile: bool = False,
+    wire: str = "grpc",
+) -> dict:
+    """Both passes against one core and frontend, over wire ("grpc" or "http"): {"delta": ...,
+    "final_only": ...,
     "ratio": streamed / one-message tokens per second, "profile": the top 25 or None}."""
     from cluster.models import resolve_tokenizer
 
@@ -274,6 +324,8 @@ def run(clients: int, requests: int, tokens: int, tokenizer: str, profile: bool 
         with tempfile.TemporaryDirectory(prefix="pagedserve-metrics-") as metrics_dir:
             (frontend,) = start_frontends(ctx, 1, [core.address], tokenizer_path, metrics_dir)
             address = f"127.0.0.1:{frontend.ports[0]}"
+            if wire == "http":
+                address = f"http://127.0.0.1:{frontend.ports[1]}"
             engine = core.fleet.replicas[0].engine
             args = (ctx, address, frontend.process.pid, engine, clients)
             _pass(*args, 1, 4, serving_pb2.DELTA)  # warm-up: connections, first calls
@@ -299,12 +351,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per client")
     parser.add_argument("--tokens", type=int, default=128, help="output tokens per request")
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
+    parser.add_argument("--wire", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--profile", action="store_true", help="cProfile the streamed pass")
     args = parser.parse_args()
     for name in ("clients", "requests", "tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    r = run(args.clients, args.requests, args.tokens, args.tokenizer, args.profile)
+    r = run(args.clients, args.requests, args.tokens, args.tokenizer, args.profile, args.wire)
     if r["profile"] is not None:
         print(r["profile"])
     print(

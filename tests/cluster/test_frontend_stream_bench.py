@@ -1,14 +1,20 @@
 """cluster.benchmarks.frontend_stream end to end, tiny: its counts are what the clients were
 sent (every token once; a completion in one message with FINAL_ONLY, in at most a message a
-token streamed), and --profile returns the frontend's event loop profile."""
+token streamed), over gRPC and over the OpenAI-compatible HTTP API, and --profile returns the
+frontend's event loop profile."""
+
+import pytest
 
 from cluster.benchmarks import frontend_stream
 
 CLIENTS, REQUESTS, TOKENS = 2, 3, 5
 
 
-def test_counts_are_what_was_sent():
-    result = frontend_stream.run(CLIENTS, REQUESTS, TOKENS, "smollm2-135m-instruct", profile=True)
+@pytest.mark.parametrize("wire", ["grpc", "http"])
+def test_counts_are_what_was_sent(wire):
+    result = frontend_stream.run(
+        CLIENTS, REQUESTS, TOKENS, "smollm2-135m-instruct", profile=True, wire=wire
+    )
     completions = CLIENTS * REQUESTS
     delta, final_only = result["delta"], result["final_only"]
     assert delta["tokens"] == final_only["tokens"] == completions * TOKENS
@@ -19,4 +25,5 @@ def test_counts_are_what_was_sent():
         assert p["cpu_s_per_1k_tokens"] >= 0
         assert 1 <= p["seqs_per_step"] <= completions
     assert result["ratio"] == delta["tok_per_s"] / final_only["tok_per_s"]
-    assert "core_backend.py" in result["profile"]  # the frontend's Generate path ran under it
+    # The frontend's request path ran under it.
+    assert {"grpc": "core_backend.py", "http": "openai_api.py"}[wire] in result["profile"]
