@@ -14,6 +14,7 @@ from protos import worker_pb2
 from worker import model_runner
 from worker.cuda_graph import DecodeGraphs
 from worker.model_runner import ModelRunner
+from worker.worker import WorkerService
 
 from .test_launch_ahead import BLOCK, plans, random_prompts, runner_with_cache
 
@@ -137,3 +138,34 @@ def test_prefill_chunks_past_the_pairs_bound_run_eagerly(tiny_llama_dir, monkeyp
         )
         replayed[rid] = graphed.execute(plan).cuda_graph
     assert replayed == {"ten": True, "eleven": False}
+
+
+def test_launching_ahead_through_the_graphs_gives_the_tokens_of_one_step_at_a_time(
+    tiny_llama_dir,
+):
+    """The worker launches step N + 1 before N's tokens reach the host: a graph step with a
+    prompt's rows beside decoding rows whose input tokens are still on the device (the graph
+    gathers them from the step before's sampled tokens, which the samplers' rows left there)."""
+    path, _ = tiny_llama_dir
+    names = ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "min_tokens-a"]
+    prompts = random_prompts(names, seed=4)
+    steps = plans(prompts, steps=10, late="seeded-a", leaves="none")
+    eager = runner_with_cache(path, "cpu")
+    want = [eager.execute(plan) for plan in steps]
+
+    service = WorkerService(on_shutdown=None)
+    service.runner = runner = graphed_runner(path)
+    in_flight = []  # per launch: did a request wait for a token of the step before?
+    launch = runner.launch
+
+    def recording_launch(plan):
+        rows = [s.row for s in runner.requests.values()]
+        in_flight.append(bool((runner.rows.num_tokens[rows] > runner.rows.num_known[rows]).any()))
+        return launch(plan)
+
+    runner.launch = recording_launch
+    got = list(service.Execute(iter(steps), context=None))
+    assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+    # Step 3 brings the late prompt: its rows and the others' in-flight decodes in one graph.
+    assert [g.cuda_graph for g in got] == [False] + [True] * 9
+    assert in_flight[2] and all(in_flight[1:])
