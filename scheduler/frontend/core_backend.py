@@ -34,7 +34,7 @@ from scheduler.frontend.core_client import CORE_GONE, CoreOutputs
 from scheduler.frontend.core_set import CoreSet
 from scheduler.frontend.input_processor import InputProcessor
 from scheduler.frontend.tokenizer import Tokenizer
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import RequestOutputKind, SamplingParams
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 LOADING = "the model is still loading; retry shortly"
@@ -107,8 +107,11 @@ class CoreBackend:
         finally:
             self._num_preparing -= 1
         add.owner = owner
+        # Shown only at its end, with no stop string to find in its text as it grows: its
+        # task need not wake at every step.
+        wake_at_end = params.output_kind is RequestOutputKind.FINAL_ONLY and not params.stop
         # Registered with no await since _num_preparing fell: the count never dips.
-        outputs = self.core.add(add)
+        outputs = self.core.add(add, wake_at_end)
         request_id, prompt = add.request_id, list(add.prompt_token_ids)
         streams = self._streams(request_id, params)
         ended = False  # by the core: every completion, or an error
@@ -121,7 +124,7 @@ class CoreBackend:
                 if not sent and any(o.core_gone for o in batch) and self.core.serving:
                     # Its engine core went before the client saw anything: another computes
                     # it from the start (what the gone one made was never sent).
-                    outputs = self.core.add(add)
+                    outputs = self.core.add(add, wake_at_end)
                     streams = self._streams(request_id, params)
                     continue
                 responses = self._advance(request_id, streams, batch, prompt)

@@ -76,6 +76,9 @@ class CoreOutputs:
 class _Registered:
     outputs: asyncio.Queue  # of CoreOutputs
     unfinished: int  # completions the core has not ended
+    # With wake_at_end: the outputs held back until a completion ends (None: none held).
+    held: CoreOutputs | None = None
+    wake_at_end: bool = False
 
 
 class CoreClient:
@@ -139,8 +142,11 @@ class CoreClient:
         """Whether the request is sent to this core and not yet ended by it."""
         return request_id in self._requests
 
-    def add(self, msg: frontend_pb2.AddRequest) -> asyncio.Queue:
-        """Sends a request to the core; returns the queue its CoreOutputs arrive on."""
+    def add(self, msg: frontend_pb2.AddRequest, wake_at_end: bool = False) -> asyncio.Queue:
+        """Sends a request to the core; returns the queue its CoreOutputs arrive on. With
+        wake_at_end, outputs are held back until one of its completions ends (or the core goes):
+        then all of them come as one CoreOutputs, for a request that shows nothing before its
+        end (one message, no stop strings), whose reader need not wake at every step."""
         if not self.connected:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, CORE_GONE)
         if msg.request_id in self._requests:
@@ -148,7 +154,8 @@ class CoreClient:
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id {msg.request_id!r} is already in use"
             )
         n = msg.params.n if msg.params.HasField("n") else 1
-        registered = self._requests[msg.request_id] = _Registered(asyncio.Queue(), n)
+        registered = _Registered(asyncio.Queue(), n, wake_at_end=wake_at_end)
+        self._requests[msg.request_id] = registered
         self._outgoing.add.append(msg)
         self._flush_soon()
         return registered.outputs
@@ -270,7 +277,8 @@ class CoreClient:
             error=frontend_pb2.Error(code=grpc.StatusCode.UNAVAILABLE.value[0], message=CORE_GONE),
         )
         for registered in self._requests.values():
-            registered.outputs.put_nowait(CoreOutputs(finished=[lost], core_gone=True))
+            held = registered.held.tokens if registered.held is not None else []
+            registered.outputs.put_nowait(CoreOutputs(held, finished=[lost], core_gone=True))
         self._requests.clear()
 
     def _dispatch(self, steps: list[frontend_pb2.StepOutputs]) -> None:
@@ -296,6 +304,13 @@ class CoreClient:
         for request_id, mine in split.items():
             registered = self._requests.get(request_id)
             if registered is None:
+                continue
+            if registered.held is not None:  # what came before, then this
+                registered.held.tokens += mine.tokens
+                registered.held.finished += mine.finished
+                mine, registered.held = registered.held, None
+            if registered.wake_at_end and not mine.finished:
+                registered.held = mine
                 continue
             registered.outputs.put_nowait(mine)
             for finished in mine.finished:

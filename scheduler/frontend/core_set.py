@@ -110,13 +110,13 @@ class CoreSet:
         """Requests sent to the cores that they have not ended yet (nor refused)."""
         return sum(core.num_requests for core in self.cores)
 
-    def add(self, msg: frontend_pb2.AddRequest) -> asyncio.Queue:
+    def add(self, msg: frontend_pb2.AddRequest, wake_at_end: bool = False) -> asyncio.Queue:
         """Sends a request to the core it is routed to; returns its queue (CoreClient.add)."""
         if any(core.holds(msg.request_id) for core in self.cores):
             raise ServingError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id {msg.request_id!r} is already in use"
             )
-        return self._route(msg.prompt_token_ids).add(msg)
+        return self._route(msg.prompt_token_ids).add(msg, wake_at_end)
 
     def _route(self, prompt: Sequence[int]) -> CoreClient:
         if len(self.cores) == 1:

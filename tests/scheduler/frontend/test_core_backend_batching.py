@@ -22,7 +22,7 @@ class QueueCore:
         self.added = asyncio.Event()
         self.aborted: list[str] = []
 
-    def add(self, msg: frontend_pb2.AddRequest) -> asyncio.Queue:
+    def add(self, msg: frontend_pb2.AddRequest, wake_at_end: bool = False) -> asyncio.Queue:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.added.set()
         return self.queue

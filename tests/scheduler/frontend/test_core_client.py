@@ -114,3 +114,45 @@ def test_the_end_of_the_stream_comes_after_every_message_it_brought():
     assert [token for _, token, _ in first.tokens] == [7] and not first.core_gone
     assert last.core_gone and last.finished[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert not connected and num_requests == 0
+
+
+def two_requests_step(r: int, w: int, w_ends: bool = False) -> frontend_pb2.CoreMessage:
+    """One step: a token of request "r" and one of "w" (and w's end)."""
+    outputs = frontend_pb2.StepOutputs(request_ids=["r", "w"], indices=[0, 0], token_ids=[r, w])
+    if w_ends:
+        outputs.finished.add(request_id="w", index=0, finish_reason="length")
+    return frontend_pb2.CoreMessage(outputs=outputs)
+
+
+def test_a_request_shown_only_at_its_end_wakes_only_then():
+    """wake_at_end: while another request gets each step's token, the held one's queue stays
+    empty; its end brings every token it was held, in order, with the end, in one CoreOutputs.
+    If the core goes first, what was held comes with the UNAVAILABLE end."""
+
+    async def run(address: str, core: ScriptedCore, core_goes: bool):
+        async with client_with_request(address, core) as (client, shown):
+            held = client.add(frontend_pb2.AddRequest(request_id="w"), wake_at_end=True)
+            for token in range(3):
+                core.outgoing.put(two_requests_step(token, 10 + token))
+            got = []
+            while len(got) < 3:  # every step reached the loop
+                outputs = await asyncio.wait_for(shown.get(), WAIT_S)
+                got += [token for _, token, _ in outputs.tokens]
+            empty_meanwhile = held.empty()
+            if core_goes:
+                core.outgoing.put(None)
+            else:
+                core.outgoing.put(two_requests_step(3, 13, w_ends=True))
+            end = await asyncio.wait_for(held.get(), WAIT_S)
+            return got, empty_meanwhile, end, held.empty()
+
+    for core_goes in (False, True):
+        with scripted_core() as (core, address):
+            got, empty_meanwhile, end, nothing_after = asyncio.run(run(address, core, core_goes))
+        assert got == [0, 1, 2] and empty_meanwhile and nothing_after
+        held_tokens = [10, 11, 12] if core_goes else [10, 11, 12, 13]
+        assert [token for _, token, _ in end.tokens] == held_tokens
+        assert end.core_gone == core_goes
+        code = end.finished[0].error.code if core_goes else None
+        assert code == (grpc.StatusCode.UNAVAILABLE.value[0] if core_goes else None)
+        assert len(end.finished) == 1
