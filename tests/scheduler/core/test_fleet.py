@@ -110,9 +110,11 @@ def test_a_failed_replicas_requests_finish_on_the_other_and_it_comes_back():
             collect_tokens(sink, rid, 0, 3, got[rid])  # every stream has begun
         victim = fleet.replicas[1]
         assert victim.engine.num_unfinished() > 0
+        placer.may_place.clear()  # its restart waits until the test has seen it out of routing
         hold_and_kill(placer, 1)
         wait_for(lambda: victim.state is not ReplicaState.SERVING, "the failure is seen")
         assert not fleet.router.routes(1)
+        placer.may_place.set()
         assert_all_complete(sent, n=2, got=got)
         info = fleet.server_info()
         assert info.num_replica_failures == 1 and info.num_recovered_requests > 0
