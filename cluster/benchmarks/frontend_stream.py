@@ -47,7 +47,7 @@ from cluster.benchmarks.modelless_rank import (
     SequenceRank,
     serve_rank,
 )
-from cluster.benchmarks.report import process_cpu_s
+from cluster.benchmarks.report import process_cpu_s, run_client
 from protos import serving_pb2, serving_pb2_grpc
 from scheduler.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from scheduler.core.engine_core import EngineCore
@@ -182,11 +182,7 @@ class _ClientCounts:
 def _client(address: str, first: int, requests: int, tokens: int, kind: int, ready, results):
     """address: the gRPC host:port, or an http:// URL (the OpenAI-compatible API)."""
     send = _send_http if address.startswith("http://") else _send
-    try:
-        results.put(asyncio.run(send(address, first, requests, tokens, kind, ready)))
-    except Exception as e:  # reported to the parent, which raises it
-        ready.abort()
-        results.put(f"{type(e).__name__}: {e}")
+    run_client(send(address, first, requests, tokens, kind, ready), ready, results)
 
 
 def _prompt(i: int) -> list[int]:

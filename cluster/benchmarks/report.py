@@ -26,7 +26,7 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 
 COPY_BYTES = 1 << 30  # the buffer the bandwidth is measured with
@@ -532,6 +532,19 @@ class _ClientResult:
     cpu_s: float  # the process's CPU time (all its threads) from start to end
 
 
+def run_client(client: Coroutine, ready, results) -> None:
+    """In a client process of run_processes: puts the result of running client on results, or
+    its error as a string (for the parent to raise), breaking the barrier ready the clients
+    start together at so that the others stop waiting."""
+    try:
+        result = asyncio.run(client)
+    except Exception as e:
+        ready.abort()
+        results.put(f"{type(e).__name__}: {e}")
+    else:
+        results.put(result)
+
+
 def _client_process(
     address: str,
     prompts: list[list[int]],
@@ -541,13 +554,7 @@ def _client_process(
     connections: int,
     results,  # multiprocessing Queue: a _ClientResult, or the error as a string
 ) -> None:
-    try:
-        result = asyncio.run(_send_all(address, prompts, output_len, stream, ready, connections))
-    except Exception as e:  # reported to the parent, which raises it
-        ready.abort()
-        results.put(f"{type(e).__name__}: {e}")
-    else:
-        results.put(result)
+    run_client(_send_all(address, prompts, output_len, stream, ready, connections), ready, results)
 
 
 async def _send_all(

@@ -37,7 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cluster.benchmarks.report import run_processes
+from cluster.benchmarks.report import run_client, run_processes
 from cluster.client import AsyncClient, Credentials
 from cluster.outputs import OutputCollector
 from scheduler.config import split_evenly
@@ -250,13 +250,7 @@ async def _client_part(
 
 
 def _client_process(args, prompts, rate, max_concurrency, seed, ready, results) -> None:
-    try:
-        part = asyncio.run(_client_part(args, prompts, rate, max_concurrency, seed, ready))
-    except Exception as e:  # reported to the parent, which raises it
-        ready.abort()
-        results.put(f"{type(e).__name__}: {e}")
-    else:
-        results.put(part)
+    run_client(_client_part(args, prompts, rate, max_concurrency, seed, ready), ready, results)
 
 
 def send_in_processes(
