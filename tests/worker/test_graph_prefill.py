@@ -7,7 +7,6 @@ them) is checked against the eager runner in float32: the same tokens each step,
 and penalized, with late arrivals and chunked prompts. On a GPU the captured graphs do the same
 (tests/worker/test_cuda_graph.py: prefills within a graph's size replay it)."""
 
-import numpy as np
 import torch
 
 from protos import worker_pb2
@@ -16,7 +15,8 @@ from worker.cuda_graph import DecodeGraphs
 from worker.model_runner import ModelRunner
 from worker.worker import WorkerService
 
-from .test_launch_ahead import BLOCK, plans, random_prompts, runner_with_cache
+from .conftest import greedy_plan_runner
+from .test_launch_ahead import plans, random_prompts, runner_with_cache
 
 MAX_GRAPH_ROWS = 16
 
@@ -69,52 +69,20 @@ def test_prefills_through_the_graphs_sample_what_eager_steps_do(tiny_llama_dir):
 
 
 def test_a_chunked_prompt_through_the_graphs_samples_what_eager_steps_do(tiny_llama_dir):
-    """A 40-token prompt in chunks of 13, 13 and 14 tokens (each after the first attends to
-    the chunks before it, in the cache, and to its own tokens written in the same step), then
-    decodes; beside it a request decoding from the first step."""
+    """A 40-token prompt in chunks of 13 (each after the first attends to the chunks before it,
+    in the cache, and to its own tokens written in the same step), then decodes; beside it a
+    3-token prompt decoding from the first step."""
     path, _ = tiny_llama_dir
     gen = torch.Generator().manual_seed(5)
-    long_prompt = torch.randint(4, 250, (40,), generator=gen).tolist()
-    short_prompt = torch.randint(4, 250, (3,), generator=gen).tolist()  # 13 + 3: 16 rows
-    greedy = worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0)
-    long_blocks, short_blocks = list(range(0, 12)), list(range(12, 16))
-    chunks = [13, 13, 14, 1, 1, 1]
-    steps, short_done = [], 0
-    for i, n in enumerate(chunks):
-        plan = worker_pb2.StepPlan(step_id=i + 1)
-        short_n = len(short_prompt) if i == 0 else 1
-        if i == 0:
-            for rid, prompt, blocks, count in (
-                ("long", long_prompt, long_blocks, n),
-                ("short", short_prompt, short_blocks, short_n),
-            ):
-                plan.new_requests.append(
-                    worker_pb2.NewRequest(
-                        request_id=rid,
-                        token_ids=prompt,
-                        sampling=greedy,
-                        block_ids=blocks,
-                        num_scheduled_tokens=count,
-                    )
-                )
-        else:
-            c = plan.cached_requests
-            c.request_ids.extend(["long", "short"])
-            c.num_computed_tokens.extend([sum(chunks[:i]), short_done])
-            c.num_scheduled_tokens.extend([n, short_n])
-            c.num_new_blocks.extend([0, 0])
-            c.replace_block_table.extend([False, False])
-        short_done += short_n
-        steps.append(plan)
-    assert np.cumsum(chunks)[2] == len(long_prompt) and 12 * BLOCK >= 40 + 3
-    eager = runner_with_cache(path, "cpu")
-    graphed = graphed_runner(path)
-    want = [eager.execute(plan) for plan in steps]
-    got = [graphed.execute(plan) for plan in steps]
-    assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
-    # The long request samples from its last chunk on; the short one every step.
-    assert [list(w.request_ids) for w in want[:3]] == [["short"]] * 2 + [["long", "short"]]
-    assert all(g.cuda_graph for g in got)
+    prompts = [torch.randint(4, 250, (n,), generator=gen).tolist() for n in (40, 3)]
+    want = greedy_plan_runner(runner_with_cache(path, "cpu"), prompts, 6, chunk=13)
+    replayed = []
+    got = greedy_plan_runner(
+        graphed_runner(path), prompts, 6, chunk=13, on_result=lambda r: replayed.append(r)
+    )
+    assert got == want
+    # 13 + 3 rows, then 13 + 1 twice, then 1 + 1: every step fits the 16-row graph.
+    assert [r.cuda_graph for r in replayed] == [True] * len(replayed) and len(replayed) >= 4
 
 
 def test_prefill_chunks_past_the_pairs_bound_run_eagerly(tiny_llama_dir, monkeypatch):
