@@ -15,6 +15,7 @@ from scheduler.core.engine_core import EngineCore
 from scheduler.frontend.backend import ServingError
 from scheduler.frontend.core_backend import CoreBackend
 from scheduler.frontend.prefix_index import CHUNK
+from scheduler.sampling_params import RequestOutputKind
 from tests.scheduler.core.fake_placer import FakePlacer
 from tests.scheduler.fake_worker import TIMEOUT
 from tests.scheduler.frontend.core_fixture import (
@@ -263,6 +264,43 @@ def test_a_request_with_nothing_sent_yet_moves_to_another_core_when_its_core_goe
     assert [t for r in got for t in r.token_ids] == [2, 3, 4, 5, 6, 7]
     assert got[-1].finish_reason == "length"
     assert ranks[1].sampled["w"] == 6
+
+
+def test_a_one_message_request_whose_core_goes_after_some_steps_moves_whole(ranks):
+    """A request shown only at its end (one message): its first core samples two tokens or
+    more, held back in the frontend, then stops; nothing was sent, so the other core computes
+    it from the start and the client gets one message with every token once."""
+    first, answer = ranks[0], ranks[0].answer
+
+    def answer_then_hold(plan):  # the step after its second token waits
+        result = answer(plan)
+        first.hold = first.sampled["w"] >= 2
+        return result
+
+    first.answer = answer_then_hold
+    with running_core(ranks[1]) as kept:
+        gone = running_core(first)
+        lost = gone.__enter__()
+        stopping = threading.Thread(target=gone.__exit__, args=(None, None, None))
+
+        async def body(backend):
+            msg = request(
+                (1, 1), request_id="w", max_tokens=6, output_kind=RequestOutputKind.FINAL_ONLY
+            )
+            waiting = asyncio.ensure_future(responses(backend, msg))
+            await asyncio.to_thread(first.held.wait, TIMEOUT)
+            stopping.start()
+            return await waiting
+
+        try:
+            got = with_backend((lost, kept), body)
+        finally:
+            first.release.set()
+            if stopping.is_alive() or stopping.ident is not None:
+                stopping.join(TIMEOUT)
+    assert len(got) == 1 and list(got[0].token_ids) == [2, 3, 4, 5, 6, 7]
+    assert got[0].finish_reason == "length" and got[0].usage.completion_tokens == 6
+    assert first.sampled["w"] >= 2 and ranks[1].sampled["w"] == 6  # computed again, whole
 
 
 async def _until(condition) -> None:
