@@ -5,9 +5,9 @@ steps fit).
 
 A decode step launches some ten kernels a layer (hundreds for a 32-layer model), and launching
 them from Python costs more than running them at small batches. The graphs are captured once,
-after the KV cache is allocated, for sizes 1, 2, 4, 8, 16, ... 256, 272, ... up to max_num_seqs
-(capture_sizes); a step of
-b rows replays the smallest size >= b. Its padding rows write no KV (slot -1) and attend to
+after the KV cache is allocated, for sizes 1, 2, 4, 8, 16, ... 256, 272, ... up to max_rows
+(capture_sizes; the runner asks for its max_num_seqs and some rows for prompt tokens); a step
+of b rows replays the smallest size >= b. Its padding rows write no KV (slot -1) and attend to
 nothing (seq_len 0), and their outputs are dropped. A graph runs the model and its LM head: it
 leaves this rank's logits and every row's greedy token (the argmax over the whole vocabulary,
 the same on every rank), so a step whose rows all decode greedily needs nothing after it. The
@@ -37,21 +37,21 @@ import torch
 from worker.layers.attention import AttentionMetadata
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
+def capture_sizes(max_rows: int) -> list[int]:
     """1, 2, 4, every multiple of 8 up to 256, then of 16 (as vLLM's ladder: at most 15 padded
-    rows where a step's rows cost least), up to max_num_seqs (which is always included)."""
-    sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
-    sizes += range(8, min(max_num_seqs, 256), 8)
-    sizes += range(256, max_num_seqs, 16)
-    return [*sizes, max_num_seqs]
+    rows where a step's rows cost least), up to max_rows (which is always included)."""
+    sizes = [s for s in (1, 2, 4) if s < max_rows]
+    sizes += range(8, min(max_rows, 256), 8)
+    sizes += range(256, max_rows, 16)
+    return [*sizes, max_rows]
 
 
 class DecodeGraphs:
     def __init__(
-        self, model: torch.nn.Module, max_num_seqs: int, max_blocks: int, device: torch.device
+        self, model: torch.nn.Module, max_rows: int, max_blocks: int, device: torch.device
     ) -> None:
         self.model = model
-        self.sizes = capture_sizes(max_num_seqs)
+        self.sizes = capture_sizes(max_rows)
         self.max_size = self.sizes[-1]
         size = self.max_size
         self.inputs = GraphInputs(size, max_blocks, device)
@@ -102,11 +102,11 @@ class DecodeGraphs:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def size_for(self, num_seqs: int) -> int | None:
-        """The captured size a decode step of num_seqs replays (None: larger than any)."""
-        if num_seqs > self.max_size:
+    def size_for(self, num_rows: int) -> int | None:
+        """The captured size a step of num_rows rows replays (None: larger than any)."""
+        if num_rows > self.max_size:
             return None
-        return next(s for s in self.sizes if s >= num_seqs)
+        return next(s for s in self.sizes if s >= num_rows)
 
     def run(
         self,

@@ -65,6 +65,9 @@ WARM_UP_QUERY_LENS = (2, 4, 8, 16, 32, 64, 128)
 # 128-token prompts from the start: 8 x 128 x 128 pairs (BENCHMARKS.md "Short prefills in the
 # decode graphs").
 GRAPH_PREFILL_PAIRS = 1 << 17
+# The graphs hold this many rows beyond max_num_seqs, so that a step at full concurrency still
+# replays one with short prompts' tokens beside its decodes (two 128-token prompts).
+GRAPH_PROMPT_ROWS = 256
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +145,8 @@ class ModelRunner:
     ) -> None:
         """Allocates per layer K and V: [num_blocks, block_size, num_kv_heads_local, head_dim],
         and the same with num_cpu_blocks in host memory for swapped-out requests. On CUDA,
-        unless enforce_eager, then captures the decode graphs for up to max_num_seqs requests.
+        unless enforce_eager, then captures the graphs for up to max_num_seqs + GRAPH_PROMPT_ROWS
+        rows.
 
         A request holds at most ceil(max_model_len / block_size) blocks (num_blocks if 0).
         First, on CUDA, each linear layer picks its batch-1 kernel (choose_one_row: timed on
@@ -170,7 +174,8 @@ class ModelRunner:
         self.rows = RequestRows()
         self.graphs = None
         if self.device.type == "cuda" and not enforce_eager and max_num_seqs and num_blocks:
-            self.graphs = DecodeGraphs(self.model, max_num_seqs, max(max_blocks, 1), self.device)
+            rows = max_num_seqs + GRAPH_PROMPT_ROWS
+            self.graphs = DecodeGraphs(self.model, rows, max(max_blocks, 1), self.device)
             self.graphs.capture()
 
     def warm_up(self) -> int:

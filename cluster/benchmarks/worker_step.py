@@ -2,7 +2,7 @@
 
     python -m cluster.benchmarks.worker_step --model llama-3-8b --batch-size 1 64 256 \
         [--context-len 256] [--steps 200] [--dtype bfloat16] [--enforce-eager] [--profile] \
-        [--tensor-parallel-size 2]
+        [--tensor-parallel-size 2] [--prompt-len 128]
 
 Loads a model (a dummy preset, or a checkpoint) into a ModelRunner on this process's GPU (with
 --tensor-parallel-size N: N processes, rank r on GPU r, its shard, in one group as a replica's
@@ -17,7 +17,10 @@ batch size measures (rank 0's figures; every rank runs the same steps):
                (measured here)
 
 step - graph is what the worker's host work and the work outside the graph (sampling) add;
-the engine's own time per step is bench latency's step minus this step.
+the engine's own time per step is bench latency's step minus this step. With --prompt-len N
+every decode step also prefills a new request's N-token prompt (finished the step after), as a
+step under steady arrivals does: its rows are the batch plus N, so it replays a graph only while
+they fit the largest (model_runner.GRAPH_PROMPT_ROWS), and its graph column is then omitted.
 """
 
 import argparse
@@ -39,9 +42,18 @@ from worker.model_runner import ModelRunner
 BLOCK_SIZE = 16
 
 
-def decode_plans(batch: int, context_len: int, steps: int, first_block: int) -> list:
+def decode_plans(
+    batch: int,
+    context_len: int,
+    steps: int,
+    first_block: int,
+    prompt_len: int = 0,
+    vocab: int = 1000,
+) -> list:
     """A prefill plan of batch requests of context_len random tokens, then `steps` decode plans
-    (each request one token a step, a new block when it crosses a block boundary)."""
+    (each request one token a step, a new block when it crosses a block boundary), each with a
+    new request's prompt_len-token prompt beside them when prompt_len (finished the step after;
+    two sets of blocks after the batch's, alternated). Token ids are drawn below vocab."""
     rng = np.random.default_rng(0)
     greedy = worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0)
     blocks_per_request = -(-(context_len + steps + 1) // BLOCK_SIZE)
@@ -54,7 +66,7 @@ def decode_plans(batch: int, context_len: int, steps: int, first_block: int) -> 
         plans[0].new_requests.append(
             worker_pb2.NewRequest(
                 request_id=str(i),
-                token_ids=rng.integers(0, 1000, context_len).tolist(),
+                token_ids=rng.integers(0, vocab, context_len).tolist(),
                 sampling=greedy,
                 block_ids=tables[i][:have],
                 num_scheduled_tokens=context_len,
@@ -72,28 +84,45 @@ def decode_plans(batch: int, context_len: int, steps: int, first_block: int) -> 
             cached.num_new_blocks.append(len(new))
             cached.new_block_ids.extend(new)
             cached.replace_block_table.append(False)
+        if prompt_len:
+            prompt_blocks = -(-prompt_len // BLOCK_SIZE)
+            start = first_block + batch * blocks_per_request + step % 2 * prompt_blocks
+            plan.new_requests.append(
+                worker_pb2.NewRequest(
+                    request_id=f"prompt-{step}",
+                    token_ids=rng.integers(0, vocab, prompt_len).tolist(),
+                    sampling=greedy,
+                    block_ids=list(range(start, start + prompt_blocks)),
+                    num_scheduled_tokens=prompt_len,
+                )
+            )
+            if step:
+                plan.finished_request_ids.append(f"prompt-{step - 1}")
         plans.append(plan)
-    plans.append(worker_pb2.StepPlan(finished_request_ids=[str(i) for i in range(batch)]))
+    finished = [str(i) for i in range(batch)] + ([f"prompt-{steps - 1}"] if prompt_len else [])
+    plans.append(worker_pb2.StepPlan(finished_request_ids=finished))
     return plans
 
 
-def time_steps(runner: ModelRunner, plans: list) -> list[float]:
+def time_steps(runner: ModelRunner, plans: list) -> tuple[list[float], float]:
     """Runs the plans as WorkerService does with each next plan already there; the wall time
-    of each decode step, ms (from one step's tokens arriving to the next's)."""
+    of each decode step, ms (from one step's tokens arriving to the next's), and the share of
+    those steps that replayed a graph."""
     runner.execute(plans[0])  # the prefill, alone (execute waits for its tokens)
-    times, launched = [], None
+    times, graphed, launched = [], [], None
     last = time.perf_counter()
     for plan in plans[1:-1]:
         step = runner.launch(plan)
         if launched is not None:
-            runner.finish(launched)
+            graphed.append(runner.finish(launched).cuda_graph)
             now = time.perf_counter()
             times.append((now - last) * 1e3)
             last = now
         launched = step
     runner.finish(launched)
     runner.execute(plans[-1])
-    return times[len(times) // 5 :]  # the first fifth warms up
+    warm = len(times) // 5  # the first fifth warms up
+    return times[warm:], sum(graphed[warm:]) / max(len(graphed) - warm, 1)
 
 
 def time_graph(runner: ModelRunner, size: int, repeats: int = 50) -> float:
@@ -147,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--profile", action="store_true", help="kernels of each graph replay")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument(
+        "--prompt-len", type=int, default=0, help="a new prompt of this many tokens every step"
+    )
     args = parser.parse_args(argv)
     world = args.tensor_parallel_size
     if world == 1:
@@ -173,10 +205,11 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     distributed.enable_small_all_reduce(dtype, device)
     max_batch = max(args.batch_size)
     per_request = -(-(args.context_len + args.steps + 1) // BLOCK_SIZE)
+    prompt_blocks = 2 * -(-args.prompt_len // BLOCK_SIZE)
     runner.init_cache(
-        num_blocks=max_batch * per_request + 1,
+        num_blocks=max_batch * per_request + prompt_blocks + 1,
         block_size=BLOCK_SIZE,
-        max_num_seqs=max_batch,
+        max_num_seqs=max_batch + bool(args.prompt_len),  # the batch and a prompt
         max_model_len=per_request * BLOCK_SIZE,
         enforce_eager=args.enforce_eager,
     )
@@ -189,22 +222,29 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     )
     rows = []
     for batch in args.batch_size:
-        steps = time_steps(runner, decode_plans(batch, args.context_len, args.steps, 0))
+        plans = decode_plans(batch, args.context_len, args.steps, 0, args.prompt_len)
+        steps, hits = time_steps(runner, plans)
         step_ms = statistics.median(steps)
         graph_ms = None
-        if runner.graphs is not None:
+        if runner.graphs is not None and not args.prompt_len:
             graph_ms = time_graph(runner, runner.graphs.size_for(batch))
-        rows.append((batch, graph_ms, step_ms))
-        if args.profile and runner.graphs is not None:
+        rows.append((batch, graph_ms, step_ms, hits))
+        if args.profile and runner.graphs is not None and not args.prompt_len:
             profile_graph(runner, runner.graphs.size_for(batch))
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
         report(f"batch {batch}: graph {graph} ms, worker step {step_ms:.3f} ms", flush=True)
     report()
-    report("| model | TP | batch | graph replay (ms) | worker step (ms) | roofline (ms) |")
-    report("|---|---|---|---|---|---|")
-    for batch, graph_ms, step_ms in rows:
+    report(
+        "| model | TP | batch | prompt tokens a step | graph replay (ms) | worker step (ms) "
+        "| steps replayed | roofline (ms) |"
+    )
+    report("|---|---|---|---|---|---|---|---|")
+    for batch, graph_ms, step_ms, hits in rows:
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
-        report(f"| {args.model} | {world} | {batch} | {graph} | {step_ms:.3f} | {roof:.3f} |")
+        report(
+            f"| {args.model} | {world} | {batch} | {args.prompt_len} | {graph} | {step_ms:.3f} "
+            f"| {hits:.0%} | {roof:.3f} |"
+        )
     if world > 1:
         # Tearing down NCCL and the symmetric memory at exit can hang (seen on 2 x H200): the
         # ranks leave together, at once.

@@ -10,12 +10,13 @@ import torch
 from tests.worker.conftest import greedy_plan_runner
 from worker.cuda_graph import GraphInputs, capture_sizes
 from worker.loader import load_model
-from worker.model_runner import ModelRunner
+from worker.model_runner import GRAPH_PROMPT_ROWS, ModelRunner
 
 MAX_NUM_SEQS = 40
+MAX_ROWS = MAX_NUM_SEQS + GRAPH_PROMPT_ROWS  # the largest graph
 
 
-def test_capture_sizes_cover_every_batch_up_to_max_num_seqs():
+def test_capture_sizes_cover_every_row_count_up_to_max_rows():
     assert capture_sizes(1) == [1]
     assert capture_sizes(6) == [1, 2, 4, 6]
     assert capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
@@ -41,7 +42,7 @@ def _runner(path, enforce_eager: bool) -> _Recording:
     runner = _Recording(model, device, torch.float32, seed=0)
     runner.graph_steps = []
     runner.init_cache(
-        num_blocks=1024,
+        num_blocks=MAX_ROWS * 16,  # a request of the largest batch: at most 64 tokens
         block_size=4,
         max_num_seqs=MAX_NUM_SEQS,
         max_model_len=64,
@@ -55,9 +56,9 @@ def _runner(path, enforce_eager: bool) -> _Recording:
 def test_graph_replay_equals_eager_for_every_captured_size(tiny_models, arch):
     path, _ = tiny_models[arch]
     graphed, eager = _runner(path, False), _runner(path, True)
-    assert sorted(graphed.graphs.graphs) == capture_sizes(MAX_NUM_SEQS)
+    assert sorted(graphed.graphs.graphs) == capture_sizes(MAX_ROWS)
     gen = torch.Generator().manual_seed(0)
-    for batch in sorted({*capture_sizes(MAX_NUM_SEQS), 3, 5, 17, 39}):
+    for batch in sorted({*capture_sizes(MAX_ROWS), 3, 5, 17, 39, MAX_ROWS - 1}):
         lengths = torch.randint(1, 20, (batch,), generator=gen).tolist()
         prompts = [torch.randint(1, 200, (n,), generator=gen).tolist() for n in lengths]
         graphed.graph_steps.clear()
@@ -67,7 +68,7 @@ def test_graph_replay_equals_eager_for_every_captured_size(tiny_models, arch):
         # The first step prefills, one graph row a prompt token when they fit the largest
         # graph (model_runner.GRAPH_PREFILL_PAIRS is far off); each later one decodes every
         # request: a replay.
-        first = sum(lengths) <= MAX_NUM_SEQS
+        first = sum(lengths) <= MAX_ROWS
         assert graphed.graph_steps == [first] + [True] * 5, f"batch {batch}"
         assert not any(eager.graph_steps)
 

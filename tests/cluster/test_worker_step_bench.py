@@ -1,0 +1,55 @@
+"""cluster.benchmarks.worker_step's plans on the CPU: with a new prompt every step beside the
+batch (--prompt-len), the batch decodes the tokens it decodes alone, and each prompt samples."""
+
+import torch
+
+from cluster.benchmarks import worker_step
+from worker.loader import load_model
+from worker.model_runner import ModelRunner
+
+BATCH, CONTEXT, STEPS, PROMPT = 3, 20, 6, 10
+
+
+def _run(path, prompt_len: int) -> list:
+    model = load_model(str(path), "auto", torch.float32, torch.device("cpu"), seed=0)
+    runner = ModelRunner(model, torch.device("cpu"), torch.float32, seed=0)
+    per_request = -(-(CONTEXT + STEPS + 1) // worker_step.BLOCK_SIZE)
+    runner.init_cache(
+        num_blocks=BATCH * per_request + 2 * -(-PROMPT // worker_step.BLOCK_SIZE),
+        block_size=worker_step.BLOCK_SIZE,
+        max_num_seqs=BATCH,
+        max_model_len=per_request * worker_step.BLOCK_SIZE,
+    )
+    plans = worker_step.decode_plans(BATCH, CONTEXT, STEPS, 0, prompt_len, vocab=256)
+    return [runner.execute(plan) for plan in plans]
+
+
+def test_prompts_beside_the_batch_leave_its_tokens_as_they_are(tiny_models):
+    path, _ = tiny_models["llama"]
+    alone, beside = _run(path, 0), _run(path, PROMPT)
+    batch = {str(i) for i in range(BATCH)}
+    for step, (a, b) in enumerate(zip(alone, beside, strict=True)):
+        got = dict(zip(b.request_ids, b.token_ids, strict=True))
+        assert dict(zip(a.request_ids, a.token_ids, strict=True)) == {
+            rid: t for rid, t in got.items() if rid in batch
+        }
+        if 1 <= step <= STEPS:  # every decode step's plan prefills one prompt, which samples
+            assert set(got) - batch == {f"prompt-{step - 1}"}
+    assert sum(len(r.request_ids) for r in alone) == BATCH * (STEPS + 1)
+
+
+def test_time_steps_counts_the_steps_timed():
+    class Runner:
+        def execute(self, plan):
+            return None
+
+        def launch(self, plan):
+            return plan
+
+        def finish(self, plan):
+            return type("Result", (), {"cuda_graph": plan.step_id % 2 == 0})()
+
+    plans = worker_step.decode_plans(2, 8, 10, 0, 4)
+    times, hits = worker_step.time_steps(Runner(), plans)
+    # 10 decode steps: 9 timed (each from the one before), the first of them warms up.
+    assert len(times) == 8 and hits == 4 / 8
