@@ -21,6 +21,8 @@ the engine's own time per step is bench latency's step minus this step. With --p
 every decode step also prefills a new request's N-token prompt (finished the step after), as a
 step under steady arrivals does: its rows are the batch plus N, so it replays a graph only while
 they fit the largest (model_runner.GRAPH_PROMPT_ROWS), and its graph column is then omitted.
+--profile prints the kernels of one graph replay where the decodes alone replay one, else
+(--prompt-len, --enforce-eager) the kernels and the host calls of the steps themselves.
 """
 
 import argparse
@@ -28,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -104,10 +107,13 @@ def decode_plans(
     return plans
 
 
-def time_steps(runner: ModelRunner, plans: list) -> tuple[list[float], float]:
+def time_steps(
+    runner: ModelRunner, plans: list, on_step: Callable[[], None] | None = None
+) -> tuple[list[float], float]:
     """Runs the plans as WorkerService does with each next plan already there; the wall time
-    of each decode step, ms (from one step's tokens arriving to the next's), and the share of
-    those steps that replayed a graph."""
+    of each decode step after the first fifth, ms (from one step's tokens arriving to the
+    next's), and the share of those steps that replayed a graph. on_step is called as each
+    step's time is taken (every one, the first fifth's too)."""
     runner.execute(plans[0])  # the prefill, alone (execute waits for its tokens)
     times, graphed, launched = [], [], None
     last = time.perf_counter()
@@ -118,6 +124,8 @@ def time_steps(runner: ModelRunner, plans: list) -> tuple[list[float], float]:
             now = time.perf_counter()
             times.append((now - last) * 1e3)
             last = now
+            if on_step is not None:
+                on_step()
         launched = step
     runner.finish(launched)
     runner.execute(plans[-1])
@@ -166,6 +174,42 @@ def profile_graph(runner: ModelRunner, size: int, top: int = 15) -> None:
         print(f"  {share / 1e3:7.3f} ms  {e.count // 10:4d}x  {e.key[:90]}")
 
 
+def profile_steps(runner: ModelRunner, plans: list, top: int = 12) -> str:
+    """Runs the plans as time_steps does under the torch profiler, recording up to 10 steps
+    after the first fifth, and returns what one of those steps spent where: its wall time (the
+    profiler's cost included), its kernels' time, and the kernels and host calls that took the
+    most (self time; one line each: ProfilerStep*'s is the host's time outside torch's
+    operators, Python and Triton's launches among it). Every rank of a group must call it."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    num_steps = len(plans) - 3  # the prefill and the finish plan are not steps; nor the first
+    warm = max(num_steps // 5, 1)
+    active = min(10, num_steps - warm)
+    record = schedule(wait=warm - 1, warmup=1, active=active, repeat=1)
+    activities = [ProfilerActivity.CPU]
+    if runner.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, schedule=record) as p:
+        times, _ = time_steps(runner, plans, on_step=p.step)
+    events = p.key_averages()
+    kernels = sorted(
+        (e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total
+    )
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / active / 1e3
+    lines = [
+        f"a step under the profiler: {statistics.mean(times[:active]):.3f} ms wall, "
+        f"{kernel_ms:.3f} ms of kernels ({active} steps)"
+    ]
+    for e in kernels[:top]:
+        share = e.self_device_time_total / active / 1e3
+        lines.append(f"  kernel {share:7.3f} ms {e.count / active:6.1f}x  {e.key[:80]}")
+    for e in host[:top]:
+        share = e.self_cpu_time_total / active / 1e3
+        lines.append(f"  host   {share:7.3f} ms {e.count / active:6.1f}x  {e.key[:80]}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3-8b", help="a dummy preset or a checkpoint")
@@ -174,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="kernels of each graph replay")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="the kernels of one graph replay (decodes alone), else of the steps and their host",
+    )
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument(
         "--prompt-len", type=int, default=0, help="a new prompt of this many tokens every step"
@@ -229,8 +277,10 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
         if runner.graphs is not None and not args.prompt_len:
             graph_ms = time_graph(runner, runner.graphs.size_for(batch))
         rows.append((batch, graph_ms, step_ms, hits))
-        if args.profile and runner.graphs is not None and not args.prompt_len:
+        if args.profile and graph_ms is not None:
             profile_graph(runner, runner.graphs.size_for(batch))
+        elif args.profile:
+            report(profile_steps(runner, plans))
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
         report(f"batch {batch}: graph {graph} ms, worker step {step_ms:.3f} ms", flush=True)
     report()

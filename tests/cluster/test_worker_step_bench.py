@@ -53,3 +53,18 @@ def test_time_steps_counts_the_steps_timed():
     times, hits = worker_step.time_steps(Runner(), plans)
     # 10 decode steps: 9 timed (each from the one before), the first of them warms up.
     assert len(times) == 8 and hits == 4 / 8
+
+
+def test_the_step_profile_names_what_a_step_spent_its_time_on(tiny_models):
+    path, _ = tiny_models["llama"]
+    model = load_model(str(path), "auto", torch.float32, torch.device("cpu"), seed=0)
+    runner = ModelRunner(model, torch.device("cpu"), torch.float32, seed=0)
+    runner.init_cache(num_blocks=64, block_size=worker_step.BLOCK_SIZE, max_num_seqs=BATCH + 1)
+    plans = worker_step.decode_plans(BATCH, CONTEXT, 15, 0, PROMPT, vocab=256)
+    head, *calls = worker_step.profile_steps(runner, plans, top=5).splitlines()
+    # 15 decode steps: 14 timed, the first 2 warm up, then 10 recorded.
+    assert head.startswith("a step under the profiler: ") and head.endswith("(10 steps)")
+    assert len(calls) == 5 and all(c.startswith("  host ") for c in calls)  # no kernels on a CPU
+    assert any("aten::" in c for c in calls)
+    # Each of the busiest host calls runs at least once in every recorded step.
+    assert all(float(c.split()[3].rstrip("x")) >= 1.0 for c in calls), calls
