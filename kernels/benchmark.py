@@ -10,10 +10,14 @@ Measured in one run, so every figure has its baseline from the same card:
   (c) paged prefill attention of one 4k-token prompt against torch SDPA's flash backend on the
       same dense causal problem: TFLOP/s of each and the ratio;
   (d) the fused residual-add + RMSNorm kernel against the model's torch eager path;
-  (e) the rotary embedding kernel (q and k in one launch) against the model's torch eager path.
+  (e) the rotary embedding kernel (q and k in one launch) against the model's torch eager path;
+  (f) a mixed step's attention: decodes beside one prompt, laid out three ways (mixed_batch):
+      one prefill launch over them all (as an eager step runs it), the decodes and the prompt
+      apart (the decode kernel and the prefill kernel), and one row a token (the decode kernel
+      over the decodes and each prompt token, as the CUDA graphs run short prompts).
 --sweep also times other launch configurations around the defaults (to retune the heuristics'
 constants; the defaults stay shape-derived, never a per-shape table). --only (repeatable, or a
-comma list of decode, prefill, norm, rotary) runs those parts only; (a) always runs.
+comma list of decode, prefill, norm, rotary, mixed) runs those parts only; (a) always runs.
 
 Decode is timed three ways; the targets are judged on the third:
   plain call      triton.testing.do_bench (median), which zeroes a 256 MB buffer before every
@@ -77,7 +81,9 @@ REPLAYS, REPEATS = 20, 15
 RMS_NORM_TOKENS, RMS_NORM_HIDDEN, RMS_NORM_EPS = (256, 4096), 4096, 1e-5
 # Rotary: Llama-3-8B's rope base and context; positions drawn at random below it.
 ROTARY_TOKENS, ROTARY_BASE, ROTARY_MAX_POSITIONS = (256, 4096), 500000.0, 8192
-PARTS = ("decode", "prefill", "norm", "rotary")
+# Mixed steps: (decodes, their context, one prompt's new tokens).
+MIXED_SHAPES = [(448, 192, 128), (256, 384, 128), (64, 512, 512), (64, 512, 1024)]
+PARTS = ("decode", "prefill", "norm", "rotary", "mixed")
 
 
 def _median_ms(fn) -> float:
@@ -462,6 +468,97 @@ def bench_rotary(bandwidth: float) -> list[str]:
     return rows
 
 
+def mixed_batch(
+    decodes: int,
+    context: int,
+    prompt: int,
+    device: str = "cuda",
+    dtype: torch.dtype = DTYPE,
+    seed: int = 0,
+) -> dict[str, tuple]:
+    """One layer's attention in a step of `decodes` sequences of one new token over `context`
+    tokens each and one prompt of `prompt` new tokens (no cached prefix), random K/V in shuffled
+    pages, as kernels.paged_attention argument tuples (its keyword bounds last):
+
+        "one call"  every sequence in one launch: the prefill kernel, max_query_len = prompt
+        "decodes"   the decode sequences alone (the decode kernel)
+        "prompt"    the prompt alone (the prefill kernel)
+        "rows"      one row a token: the decodes, then prompt token i as a sequence of its own
+                    of i + 1 tokens over the prompt's pages (the decode kernel)
+
+    The three layouts are one attention: "one call" == "decodes" then "prompt" == "rows"."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    per_decode, per_prompt = cdiv(context, BLOCK_SIZE), cdiv(prompt, BLOCK_SIZE)
+    num_blocks = decodes * per_decode + per_prompt
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    key_cache = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    value_cache = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    pages = torch.randperm(num_blocks, device=device, generator=gen).to(torch.int32)
+    width = max(per_decode, per_prompt)
+    tables = torch.zeros(decodes + 1, width, dtype=torch.int32, device=device)
+    tables[:decodes, :per_decode] = pages[: decodes * per_decode].view(decodes, per_decode)
+    tables[decodes, :per_prompt] = pages[decodes * per_decode :]
+    query = torch.randn(
+        decodes + prompt, NUM_HEADS, HEAD_DIM, dtype=dtype, device=device, generator=gen
+    )
+    scale = HEAD_DIM**-0.5
+
+    def i32(values) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.int32, device=device)
+
+    seq_lens = i32([context] * decodes + [prompt])
+    starts = i32([*range(decodes + 1), decodes + prompt])
+    one_call = (query, key_cache, value_cache, tables, seq_lens, starts, scale, prompt, context)
+    alone = (query[:decodes], key_cache, value_cache, tables[:decodes], seq_lens[:decodes])
+    decode_only = (*alone, i32(range(decodes + 1)), scale, 1, context)
+    prompt_only = (
+        query[decodes:], key_cache, value_cache, tables[decodes:], i32([prompt]),
+        i32([0, prompt]), scale, prompt, prompt,
+    )  # fmt: skip
+    row_tables = torch.cat([tables[:decodes], tables[decodes:].expand(prompt, width)])
+    row_lens = i32([context] * decodes + list(range(1, prompt + 1)))
+    rows = (
+        query, key_cache, value_cache, row_tables, row_lens, i32(range(decodes + prompt + 1)),
+        scale, 1, max(context, prompt),
+    )  # fmt: skip
+    return {"one call": one_call, "decodes": decode_only, "prompt": prompt_only, "rows": rows}
+
+
+def attend(args: tuple) -> torch.Tensor:
+    """kernels.paged_attention over one of mixed_batch's argument tuples."""
+    *tensors, scale, max_query_len, max_seq_len = args
+    return kernels.paged_attention(
+        *tensors, scale, max_query_len=max_query_len, max_seq_len=max_seq_len
+    )
+
+
+def bench_mixed() -> list[str]:
+    """A mixed step's attention three ways (mixed_batch), do_bench medians of one layer."""
+    rows = [
+        "| decodes x context + prompt | one prefill launch (us) | decode + prefill launches "
+        "(us) | one row a token (us) | max abs diff |",
+        "|---|---|---|---|---|",
+    ]
+    for decodes, context, prompt in MIXED_SHAPES:
+        batch = mixed_batch(decodes, context, prompt)
+        one = functools.partial(attend, batch["one call"])
+        per_row = functools.partial(attend, batch["rows"])
+
+        def split(b: dict = batch) -> tuple[torch.Tensor, torch.Tensor]:
+            return attend(b["decodes"]), attend(b["prompt"])
+
+        expected = one().float()
+        diff = max(
+            (torch.cat(split()).float() - expected).abs().max().item(),
+            (per_row().float() - expected).abs().max().item(),
+        )
+        rows.append(
+            f"| {decodes} x {context} + {prompt} | {_median_ms(one) * 1e3:.1f} "
+            f"| {_median_ms(split) * 1e3:.1f} | {_median_ms(per_row) * 1e3:.1f} | {diff:.1e} |"
+        )
+    return rows
+
+
 def _parts(value: str) -> list[str]:
     """--only's argument: a comma list of PARTS."""
     parts = [part.strip() for part in value.split(",") if part.strip()]
@@ -524,6 +621,15 @@ def main() -> None:
         )
         print()
         for row in bench_rotary(bandwidth):
+            print(row)
+    if "mixed" in parts:
+        print()
+        print(
+            f"### A mixed step's attention, {NUM_HEADS} q heads / {NUM_KV_HEADS} KV heads, "
+            f"head_dim {HEAD_DIM}, bf16, one layer (do_bench medians)"
+        )
+        print()
+        for row in bench_mixed():
             print(row)
 
 
