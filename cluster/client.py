@@ -212,6 +212,11 @@ class AsyncClient:
             serving_pb2.ModelInfoRequest(), timeout=timeout, metadata=self._metadata
         )
 
+    async def server_info(self, timeout: float = 10.0) -> serving_pb2.ServerInfoResponse:
+        return await self._stub.GetServerInfo(
+            serving_pb2.ServerInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
+
     async def wait_until_ready(self, timeout: float) -> None:
         """Connects now (a channel connects lazily, on its first call); raises TimeoutError."""
         await asyncio.wait_for(self._channel.channel_ready(), timeout)

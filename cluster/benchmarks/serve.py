@@ -18,8 +18,11 @@ share of --max-concurrency; each process's CPU share is reported beside the late
 
 Per rate: time to first token (send to the first output), inter-token latency (the gaps between
 a request's later outputs), end-to-end latency (send to the end), each as mean, p50, p90 and
-p99 in ms, and request and output-token throughput over the rate's wall time. --result-json
-writes them; --plot draws the latency percentiles against the achieved request throughput.
+p99 in ms, and request and output-token throughput over the rate's wall time; and what the
+server's engine did meanwhile, where it tells (GetServerInfo over gRPC, /metrics over HTTP): its
+steps, the share that replayed a CUDA graph, and their mean time (the server's steps for any
+client, so run it alone). --result-json writes them; --plot draws the latency percentiles
+against the achieved request throughput.
 """
 
 import argparse
@@ -47,6 +50,26 @@ PERCENTILES = (50, 90, 99)
 MIN_TOKEN_ID = 100  # random prompts stay above the special tokens
 
 
+@dataclass(frozen=True)
+class EngineSteps:
+    """The server's engine step counters at one moment (ServerInfoResponse's num_steps,
+    num_graph_steps, step_seconds)."""
+
+    steps: int
+    graph_steps: int
+    seconds: float
+
+    def since(self, before: "EngineSteps") -> dict:
+        """The steps between before and these: their count, the share that replayed a CUDA
+        graph, their mean time in ms (None without steps)."""
+        steps = self.steps - before.steps
+        return {
+            "steps": steps,
+            "graph_share": (self.graph_steps - before.graph_steps) / steps if steps else None,
+            "mean_step_ms": (self.seconds - before.seconds) / steps * 1e3 if steps else None,
+        }
+
+
 class Backend(Protocol):
     """One wire to the server."""
 
@@ -58,6 +81,10 @@ class Backend(Protocol):
     async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
         """Sends one request and streams it: on_output is called as each message bringing new
         output arrives; returns the completion's output token count. Raises on failure."""
+        ...
+
+    async def engine_steps(self) -> EngineSteps | None:
+        """The server's engine step counters now; None where the server does not tell."""
         ...
 
     async def close(self) -> None: ...
@@ -85,6 +112,10 @@ class GrpcBackend:
                 on_output()
             collector.add(msg)
         return len(collector.result().outputs[0].token_ids)
+
+    async def engine_steps(self) -> EngineSteps | None:
+        info = await self._client.server_info()
+        return EngineSteps(info.num_steps, info.num_graph_steps, info.step_seconds)
 
     async def close(self) -> None:
         await self._client.close()
@@ -142,6 +173,30 @@ class HttpBackend:
         if completion_tokens is None:
             raise RuntimeError("the stream ended without a usage chunk")
         return completion_tokens
+
+    async def engine_steps(self) -> EngineSteps | None:
+        """From /metrics' pagedserve:engine_* counters (None when it has none)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        reply = await self._http.get("/metrics")
+        if reply.status_code != 200:
+            return None
+        names = {
+            "pagedserve:engine_steps_total": "steps",
+            "pagedserve:engine_cuda_graph_steps_total": "graph_steps",
+            "pagedserve:engine_step_seconds_total": "seconds",
+        }
+        found: dict[str, float] = {}
+        try:
+            for family in text_string_to_metric_families(reply.text):
+                for sample in family.samples:
+                    if sample.name in names:
+                        found[names[sample.name]] = sample.value
+        except ValueError:  # not the Prometheus text format
+            return None
+        if len(found) < len(names):
+            return None
+        return EngineSteps(int(found["steps"]), int(found["graph_steps"]), found["seconds"])
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -339,12 +394,25 @@ def plot(runs: list[dict], path: str) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
+def engine_cell(engine: dict | None) -> str:
+    """A rate's engine steps: their count, the share in CUDA graphs, their mean time."""
+    if engine is None:
+        return "-"
+    if not engine["steps"]:
+        return "0 steps"
+    return (
+        f"{engine['steps']} steps, {engine['graph_share']:.0%} in graphs, "
+        f"{engine['mean_step_ms']:.2f} ms each"
+    )
+
+
 def table(runs: list[dict]) -> list[str]:
     """A markdown table: one row per rate."""
     lines = [
         "| rate (req/s) | max concurrency | done / sent | req/s | output tok/s | "
-        "TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | E2E p50 / p90 / p99 (ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | E2E p50 / p90 / p99 (ms) | "
+        "engine steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(stats: dict) -> str:
@@ -357,7 +425,7 @@ def table(runs: list[dict]) -> list[str]:
             f"| {r['request_rate']} | {r['max_concurrency'] or '-'} | {r['completed']} / "
             f"{r['num_requests']} | {r['request_throughput']:.2f} | "
             f"{r['output_throughput']:.1f} | {cell(r['ttft_ms'])} | {cell(r['itl_ms'])} | "
-            f"{cell(r['e2e_ms'])} |"
+            f"{cell(r['e2e_ms'])} | {engine_cell(r.get('engine'))} |"
         )
     return lines
 
@@ -444,6 +512,7 @@ async def bench(args: argparse.Namespace) -> dict:
                 [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(args.input_len)]
                 for _ in range(args.num_prompts)
             ]
+            before = await backend.engine_steps()
             if args.clients == 1:
                 parts = [
                     await run_rate(
@@ -459,10 +528,13 @@ async def bench(args: argparse.Namespace) -> dict:
             runs.append(summarize(records, duration, rate, args.max_concurrency, args.input_len))
             done = runs[-1]
             done["client_cpu"] = [part.cpu_share for part in parts]
+            after = await backend.engine_steps()
+            done["engine"] = None if before is None or after is None else after.since(before)
             print(
                 f"rate {done['request_rate']}: {done['completed']} of {done['num_requests']} "
                 f"requests done in {duration:.1f} s; client processes at "
-                f"{min(done['client_cpu']):.0%}-{max(done['client_cpu']):.0%} of a core",
+                f"{min(done['client_cpu']):.0%}-{max(done['client_cpu']):.0%} of a core; "
+                f"engine {engine_cell(done['engine'])}",
                 flush=True,
             )
     finally:

@@ -210,6 +210,8 @@ class Engine:
         self.scheduler = scheduler
         self.step_records: deque[StepRecord] = deque(maxlen=max_step_records)
         self.num_steps = 0
+        self.num_graph_steps = 0  # of num_steps, those that replayed a CUDA graph
+        self.step_seconds = 0.0  # the steps' intervals summed (StepRecord.interval_ms)
         self.num_finished = 0
         self.num_generated_tokens = 0
         # (time.monotonic(), num_generated_tokens), one every _TOKEN_SAMPLE_S while tokens
@@ -544,7 +546,9 @@ class Engine:
         step, result, now = learned.step, learned.result, learned.received
         plan = step.plan
         self.num_steps += 1
+        self.num_graph_steps += result.cuda_graph
         since = self._charged_since(step)
+        self.step_seconds += now - since
         self._last_learned = now
         self.step_records.append(
             StepRecord(

@@ -414,6 +414,8 @@ class Fleet:
             self.replicas = [r for r in self.replicas if r is not replica]
             self._retired = self._retired + Counter(
                 steps=engine.num_steps,
+                graph_steps=engine.num_graph_steps,
+                step_seconds=engine.step_seconds,
                 finished=engine.num_finished,
                 generated=engine.num_generated_tokens,
             )
@@ -454,6 +456,8 @@ class Fleet:
             throughput_window_s=THROUGHPUT_WINDOW_S,
             num_replica_failures=self._num_failures,
             num_recovered_requests=self._num_recovered,
+            num_graph_steps=retired["graph_steps"] + sum(e.num_graph_steps for e in engines),
+            step_seconds=retired["step_seconds"] + sum(e.step_seconds for e in engines),
         )
 
     def stop(self) -> None:

@@ -192,6 +192,8 @@ class CoreSet:
             merged.generated_tokens_per_s += info.generated_tokens_per_s
             merged.num_replica_failures += info.num_replica_failures
             merged.num_recovered_requests += info.num_recovered_requests
+            merged.num_graph_steps += info.num_graph_steps
+            merged.step_seconds += info.step_seconds
         merged.frontends.extend(frontends.values())
         return merged
 

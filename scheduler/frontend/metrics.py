@@ -7,7 +7,8 @@ Two sources, so that a scrape of any frontend shows the whole server:
   around Backend.generate) and kept in prometheus_client's multiprocess mode: every frontend
   process of a server writes its own files into one shared directory, and a scrape sums them all.
 - Engine-core state (running / waiting requests, KV cache usage, prefix cache queries and hits,
-  preemptions) is read from Backend.server_info() at scrape time and summed over the replicas.
+  preemptions; engine steps, those that replayed a CUDA graph and their time, names of
+  pagedserve's own) is read from Backend.server_info() at scrape time, summed over replicas.
 
 The multiprocess directory: the launcher makes one fresh, empty directory per server on the
 node its frontends run on (e.g. tempfile.mkdtemp(prefix="pagedserve-metrics-")), hands it to
@@ -245,7 +246,8 @@ class Metrics:
 class CoreCollector:
     """The engine core's state as vLLM names it, from one GetServerInfo answer, summed over the
     replicas. KV cache usage is a fraction of all blocks (1 = full), as vLLM's. Counters count
-    since each replica started (a replica scaled away takes its counts with it)."""
+    since each replica started (a replica scaled away takes its counts with it), but the engine
+    step counters (pagedserve's own: steps, those in CUDA graphs, their time), which keep them."""
 
     def __init__(self, model_name: str, info: serving_pb2.ServerInfoResponse) -> None:
         self.model_name = model_name
@@ -273,6 +275,13 @@ class CoreCollector:
              sum(r.prefix_cache_hits for r in replicas)),
             (counter, "num_preemptions", "Cumulative number of preemption from the engine.",
              sum(r.num_preemptions for r in replicas)),
+            (counter, "engine_steps", "Engine steps learned from the workers.",
+             self.info.num_steps),
+            (counter, "engine_cuda_graph_steps", "Engine steps that replayed a CUDA graph.",
+             self.info.num_graph_steps),
+            (counter, "engine_step_seconds",
+             "Time in engine steps: each from learning the step before it to learning it.",
+             self.info.step_seconds),
         ):  # fmt: skip
             metric = kind(PREFIX + name, doc, labels=["model_name"])
             metric.add_metric([self.model_name], value)

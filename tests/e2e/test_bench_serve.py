@@ -1,5 +1,6 @@
 """`pagedserve bench serve` over gRPC against the session's running cluster: two request
-rates, a few requests each; the JSON results are whole and consistent and the plot is a PNG.
+rates, a few requests each; the JSON results are whole and consistent (the server's engine
+steps among them) and the plot is a PNG.
 
 (Here rather than in tests/cluster: the session's cluster keeps its Ray up, and some modules
 there need a Ray of their own.)"""
@@ -53,4 +54,8 @@ def test_bench_serve_over_grpc(local_cluster, tmp_path, capsys):
         # Each request's TTFT is below its end-to-end latency, so each percentile is too.
         assert all(r["ttft_ms"][p] < r["e2e_ms"][p] for p in ("p50", "p90", "p99"))
         assert r["itl_ms"]["p99"] < r["e2e_ms"]["p99"]
+        # The server's steps meanwhile (GetServerInfo): at least one a token, none in a CUDA
+        # graph on the CPU.
+        engine = r["engine"]
+        assert engine["steps"] >= 5 and engine["graph_share"] == 0 and engine["mean_step_ms"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

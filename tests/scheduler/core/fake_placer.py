@@ -10,8 +10,9 @@ from tests.scheduler.fake_worker import TIMEOUT, FakeRank, serving
 
 
 class FakePlacer:
-    def __init__(self, num_blocks: int = 64, block_size: int = 8) -> None:
-        self.num_blocks, self.block_size = num_blocks, block_size
+    def __init__(self, num_blocks: int = 64, block_size: int = 8, graphs: bool = False) -> None:
+        """graphs: the ranks say their steps of decodes alone replayed a CUDA graph."""
+        self.num_blocks, self.block_size, self.graphs = num_blocks, block_size, graphs
         self.ranks: dict[int, FakeRank] = {}
         self.num_placed = 0
         self.failures_to_come = 0  # place() raises this many times first
@@ -27,6 +28,7 @@ class FakePlacer:
                 self.failures_to_come -= 1
                 raise RuntimeError(f"replica {replica_id}: no room (a test's refusal)")
             rank = FakeRank(num_blocks=self.num_blocks, block_size=self.block_size)
+            rank.graphs = self.graphs
             stack = contextlib.ExitStack()
             address = stack.enter_context(serving(rank))
             self.ranks[replica_id], self._servers[replica_id] = rank, stack

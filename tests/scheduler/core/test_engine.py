@@ -464,3 +464,15 @@ def test_the_watchdog_charges_a_step_neither_the_step_queued_before_it_nor_idle_
         sink = submit(engine, "after", max_tokens=1)
         assert collect(sink, "after")[0].end.finish_reason == "length"
         assert engine.error is None
+
+
+def test_the_engine_counts_its_steps_those_in_graphs_and_their_time(rank):
+    rank.graphs = True  # its steps of decodes alone say they replayed a graph
+    with serve(rank) as engine:
+        collect(submit(engine, "a", prompt=(1, 1), max_tokens=6), "a")
+        with engine.lock:
+            records = list(engine.step_records)
+            counts = engine.num_steps, engine.num_graph_steps, engine.step_seconds
+    assert counts[0] == len(records) >= 6
+    assert counts[1] == sum(r.cuda_graph for r in records) == counts[0] - 1  # all but the prompt's
+    assert counts[2] == pytest.approx(sum(r.interval_ms for r in records) / 1e3)

@@ -271,3 +271,19 @@ def test_a_request_waiting_for_a_replica_can_be_aborted_and_ends_every_completio
         assert [ends[i].end.finish_reason for i in (0, 1)] == ["abort", "abort"]
         assert fleet.num_unfinished(sink) == 0
         placer.may_place.set()
+
+
+def test_a_drained_replicas_steps_stay_in_the_servers_counts():
+    placer = FakePlacer(graphs=True)
+    with fleet_of(2, placer) as fleet:
+        assert_all_complete(submit_all(fleet, 8))
+        before = fleet.server_info()
+        assert {r.replica_id for r in before.replicas} == {0, 1}
+        assert all(r.engine.num_steps > 0 for r in fleet.replicas)  # both stepped
+        fleet.scale(1)
+        wait_for(lambda: len(fleet.replicas) == 1, "replica 1 drains and stops")
+        after = fleet.server_info()
+    assert 0 < before.num_graph_steps < before.num_steps and before.step_seconds > 0
+    # Nothing ran since, and nothing of the drained replica was lost.
+    assert (after.num_steps, after.num_graph_steps) == (before.num_steps, before.num_graph_steps)
+    assert after.step_seconds == pytest.approx(before.step_seconds)

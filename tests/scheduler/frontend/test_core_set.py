@@ -152,6 +152,8 @@ def test_servings_abort_finds_a_request_on_either_core_and_server_info_merges_th
     info, found, ends, scale = with_backend(cores, body)
     assert sorted(r.replica_id for r in info.replicas) == [0, 1]  # core 0's, core 1's replica 0
     assert [r.num_running + r.num_waiting for r in info.replicas] == [1, 1]
+    # Both cores stepped (each its request's first token at least): their steps' time summed.
+    assert info.num_steps >= 2 and info.step_seconds > 0 and info.num_graph_steps == 0
     [frontend] = info.frontends  # this frontend, on both cores
     assert (frontend.num_requests, frontend.num_unfinished) == (2, 2)
     assert found == [True, True, False]

@@ -159,7 +159,10 @@ def test_the_core_state_comes_from_server_info(tmp_path):
             num_preemptions=2,
         ),
     ]
-    s = scrape(metrics, serving_pb2.ServerInfoResponse(replicas=replicas))
+    info = serving_pb2.ServerInfoResponse(
+        replicas=replicas, num_steps=50, num_graph_steps=45, step_seconds=0.25
+    )
+    s = scrape(metrics, info)
     assert s[("pagedserve:num_requests_running", ())] == 7
     assert s[("pagedserve:num_requests_waiting", ())] == 1
     assert s[("pagedserve:num_requests_swapped", ())] == 2
@@ -167,6 +170,9 @@ def test_the_core_state_comes_from_server_info(tmp_path):
     assert s[("pagedserve:prefix_cache_queries_total", ())] == 100
     assert s[("pagedserve:prefix_cache_hits_total", ())] == 30
     assert s[("pagedserve:num_preemptions_total", ())] == 3
+    assert s[("pagedserve:engine_steps_total", ())] == 50
+    assert s[("pagedserve:engine_cuda_graph_steps_total", ())] == 45
+    assert s[("pagedserve:engine_step_seconds_total", ())] == 0.25
     assert ("pagedserve:num_requests_running", ()) not in scrape(metrics)
 
 
