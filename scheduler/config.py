@@ -123,9 +123,17 @@ class SchedulerConfig:
     # before the first step. CPU serving of larger models needs a larger bound. A stopped or
     # vanished worker process is found sooner, by the worker channels' keepalive.
     step_timeout_s: float = 120.0
+    # A request with more tokens than this left to compute (a long prompt) computes at most this
+    # many a step (vLLM's long_prefill_token_threshold): its prefill spreads over more steps,
+    # each shorter, so the requests decoding beside it keep a steadier pace (and on a GPU the
+    # steps stay within the CUDA graphs' rows, model_runner.GRAPH_PROMPT_ROWS). 0 = no cap.
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("scheduler.policy", self.policy, POLICIES)
+        check_int_range(
+            "scheduler.long_prefill_token_threshold", self.long_prefill_token_threshold, 0
+        )
         check_int_range("scheduler.max_steps_passed_over", self.max_steps_passed_over, 0)
         check_int_range("scheduler.max_num_seqs", self.max_num_seqs, 1)
         check_int_range("scheduler.max_num_batched_tokens", self.max_num_batched_tokens, 1)

@@ -3,8 +3,9 @@
 Each step spends max_num_batched_tokens (and at most max_num_seqs requests), in this order:
 
 1. Running requests, in policy rank order. Each gets num_tokens + num_pending_tokens -
-   num_computed_tokens, capped by what is left of the budget, so a long prompt is prefilled in
-   chunks across steps while decodes (the one-token case) keep going. When blocks run out, the
+   num_computed_tokens, capped by what is left of the budget (and by
+   long_prefill_token_threshold, when set), so a long prompt is prefilled in chunks across
+   steps while decodes (the one-token case) keep going. When blocks run out, the
    running request that ranks last is preempted: swapped to host memory if recomputing it would
    take more than a step's budget and the swap space has room, else recomputed later from the
    tokens the scheduler keeps.
@@ -207,6 +208,14 @@ class Scheduler:
         self._dropped, self._preempted, self._swapped_ids = [], [], []
         return plan_msg
 
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """The tokens a request with `remaining` left to compute gets this step: what is left of
+        the budget, and no more than long_prefill_token_threshold when it has more left."""
+        threshold = self.config.long_prefill_token_threshold
+        if 0 < threshold < remaining:
+            remaining = threshold
+        return min(remaining, budget)
+
     def _schedule_running(self, budget: int, plan: PlanBuilder) -> int:
         """Schedules the running requests in rank order, preempting the last-ranked ones when
         blocks run out; returns the budget left.
@@ -241,7 +250,7 @@ class Scheduler:
                         request.num_pending_tokens += 1  # it samples in this step
                         budget -= 1
                         continue
-            n = min(num_tokens - start, budget)
+            n = self._chunk(num_tokens - start, budget)
             if not allocate(request, n) and not self._preempt_to_allocate(request, n):
                 break
             self._schedule(request, n, plan)
@@ -357,7 +366,7 @@ class Scheduler:
             if request.num_pending_tokens:
                 break  # swapped out while a step samples for it: back once that is learned
             needs = self._seats_needed(request)
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             if needs > seats or not self.page_table.swap_in(request, n):
                 break
             del self.swapped[0]
@@ -387,7 +396,7 @@ class Scheduler:
                 break
             cached = pt.cached_prefix(request)
             num_cached = len(cached) * pt.block_size
-            n = min(request.num_tokens - num_cached, budget)
+            n = self._chunk(request.num_tokens - num_cached, budget)
             if not pt.allocate(request, n, cached):
                 break
             if request.first_scheduled_time is None:

@@ -51,9 +51,16 @@ class Harness:
         caching=True,
         host_blocks=0,
         max_steps_passed_over=16,
+        long_prefill=0,
     ):
         self.pt = PageTableManager(num_blocks, block_size, caching, host_blocks)
-        config = SchedulerConfig(max_seqs, max_tokens, policy, max_steps_passed_over)
+        config = SchedulerConfig(
+            max_seqs,
+            max_tokens,
+            policy,
+            max_steps_passed_over,
+            long_prefill_token_threshold=long_prefill,
+        )
         self.sched = Scheduler(config, self.pt)
         self.worker = FakeWorker(num_blocks, block_size, host_blocks)
 
@@ -330,6 +337,21 @@ def test_swapping_keeps_the_kv_of_a_long_request_and_resumes_it():
     assert h.pt.num_free_host_blocks == 8 and h.pt.num_free_blocks == 6
 
 
+def test_a_long_prompt_computes_at_most_the_threshold_a_step_beside_a_decode():
+    h = Harness(max_tokens=64, long_prefill=8)
+    h.sched.add_request(make_request("short", 3, max_tokens=12))
+    h.step()  # its prompt, then it decodes
+    h.sched.add_request(make_request("long", 30, max_tokens=2))
+    chunks = []
+    while "long" not in h.worker.tokens or len(h.worker.tokens["long"]) <= 30:
+        got = scheduled(h.step())
+        assert got.get("short") == 1  # the decode goes on every step
+        chunks.append(got["long"])
+    assert chunks == [8, 8, 8, 6]  # 30 prompt tokens, 8 a step, then its first token sampled
+    h.run()
+    assert h.pt.num_free_blocks == h.pt.num_blocks
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random add (n completions, priorities, shared prefixes), step (tokens, some stopping),
     abort and preempt under a tight cache with swap space and a small token budget, for every
@@ -337,9 +359,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     in its blocks, every request ends, and nothing leaks."""
 
     @initialize(
-        policy=st.sampled_from(POLICIES), caching=st.booleans(), host=st.sampled_from([0, 6])
+        policy=st.sampled_from(POLICIES),
+        caching=st.booleans(),
+        host=st.sampled_from([0, 6]),
+        long_prefill=st.sampled_from([0, 0, 1, 4]),
     )
-    def setup(self, policy, caching, host):
+    def setup(self, policy, caching, host, long_prefill):
         self.h = Harness(
             num_blocks=12,
             block_size=4,
@@ -349,7 +374,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             caching=caching,
             host_blocks=host,
             max_steps_passed_over=3,
+            long_prefill=long_prefill,
         )
+        self.long_prefill = long_prefill
         self.sched, self.pt = self.h.sched, self.h.pt
         self.next_id = 0
         self.ended: list[Request] = []
@@ -377,6 +404,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         plan = self.h.step(token=token)
         assert len(scheduled(plan)) <= 4
         assert sum(scheduled(plan).values()) <= 6
+        if self.long_prefill:
+            assert max(scheduled(plan).values(), default=0) <= self.long_prefill
 
     @precondition(lambda self: self.sched.groups)
     @rule(data=st.data())
