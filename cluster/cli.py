@@ -123,9 +123,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         info = client.server_info()
         health = client.health()
+    steps = info.num_steps
+    graphs = f"{info.num_graph_steps / steps:.0%}" if steps else "-"
+    mean_ms = f"{info.step_seconds / steps * 1e3:.2f}" if steps else "-"
     print(
-        f"model {info.model} ({health}): {info.num_steps} steps, {info.num_finished_requests} "
-        f"requests finished, {info.num_generated_tokens} tokens generated; "
+        f"model {info.model} ({health}): {steps} steps ({graphs} in CUDA graphs, {mean_ms} ms "
+        f"each), {info.num_finished_requests} requests finished, {info.num_generated_tokens} "
+        f"tokens generated; "
         f"{info.generated_tokens_per_s:.1f} tokens/s over the last "
         f"{info.throughput_window_s:g} s; {info.num_replica_failures} replica failures, "
         f"{info.num_recovered_requests} requests recomputed elsewhere"
