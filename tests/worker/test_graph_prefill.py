@@ -7,10 +7,14 @@ them) is checked against the eager runner in float32: the same tokens each step,
 and penalized, with late arrivals and chunked prompts. On a GPU the captured graphs do the same
 (tests/worker/test_cuda_graph.py: prefills within a graph's size replay it)."""
 
+import os
+import socket
+
 import torch
+import torch.multiprocessing as mp
 
 from protos import worker_pb2
-from worker import model_runner
+from worker import distributed, model_runner
 from worker.cuda_graph import DecodeGraphs
 from worker.model_runner import ModelRunner
 from worker.worker import WorkerService
@@ -66,6 +70,43 @@ def test_prefills_through_the_graphs_sample_what_eager_steps_do(tiny_llama_dir):
     first_rows = sum(len(p) for name, p in prompts.items() if name != "seeded-a")
     assert first_rows > MAX_GRAPH_ROWS
     assert [g.cuda_graph for g in got] == [False] + [True] * 9
+
+
+def _two_ranks(rank: int, port: int, path: str) -> None:
+    """One rank of two (gloo): the first test's steps through the graphs and eagerly, each with
+    this rank's shard of the model; the tokens agree, and are the other rank's."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on a GPU host too (CPU tensors: not NCCL)
+    distributed.init(rank, 2, "127.0.0.1", port)
+    try:
+        # Rank 0 samples (seeded, penalized, min_tokens) and broadcasts; then every row plain
+        # greedy: the graphs' own argmax over the ranks' shards.
+        for names, late in (
+            (["greedy-a", "greedy-b", "seeded-a", "penalized-a", "min_tokens-a"], "seeded-a"),
+            (["greedy-a", "greedy-b", "greedy-c"], "greedy-c"),
+        ):
+            steps = plans(random_prompts(names, seed=3), steps=10, late=late, leaves="none")
+            eager, graphed = runner_with_cache(path, "cpu"), graphed_runner(path)
+            want = [eager.execute(plan) for plan in steps]
+            got = [graphed.execute(plan) for plan in steps]
+            assert [_tokens(g) for g in got] == [_tokens(w) for w in want], f"rank {rank}"
+            assert [g.cuda_graph for g in got][1:] == [True] * 9
+            tokens = torch.tensor([t for g in got for t in g.token_ids])
+            both = [torch.empty_like(tokens) for _ in range(2)]
+            torch.distributed.all_gather(both, tokens)
+            assert torch.equal(both[0], both[1]), "the ranks disagree"
+    finally:
+        distributed.destroy()
+
+
+def test_prefills_through_the_graphs_on_two_ranks_sample_what_eager_steps_do(tiny_llama_dir):
+    """Tensor parallel: the graphs hold the collectives (here run eagerly over gloo), each
+    rank's rows the same tokens at the same positions; the greedy argmax over the ranks'
+    shards and rank 0's sampling (seeded, penalized) pick what eager steps pick."""
+    path, _ = tiny_llama_dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_two_ranks, args=(port, str(path)), nprocs=2, start_method="spawn")
 
 
 def test_a_chunked_prompt_through_the_graphs_samples_what_eager_steps_do(tiny_llama_dir):
