@@ -9,6 +9,8 @@ with the launch's num_warps and num_stages, whose ptxas is in Triton's wheel. PD
 (use_pdl), so the programmatic-dependent-launch branches compile too; the interpreter the other
 kernel tests run under never sees them, nor any error that only typing the kernel finds.
 Prints one line a compiled variant; exits non-zero on the first kernel that does not compile.
+Not here: the all-reduce + RMSNorm kernel (triton_all_reduce_rms_norm), whose wrapper needs a
+symmetric-memory group of GPUs; the two-GPU tests compile and run it.
 """
 
 import os
