@@ -107,6 +107,18 @@ def decode_plans(
     return plans
 
 
+def cache_sizes(batch: int, context_len: int, steps: int, prompt_len: int = 0) -> dict:
+    """ModelRunner.init_cache's sizes for decode_plans' requests: the batch's blocks, two
+    prompts' (alternated), room for the batch and a prompt, and requests as long as either."""
+    per_request = -(-(context_len + steps + 1) // BLOCK_SIZE)
+    return {
+        "num_blocks": batch * per_request + 2 * -(-prompt_len // BLOCK_SIZE) + 1,
+        "block_size": BLOCK_SIZE,
+        "max_num_seqs": batch + bool(prompt_len),
+        "max_model_len": max(per_request * BLOCK_SIZE, prompt_len),
+    }
+
+
 def time_steps(
     runner: ModelRunner, plans: list, on_step: Callable[[], None] | None = None
 ) -> tuple[list[float], float]:
@@ -251,16 +263,8 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     runner = ModelRunner(model, device, dtype, seed=0)
     distributed.enable_small_all_reduce(dtype, device)
-    max_batch = max(args.batch_size)
-    per_request = -(-(args.context_len + args.steps + 1) // BLOCK_SIZE)
-    prompt_blocks = 2 * -(-args.prompt_len // BLOCK_SIZE)
-    runner.init_cache(
-        num_blocks=max_batch * per_request + prompt_blocks + 1,
-        block_size=BLOCK_SIZE,
-        max_num_seqs=max_batch + bool(args.prompt_len),  # the batch and a prompt
-        max_model_len=per_request * BLOCK_SIZE,
-        enforce_eager=args.enforce_eager,
-    )
+    sizes = cache_sizes(max(args.batch_size), args.context_len, args.steps, args.prompt_len)
+    runner.init_cache(**sizes, enforce_eager=args.enforce_eager)
     roof = roofline_ms(weight_bytes, bandwidth)
     report = print if rank == 0 else (lambda *a, **k: None)
     report(f"card: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")

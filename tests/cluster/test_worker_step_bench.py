@@ -1,6 +1,7 @@
 """cluster.benchmarks.worker_step's plans on the CPU: with a new prompt every step beside the
 batch (--prompt-len), the batch decodes the tokens it decodes alone, and each prompt samples."""
 
+import pytest
 import torch
 
 from cluster.benchmarks import worker_step
@@ -8,25 +9,22 @@ from worker.loader import load_model
 from worker.model_runner import ModelRunner
 
 BATCH, CONTEXT, STEPS, PROMPT = 3, 20, 6, 10
+LONG_PROMPT = 50  # past the batch's requests' 27 tokens
 
 
 def _run(path, prompt_len: int) -> list:
     model = load_model(str(path), "auto", torch.float32, torch.device("cpu"), seed=0)
     runner = ModelRunner(model, torch.device("cpu"), torch.float32, seed=0)
-    per_request = -(-(CONTEXT + STEPS + 1) // worker_step.BLOCK_SIZE)
-    runner.init_cache(
-        num_blocks=BATCH * per_request + 2 * -(-PROMPT // worker_step.BLOCK_SIZE),
-        block_size=worker_step.BLOCK_SIZE,
-        max_num_seqs=BATCH,
-        max_model_len=per_request * worker_step.BLOCK_SIZE,
-    )
+    runner.init_cache(**worker_step.cache_sizes(BATCH, CONTEXT, STEPS, prompt_len))
     plans = worker_step.decode_plans(BATCH, CONTEXT, STEPS, 0, prompt_len, vocab=256)
     return [runner.execute(plan) for plan in plans]
 
 
-def test_prompts_beside_the_batch_leave_its_tokens_as_they_are(tiny_models):
+@pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT])
+def test_prompts_beside_the_batch_leave_its_tokens_as_they_are(tiny_models, prompt):
+    """Prompts shorter than the batch's requests and longer (the cache sized for them)."""
     path, _ = tiny_models["llama"]
-    alone, beside = _run(path, 0), _run(path, PROMPT)
+    alone, beside = _run(path, 0), _run(path, prompt)
     batch = {str(i) for i in range(BATCH)}
     for step, (a, b) in enumerate(zip(alone, beside, strict=True)):
         got = dict(zip(b.request_ids, b.token_ids, strict=True))
@@ -59,7 +57,7 @@ def test_the_step_profile_names_what_a_step_spent_its_time_on(tiny_models):
     path, _ = tiny_models["llama"]
     model = load_model(str(path), "auto", torch.float32, torch.device("cpu"), seed=0)
     runner = ModelRunner(model, torch.device("cpu"), torch.float32, seed=0)
-    runner.init_cache(num_blocks=64, block_size=worker_step.BLOCK_SIZE, max_num_seqs=BATCH + 1)
+    runner.init_cache(**worker_step.cache_sizes(BATCH, CONTEXT, 15, PROMPT))
     plans = worker_step.decode_plans(BATCH, CONTEXT, 15, 0, PROMPT, vocab=256)
     head, *calls = worker_step.profile_steps(runner, plans, top=5).splitlines()
     # 15 decode steps: 14 timed, the first 2 warm up, then 10 recorded.
