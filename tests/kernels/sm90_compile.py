@@ -9,8 +9,8 @@ with the launch's num_warps and num_stages, whose ptxas is in Triton's wheel. PD
 (use_pdl), so the programmatic-dependent-launch branches compile too; the interpreter the other
 kernel tests run under never sees them, nor any error that only typing the kernel finds.
 Prints one line a compiled variant; exits non-zero on the first kernel that does not compile.
-Not here: the all-reduce + RMSNorm kernel (triton_all_reduce_rms_norm), whose wrapper needs a
-symmetric-memory group of GPUs; the two-GPU tests compile and run it.
+The all-reduce + RMSNorm kernel is reached through its wrapper too: it takes the symmetric
+buffers' addresses as a tensor, so stand-in addresses type it as serving's do.
 """
 
 import os
@@ -72,6 +72,7 @@ def _compile(self: JITFunction, *args, grid=None, warmup=False, **kwargs):
 def main() -> None:
     from kernels import (
         triton_activation,
+        triton_all_reduce_rms_norm,
         triton_argmax,
         triton_copy_blocks,
         triton_decode_attention,
@@ -87,6 +88,7 @@ def main() -> None:
     JITFunction.run = _compile
     for module in (
         triton_activation,
+        triton_all_reduce_rms_norm,
         triton_argmax,
         triton_decode_attention,
         triton_embedding,
@@ -122,6 +124,16 @@ def main() -> None:
     weight = torch.ones(hidden, dtype=bf16)
     triton_rms_norm.rms_norm(x, weight, 1e-5)
     triton_rms_norm.fused_add_rms_norm(x, x.clone(), weight, 1e-5)
+    triton_all_reduce_rms_norm.all_reduce_add_rms_norm(
+        x,
+        x.clone(),
+        weight,
+        1e-5,
+        buffer_ptrs=torch.zeros(2, dtype=i64),  # two ranks' buffers (addresses only typed)
+        epochs=torch.zeros(64, dtype=i32),
+        rank=0,
+        slot_elems=tokens * hidden,
+    )
     positions = torch.zeros(tokens, dtype=i64)
     cos = torch.zeros(8192, dim, dtype=torch.float32)
     qkv = torch.zeros(tokens, (heads + 2 * kv_heads) * dim, dtype=bf16)

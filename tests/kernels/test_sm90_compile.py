@@ -25,6 +25,7 @@ def test_every_kernel_compiles_for_sm90():
     compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled ")]
     kernels = {line.split("(")[0].removeprefix("compiled ") for line in compiled}
     assert kernels == {
+        "_all_reduce_add_rms_norm_kernel",
         "_decode_kernel",
         "_prefill_kernel",
         "_rms_norm_kernel",
