@@ -113,7 +113,9 @@ class Fleet:
         self._on_serving = on_serving
         self._was_serving = True  # what on_serving was told last (under _membership)
         self._closed = threading.Event()
-        self._retired: Counter[str] = Counter()  # drained replicas' totals (replaced, as above)
+        # Gone engines' totals (drained replicas', failed ones' replaced): _totals; the Counter
+        # is replaced, as above, never changed in place.
+        self._retired: Counter[str] = Counter()
         self._num_failures = 0  # replica failures, under _membership
         self._num_recovered = 0  # requests handed over by failed replicas, under _membership
         # Replica id -> why its workers failed last (its engine's error), under _membership.
@@ -365,6 +367,7 @@ class Fleet:
                 closed = self._closed.is_set()  # stop() already stopped the replicas it saw
                 if not closed:
                     self.replicas = [restarted if r is replica else r for r in self.replicas]
+                    self._retired = self._retired + _totals(replica.engine)  # counters go on
                     self._restarting.discard(replica_id)
                     self._serve(restarted)
             if closed:
@@ -412,13 +415,7 @@ class Fleet:
         self.placer.release(replica.replica_id)
         with self._membership:
             self.replicas = [r for r in self.replicas if r is not replica]
-            self._retired = self._retired + Counter(
-                steps=engine.num_steps,
-                graph_steps=engine.num_graph_steps,
-                step_seconds=engine.step_seconds,
-                finished=engine.num_finished,
-                generated=engine.num_generated_tokens,
-            )
+            self._retired = self._retired + _totals(engine)
         log.info("replica %d drained and stopped", replica.replica_id)
 
     def step_records(self) -> list[dict]:
@@ -468,3 +465,15 @@ class Fleet:
             thread.join(timeout=10)
         for replica in self.replicas:
             replica.stop()
+
+
+def _totals(engine: Engine) -> Counter:
+    """An engine's server-wide counters, kept in the fleet's totals once the engine goes (its
+    replica drained, or replaced after a failure), so that they never go back."""
+    return Counter(
+        steps=engine.num_steps,
+        graph_steps=engine.num_graph_steps,
+        step_seconds=engine.step_seconds,
+        finished=engine.num_finished,
+        generated=engine.num_generated_tokens,
+    )

@@ -120,6 +120,12 @@ def test_a_failed_replicas_requests_finish_on_the_other_and_it_comes_back():
         assert info.num_replica_failures == 1 and info.num_recovered_requests > 0
         wait_for(lambda: fleet.replicas[1].state is ReplicaState.SERVING, "replica 1 serves")
         assert fleet.router.routes(1) and placer.num_placed == 3
+        # The failed engine's counts stay in the server's (counters never go back).
+        engines = [victim.engine] + [r.engine for r in fleet.replicas]
+        info = fleet.server_info()
+        assert info.num_steps == sum(e.num_steps for e in engines)
+        assert info.num_finished_requests == sum(e.num_finished for e in engines) == 8  # requests
+        assert victim.engine.num_steps > 0 and fleet.replicas[1].engine is not victim.engine
         again = submit_all(fleet, 4)
         assert_all_complete(again)
         assert_blocks_free(fleet)
