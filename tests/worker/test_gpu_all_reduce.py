@@ -8,12 +8,13 @@ beyond): bit for bit NCCL then kernels.fused_add_rms_norm, eagerly at ragged row
 a replayed graph of 64 chained calls whose row counts change (so the rows' parities differ)."""
 
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.worker.conftest import free_port
 
 pytestmark = pytest.mark.gpu
 
@@ -114,9 +115,7 @@ def _rank(rank: int, port: int) -> None:
 def test_one_shot_all_reduce_equals_nccl():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = mp.start_processes(_rank, args=(port,), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 180
     while not context.join(timeout=5):

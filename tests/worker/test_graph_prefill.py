@@ -8,7 +8,6 @@ and penalized, with late arrivals and chunked prompts. On a GPU the captured gra
 (tests/worker/test_cuda_graph.py: prefills within a graph's size replay it)."""
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
@@ -19,7 +18,7 @@ from worker.cuda_graph import DecodeGraphs
 from worker.model_runner import ModelRunner
 from worker.worker import WorkerService
 
-from .conftest import greedy_plan_runner
+from .conftest import free_port, greedy_plan_runner
 from .test_launch_ahead import plans, random_prompts, runner_with_cache
 
 MAX_GRAPH_ROWS = 16
@@ -103,9 +102,7 @@ def test_prefills_through_the_graphs_on_two_ranks_sample_what_eager_steps_do(tin
     rank's rows the same tokens at the same positions; the greedy argmax over the ranks'
     shards and rank 0's sampling (seeded, penalized) pick what eager steps pick."""
     path, _ = tiny_llama_dir
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_two_ranks, args=(port, str(path)), nprocs=2, start_method="spawn")
 
 

@@ -3,13 +3,13 @@ argmax of the gathered logits: ties go to the lowest id, a padded last shard nev
 rank and on two (gloo)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.worker.conftest import free_port
 from worker import distributed
 from worker.layers.embedding import ParallelLMHead
 
@@ -58,7 +58,5 @@ def _two_ranks(rank: int, port: int) -> None:
 
 
 def test_greedy_is_the_argmax_on_two_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_two_ranks, args=(port,), nprocs=2, start_method="spawn")
