@@ -102,8 +102,10 @@ def paged_attention(
     *,
     max_query_len: int,
     max_seq_len: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its paged context.
+    """Causal attention of each sequence's new tokens over its paged context. Returns (or
+    fills `out`, contiguous, the query's shape) [num_tokens, num_heads, head_dim].
 
     max_query_len / max_seq_len are host-side bounds of the batch (the caller knows them), so
     no kernel launch needs to read a device tensor back. On CUDA the decode kernel runs when
@@ -115,7 +117,7 @@ def paged_attention(
         triton_ops = _triton()
         if query.shape[0] == seq_lens.shape[0] and max_query_len == 1:
             return triton_ops.decode_attention(
-                query, key_cache, value_cache, block_tables, seq_lens, scale
+                query, key_cache, value_cache, block_tables, seq_lens, scale, out=out
             )
         return triton_ops.prefill_attention(
             query,
@@ -126,10 +128,12 @@ def paged_attention(
             query_start_loc,
             scale,
             max_query_len=max_query_len,
+            out=out,
         )
-    return paged_attention_cpu(
+    result = paged_attention_cpu(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale
     )
+    return result if out is None else out.copy_(result)
 
 
 def copy_blocks(

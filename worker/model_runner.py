@@ -12,7 +12,9 @@ scheduled requests but the one mapping their ids to rows; the sampled tokens are
 with one scatter. On CUDA a step replays a captured graph (worker.cuda_graph), its inputs
 moved in one copy, when it fits one row a token: decodes, and prefill chunks short enough
 (GRAPH_PREFILL_PAIRS) that attending each of their tokens to its prefix with the decode kernel
-costs less than launching the step eagerly; other steps run eagerly.
+costs less than launching the step eagerly. Other steps of up to PIECEWISE_MAX_TOKENS tokens
+replay the forward pass in pieces (worker.piecewise_graph), only their attention launched
+eagerly; larger ones run eagerly.
 
 A step is launched, then finished: launch() queues the device work and the copy of the sampled
 tokens to the host; finish() waits for them and appends them. The worker launches step N+1
@@ -44,6 +46,7 @@ from worker.block_table import BlockTables
 from worker.cuda_graph import DecodeGraphs
 from worker.layers.attention import AttentionMetadata
 from worker.layers.linear import choose_one_row
+from worker.piecewise_graph import PiecewiseGraphs
 from worker.request_rows import RequestRows
 from worker.sampler import (
     GREEDY_EPS,
@@ -68,6 +71,9 @@ GRAPH_PREFILL_PAIRS = 1 << 17
 # The graphs hold this many rows beyond max_num_seqs, so that a step at full concurrency still
 # replays one with short prompts' tokens beside its decodes (two 128-token prompts).
 GRAPH_PROMPT_ROWS = 256
+# The piecewise graphs' largest token count (or max_num_batched_tokens, when smaller). An eager
+# step's host time (some ten launches a layer from Python) matters less beyond it.
+PIECEWISE_MAX_TOKENS = 2048
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +127,7 @@ class ModelRunner:
         self.rows = RequestRows()
         self.staging = StepStaging(device)  # the eager steps' inputs, one copy a step
         self.graphs: DecodeGraphs | None = None
+        self.pieces: PiecewiseGraphs | None = None
         self._last_done = time.perf_counter()  # CPU: the newest finished step's tokens arrived
         self._done_before: torch.cuda.Event | None = None  # CUDA: the newest finished step's end
         self._sampled: torch.Tensor | None = None  # its sampled tokens, on the device
@@ -142,11 +149,13 @@ class ModelRunner:
         max_num_seqs: int = 0,
         max_model_len: int = 0,
         enforce_eager: bool = True,
+        max_num_batched_tokens: int = 0,
     ) -> None:
         """Allocates per layer K and V: [num_blocks, block_size, num_kv_heads_local, head_dim],
         and the same with num_cpu_blocks in host memory for swapped-out requests. On CUDA,
         unless enforce_eager, then captures the graphs for up to max_num_seqs + GRAPH_PROMPT_ROWS
-        rows.
+        rows, and the piecewise ones for up to min(max_num_batched_tokens, PIECEWISE_MAX_TOKENS)
+        tokens (none when 0).
 
         A request holds at most ceil(max_model_len / block_size) blocks (num_blocks if 0).
         First, on CUDA, each linear layer picks its batch-1 kernel (choose_one_row: timed on
@@ -172,11 +181,15 @@ class ModelRunner:
         max_blocks = -(-max_model_len // block_size) if max_model_len else num_blocks
         self.block_tables = BlockTables(max(max_blocks, 1))
         self.rows = RequestRows()
-        self.graphs = None
+        self.graphs, self.pieces = None, None
         if self.device.type == "cuda" and not enforce_eager and max_num_seqs and num_blocks:
             rows = max_num_seqs + GRAPH_PROMPT_ROWS
             self.graphs = DecodeGraphs(self.model, rows, max(max_blocks, 1), self.device)
             self.graphs.capture()
+            tokens = min(max_num_batched_tokens, PIECEWISE_MAX_TOKENS)
+            if tokens > 0:
+                self.pieces = PiecewiseGraphs(self.model, tokens, self.device)
+                self.pieces.capture()
 
     def warm_up(self) -> int:
         """Prefills of WARM_UP_QUERY_LENS tokens, one request each (those that fit the cache
@@ -456,6 +469,8 @@ class ModelRunner:
         if self.graphs is not None and counts[chunks] @ ends[chunks] <= GRAPH_PREFILL_PAIRS:
             graph_size = self.graphs.size_for(len(ids))  # None: more tokens than any graph
         result = worker_pb2.StepResult(cuda_graph=graph_size is not None)
+        if graph_size is None and self.pieces is not None:
+            result.piecewise_graph = self.pieces.size_for(len(ids)) is not None
         if self.device.type != "cuda":
             result.idle_ms = (time.perf_counter() - self._last_done) * 1e3
         greedy = None  # the samplers' greedy tokens, in place where the next graph reads them
@@ -472,7 +487,15 @@ class ModelRunner:
                 greedy = None  # the graph's are in token order, not the samplers'
         else:
             hidden = self._run_eager(
-                ids, sources, positions, slots, query_start_loc, ends, rows, last_inputs
+                ids,
+                sources,
+                positions,
+                slots,
+                query_start_loc,
+                ends,
+                rows,
+                last_inputs,
+                result.piecewise_graph,
             )
             if len(sample_seqs):
                 local = self.model.lm_head.local_logits(hidden)
@@ -508,12 +531,14 @@ class ModelRunner:
         ends: np.ndarray,
         rows: np.ndarray,
         last_inputs: np.ndarray,
+        piecewise: bool,
     ) -> torch.Tensor:
         """The forward pass over any batch of n sequences and num_tokens tokens (sequence i's
         are query_start_loc[i]:query_start_loc[i + 1]): per token ids, sources, positions,
         slots [num_tokens]; per sequence query_start_loc [n + 1], ends [n], rows [n]. Its
-        inputs move to the device in one copy. Returns the hidden states of the tokens
-        last_inputs [num_samplers]: [num_samplers, hidden]."""
+        inputs move to the device in one copy; with `piecewise` it replays the piecewise graphs.
+        Returns the hidden states of the tokens last_inputs [num_samplers]: [num_samplers,
+        hidden]."""
         max_seq_len = int(ends.max())
         tables = self.block_tables.table[
             rows, : self.block_tables.step_width(max_seq_len, self.block_size)
@@ -535,7 +560,11 @@ class ModelRunner:
             max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
             max_seq_len=max_seq_len,
         )
-        hidden = self.model(ids_d, positions_d, meta)
+        if piecewise:
+            size = self.pieces.size_for(len(ids))
+            hidden = self.pieces.run(size, ids_d, positions_d, slots_d, meta)
+        else:
+            hidden = self.model(ids_d, positions_d, meta)
         return hidden[last_d] if select else hidden
 
     def _sample(self, local: torch.Tensor, greedy: torch.Tensor | None, step: LaunchedStep) -> None:

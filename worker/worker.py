@@ -171,6 +171,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             max_num_seqs=request.max_num_seqs,
             max_model_len=request.max_model_len,
             enforce_eager=request.enforce_eager,
+            max_num_batched_tokens=request.max_num_batched_tokens,
         )
         if self.device.type == "cuda":  # Triton compiles on CUDA only
             runner.warm_up()

@@ -20,7 +20,8 @@ step - graph is what the worker's host work and the work outside the graph (samp
 the engine's own time per step is bench latency's step minus this step. With --prompt-len N
 every decode step also prefills a new request's N-token prompt (finished the step after), as a
 step under steady arrivals does: its rows are the batch plus N, so it replays a graph only while
-they fit the largest (model_runner.GRAPH_PROMPT_ROWS), and its graph column is then omitted.
+they fit the largest (model_runner.GRAPH_PROMPT_ROWS), and its graph column is then omitted;
+a step that does not replays the piecewise graphs (worker.piecewise_graph) unless eager.
 --profile prints the kernels of one graph replay where the decodes alone replay one, else
 (--prompt-len, --enforce-eager) the kernels and the host calls of the steps themselves.
 """
@@ -116,23 +117,26 @@ def cache_sizes(batch: int, context_len: int, steps: int, prompt_len: int = 0) -
         "block_size": BLOCK_SIZE,
         "max_num_seqs": batch + bool(prompt_len),
         "max_model_len": max(per_request * BLOCK_SIZE, prompt_len),
+        "max_num_batched_tokens": batch + prompt_len,
     }
 
 
 def time_steps(
     runner: ModelRunner, plans: list, on_step: Callable[[], None] | None = None
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, float]:
     """Runs the plans as WorkerService does with each next plan already there; the wall time
     of each decode step after the first fifth, ms (from one step's tokens arriving to the
-    next's), and the share of those steps that replayed a graph. on_step is called as each
-    step's time is taken (every one, the first fifth's too)."""
+    next's), and the shares of those steps that replayed a whole graph and the graphs in
+    pieces. on_step is called as each step's time is taken (every one, the first fifth's too)."""
     runner.execute(plans[0])  # the prefill, alone (execute waits for its tokens)
-    times, graphed, launched = [], [], None
+    times, graphed, pieced, launched = [], [], [], None
     last = time.perf_counter()
     for plan in plans[1:-1]:
         step = runner.launch(plan)
         if launched is not None:
-            graphed.append(runner.finish(launched).cuda_graph)
+            result = runner.finish(launched)
+            graphed.append(result.cuda_graph)
+            pieced.append(result.piecewise_graph)
             now = time.perf_counter()
             times.append((now - last) * 1e3)
             last = now
@@ -142,7 +146,8 @@ def time_steps(
     runner.finish(launched)
     runner.execute(plans[-1])
     warm = len(times) // 5  # the first fifth warms up
-    return times[warm:], sum(graphed[warm:]) / max(len(graphed) - warm, 1)
+    timed = max(len(graphed) - warm, 1)
+    return times[warm:], sum(graphed[warm:]) / timed, sum(pieced[warm:]) / timed
 
 
 def time_graph(runner: ModelRunner, size: int, repeats: int = 50) -> float:
@@ -192,6 +197,7 @@ def profile_steps(runner: ModelRunner, plans: list, top: int = 12) -> str:
     profiler's cost included), its kernels' time, and the kernels and host calls that took the
     most (self time; one line each: ProfilerStep*'s is the host's time outside torch's
     operators, Python and Triton's launches among it). Every rank of a group must call it."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
     num_steps = len(plans) - 3  # the prefill and the finish plan are not steps; nor the first
@@ -202,10 +208,19 @@ def profile_steps(runner: ModelRunner, plans: list, top: int = 12) -> str:
     if runner.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities, schedule=record) as p:
-        times, _ = time_steps(runner, plans, on_step=p.step)
+        times, _, _ = time_steps(runner, plans, on_step=p.step)
     events = p.key_averages()
+    # The device's own events: a host operator's "self device time" counts its kernels again,
+    # and so does the step's annotation on the device's timeline (ProfilerStep#N).
     kernels = sorted(
-        (e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total
+        (
+            e
+            for e in events
+            if e.device_type != DeviceType.CPU
+            and e.self_device_time_total > 0
+            and not e.key.startswith("ProfilerStep")
+        ),
+        key=lambda e: -e.self_device_time_total,
     )
     host = sorted(events, key=lambda e: -e.self_cpu_time_total)
     kernel_ms = sum(e.self_device_time_total for e in kernels) / active / 1e3
@@ -264,9 +279,12 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     runner = ModelRunner(model, device, dtype, seed=0)
     distributed.enable_small_all_reduce(dtype, device)
     sizes = cache_sizes(max(args.batch_size), args.context_len, args.steps, args.prompt_len)
+    began = time.perf_counter()
     runner.init_cache(**sizes, enforce_eager=args.enforce_eager)
+    init_s = time.perf_counter() - began
     roof = roofline_ms(weight_bytes, bandwidth)
     report = print if rank == 0 else (lambda *a, **k: None)
+    report(f"cache and CUDA graphs ready in {init_s:.1f} s")
     report(f"card: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     report(
         f"model: {args.model}, TP={world} ({distributed.all_reduce_kind() or 'no collectives'}), "
@@ -275,12 +293,12 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     rows = []
     for batch in args.batch_size:
         plans = decode_plans(batch, args.context_len, args.steps, 0, args.prompt_len)
-        steps, hits = time_steps(runner, plans)
+        steps, hits, pieces = time_steps(runner, plans)
         step_ms = statistics.median(steps)
         graph_ms = None
         if runner.graphs is not None and not args.prompt_len:
             graph_ms = time_graph(runner, runner.graphs.size_for(batch))
-        rows.append((batch, graph_ms, step_ms, hits))
+        rows.append((batch, graph_ms, step_ms, hits, pieces))
         if args.profile and graph_ms is not None:
             profile_graph(runner, runner.graphs.size_for(batch))
         elif args.profile:
@@ -290,14 +308,14 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     report()
     report(
         "| model | TP | batch | prompt tokens a step | graph replay (ms) | worker step (ms) "
-        "| steps replayed | roofline (ms) |"
+        "| steps replayed | steps in pieces | roofline (ms) |"
     )
-    report("|---|---|---|---|---|---|---|---|")
-    for batch, graph_ms, step_ms, hits in rows:
+    report("|---|---|---|---|---|---|---|---|---|")
+    for batch, graph_ms, step_ms, hits, pieces in rows:
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
         report(
             f"| {args.model} | {world} | {batch} | {args.prompt_len} | {graph} | {step_ms:.3f} "
-            f"| {hits:.0%} | {roof:.3f} |"
+            f"| {hits:.0%} | {pieces:.0%} | {roof:.3f} |"
         )
     if world > 1:
         # Tearing down NCCL and the symmetric memory at exit can hang (seen on 2 x H200): the

@@ -97,6 +97,7 @@ class Replica:
                     max_num_seqs=scheduler.max_num_seqs,
                     max_model_len=self.max_model_len,
                     enforce_eager=model.enforce_eager,
+                    max_num_batched_tokens=scheduler.max_num_batched_tokens,
                 ),
             )
             page_table = PageTableManager(

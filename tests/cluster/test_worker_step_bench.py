@@ -45,12 +45,14 @@ def test_time_steps_counts_the_steps_timed():
             return plan
 
         def finish(self, plan):
-            return type("Result", (), {"cuda_graph": plan.step_id % 2 == 0})()
+            whole = plan.step_id % 2 == 0
+            pieces = plan.step_id % 4 == 1
+            return type("Result", (), {"cuda_graph": whole, "piecewise_graph": pieces})()
 
     plans = worker_step.decode_plans(2, 8, 10, 0, 4)
-    times, hits = worker_step.time_steps(Runner(), plans)
+    times, hits, pieces = worker_step.time_steps(Runner(), plans)
     # 10 decode steps: 9 timed (each from the one before), the first of them warms up.
-    assert len(times) == 8 and hits == 4 / 8
+    assert len(times) == 8 and hits == 4 / 8 and pieces == 2 / 8
 
 
 def test_the_step_profile_names_what_a_step_spent_its_time_on(tiny_models):

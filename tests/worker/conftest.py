@@ -14,6 +14,19 @@ def tiny_llama_dir(tiny_models):
 GREEDY = worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0)
 
 
+class RecordingRunner(ModelRunner):
+    """A ModelRunner that keeps every executed step's StepResult in `results`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.results: list[worker_pb2.StepResult] = []
+
+    def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        result = super().execute(plan)
+        self.results.append(result)
+        return result
+
+
 def greedy_plan_runner(
     runner: ModelRunner,
     prompts,

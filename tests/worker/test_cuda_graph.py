@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.worker.conftest import greedy_plan_runner
+from tests.worker.conftest import RecordingRunner, greedy_plan_runner
 from worker.cuda_graph import GraphInputs, capture_sizes
 from worker.loader import load_model
-from worker.model_runner import GRAPH_PROMPT_ROWS, ModelRunner
+from worker.model_runner import GRAPH_PROMPT_ROWS
 
 MAX_NUM_SEQS = 40
 MAX_ROWS = MAX_NUM_SEQS + GRAPH_PROMPT_ROWS  # the largest graph
@@ -27,20 +27,10 @@ def test_capture_sizes_cover_every_row_count_up_to_max_rows():
     assert capture_sizes(300)[-5:] == [248, 256, 272, 288, 300]
 
 
-class _Recording(ModelRunner):
-    """Records, per step, whether it replayed a graph."""
-
-    def execute(self, plan):
-        result = super().execute(plan)
-        self.graph_steps.append(result.cuda_graph)
-        return result
-
-
-def _runner(path, enforce_eager: bool) -> _Recording:
+def _runner(path, enforce_eager: bool) -> RecordingRunner:
     device = torch.device("cuda")
     model = load_model(str(path), "auto", torch.float32, device, seed=0)
-    runner = _Recording(model, device, torch.float32, seed=0)
-    runner.graph_steps = []
+    runner = RecordingRunner(model, device, torch.float32, seed=0)
     runner.init_cache(
         num_blocks=MAX_ROWS * 16,  # a request of the largest batch: at most 64 tokens
         block_size=4,
@@ -61,7 +51,7 @@ def test_graph_replay_equals_eager_for_every_captured_size(tiny_models, arch):
     for batch in sorted({*capture_sizes(MAX_ROWS), 3, 5, 17, 39, MAX_ROWS - 1}):
         lengths = torch.randint(1, 20, (batch,), generator=gen).tolist()
         prompts = [torch.randint(1, 200, (n,), generator=gen).tolist() for n in lengths]
-        graphed.graph_steps.clear()
+        graphed.results.clear()
         want = greedy_plan_runner(eager, prompts, 6)
         got = greedy_plan_runner(graphed, prompts, 6)
         assert got == want, f"batch {batch}"
@@ -69,8 +59,9 @@ def test_graph_replay_equals_eager_for_every_captured_size(tiny_models, arch):
         # graph (model_runner.GRAPH_PREFILL_PAIRS is far off); each later one decodes every
         # request: a replay.
         first = sum(lengths) <= MAX_ROWS
-        assert graphed.graph_steps == [first] + [True] * 5, f"batch {batch}"
-        assert not any(eager.graph_steps)
+        graph_steps = [r.cuda_graph for r in graphed.results]
+        assert graph_steps == [first] + [True] * 5, f"batch {batch}"
+        assert not any(r.cuda_graph for r in eager.results)
 
 
 def test_graph_inputs_move_in_one_copy_of_the_rows_a_step_uses():

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,10 @@ class PagedAttention(nn.Module):
         # [num_blocks, block_size, num_kv_heads, head_dim] each; set by the model runner.
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
+        # Set while worker.piecewise_graph captures the forward in pieces: called with this
+        # layer and its (rotated) q in place of the attention, it ends the piece and returns
+        # the buffer the attention will fill when the pieces replay.
+        self.split: Callable[[PagedAttention, torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -56,6 +61,15 @@ class PagedAttention(nn.Module):
             q = rotary.rotate_and_write_kv(
                 positions, q, k, v, self.key_cache, self.value_cache, meta.slot_mapping
             )
+        if self.split is not None:
+            return self.split(self, q)
+        return self.attend(q, meta)
+
+    def attend(
+        self, q: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The attention of q [num_tokens, num_heads, head_dim] (already rotated, this step's
+        K/V already in the cache) over each sequence's pages; fills `out` when given."""
         return paged_attention(
             q,
             self.key_cache,
@@ -66,4 +80,5 @@ class PagedAttention(nn.Module):
             self.scale,
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
+            out=out,
         )
