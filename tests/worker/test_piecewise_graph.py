@@ -7,11 +7,14 @@ tokens that write no KV, the attention of the step's own tokens, the hidden rows
 checked against the eager runner in float32. On a GPU the captured pieces do the same for every
 captured size and for sizes between them."""
 
+import os
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from tests.worker.conftest import RecordingRunner, greedy_plan_runner
-from worker import model_runner
+from tests.worker.conftest import RecordingRunner, free_port, greedy_plan_runner
+from worker import distributed, model_runner
 from worker.layers.attention import AttentionMetadata
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
@@ -56,19 +59,48 @@ def _pieced_runner(path) -> ModelRunner:
     return runner
 
 
+def _chunked_prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(4, 250, (n,), generator=gen).tolist() for n in (40, 3, 25)]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
 def test_steps_through_the_pieces_sample_what_eager_steps_do(tiny_models, arch):
     """Prompts of 40, 3 and 25 tokens in chunks of 13, then decodes: steps of 29, 26, 15 and 3
     tokens, each replaying the pieces of 32 or 16 with padding tokens, where a step's padding
     follows a larger step's real slots (they must write nothing)."""
     path, _ = tiny_models[arch]
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(4, 250, (n,), generator=gen).tolist() for n in (40, 3, 25)]
+    prompts = _chunked_prompts()
     want = greedy_plan_runner(runner_with_cache(path, "cpu"), prompts, 6, chunk=13)
     steps = []
     got = greedy_plan_runner(_pieced_runner(path), prompts, 6, chunk=13, on_result=steps.append)
     assert got == want
     assert all(r.piecewise_graph and not r.cuda_graph for r in steps) and len(steps) >= 6
+
+
+def _two_ranks(rank: int, port: int, path: str) -> None:
+    """One rank of two (gloo): the chunked prompts through the pieces and eagerly, each with
+    this rank's shard (its q / out buffers of its own heads, the sums over ranks in the
+    pieces)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on a GPU host too (CPU tensors: not NCCL)
+    distributed.init(rank, 2, "127.0.0.1", port)
+    try:
+        prompts = _chunked_prompts()
+        want = greedy_plan_runner(runner_with_cache(path, "cpu"), prompts, 6, chunk=13)
+        steps = []
+        pieced = _pieced_runner(path)
+        got = greedy_plan_runner(pieced, prompts, 6, chunk=13, on_result=steps.append)
+        assert got == want, f"rank {rank}"
+        assert all(r.piecewise_graph for r in steps) and len(steps) >= 6
+        assert pieced.pieces.q.shape[1] == pieced.model.attention_layers()[0].num_heads
+    finally:
+        distributed.destroy()
+
+
+def test_steps_through_the_pieces_on_two_ranks_sample_what_eager_steps_do(tiny_llama_dir):
+    path, _ = tiny_llama_dir
+    port = free_port()
+    mp.start_processes(_two_ranks, args=(port, str(path)), nprocs=2, start_method="spawn")
 
 
 def test_the_forward_cuts_at_every_attention_in_order(tiny_llama_dir):
