@@ -125,11 +125,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         health = client.health()
     steps = info.num_steps
     graphs = f"{info.num_graph_steps / steps:.0%}" if steps else "-"
+    pieces = f"{info.num_piecewise_steps / steps:.0%}" if steps else "-"
     mean_ms = f"{info.step_seconds / steps * 1e3:.2f}" if steps else "-"
     print(
-        f"model {info.model} ({health}): {steps} steps ({graphs} in CUDA graphs, {mean_ms} ms "
-        f"each), {info.num_finished_requests} requests finished, {info.num_generated_tokens} "
-        f"tokens generated; "
+        f"model {info.model} ({health}): {steps} steps ({graphs} in whole CUDA graphs, {pieces} "
+        f"in pieces, {mean_ms} ms each), {info.num_finished_requests} requests finished, "
+        f"{info.num_generated_tokens} tokens generated; "
         f"{info.generated_tokens_per_s:.1f} tokens/s over the last "
         f"{info.throughput_window_s:g} s; {info.num_replica_failures} replica failures, "
         f"{info.num_recovered_requests} requests recomputed elsewhere"

@@ -284,7 +284,7 @@ class FrontendInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_unfinished: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens", "nodes", "generated_tokens_per_s", "throughput_window_s", "frontends", "num_replica_failures", "num_recovered_requests", "num_graph_steps", "step_seconds")
+    __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens", "nodes", "generated_tokens_per_s", "throughput_window_s", "frontends", "num_replica_failures", "num_recovered_requests", "num_graph_steps", "step_seconds", "num_piecewise_steps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +298,7 @@ class ServerInfoResponse(_message.Message):
     NUM_RECOVERED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_GRAPH_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PIECEWISE_STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
     num_steps: int
@@ -311,7 +312,8 @@ class ServerInfoResponse(_message.Message):
     num_recovered_requests: int
     num_graph_steps: int
     step_seconds: float
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., num_steps: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., generated_tokens_per_s: _Optional[float] = ..., throughput_window_s: _Optional[float] = ..., frontends: _Optional[_Iterable[_Union[FrontendInfo, _Mapping]]] = ..., num_replica_failures: _Optional[int] = ..., num_recovered_requests: _Optional[int] = ..., num_graph_steps: _Optional[int] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+    num_piecewise_steps: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., num_steps: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., generated_tokens_per_s: _Optional[float] = ..., throughput_window_s: _Optional[float] = ..., frontends: _Optional[_Iterable[_Union[FrontendInfo, _Mapping]]] = ..., num_replica_failures: _Optional[int] = ..., num_recovered_requests: _Optional[int] = ..., num_graph_steps: _Optional[int] = ..., step_seconds: _Optional[float] = ..., num_piecewise_steps: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("replicas",)

@@ -53,19 +53,25 @@ MIN_TOKEN_ID = 100  # random prompts stay above the special tokens
 @dataclass(frozen=True)
 class EngineSteps:
     """The server's engine step counters at one moment (ServerInfoResponse's num_steps,
-    num_graph_steps, step_seconds)."""
+    num_graph_steps, num_piecewise_steps, step_seconds)."""
 
     steps: int
     graph_steps: int
+    piecewise_steps: int
     seconds: float
 
     def since(self, before: "EngineSteps") -> dict:
-        """The steps between before and these: their count, the share that replayed a CUDA
-        graph, their mean time in ms (None without steps)."""
+        """The steps between before and these: their count, the shares that replayed a whole
+        CUDA graph and the graphs in pieces, their mean time in ms (None without steps)."""
         steps = self.steps - before.steps
+
+        def share(now: int, then: int) -> float | None:
+            return (now - then) / steps if steps else None
+
         return {
             "steps": steps,
-            "graph_share": (self.graph_steps - before.graph_steps) / steps if steps else None,
+            "graph_share": share(self.graph_steps, before.graph_steps),
+            "piecewise_share": share(self.piecewise_steps, before.piecewise_steps),
             "mean_step_ms": (self.seconds - before.seconds) / steps * 1e3 if steps else None,
         }
 
@@ -115,7 +121,9 @@ class GrpcBackend:
 
     async def engine_steps(self) -> EngineSteps | None:
         info = await self._client.server_info()
-        return EngineSteps(info.num_steps, info.num_graph_steps, info.step_seconds)
+        return EngineSteps(
+            info.num_steps, info.num_graph_steps, info.num_piecewise_steps, info.step_seconds
+        )
 
     async def close(self) -> None:
         await self._client.close()
@@ -184,6 +192,7 @@ class HttpBackend:
         names = {
             "pagedserve:engine_steps_total": "steps",
             "pagedserve:engine_cuda_graph_steps_total": "graph_steps",
+            "pagedserve:engine_piecewise_graph_steps_total": "piecewise_steps",
             "pagedserve:engine_step_seconds_total": "seconds",
         }
         found: dict[str, float] = {}
@@ -196,7 +205,12 @@ class HttpBackend:
             return None
         if len(found) < len(names):
             return None
-        return EngineSteps(int(found["steps"]), int(found["graph_steps"]), found["seconds"])
+        return EngineSteps(
+            int(found["steps"]),
+            int(found["graph_steps"]),
+            int(found["piecewise_steps"]),
+            found["seconds"],
+        )
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -395,14 +409,15 @@ def plot(runs: list[dict], path: str) -> None:
 
 
 def engine_cell(engine: dict | None) -> str:
-    """A rate's engine steps: their count, the share in CUDA graphs, their mean time."""
+    """A rate's engine steps: their count, the shares in whole CUDA graphs and in pieces,
+    their mean time."""
     if engine is None:
         return "-"
     if not engine["steps"]:
         return "0 steps"
     return (
         f"{engine['steps']} steps, {engine['graph_share']:.0%} in graphs, "
-        f"{engine['mean_step_ms']:.2f} ms each"
+        f"{engine['piecewise_share']:.0%} in pieces, {engine['mean_step_ms']:.2f} ms each"
     )
 
 

@@ -106,6 +106,7 @@ class StepRecord:
     worker_ms: float = 0.0  # rank 0's time in Execute (the step's device work and its Python)
     worker_idle_ms: float = 0.0  # rank 0's host time before this step's launch (device idle)
     cuda_graph: bool = False  # the step replayed a captured decode graph
+    piecewise_graph: bool = False  # the step replayed the graphs in pieces, attention between
     # From receiving the result of the step learned just before this plan was sent, to
     # sending it: the engine's own time on the device's critical path (0: sent without one).
     turnaround_ms: float = 0.0
@@ -210,7 +211,8 @@ class Engine:
         self.scheduler = scheduler
         self.step_records: deque[StepRecord] = deque(maxlen=max_step_records)
         self.num_steps = 0
-        self.num_graph_steps = 0  # of num_steps, those that replayed a CUDA graph
+        self.num_graph_steps = 0  # of num_steps, those that replayed a whole CUDA graph
+        self.num_piecewise_steps = 0  # of num_steps, those that replayed the graphs in pieces
         self.step_seconds = 0.0  # the steps' intervals summed (StepRecord.interval_ms)
         self.num_finished = 0
         self.num_generated_tokens = 0
@@ -547,6 +549,7 @@ class Engine:
         plan = step.plan
         self.num_steps += 1
         self.num_graph_steps += result.cuda_graph
+        self.num_piecewise_steps += result.piecewise_graph
         since = self._charged_since(step)
         self.step_seconds += now - since
         self._last_learned = now
@@ -565,6 +568,7 @@ class Engine:
                 worker_ms=result.execute_ms,
                 worker_idle_ms=result.idle_ms,
                 cuda_graph=result.cuda_graph,
+                piecewise_graph=result.piecewise_graph,
                 turnaround_ms=step.turnaround_ms,
             )
         )

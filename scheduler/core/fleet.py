@@ -454,6 +454,8 @@ class Fleet:
             num_replica_failures=self._num_failures,
             num_recovered_requests=self._num_recovered,
             num_graph_steps=retired["graph_steps"] + sum(e.num_graph_steps for e in engines),
+            num_piecewise_steps=retired["piecewise_steps"]
+            + sum(e.num_piecewise_steps for e in engines),
             step_seconds=retired["step_seconds"] + sum(e.step_seconds for e in engines),
         )
 
@@ -473,6 +475,7 @@ def _totals(engine: Engine) -> Counter:
     return Counter(
         steps=engine.num_steps,
         graph_steps=engine.num_graph_steps,
+        piecewise_steps=engine.num_piecewise_steps,
         step_seconds=engine.step_seconds,
         finished=engine.num_finished,
         generated=engine.num_generated_tokens,

@@ -193,6 +193,7 @@ class CoreSet:
             merged.num_replica_failures += info.num_replica_failures
             merged.num_recovered_requests += info.num_recovered_requests
             merged.num_graph_steps += info.num_graph_steps
+            merged.num_piecewise_steps += info.num_piecewise_steps
             merged.step_seconds += info.step_seconds
         merged.frontends.extend(frontends.values())
         return merged

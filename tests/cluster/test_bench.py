@@ -334,12 +334,13 @@ class _OpenAIStub(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        if self.path == "/metrics":  # every scrape 10 steps later: 8 in graphs, 2 ms each
+        if self.path == "/metrics":  # every scrape 10 steps later: 8 in graphs, 1 in pieces
             _OpenAIStub.scrapes += 1
             steps = 10 * _OpenAIStub.scrapes
             text = (
                 f"pagedserve:engine_steps_total {steps}\n"
                 f"pagedserve:engine_cuda_graph_steps_total {0.8 * steps}\n"
+                f"pagedserve:engine_piecewise_graph_steps_total {0.1 * steps}\n"
                 f"pagedserve:engine_step_seconds_total {0.002 * steps}\n"
             )
             self._reply(200, "text/plain; version=0.0.4", text.encode())
@@ -424,6 +425,7 @@ def test_bench_serve_splits_the_requests_over_client_processes(openai_stub, tmp_
         assert 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"]
         # One scrape before and one after each rate: the 10 steps between them.
         assert r["engine"]["steps"] == 10 and r["engine"]["graph_share"] == pytest.approx(0.8)
+        assert r["engine"]["piecewise_share"] == pytest.approx(0.1)
         assert r["engine"]["mean_step_ms"] == pytest.approx(2.0)
     prompts = [tuple(body["prompt"]) for body in _OpenAIStub.bodies]
     # Seven requests a rate, each sent once (random prompts: all distinct), none lost.

@@ -108,7 +108,8 @@ def test_up_generate_status_down(up):
     status = _cli("status", env=env)
     assert status.returncode == 0, status.stderr
     assert "replica 0" in status.stdout and "rank 0" in status.stdout
-    steps = re.search(r": (\d+) steps \(0% in CUDA graphs, ([\d.]+) ms each\)", status.stdout)
+    pattern = r": (\d+) steps \(0% in whole CUDA graphs, 0% in pieces, ([\d.]+) ms each\)"
+    steps = re.search(pattern, status.stdout)
     assert steps and int(steps[1]) >= 2 and float(steps[2]) > 0, status.stdout  # a CPU: no graphs
     frontends = re.findall(
         r"frontend pid \d+: (\d+) requests since it connected, (\d+) unf", status.stdout

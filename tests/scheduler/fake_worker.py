@@ -100,7 +100,8 @@ class FakeRank(ModellessRank):
     """Answers each plan like rank 0: each request that samples gets token(its tokens so far),
     counted in `sampled`. With `hold` set, the next step waits for `release` (and sets `held`
     first). With `logprobs` set, every token comes with logprob -token / 10 and rank 1 (no
-    top k). With `graphs` set, a step of decodes alone says it replayed a CUDA graph. Bring-up
+    top k). With `graphs` set, a step of decodes alone says it replayed a CUDA graph, any other
+    the graphs in pieces. Bring-up
     RPCs answer as a model of `vocab_size` tokens would."""
 
     def __init__(
@@ -137,6 +138,7 @@ class FakeRank(ModellessRank):
         result = worker_pb2.StepResult(step_id=plan.step_id, request_ids=ids, token_ids=tokens)
         counts = plan.cached_requests.num_scheduled_tokens
         result.cuda_graph = self.graphs and not plan.new_requests and set(counts) == {1}
+        result.piecewise_graph = self.graphs and not result.cuda_graph
         if self.logprobs:
             result.sampled_logprobs.extend(-t / 10 for t in tokens)
             result.sampled_ranks.extend([1] * len(tokens))

@@ -11,7 +11,8 @@ from tests.scheduler.fake_worker import TIMEOUT, FakeRank, serving
 
 class FakePlacer:
     def __init__(self, num_blocks: int = 64, block_size: int = 8, graphs: bool = False) -> None:
-        """graphs: the ranks say their steps of decodes alone replayed a CUDA graph."""
+        """graphs: the ranks say their steps of decodes alone replayed a CUDA graph, the
+        others the graphs in pieces."""
         self.num_blocks, self.block_size, self.graphs = num_blocks, block_size, graphs
         self.ranks: dict[int, FakeRank] = {}
         self.num_placed = 0

@@ -473,6 +473,8 @@ def test_the_engine_counts_its_steps_those_in_graphs_and_their_time(rank):
         with engine.lock:
             records = list(engine.step_records)
             counts = engine.num_steps, engine.num_graph_steps, engine.step_seconds
+            pieces = engine.num_piecewise_steps
     assert counts[0] == len(records) >= 6
     assert counts[1] == sum(r.cuda_graph for r in records) == counts[0] - 1  # all but the prompt's
+    assert pieces == sum(r.piecewise_graph for r in records) == 1  # the prompt's
     assert counts[2] == pytest.approx(sum(r.interval_ms for r in records) / 1e3)

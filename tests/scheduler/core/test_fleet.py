@@ -290,6 +290,8 @@ def test_a_drained_replicas_steps_stay_in_the_servers_counts():
         wait_for(lambda: len(fleet.replicas) == 1, "replica 1 drains and stops")
         after = fleet.server_info()
     assert 0 < before.num_graph_steps < before.num_steps and before.step_seconds > 0
+    assert before.num_graph_steps + before.num_piecewise_steps == before.num_steps
     # Nothing ran since, and nothing of the drained replica was lost.
-    assert (after.num_steps, after.num_graph_steps) == (before.num_steps, before.num_graph_steps)
+    counts = ("num_steps", "num_graph_steps", "num_piecewise_steps")
+    assert [getattr(after, c) for c in counts] == [getattr(before, c) for c in counts]
     assert after.step_seconds == pytest.approx(before.step_seconds)

@@ -160,7 +160,11 @@ def test_the_core_state_comes_from_server_info(tmp_path):
         ),
     ]
     info = serving_pb2.ServerInfoResponse(
-        replicas=replicas, num_steps=50, num_graph_steps=45, step_seconds=0.25
+        replicas=replicas,
+        num_steps=50,
+        num_graph_steps=45,
+        num_piecewise_steps=3,
+        step_seconds=0.25,
     )
     s = scrape(metrics, info)
     assert s[("pagedserve:num_requests_running", ())] == 7
@@ -172,6 +176,7 @@ def test_the_core_state_comes_from_server_info(tmp_path):
     assert s[("pagedserve:num_preemptions_total", ())] == 3
     assert s[("pagedserve:engine_steps_total", ())] == 50
     assert s[("pagedserve:engine_cuda_graph_steps_total", ())] == 45
+    assert s[("pagedserve:engine_piecewise_graph_steps_total", ())] == 3
     assert s[("pagedserve:engine_step_seconds_total", ())] == 0.25
     assert ("pagedserve:num_requests_running", ()) not in scrape(metrics)
 
