@@ -8,8 +8,8 @@ prefill kernel's grid and tile height follow the batch); everything else replays
     rotary + KV write -> q -> out   rotary + KV write -> q  ...      -> out     MLP, final norm
                                                                                 -> hidden
 
-An eager step launches some ten kernels a layer from Python (about half a millisecond a layer of
-host time); a replayed step launches one graph and one attention kernel a layer.
+An eager step launches some ten kernels a layer from Python, each launch costing host time
+(BENCHMARKS.md measures it); a replayed step launches one graph and one attention kernel a layer.
 
 Captured once, after the KV cache and the decode graphs, for token counts of a ladder up to
 max_tokens (piece_sizes); a step of n tokens replays the smallest size >= n. Its padding tokens
