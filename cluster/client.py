@@ -3,9 +3,15 @@
 client = Client("127.0.0.1:50051")
 for delta in client.generate("Hello", SamplingParams(max_tokens=32)):
     print(delta.text, end="")
+
+A server's frontends share its port, and the kernel hands each connection to one of them: a
+client of few connections loads them unevenly. spread() asks the server for every frontend's
+own port, connects to each, and sends each later Generate to the next of them in turn (the
+other calls concern every frontend alike and keep the shared port).
 """
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -42,6 +48,27 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", json.dumps(_RETRY_POLICY)),
 ]
+
+
+# Where each spread client of this process starts its turns: successive clients start at
+# successive frontends, so that clients of one request each still spread.
+_SPREAD_STARTS = itertools.count()
+
+
+def _turns(channels: list) -> Iterator[serving_pb2_grpc.ServingStub]:
+    """The channels' stubs in turn, from the next start."""
+    start = next(_SPREAD_STARTS) % len(channels)
+    return itertools.cycle(
+        [serving_pb2_grpc.ServingStub(c) for c in [*channels[start:], *channels[:start]]]
+    )
+
+
+def frontend_addresses(address: str, info: serving_pb2.ServerInfoResponse) -> list[str]:
+    """host:port of every frontend's own port (FrontendInfo.port) on address's host; empty
+    when the server names fewer than two."""
+    ports = sorted({f.port for f in info.frontends if f.port})
+    host = address.rsplit(":", 1)[0]
+    return [f"{host}:{port}" for port in ports] if len(ports) > 1 else []
 
 
 def make_request(
@@ -103,14 +130,38 @@ class Client:
     def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
         credentials = credentials or Credentials()
-        tls = credentials.channel_credentials()
-        if tls is None:
-            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(address, tls, options=CHANNEL_OPTIONS)
+        self._tls = credentials.channel_credentials()
+        self._channel = self._open(address)
         self._metadata = credentials.metadata
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._spread: list[grpc.Channel] = []  # the frontends' own, once spread()
+        self._generate_stubs = itertools.cycle([self._stub])
+
+    def _open(self, target: str) -> grpc.Channel:
+        if self._tls is None:
+            return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(target, self._tls, options=CHANNEL_OPTIONS)
+
+    def spread(self, timeout: float = 5.0) -> int:
+        """Sends later Generates to the server's frontends in turn (see the module doc), those
+        whose own port connects within timeout seconds; returns how many (1: where fewer than
+        two connect, every call keeps the shared port)."""
+        channels = [self._open(a) for a in frontend_addresses(self.address, self.server_info())]
+        ready = []
+        for channel in channels:
+            try:
+                grpc.channel_ready_future(channel).result(timeout)
+                ready.append(channel)
+            except grpc.FutureTimeoutError:
+                channel.close()
+        if len(ready) < 2:
+            for channel in ready:
+                channel.close()
+            return 1
+        self._spread = ready
+        self._generate_stubs = _turns(ready)
+        return len(ready)
 
     def generate(
         self,
@@ -123,7 +174,8 @@ class Client:
         """Streams the deltas of the n completions (each names its index); a completion's last
         one carries its finish_reason and usage."""
         msg = make_request(prompt, params, request_id, priority)
-        return self._stub.Generate(msg, timeout=timeout, metadata=self._metadata)
+        stub = next(self._generate_stubs)
+        return stub.Generate(msg, timeout=timeout, metadata=self._metadata)
 
     def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         return self._stub.Abort(
@@ -157,7 +209,8 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in (self._channel, *self._spread):
+            channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -177,14 +230,45 @@ class AsyncClient:
         port: each connection is served by the one frontend the kernel handed it to."""
         self.address = address
         credentials = credentials or Credentials()
-        tls = credentials.channel_credentials()
-        options = [*CHANNEL_OPTIONS, *([("grpc.use_local_subchannel_pool", 1)] * own_connection)]
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(address, tls, options=options)
+        self._tls = credentials.channel_credentials()
+        self._options = [
+            *CHANNEL_OPTIONS,
+            *([("grpc.use_local_subchannel_pool", 1)] * own_connection),
+        ]
+        self._channel = self._open(address)
         self._metadata = credentials.metadata
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
+        self._spread: list[grpc.aio.Channel] = []  # the frontends' own, once spread()
+        self._generate_stubs = itertools.cycle([self._stub])
+
+    def _open(self, target: str) -> grpc.aio.Channel:
+        if self._tls is None:
+            return grpc.aio.insecure_channel(target, options=self._options)
+        return grpc.aio.secure_channel(target, self._tls, options=self._options)
+
+    async def spread(self, timeout: float = 5.0) -> int:
+        """Client.spread's twin: later Generates to the frontends in turn, those whose own port
+        connects within timeout seconds; returns how many (1: the shared port)."""
+        info = await self.server_info()
+        channels = [self._open(a) for a in frontend_addresses(self.address, info)]
+
+        async def connects(channel: grpc.aio.Channel) -> bool:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), timeout)
+                return True
+            except TimeoutError:
+                await channel.close()
+                return False
+
+        connected = await asyncio.gather(*map(connects, channels))
+        ready = [c for c, ok in zip(channels, connected, strict=True) if ok]
+        if len(ready) < 2:
+            for channel in ready:
+                await channel.close()
+            return 1
+        self._spread = ready
+        self._generate_stubs = _turns(ready)
+        return len(ready)
 
     async def generate(
         self,
@@ -195,7 +279,7 @@ class AsyncClient:
         priority: int = 0,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         msg = make_request(prompt, params, request_id, priority)
-        call = self._stub.Generate(msg, timeout=timeout, metadata=self._metadata)
+        call = next(self._generate_stubs).Generate(msg, timeout=timeout, metadata=self._metadata)
         async for delta in call:
             yield delta
 
@@ -222,4 +306,5 @@ class AsyncClient:
         await asyncio.wait_for(self._channel.channel_ready(), timeout)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in (self._channel, *self._spread):
+            await channel.close()

@@ -274,14 +274,16 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., resources: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class FrontendInfo(_message.Message):
-    __slots__ = ("pid", "num_requests", "num_unfinished")
+    __slots__ = ("pid", "num_requests", "num_unfinished", "port")
     PID_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_UNFINISHED_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
     pid: int
     num_requests: int
     num_unfinished: int
-    def __init__(self, pid: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_unfinished: _Optional[int] = ...) -> None: ...
+    port: int
+    def __init__(self, pid: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_unfinished: _Optional[int] = ..., port: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
     __slots__ = ("model", "replicas", "num_steps", "num_finished_requests", "num_generated_tokens", "nodes", "generated_tokens_per_s", "throughput_window_s", "frontends", "num_replica_failures", "num_recovered_requests", "num_graph_steps", "step_seconds", "num_piecewise_steps")

@@ -2,6 +2,7 @@
 one of each per test run."""
 
 import os
+import socket
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -182,3 +183,11 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (where a spawned group's rank 0 listens, or where a
+    test wants nothing to listen)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

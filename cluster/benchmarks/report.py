@@ -449,6 +449,7 @@ def run_workload(
     stream: bool = False,
     clients: int = 1,
     connections: int = 1,
+    spread: bool = True,
 ) -> dict:
     """Sends every prompt at once (greedy, ignore_eos, exactly output_len tokens each) and waits
     for all: requests, output tokens, wall time, output tokens/s, the median TTFT and each client
@@ -464,10 +465,12 @@ def run_workload(
     connections of its own. The server's frontends share its port and each connection is
     served by one of them, as the kernel hands it out: 16 connections over 8 frontends leave
     some frontends four and some none, which moves a streamed figure by a third from run to
-    run; more connections spread the load evenly.
+    run. spread: each client sends its requests to the frontends' own ports in turn instead
+    (AsyncClient.spread), every frontend an even share.
     """
     if clients <= 1:
-        parts = [asyncio.run(_send_all(address, prompts, output_len, stream, None, connections))]
+        one = _send_all(address, prompts, output_len, stream, None, connections, spread)
+        parts = [asyncio.run(one)]
     else:
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Barrier(clients)
@@ -475,7 +478,7 @@ def run_workload(
             ctx,
             _client_process,
             [
-                (address, prompts[i::clients], output_len, stream, ready, connections)
+                (address, prompts[i::clients], output_len, stream, ready, connections, spread)
                 for i in range(clients)
             ],
             _CLIENT_TIMEOUT_S,
@@ -552,9 +555,11 @@ def _client_process(
     stream: bool,
     ready,  # multiprocessing Barrier: every client connected
     connections: int,
+    spread: bool,
     results,  # multiprocessing Queue: a _ClientResult, or the error as a string
 ) -> None:
-    run_client(_send_all(address, prompts, output_len, stream, ready, connections), ready, results)
+    send = _send_all(address, prompts, output_len, stream, ready, connections, spread)
+    run_client(send, ready, results)
 
 
 async def _send_all(
@@ -564,6 +569,7 @@ async def _send_all(
     stream: bool,
     ready=None,
     connections: int = 1,
+    spread: bool = True,
 ) -> _ClientResult:
     from cluster.client import AsyncClient
     from cluster.outputs import OutputCollector
@@ -591,9 +597,11 @@ async def _send_all(
         return len(out.token_ids)
 
     try:
+        for client in clients:
+            await client.wait_until_ready(timeout=60)
+            if spread:
+                await client.spread()
         if ready is not None:
-            for client in clients:
-                await client.wait_until_ready(timeout=60)
             ready.wait(timeout=120)  # the clients start sending together
         start, cpu = time.monotonic(), time.process_time()
         counts = await asyncio.gather(

@@ -99,10 +99,14 @@ class Backend(Protocol):
 class GrpcBackend:
     """The Serving API's Generate, every step's tokens streamed (output_kind DELTA)."""
 
-    def __init__(self, address: str, token: str | None = None) -> None:
+    def __init__(self, address: str, token: str | None = None, spread: bool = True) -> None:
+        """spread: Generates to the frontends' own ports in turn (AsyncClient.spread)."""
         self._client = AsyncClient(address, Credentials(token=token))
+        self._spread = spread
 
     async def setup(self) -> int:
+        if self._spread:
+            await self._client.spread()
         return (await self._client.model_info()).vocab_size
 
     async def send(self, prompt: list[int], output_len: int, on_output: Callable[[], None]) -> int:
@@ -454,6 +458,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--token", default=None, help="auth token, sent as a Bearer token")
     parser.add_argument(
+        "--no-spread",
+        dest="spread",
+        action="store_false",
+        help="gRPC: each client's calls on its one connection, to the frontend the kernel "
+        "handed it (by default they go to the frontends' own ports in turn: AsyncClient.spread)",
+    )
+    parser.add_argument(
         "--model", default=None, help="HTTP: the model name (default: the first of /v1/models)"
     )
     parser.add_argument(
@@ -510,7 +521,7 @@ def check(args: argparse.Namespace) -> None:
 
 def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "grpc":
-        return GrpcBackend(args.address, args.token)
+        return GrpcBackend(args.address, args.token, args.spread)
     url = args.address if "://" in args.address else f"http://{args.address}"
     return HttpBackend(url, args.vocab_size, args.model, args.token)
 

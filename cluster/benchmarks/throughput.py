@@ -106,7 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=4,
         help="connections of each client process, its prompts sent round-robin over them "
-        "(each lands on one frontend: several spread the load over the frontends evenly)",
+        "(with --no-spread each lands on one frontend: several spread the load more evenly)",
+    )
+    parser.add_argument(
+        "--no-spread",
+        dest="spread",
+        action="store_false",
+        help="each connection's calls to the frontend the kernel handed it (by default each "
+        "client sends to the frontends' own ports in turn: AsyncClient.spread)",
     )
 
 
@@ -121,13 +128,25 @@ def run(args: argparse.Namespace) -> int:
         # the Triton kernels for the batch shapes the workload meets; the second is timed.
         warm_up = make_prompts(args.num_requests, args.input_len, bench.vocab_size, seed=1)
         run_workload(
-            bench.address, warm_up, args.output_len, args.stream, clients, args.connections
+            bench.address,
+            warm_up,
+            args.output_len,
+            args.stream,
+            clients,
+            args.connections,
+            args.spread,
         )
         since, steps_before = time.monotonic(), bench.num_steps()  # monotonic: system-wide
         compiled_before = triton_cache_entries()
         cpu, streamed = ProcessCpu(bench.server_pids()), bench.frontends_streamed()
         timed = run_workload(
-            bench.address, prompts, args.output_len, args.stream, clients, args.connections
+            bench.address,
+            prompts,
+            args.output_len,
+            args.stream,
+            clients,
+            args.connections,
+            args.spread,
         )
         cpu_shares = cpu.shares()
         frontends = format_frontends(

@@ -51,6 +51,7 @@ from scheduler.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 PID_METADATA = "frontend-pid"  # how a frontend names itself on its Connect stream
+PORT_METADATA = "frontend-port"  # and its own Serving port (FrontendInfo.port)
 _MAX_THREADS = 64  # a Connect stream holds one, each unary call one while it runs
 _SERVES = "the engine core serves its cluster's frontends"  # a refusal's sentence
 _WATCHDOG_POLL_S = 1.0  # the frontends' watchdog looks this often (or 4 times a timeout)
@@ -234,6 +235,7 @@ class EngineCore:
         info.frontends.extend(
             serving_pb2.FrontendInfo(
                 pid=link.pid,
+                port=link.port,
                 num_requests=link.num_requests,
                 num_unfinished=fleet.num_unfinished(link),
             )
@@ -260,7 +262,8 @@ class _Service(frontend_pb2_grpc.EngineCoreServicer):
 
     def Connect(self, request_iterator, context) -> Iterator[frontend_pb2.CoreMessage]:
         metadata = dict(context.invocation_metadata())
-        link = FrontendLink(int(metadata.get(PID_METADATA, 0)), context.cancel)
+        pid, port = int(metadata.get(PID_METADATA, 0)), int(metadata.get(PORT_METADATA, 0))
+        link = FrontendLink(pid, context.cancel, port)
         core = self.core
         core.connect(link)
         context.add_callback(link.close)  # the stream ended: the response loop below ends too

@@ -17,9 +17,13 @@ from protos import frontend_pb2, serving_pb2
 
 
 class FrontendLink:
-    def __init__(self, pid: int, cancel: Callable[[], None] = lambda: None) -> None:
-        """cancel: ends the Connect call at once (its context's cancel), called by hang_up."""
+    def __init__(
+        self, pid: int, cancel: Callable[[], None] = lambda: None, port: int = 0
+    ) -> None:
+        """cancel: ends the Connect call at once (its context's cancel), called by hang_up.
+        port: the frontend's own Serving port (0: not told)."""
         self.pid = pid
+        self.port = port
         self.num_requests = 0  # requests it added (the stream's reader thread counts)
         # time.monotonic() of the frontend's last message (or of the stream's start); written
         # by the reader thread alone, read without a lock (a float's read).

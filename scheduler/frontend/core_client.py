@@ -36,7 +36,7 @@ import grpc
 from protos import frontend_pb2, frontend_pb2_grpc, serving_pb2
 from protos.cluster_secret import secret_metadata
 from protos.heartbeat import HEARTBEAT, Heartbeat
-from scheduler.core.engine_core import PID_METADATA
+from scheduler.core.engine_core import PID_METADATA, PORT_METADATA
 from scheduler.frontend.backend import ServingError
 
 log = logging.getLogger(__name__)
@@ -116,14 +116,19 @@ class CoreClient:
         self._delivery_pending = False  # under _inbox_lock: a _deliver is scheduled
         self._closing = False
 
-    async def start(self) -> None:
+    async def start(self, frontend_port: int = 0) -> None:
+        """Opens the stream, naming this frontend: its pid and its own Serving port."""
         self._loop = asyncio.get_running_loop()
         self._channel = grpc.aio.insecure_channel(self.address)  # the unary calls
         self._stub = frontend_pb2_grpc.EngineCoreStub(self._channel)
         self._stream_channel = grpc.insecure_channel(self.address)
         self._call = frontend_pb2_grpc.EngineCoreStub(self._stream_channel).Connect(
             iter(self._sending.get, None),
-            metadata=((PID_METADATA, str(os.getpid())), *self._secret_metadata),
+            metadata=(
+                (PID_METADATA, str(os.getpid())),
+                (PORT_METADATA, str(frontend_port)),
+                *self._secret_metadata,
+            ),
             wait_for_ready=True,
         )
         self.connected = True

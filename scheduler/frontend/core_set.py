@@ -67,9 +67,10 @@ class CoreSet:
 
         return ready
 
-    async def start(self) -> None:
+    async def start(self, frontend_port: int = 0) -> None:
+        """Opens every core's stream (frontend_port: this frontend's own Serving port)."""
         for core in self.cores:
-            await core.start()
+            await core.start(frontend_port)
         self._watchers = [asyncio.ensure_future(self._watch(core)) for core in self.cores]
 
     async def _watch(self, core: CoreClient) -> None:
@@ -182,7 +183,7 @@ class CoreSet:
             merged.nodes.extend(n for n in info.nodes if n not in merged.nodes)
             for frontend in info.frontends:
                 seen = frontends.setdefault(
-                    frontend.pid, serving_pb2.FrontendInfo(pid=frontend.pid)
+                    frontend.pid, serving_pb2.FrontendInfo(pid=frontend.pid, port=frontend.port)
                 )
                 seen.num_requests += frontend.num_requests
                 seen.num_unfinished += frontend.num_unfinished

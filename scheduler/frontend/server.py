@@ -3,7 +3,9 @@ auth and TLS) on server.host:server.port and the OpenAI-compatible HTTP API (wit
 server.host:server.http_port, both over one CoreBackend connected to the engine core.
 
 Several frontends listen on the same ports (SO_REUSEPORT: the kernel spreads connections over
-them); their request metrics meet in one multiprocess directory (scheduler.frontend.metrics).
+them), each also on a gRPC port of its own that GetServerInfo names (a client spreads its calls
+over those: cluster.client); their request metrics meet in one multiprocess directory
+(scheduler.frontend.metrics).
 The server answers from the start, NOT_SERVING while the tokenizer loads and the core brings
 the replicas up, SERVING once both are done; NOT_SERVING again if the core's stream breaks.
 It runs its own event loop on a thread, so a host process (a Ray actor) stays free.
@@ -165,9 +167,26 @@ class FrontendServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        address = f"{cfg.host}:{cfg.port}"
+        self.port = self._listen(cfg.port)
+        self.address = f"{cfg.host}:{self.port}"
+        # The same service on a port of this frontend alone: the shared port's connections go
+        # to whichever frontend the kernel picks; a client told every frontend's own port
+        # (GetServerInfo) can spread its calls evenly (cluster.client).
+        self.own_port = self._listen(0)
+        await self._server.start()
+        self._http = HttpServer(make_app(self.backend, cfg, self.metrics), cfg)
+        self.http_port = self._http.port
+        await self._http.astart()
+        await self._set_health(False)
+        await self.backend.core.start(self.own_port)
+
+    def _listen(self, port: int) -> int:
+        """Adds server.host:port (0: a free one) to the gRPC server, with TLS when configured;
+        returns the port."""
+        cfg = self._config
+        address = f"{cfg.host}:{port}"
         if cfg.tls_cert_file is None:
-            port = self._server.add_insecure_port(address)
+            bound = self._server.add_insecure_port(address)
         else:
             client_ca = cfg.read("tls_client_ca_file")
             credentials = grpc.ssl_server_credentials(
@@ -175,17 +194,10 @@ class FrontendServer:
                 root_certificates=client_ca,
                 require_client_auth=client_ca is not None,
             )
-            port = self._server.add_secure_port(address, credentials)
-        if port == 0:
-            raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
-        self.port = port
-        self.address = f"{cfg.host}:{port}"
-        await self._server.start()
-        self._http = HttpServer(make_app(self.backend, cfg, self.metrics), cfg)
-        self.http_port = self._http.port
-        await self._http.astart()
-        await self._set_health(False)
-        await self.backend.core.start()
+            bound = self._server.add_secure_port(address, credentials)
+        if bound == 0:
+            raise RuntimeError(f"cannot listen on {address}")
+        return bound
 
     async def _serve_when_ready(self, load_tokenizer: Callable[[], Tokenizer]) -> None:
         """SERVING once the tokenizer is loaded and the core has sent the model; NOT_SERVING

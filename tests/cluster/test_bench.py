@@ -498,6 +498,8 @@ def test_bench_throughput_on_the_cpu(capsys):
     ]
     assert all(shares) and 99 <= sum(int(m.group(1)) for m in shares) <= 101
     assert all((m.group(2) == "-") == (m.group(1) == "0") for m in shares)
+    # Each client sends to the frontends' own ports in turn (AsyncClient.spread): half each.
+    assert [int(m.group(1)) for m in shares] == [50, 50]
     assert re.search(
         r"engine steps from \+[\d.]+ s to \+[\d.]+ s of the clients' [\d.]+ s; "
         r"no step in flight for [\d.]+ s of it\n",

@@ -1,6 +1,7 @@
 """The client retries UNAVAILABLE: a server that answers UNAVAILABLE twice (as one that is
 still loading would) is asked again, and the third answer reaches the caller. Async clients
-share one connection unless each asks for its own."""
+share one connection unless each asks for its own. spread() sends Generates to the frontends'
+own ports in turn, and keeps the shared port where they do not connect."""
 
 import asyncio
 from concurrent import futures
@@ -8,8 +9,9 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.client import AsyncClient, Client
+from cluster.client import AsyncClient, Client, frontend_addresses
 from protos import serving_pb2, serving_pb2_grpc
+from tests.conftest import free_port
 
 
 class FlakyHealth(health_pb2_grpc.HealthServicer):
@@ -65,3 +67,88 @@ def test_async_clients_share_one_connection_unless_each_asks_for_its_own():
 
     assert asyncio.run(connections(own_connection=False)) == 1
     assert asyncio.run(connections(own_connection=True)) == 3
+
+
+class Frontend(serving_pb2_grpc.ServingServicer):
+    """Stands for one frontend: counts the Generates it served; the shared port's also names
+    the others' own ports in GetServerInfo."""
+
+    def __init__(self, ports: list[int] = ()) -> None:
+        self.generates = 0
+        self.ports = ports
+
+    def Generate(self, request, context):
+        self.generates += 1
+        yield serving_pb2.GenerateResponse(request_id=request.request_id, token_ids=[1])
+
+    def GetServerInfo(self, request, context):
+        frontends = [serving_pb2.FrontendInfo(pid=i + 1, port=p) for i, p in enumerate(self.ports)]
+        return serving_pb2.ServerInfoResponse(frontends=frontends)
+
+
+def _serve(servicer: Frontend) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_frontend_addresses_name_the_frontends_own_ports_on_the_servers_host():
+    info = serving_pb2.ServerInfoResponse(
+        frontends=[serving_pb2.FrontendInfo(port=p) for p in (7002, 0, 7001, 7002)]
+    )
+    assert frontend_addresses("example.org:50051", info) == ["example.org:7001", "example.org:7002"]
+    assert frontend_addresses("[::1]:50051", info) == ["[::1]:7001", "[::1]:7002"]
+    one = serving_pb2.ServerInfoResponse(frontends=[serving_pb2.FrontendInfo(port=7001)])
+    assert frontend_addresses("example.org:50051", one) == []
+
+
+def test_spread_sends_generates_to_each_frontend_in_turn():
+    b, c = Frontend(), Frontend()
+    (server_b, port_b), (server_c, port_c) = _serve(b), _serve(c)
+    shared = Frontend([port_b, port_c])
+    server, port = _serve(shared)
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            assert client.spread(timeout=20) == 2
+            for i in range(6):
+                assert [r.token_ids[0] for r in client.generate([5, 6], request_id=str(i))] == [1]
+
+        async def spread_async() -> None:
+            client = AsyncClient(f"127.0.0.1:{port}")
+            try:
+                assert await client.spread(timeout=20) == 2
+                for _ in range(4):
+                    assert [r.token_ids[0] async for r in client.generate([5, 6])] == [1]
+            finally:
+                await client.close()
+
+        asyncio.run(spread_async())
+    finally:
+        for s in (server, server_b, server_c):
+            s.stop(0)
+    assert (b.generates, c.generates, shared.generates) == (5, 5, 0)
+
+
+def test_spread_keeps_the_shared_port_where_the_frontends_ports_do_not_connect():
+    shared = Frontend([free_port(), free_port()])  # nothing listens there
+    server, port = _serve(shared)
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            assert client.spread(timeout=0.5) == 1
+            assert len(list(client.generate([5, 6]))) == 1
+
+        async def spread_async() -> int:
+            client = AsyncClient(f"127.0.0.1:{port}")
+            try:
+                spread = await client.spread(timeout=0.5)
+                assert len([r async for r in client.generate([5, 6])]) == 1
+                return spread
+            finally:
+                await client.close()
+
+        assert asyncio.run(spread_async()) == 1
+    finally:
+        server.stop(0)
+    assert shared.generates == 2

@@ -1,7 +1,8 @@
 """Two frontends in front of one engine core on a local Ray cluster: both serve the gRPC and the
 OpenAI-compatible HTTP API on shared ports (the official openai client, streamed and not), a
-scrape of either's /metrics counts every request both served, and killing one, or stopping one
-(SIGSTOP), loses only the streams it carried; the core frees what they held."""
+scrape of either's /metrics counts every request both served, a spread client alternates
+between their own ports, and killing one, or stopping one (SIGSTOP), loses only the streams it
+carried; the core frees what they held."""
 
 import os
 import signal
@@ -145,6 +146,22 @@ def test_metrics_count_every_request_of_both_frontends(cluster):
     # Every scrape lands on either frontend; each must count all of them.
     counts = {ttft_count(cluster) for _ in range(8)}
     assert counts == {before + sent}, (counts, before, sent)
+
+
+def test_a_spread_client_sends_its_generates_to_both_frontends_in_turn(cluster):
+    """One connection lands on one frontend; spread() gives the client each frontend's own port
+    (GetServerInfo) and its Generates alternate between them."""
+    from cluster.client import Client
+
+    before = {f.pid: f.num_requests for f in server_info(cluster.address).frontends}
+    assert all(f.port for f in server_info(cluster.address).frontends)
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    with Client(cluster.address) as client:
+        assert client.spread(timeout=TIMEOUT) == 2
+        for _ in range(6):
+            assert len([r for r in client.generate("Hi", one, timeout=TIMEOUT)]) == 1
+    after = {f.pid: f.num_requests for f in server_info(cluster.address).frontends}
+    assert {pid: after[pid] - before[pid] for pid in before} == dict.fromkeys(before, 3)
 
 
 def blocks_in_use(info: serving_pb2.ServerInfoResponse) -> int:

@@ -1,5 +1,3 @@
-import socket
-
 import pytest
 
 from protos import worker_pb2
@@ -85,10 +83,3 @@ def greedy_plan_runner(
             on_result(result)
         for rid, token in zip(result.request_ids, result.token_ids, strict=True):
             outputs[rid].append(token)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now: where rank 0 of a spawned group listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.worker.conftest import free_port
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.gpu
 

@@ -13,12 +13,13 @@ import torch
 import torch.multiprocessing as mp
 
 from protos import worker_pb2
+from tests.conftest import free_port
 from worker import distributed, model_runner
 from worker.cuda_graph import DecodeGraphs
 from worker.model_runner import ModelRunner
 from worker.worker import WorkerService
 
-from .conftest import free_port, greedy_plan_runner
+from .conftest import greedy_plan_runner
 from .test_launch_ahead import plans, random_prompts, runner_with_cache
 
 MAX_GRAPH_ROWS = 16

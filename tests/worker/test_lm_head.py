@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.worker.conftest import free_port
+from tests.conftest import free_port
 from worker import distributed
 from worker.layers.embedding import ParallelLMHead
 

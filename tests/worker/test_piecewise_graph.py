@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.worker.conftest import RecordingRunner, free_port, greedy_plan_runner
+from tests.conftest import free_port
+from tests.worker.conftest import RecordingRunner, greedy_plan_runner
 from worker import distributed, model_runner
 from worker.layers.attention import AttentionMetadata
 from worker.loader import load_model
