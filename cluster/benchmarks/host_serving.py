@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
             address = f"127.0.0.1:{frontends[0].ports[0]}"
             vocab = SEQUENCE_VOCAB_SIZE
             warm_up = make_prompts(args.num_requests, args.input_len, vocab, seed=1)
-            clients = (args.clients, args.connections)
+            clients = (args.clients, args.connections, args.spread)
             run_workload(address, warm_up, args.output_len, True, *clients)
             pids = {
                 "engine cores": [core.process.pid for core in engine_cores],
@@ -287,6 +287,13 @@ def main() -> None:
     parser.add_argument("--frontends", type=int, default=4)
     parser.add_argument("--clients", type=int, default=8, help="client processes")
     parser.add_argument("--connections", type=int, default=4, help="of each client process")
+    parser.add_argument(
+        "--no-spread",
+        dest="spread",
+        action="store_false",
+        help="each connection's calls to the frontend the kernel handed it (by default the "
+        "clients send to the frontends' own ports in turn: AsyncClient.spread)",
+    )
     parser.add_argument("--num-requests", type=int, default=1024)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)

@@ -19,6 +19,7 @@ def _args(**kw) -> argparse.Namespace:
         frontends=2,
         clients=2,
         connections=2,
+        spread=True,
         num_requests=REQUESTS,
         input_len=40,
         output_len=OUTPUT_LEN,
@@ -48,6 +49,7 @@ def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends(cor
         parts = p["frontends"].removeprefix("frontends: ").split("; ")
         shares = [int(part.split("%")[0]) for part in parts]
         assert len(shares) == 2 and 98 <= sum(shares) <= 102  # every token, by its frontend
+        assert shares == [50, 50]  # each client's requests to the frontends in turn (spread)
         for part, share in zip(parts, shares, strict=True):
             # a frontend that sent tokens sent its last within the pass
             last = part.rsplit("last message ", 1)[1]
