@@ -102,6 +102,11 @@ class AsyncLLM:
             yield collector.snapshot()
         collector.result()  # raises if the stream ended early
 
+    async def spread(self, timeout: float = 5.0) -> int:
+        """Sends later requests to the server's frontends in turn rather than to the one its
+        connection landed on (AsyncClient.spread); returns how many frontends take them."""
+        return await self._client.spread(timeout)
+
     async def abort(self, request_id: str) -> bool:
         """Stops a request (its stream ends with finish_reason "abort"); whether it was found."""
         return await self._client.abort(request_id)

@@ -170,7 +170,9 @@ class LLM:
 
 
 async def _connect(address: str) -> AsyncLLM:
-    return AsyncLLM(address)  # made on the loop that uses it
+    engine = AsyncLLM(address)  # made on the loop that uses it
+    await engine.spread()  # the batch's requests over every frontend, not one connection's
+    return engine
 
 
 class _Progress:
