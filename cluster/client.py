@@ -13,6 +13,7 @@ other calls concern every frontend alike and keep the shared port).
 import asyncio
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -148,17 +149,21 @@ class Client:
         whose own port connects within timeout seconds; returns how many (1: where fewer than
         two connect, every call keeps the shared port)."""
         channels = [self._open(a) for a in frontend_addresses(self.address, self.server_info())]
-        ready = []
-        for channel in channels:
+        connecting = [grpc.channel_ready_future(c) for c in channels]  # all at once
+        deadline, ready = time.monotonic() + timeout, []
+        for channel, future in zip(channels, connecting, strict=True):
             try:
-                grpc.channel_ready_future(channel).result(timeout)
+                future.result(max(deadline - time.monotonic(), 0.0))
                 ready.append(channel)
             except grpc.FutureTimeoutError:
+                future.cancel()
                 channel.close()
         if len(ready) < 2:
             for channel in ready:
                 channel.close()
             return 1
+        for channel in self._spread:  # an earlier spread()'s
+            channel.close()
         self._spread = ready
         self._generate_stubs = _turns(ready)
         return len(ready)
@@ -266,6 +271,8 @@ class AsyncClient:
             for channel in ready:
                 await channel.close()
             return 1
+        for channel in self._spread:  # an earlier spread()'s
+            await channel.close()
         self._spread = ready
         self._generate_stubs = _turns(ready)
         return len(ready)
