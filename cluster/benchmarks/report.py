@@ -14,7 +14,8 @@ flight, duration_ms spans the step before too), worker_ms rank 0's time in Execu
 launch to the answer, which waits for the step before on the device), worker_idle_ms rank 0's
 device idle before this step (on CUDA the time between the step before's end and this step's
 start, from CUDA events on the stream; on the CPU the host time since the tokens before arrived),
-cuda_graph whether the step replayed a CUDA graph, scheduled request id -> tokens computed.
+cuda_graph whether the step replayed a whole CUDA graph, piecewise_graph whether it replayed
+the graphs in pieces, scheduled request id -> tokens computed.
 """
 
 import argparse
@@ -124,6 +125,7 @@ class Anatomy:
     idle_pct: float  # median_idle_ms as % of median_step_ms
     graph_hit_decode: float | None  # fraction of decode-only steps that replayed a CUDA graph
     graph_hit_all: float  # fraction of all steps that did
+    piecewise_all: float  # fraction of all steps that replayed the graphs in pieces
     # Where the steps' time went: the sums of their intervals, decode-only steps and the others
     # (steps with prompt tokens: eager, longer), and rank 0's idle summed over the steps sent
     # right after a learned one (a turnaround above 0): a step that starts a busy period
@@ -159,6 +161,7 @@ def step_anatomy(records: list[dict]) -> Anatomy | None:
             sum(bool(r["cuda_graph"]) for r in decodes) / len(decodes) if decodes else None
         ),
         graph_hit_all=sum(bool(r["cuda_graph"]) for r in records) / len(records),
+        piecewise_all=sum(bool(r["piecewise_graph"]) for r in records) / len(records),
         decode_steps_s=sum(r["interval_ms"] for r in decodes) / 1e3,
         other_steps_s=sum(others) / 1e3,
         median_other_step_ms=statistics.median(others) if others else None,
@@ -187,7 +190,7 @@ def format_anatomy(anatomy: Anatomy | None, what: str = "timed steps") -> list[s
         f"  median engine turnaround (a step learned -> the next plan sent): "
         f"{a.median_turnaround_ms:.2f} ms",
         f"  CUDA graph hit rate: {hits} of decode-only steps, {100 * a.graph_hit_all:.1f}% of "
-        f"all steps",
+        f"all steps; {100 * a.piecewise_all:.1f}% of all steps in pieces",
         f"  time in steps: {a.decode_steps_s:.2f} s decode-only, {a.other_steps_s:.2f} s in the "
         f"{a.num_steps - a.num_decode_steps} others (median {fmt(a.median_other_step_ms, '.2f')} "
         f"ms); worker idle {a.idle_s:.2f} s in the steps sent right after one learned, "

@@ -39,25 +39,26 @@ from cluster.benchmarks.report import (
 from tests.conftest import REPO
 
 
-def _record(start, duration, worker, idle, graph, scheduled):
+def _record(start, duration, worker, idle, graph, scheduled, pieces=False):
     return {
         "start": start,
         "interval_ms": duration,
         "worker_ms": worker,
         "worker_idle_ms": idle,
         "cuda_graph": graph,
+        "piecewise_graph": pieces,
         "scheduled": scheduled,
         "turnaround_ms": duration / 4,
     }
 
 
-# A prefill, two decode steps on graphs, a mixed step (a decode and a prefill chunk), and a
-# decode step run eagerly.
+# A prefill, two decode steps on graphs, a mixed step in the piecewise graphs (a decode and a
+# prefill chunk), and a decode step run eagerly.
 RECORDS = [
     _record(1.0, 10.0, 6.0, 1.0, False, {"a": 8}),
     _record(2.0, 4.0, 3.0, 0.5, True, {"a": 1}),
     _record(3.0, 5.0, 3.5, 0.5, True, {"a": 1, "b": 1}),
-    _record(4.0, 6.0, 4.0, 1.0, False, {"a": 1, "b": 7}),
+    _record(4.0, 6.0, 4.0, 1.0, False, {"a": 1, "b": 7}, pieces=True),
     _record(5.0, 4.5, 3.0, 0.25, False, {"a": 1, "b": 1}),
 ]
 
@@ -83,7 +84,7 @@ def test_step_anatomy():
     assert a.median_turnaround_ms == 1.25  # a quarter of each step here
     assert a.idle_pct == pytest.approx(10.0)
     assert a.graph_hit_decode == pytest.approx(2 / 3)
-    assert a.graph_hit_all == pytest.approx(2 / 5)
+    assert a.graph_hit_all == pytest.approx(2 / 5) and a.piecewise_all == pytest.approx(1 / 5)
     assert a.decode_steps_s == pytest.approx(13.5e-3)  # 4 + 4.5 + 5 ms
     assert a.other_steps_s == pytest.approx(16e-3) and a.median_other_step_ms == 8.0  # 6, 10
     assert a.idle_s == pytest.approx(3.25e-3)
@@ -93,7 +94,8 @@ def test_step_anatomy():
     assert step_anatomy([after_pause, *RECORDS[1:]]).idle_s == pytest.approx(2.25e-3)
     text = "\n".join(format_anatomy(a))
     assert "5 (3 decode-only)" in text and "66.7% of decode-only steps" in text
-    assert "40.0% of all steps" in text and "(10.0% of the median step)" in text
+    assert "40.0% of all steps; 20.0% of all steps in pieces" in text
+    assert "(10.0% of the median step)" in text
     assert "next plan sent): 1.25 ms" in text
     assert "0.01 s decode-only, 0.02 s in the 2 others (median 8.00 ms)" in text
     assert "0.00 s of it before decode-only steps (9.3% of their time)" in text  # 1.25 / 13.5
