@@ -13,6 +13,7 @@ other calls concern every frontend alike and keep the shared port).
 import asyncio
 import itertools
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -51,17 +52,75 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# A spread channel fails at once where its frontend is gone (no retries of its own): the call
+# goes to the shared port then, whose channel retries.
+_SPREAD_OPTIONS = [("grpc.enable_retries", 0)]
 # Where each spread client of this process starts its turns: successive clients start at
 # successive frontends, so that clients of one request each still spread.
 _SPREAD_STARTS = itertools.count()
 
 
-def _turns(channels: list) -> Iterator[serving_pb2_grpc.ServingStub]:
-    """The channels' stubs in turn, from the next start."""
-    start = next(_SPREAD_STARTS) % len(channels)
-    return itertools.cycle(
-        [serving_pb2_grpc.ServingStub(c) for c in [*channels[start:], *channels[:start]]]
-    )
+class _Turns:
+    """The frontends' stubs in turn (from the next start); one whose frontend failed a call
+    before answering leaves the turns (the shared port's stub stands in for all once fewer
+    than two are left)."""
+
+    def __init__(self, shared: serving_pb2_grpc.ServingStub, channels: list = ()) -> None:
+        self.shared = shared
+        start = next(_SPREAD_STARTS) % len(channels) if channels else 0
+        ordered = [*channels[start:], *channels[:start]]
+        self._stubs = [serving_pb2_grpc.ServingStub(c) for c in ordered]
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> serving_pb2_grpc.ServingStub:
+        with self._lock:
+            if len(self._stubs) < 2:
+                return self.shared
+            stub = self._stubs[self._next % len(self._stubs)]
+            self._next += 1
+            return stub
+
+    def drop(self, stub: serving_pb2_grpc.ServingStub) -> None:
+        with self._lock:
+            if stub in self._stubs:
+                self._stubs.remove(stub)
+
+
+def _rerouted(error: grpc.RpcError, received: bool, stub, turns: _Turns) -> bool:
+    """Whether a call that failed goes again to the shared port: a spread call whose frontend
+    failed it UNAVAILABLE before answering anything (the frontend is gone; its stub leaves the
+    turns). The core aborts a gone frontend's requests, so the request runs once."""
+    if received or stub is turns.shared or error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    turns.drop(stub)
+    return True
+
+
+class _ReroutedStream:
+    """Client.generate's stream of a spread call: its deltas, or, where _rerouted says so, the
+    same request's from the shared port. cancel() cancels the call under way."""
+
+    def __init__(self, call, stub, turns: _Turns, again) -> None:
+        self._call, self._stub, self._turns, self._again = call, stub, turns, again
+        self._received = False
+
+    def __iter__(self) -> "_ReroutedStream":
+        return self
+
+    def __next__(self) -> serving_pb2.GenerateResponse:
+        try:
+            delta = next(self._call)
+        except grpc.RpcError as e:
+            if not _rerouted(e, self._received, self._stub, self._turns):
+                raise
+            self._call, self._stub = self._again(), self._turns.shared
+            delta = next(self._call)
+        self._received = True
+        return delta
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
 
 
 def frontend_addresses(address: str, info: serving_pb2.ServerInfoResponse) -> list[str]:
@@ -137,18 +196,19 @@ class Client:
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._spread: list[grpc.Channel] = []  # the frontends' own, once spread()
-        self._generate_stubs = itertools.cycle([self._stub])
+        self._turns = _Turns(self._stub)
 
-    def _open(self, target: str) -> grpc.Channel:
+    def _open(self, target: str, options: list = CHANNEL_OPTIONS) -> grpc.Channel:
         if self._tls is None:
-            return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        return grpc.secure_channel(target, self._tls, options=CHANNEL_OPTIONS)
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, self._tls, options=options)
 
     def spread(self, timeout: float = 5.0) -> int:
         """Sends later Generates to the server's frontends in turn (see the module doc), those
         whose own port connects within timeout seconds; returns how many (1: where fewer than
         two connect, every call keeps the shared port)."""
-        channels = [self._open(a) for a in frontend_addresses(self.address, self.server_info())]
+        addresses = frontend_addresses(self.address, self.server_info())
+        channels = [self._open(a, _SPREAD_OPTIONS) for a in addresses]
         connecting = [grpc.channel_ready_future(c) for c in channels]  # all at once
         deadline, ready = time.monotonic() + timeout, []
         for channel, future in zip(channels, connecting, strict=True):
@@ -165,7 +225,7 @@ class Client:
         for channel in self._spread:  # an earlier spread()'s
             channel.close()
         self._spread = ready
-        self._generate_stubs = _turns(ready)
+        self._turns = _Turns(self._stub, ready)
         return len(ready)
 
     def generate(
@@ -179,8 +239,15 @@ class Client:
         """Streams the deltas of the n completions (each names its index); a completion's last
         one carries its finish_reason and usage."""
         msg = make_request(prompt, params, request_id, priority)
-        stub = next(self._generate_stubs)
-        return stub.Generate(msg, timeout=timeout, metadata=self._metadata)
+        stub = self._turns.next()
+        call = stub.Generate(msg, timeout=timeout, metadata=self._metadata)
+        if stub is self._stub:
+            return call
+
+        def again() -> Iterator[serving_pb2.GenerateResponse]:
+            return self._stub.Generate(msg, timeout=timeout, metadata=self._metadata)
+
+        return _ReroutedStream(call, stub, self._turns, again)
 
     def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         return self._stub.Abort(
@@ -236,26 +303,24 @@ class AsyncClient:
         self.address = address
         credentials = credentials or Credentials()
         self._tls = credentials.channel_credentials()
-        self._options = [
-            *CHANNEL_OPTIONS,
-            *([("grpc.use_local_subchannel_pool", 1)] * own_connection),
-        ]
+        self._own = [("grpc.use_local_subchannel_pool", 1)] * own_connection
         self._channel = self._open(address)
         self._metadata = credentials.metadata
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
         self._spread: list[grpc.aio.Channel] = []  # the frontends' own, once spread()
-        self._generate_stubs = itertools.cycle([self._stub])
+        self._turns = _Turns(self._stub)
 
-    def _open(self, target: str) -> grpc.aio.Channel:
+    def _open(self, target: str, spread: bool = False) -> grpc.aio.Channel:
+        options = [*(_SPREAD_OPTIONS if spread else CHANNEL_OPTIONS), *self._own]
         if self._tls is None:
-            return grpc.aio.insecure_channel(target, options=self._options)
-        return grpc.aio.secure_channel(target, self._tls, options=self._options)
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, self._tls, options=options)
 
     async def spread(self, timeout: float = 5.0) -> int:
         """Client.spread's twin: later Generates to the frontends in turn, those whose own port
         connects within timeout seconds; returns how many (1: the shared port)."""
         info = await self.server_info()
-        channels = [self._open(a) for a in frontend_addresses(self.address, info)]
+        channels = [self._open(a, spread=True) for a in frontend_addresses(self.address, info)]
 
         async def connects(channel: grpc.aio.Channel) -> bool:
             try:
@@ -274,7 +339,7 @@ class AsyncClient:
         for channel in self._spread:  # an earlier spread()'s
             await channel.close()
         self._spread = ready
-        self._generate_stubs = _turns(ready)
+        self._turns = _Turns(self._stub, ready)
         return len(ready)
 
     async def generate(
@@ -286,9 +351,17 @@ class AsyncClient:
         priority: int = 0,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         msg = make_request(prompt, params, request_id, priority)
-        call = next(self._generate_stubs).Generate(msg, timeout=timeout, metadata=self._metadata)
-        async for delta in call:
-            yield delta
+        stub = self._turns.next()
+        received = False
+        try:
+            async for delta in stub.Generate(msg, timeout=timeout, metadata=self._metadata):
+                received = True
+                yield delta
+        except grpc.RpcError as e:
+            if not _rerouted(e, received, stub, self._turns):
+                raise
+            async for delta in self._stub.Generate(msg, timeout=timeout, metadata=self._metadata):
+                yield delta
 
     async def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         reply = await self._stub.Abort(

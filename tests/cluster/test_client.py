@@ -152,3 +152,43 @@ def test_spread_keeps_the_shared_port_where_the_frontends_ports_do_not_connect()
     finally:
         server.stop(0)
     assert shared.generates == 2
+
+
+def test_a_spread_call_whose_frontend_is_gone_goes_to_the_shared_port():
+    """A frontend that goes after spread(): a call sent to its port fails UNAVAILABLE before any
+    answer, goes to the shared port instead, and the gone frontend leaves the turns."""
+    b, c = Frontend(), Frontend()
+    (server_b, port_b), (server_c, port_c) = _serve(b), _serve(c)
+    shared = Frontend([port_b, port_c])
+    server, port = _serve(shared)
+
+    async def spread_async(client: AsyncClient) -> None:
+        for _ in range(4):
+            assert [r.token_ids[0] async for r in client.generate([5, 6])] == [1]
+
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            assert client.spread(timeout=20) == 2
+            server_c.stop(0).wait()
+            for _ in range(4):
+                assert [r.token_ids[0] for r in client.generate([5, 6])] == [1]
+
+        async def spread_then_lose_b() -> None:
+            client = AsyncClient(f"127.0.0.1:{port}")
+            try:
+                shared.ports = [port_b, port]  # b and the shared port's own frontend
+                assert await client.spread(timeout=20) == 2
+                server_b.stop(0).wait()
+                await spread_async(client)
+            finally:
+                await client.close()
+
+        asyncio.run(spread_then_lose_b())
+    finally:
+        for s in (server, server_b, server_c):
+            s.stop(0)
+    assert c.generates == 0  # gone before any call reached it
+    assert b.generates + shared.generates == 8  # every call answered, once
+    # b answered at most the sync client's first call: once c failed a call, c left the turns
+    # and one frontend's port is no spread (the shared port's stub takes every call).
+    assert b.generates <= 1
