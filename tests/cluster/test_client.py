@@ -86,6 +86,24 @@ class Frontend(serving_pb2_grpc.ServingServicer):
         return serving_pb2.ServerInfoResponse(frontends=frontends)
 
 
+def _with_async_client(port: int, body):
+    """body(an AsyncClient of the port) on an event loop of its own; the client closed after."""
+
+    async def run():
+        client = AsyncClient(f"127.0.0.1:{port}")
+        try:
+            return await body(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+async def _four_generates(client: AsyncClient) -> None:
+    for _ in range(4):
+        assert [r.token_ids[0] async for r in client.generate([5, 6])] == [1]
+
+
 def _serve(servicer: Frontend) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
@@ -115,16 +133,11 @@ def test_spread_sends_generates_to_each_frontend_in_turn():
             for i in range(6):
                 assert [r.token_ids[0] for r in client.generate([5, 6], request_id=str(i))] == [1]
 
-        async def spread_async() -> None:
-            client = AsyncClient(f"127.0.0.1:{port}")
-            try:
-                assert await client.spread(timeout=20) == 2
-                for _ in range(4):
-                    assert [r.token_ids[0] async for r in client.generate([5, 6])] == [1]
-            finally:
-                await client.close()
+        async def spread_async(client: AsyncClient) -> None:
+            assert await client.spread(timeout=20) == 2
+            await _four_generates(client)
 
-        asyncio.run(spread_async())
+        _with_async_client(port, spread_async)
     finally:
         for s in (server, server_b, server_c):
             s.stop(0)
@@ -139,16 +152,12 @@ def test_spread_keeps_the_shared_port_where_the_frontends_ports_do_not_connect()
             assert client.spread(timeout=0.5) == 1
             assert len(list(client.generate([5, 6]))) == 1
 
-        async def spread_async() -> int:
-            client = AsyncClient(f"127.0.0.1:{port}")
-            try:
-                spread = await client.spread(timeout=0.5)
-                assert len([r async for r in client.generate([5, 6])]) == 1
-                return spread
-            finally:
-                await client.close()
+        async def spread_async(client: AsyncClient) -> int:
+            spread = await client.spread(timeout=0.5)
+            assert len([r async for r in client.generate([5, 6])]) == 1
+            return spread
 
-        assert asyncio.run(spread_async()) == 1
+        assert _with_async_client(port, spread_async) == 1
     finally:
         server.stop(0)
     assert shared.generates == 2
@@ -162,10 +171,6 @@ def test_a_spread_call_whose_frontend_is_gone_goes_to_the_shared_port():
     shared = Frontend([port_b, port_c])
     server, port = _serve(shared)
 
-    async def spread_async(client: AsyncClient) -> None:
-        for _ in range(4):
-            assert [r.token_ids[0] async for r in client.generate([5, 6])] == [1]
-
     try:
         with Client(f"127.0.0.1:{port}") as client:
             assert client.spread(timeout=20) == 2
@@ -173,17 +178,13 @@ def test_a_spread_call_whose_frontend_is_gone_goes_to_the_shared_port():
             for _ in range(4):
                 assert [r.token_ids[0] for r in client.generate([5, 6])] == [1]
 
-        async def spread_then_lose_b() -> None:
-            client = AsyncClient(f"127.0.0.1:{port}")
-            try:
-                shared.ports = [port_b, port]  # b and the shared port's own frontend
-                assert await client.spread(timeout=20) == 2
-                server_b.stop(0).wait()
-                await spread_async(client)
-            finally:
-                await client.close()
+        async def spread_then_lose_b(client: AsyncClient) -> None:
+            shared.ports = [port_b, port]  # b and the shared port's own frontend
+            assert await client.spread(timeout=20) == 2
+            server_b.stop(0).wait()
+            await _four_generates(client)
 
-        asyncio.run(spread_then_lose_b())
+        _with_async_client(port, spread_then_lose_b)
     finally:
         for s in (server, server_b, server_c):
             s.stop(0)
