@@ -5,8 +5,10 @@ own ports in turn, and keeps the shared port where they do not connect."""
 
 import asyncio
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.client import AsyncClient, Client, frontend_addresses
@@ -122,26 +124,42 @@ def test_frontend_addresses_name_the_frontends_own_ports_on_the_servers_host():
     assert frontend_addresses("example.org:50051", one) == []
 
 
-def test_spread_sends_generates_to_each_frontend_in_turn():
+@dataclass
+class _Three:
+    """Frontends b and c on ports of their own, and the shared port's frontend naming them."""
+
+    b: Frontend
+    c: Frontend
+    shared: Frontend
+    servers: tuple  # shared, b's, c's
+    port: int  # the shared one
+    port_b: int
+
+
+@pytest.fixture
+def three():
     b, c = Frontend(), Frontend()
     (server_b, port_b), (server_c, port_c) = _serve(b), _serve(c)
     shared = Frontend([port_b, port_c])
     server, port = _serve(shared)
-    try:
-        with Client(f"127.0.0.1:{port}") as client:
-            assert client.spread(timeout=20) == 2
-            for i in range(6):
-                assert [r.token_ids[0] for r in client.generate([5, 6], request_id=str(i))] == [1]
+    servers = (server, server_b, server_c)
+    yield _Three(b, c, shared, servers, port, port_b)
+    for one in servers:
+        one.stop(0)
 
-        async def spread_async(client: AsyncClient) -> None:
-            assert await client.spread(timeout=20) == 2
-            await _four_generates(client)
 
-        _with_async_client(port, spread_async)
-    finally:
-        for s in (server, server_b, server_c):
-            s.stop(0)
-    assert (b.generates, c.generates, shared.generates) == (5, 5, 0)
+def test_spread_sends_generates_to_each_frontend_in_turn(three):
+    with Client(f"127.0.0.1:{three.port}") as client:
+        assert client.spread(timeout=20) == 2
+        for i in range(6):
+            assert [r.token_ids[0] for r in client.generate([5, 6], request_id=str(i))] == [1]
+
+    async def spread_async(client: AsyncClient) -> None:
+        assert await client.spread(timeout=20) == 2
+        await _four_generates(client)
+
+    _with_async_client(three.port, spread_async)
+    assert (three.b.generates, three.c.generates, three.shared.generates) == (5, 5, 0)
 
 
 def test_spread_keeps_the_shared_port_where_the_frontends_ports_do_not_connect():
@@ -163,33 +181,25 @@ def test_spread_keeps_the_shared_port_where_the_frontends_ports_do_not_connect()
     assert shared.generates == 2
 
 
-def test_a_spread_call_whose_frontend_is_gone_goes_to_the_shared_port():
+def test_a_spread_call_whose_frontend_is_gone_goes_to_the_shared_port(three):
     """A frontend that goes after spread(): a call sent to its port fails UNAVAILABLE before any
     answer, goes to the shared port instead, and the gone frontend leaves the turns."""
-    b, c = Frontend(), Frontend()
-    (server_b, port_b), (server_c, port_c) = _serve(b), _serve(c)
-    shared = Frontend([port_b, port_c])
-    server, port = _serve(shared)
+    shared_server, server_b, server_c = three.servers
+    with Client(f"127.0.0.1:{three.port}") as client:
+        assert client.spread(timeout=20) == 2
+        server_c.stop(0).wait()
+        for _ in range(4):
+            assert [r.token_ids[0] for r in client.generate([5, 6])] == [1]
 
-    try:
-        with Client(f"127.0.0.1:{port}") as client:
-            assert client.spread(timeout=20) == 2
-            server_c.stop(0).wait()
-            for _ in range(4):
-                assert [r.token_ids[0] for r in client.generate([5, 6])] == [1]
+    async def spread_then_lose_b(client: AsyncClient) -> None:
+        three.shared.ports = [three.port_b, three.port]  # b and the shared port's own frontend
+        assert await client.spread(timeout=20) == 2
+        server_b.stop(0).wait()
+        await _four_generates(client)
 
-        async def spread_then_lose_b(client: AsyncClient) -> None:
-            shared.ports = [port_b, port]  # b and the shared port's own frontend
-            assert await client.spread(timeout=20) == 2
-            server_b.stop(0).wait()
-            await _four_generates(client)
-
-        _with_async_client(port, spread_then_lose_b)
-    finally:
-        for s in (server, server_b, server_c):
-            s.stop(0)
-    assert c.generates == 0  # gone before any call reached it
-    assert b.generates + shared.generates == 8  # every call answered, once
+    _with_async_client(three.port, spread_then_lose_b)
+    assert three.c.generates == 0  # gone before any call reached it
+    assert three.b.generates + three.shared.generates == 8  # every call answered, once
     # b answered at most the sync client's first call: once c failed a call, c left the turns
     # and one frontend's port is no spread (the shared port's stub takes every call).
-    assert b.generates <= 1
+    assert three.b.generates <= 1
