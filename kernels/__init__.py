@@ -102,16 +102,19 @@ def paged_attention(
     *,
     max_query_len: int,
     max_seq_len: int,
+    one_token_context: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged context. Returns (or
     fills `out`, contiguous, the query's shape) [num_tokens, num_heads, head_dim].
 
     max_query_len / max_seq_len are host-side bounds of the batch (the caller knows them), so
-    no kernel launch needs to read a device tensor back. On CUDA the decode kernel runs when
-    every sequence has exactly one new token (then query row s is sequence s's token and
-    query_start_loc is not read); its launch depends on shapes only, so it can be captured in a
-    CUDA graph. max_seq_len is not needed by either kernel's grid.
+    no kernel launch needs to read a device tensor back; one_token_context (the tokens the
+    batch's one-token sequences attend, summed, host side) lets the prefill kernel give those
+    sequences a launch of their own where that pays. On CUDA
+    the decode kernel runs when every sequence has exactly one new token (then query row s is
+    sequence s's token and query_start_loc is not read); its launch depends on shapes only, so
+    it can be captured in a CUDA graph. max_seq_len is not needed by either kernel's grid.
     """
     if query.is_cuda:
         triton_ops = _triton()
@@ -128,6 +131,7 @@ def paged_attention(
             query_start_loc,
             scale,
             max_query_len=max_query_len,
+            one_token_context=one_token_context,
             out=out,
         )
     result = paged_attention_cpu(

@@ -12,11 +12,14 @@ Measured in one run, so every figure has its baseline from the same card:
   (d) the fused residual-add + RMSNorm kernel against the model's torch eager path;
   (e) the rotary embedding kernel (q and k in one launch) against the model's torch eager path;
   (f) a mixed step's attention: decodes beside one prompt, laid out three ways (mixed_batch):
-      one prefill launch over them all (as an eager step runs it), the decodes and the prompt
-      apart (the decode kernel and the prefill kernel), and one row a token (the decode kernel
-      over the decodes and each prompt token, as the CUDA graphs run short prompts).
---sweep also times other launch configurations around the defaults (to retune the heuristics'
-constants; the defaults stay shape-derived, never a per-shape table). --only (repeatable, or a
+      the prefill kernel over them all (one launch of the prompt's tiles over every sequence,
+      and two launches by query length: an eager step takes one or the other by SPLIT_CONTEXT),
+      the decodes and the prompt apart (the decode kernel and the prefill kernel), and one row a
+      token (the decode kernel over the decodes and each prompt token, as the CUDA graphs run
+      short prompts).
+--sweep also times other launch configurations around the defaults, and the prefill kernel's
+one launch against its two over MIXED_SWEEP (to retune the heuristics' constants; the defaults
+stay shape-derived, never a per-shape table). --only (repeatable, or a
 comma list of decode, prefill, norm, rotary, mixed) runs those parts only; (a) always runs.
 
 Decode is timed three ways; the targets are judged on the third:
@@ -83,6 +86,13 @@ RMS_NORM_TOKENS, RMS_NORM_HIDDEN, RMS_NORM_EPS = (256, 4096), 4096, 1e-5
 ROTARY_TOKENS, ROTARY_BASE, ROTARY_MAX_POSITIONS = (256, 4096), 500000.0, 8192
 # Mixed steps: (decodes, their context, one prompt's new tokens).
 MIXED_SHAPES = [(448, 192, 128), (256, 384, 128), (64, 512, 512), (64, 512, 1024)]
+# --sweep's mixed steps: the prefill kernel in one launch against two, decodes x prompt tokens.
+MIXED_SWEEP = [
+    (decodes, context, prompt)
+    for context in (384, 2048)
+    for decodes in (16, 32, 64, 128, 256, 512)
+    for prompt in (128, 256, 512, 1024, 2048)
+]
 PARTS = ("decode", "prefill", "norm", "rotary", "mixed")
 
 
@@ -532,15 +542,25 @@ def attend(args: tuple) -> torch.Tensor:
     )
 
 
-def bench_mixed() -> list[str]:
-    """A mixed step's attention three ways (mixed_batch), do_bench medians of one layer."""
+def bench_mixed(sweep: bool) -> list[str]:
+    """A mixed step's attention three ways (mixed_batch), do_bench medians of one layer; with
+    `sweep`, the prefill kernel's one launch against its two over MIXED_SWEEP."""
     rows = [
-        "| decodes x context + prompt | one prefill launch (us) | decode + prefill launches "
-        "(us) | one row a token (us) | max abs diff |",
-        "|---|---|---|---|---|",
+        "| decodes x context + prompt | prefill kernel, one launch (us) | prefill kernel, two "
+        "launches by query length (us) | decode + prefill kernels (us) | one row a token (us) "
+        "| max abs diff |",
+        "|---|---|---|---|---|---|",
     ]
     for decodes, context, prompt in MIXED_SHAPES:
         batch = mixed_batch(decodes, context, prompt)
+        *tensors, scale, _, _ = batch["one call"]
+        config = prefill_config(prompt, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE)
+        single = functools.partial(
+            prefill_attention, *tensors, scale, max_query_len=prompt, config=config
+        )
+        two = functools.partial(
+            prefill_attention, *tensors, scale, max_query_len=prompt, one_token_context=1 << 40
+        )
         one = functools.partial(attend, batch["one call"])
         per_row = functools.partial(attend, batch["rows"])
 
@@ -549,13 +569,32 @@ def bench_mixed() -> list[str]:
 
         expected = one().float()
         diff = max(
+            (single().float() - expected).abs().max().item(),
+            (two().float() - expected).abs().max().item(),
             (torch.cat(split()).float() - expected).abs().max().item(),
             (per_row().float() - expected).abs().max().item(),
         )
         rows.append(
-            f"| {decodes} x {context} + {prompt} | {_median_ms(one) * 1e3:.1f} "
-            f"| {_median_ms(split) * 1e3:.1f} | {_median_ms(per_row) * 1e3:.1f} | {diff:.1e} |"
+            f"| {decodes} x {context} + {prompt} | {_median_ms(single) * 1e3:.1f} "
+            f"| {_median_ms(two) * 1e3:.1f} | {_median_ms(split) * 1e3:.1f} "
+            f"| {_median_ms(per_row) * 1e3:.1f} | {diff:.1e} |"
         )
+    if sweep:
+        rows += ["", "| decodes x context + prompt | one launch (us) | two launches (us) |"]
+        rows.append("|---|---|---|")
+        for decodes, context, prompt in MIXED_SWEEP:
+            *tensors, scale, _, _ = mixed_batch(decodes, context, prompt)["one call"]
+            config = prefill_config(prompt, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE)
+            single = functools.partial(
+                prefill_attention, *tensors, scale, max_query_len=prompt, config=config
+            )
+            two = functools.partial(
+                prefill_attention, *tensors, scale, max_query_len=prompt, one_token_context=1 << 40
+            )
+            rows.append(
+                f"| {decodes} x {context} + {prompt} | {_median_ms(single) * 1e3:.1f} "
+                f"| {_median_ms(two) * 1e3:.1f} |"
+            )
     return rows
 
 
@@ -629,7 +668,7 @@ def main() -> None:
             f"head_dim {HEAD_DIM}, bf16, one layer (do_bench medians)"
         )
         print()
-        for row in bench_mixed():
+        for row in bench_mixed(args.sweep):
             print(row)
 
 

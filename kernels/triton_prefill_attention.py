@@ -24,6 +24,15 @@ first(s) = query_start_loc[s] // BLOCK_Q + s, which is enough room for ceil(q_le
 tiles, so num_tokens // BLOCK_Q + num_seqs programs (per KV head) cover the batch; each program
 binary-searches query_start_loc for its sequence and exits if its tile is past the end. The
 tiles are launched in reverse so the longest (last, causal) ones start first.
+
+Tile height by query length: the height is a launch constant, set by the batch's longest query,
+and a sequence of one new token (a decode in a mixed step) fills only GROUP rows of its tile. So
+when the batch's longest query needs a taller tile than one token does and the one-token
+sequences read enough context between them (SPLIT_CONTEXT), prefill_attention launches twice:
+the one-token sequences in tiles of the least height (16 rows), the longer ones in tiles of their
+height; each launch's programs of the other kind exit at once (QUERY_LENS). The two launches run
+one after the other, so with little decode context the prompts' launch alone leaves the card
+part idle and one launch is faster.
 """
 
 import functools
@@ -36,6 +45,13 @@ import triton.language as tl
 from kernels.triton_launch import dot_pad, dot_precision, next_pow2
 
 LOG2E = 1.4426950408889634
+# Which sequences a launch attends (the kernel's QUERY_LENS): all, one-token ones, longer ones.
+EVERY, ONE_TOKEN, LONGER = 0, 1, 2
+# The one-token sequences get a launch of their own when the tokens they attend, summed, pass
+# this: in kernels.benchmark's mixed sweep (H200, 32 heads / 8 KV heads) two launches are ahead
+# from 128 decodes x 384 tokens (49k) and 32 x 2048 (66k), behind or even at 64 x 384 (25k) and
+# 16 x 2048 (33k).
+SPLIT_CONTEXT = 40_000
 
 
 @dataclass(frozen=True)
@@ -175,6 +191,7 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUERY_LENS: tl.constexpr,  # EVERY, ONE_TOKEN or LONGER
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest tiles first
@@ -186,6 +203,12 @@ def _prefill_kernel(
     m0 = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # first query token of this tile
     if m0 >= q_len:
         return
+    if QUERY_LENS == 1:  # ONE_TOKEN
+        if q_len != 1:
+            return
+    if QUERY_LENS == 2:  # LONGER
+        if q_len == 1:
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx = seq_len - q_len  # cached tokens before this step's queries
 
@@ -260,6 +283,7 @@ def prefill_attention(
     scale: float,
     *,
     max_query_len: int,
+    one_token_context: int = 0,
     config: PrefillConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -268,8 +292,11 @@ def prefill_attention(
     query [num_tokens, num_heads, head_dim] (unit last stride); key_cache, value_cache
     [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32;
     seq_lens [num_seqs] int32 (>= q_len); query_start_loc [num_seqs + 1] int32 (rows past
-    query_start_loc[-1] are padding and left unwritten). max_query_len is a host-side bound used
-    only to pick the tile height. Returns (or fills `out`) [num_tokens, num_heads, head_dim].
+    query_start_loc[-1] are padding and left unwritten). max_query_len, a host-side bound of
+    the sequences' q_len, picks the tile height; one_token_context, the seq_lens of the
+    one-token sequences summed (host side), two launches past SPLIT_CONTEXT (the module's
+    docstring). `config` forces one launch of its tiles over every sequence. Returns (or fills
+    `out`) [num_tokens, num_heads, head_dim].
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
@@ -282,8 +309,39 @@ def prefill_attention(
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    if config is None:
-        config = prefill_config(max_query_len, num_heads, num_kv_heads, head_dim, key_cache.dtype)
+    if config is not None:
+        launches = [(config, EVERY)]
+    else:
+        shape = (num_heads, num_kv_heads, head_dim, key_cache.dtype)
+        tall, short = prefill_config(max_query_len, *shape), prefill_config(1, *shape)
+        if tall == short or one_token_context <= SPLIT_CONTEXT:
+            launches = [(tall, EVERY)]
+        else:
+            launches = [(short, ONE_TOKEN), (tall, LONGER)]
+    for launch_config, query_lens in launches:
+        _launch(
+            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out,
+            launch_config, query_lens,
+        )  # fmt: skip
+    return out
+
+
+def _launch(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    config: PrefillConfig,
+    query_lens: int,
+) -> None:
+    """One launch of the kernel in `config`'s tiles over the sequences query_lens names."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
     num_tiles = num_tokens // config.block_q + num_seqs
     _prefill_kernel[(num_tiles, num_kv_heads)](
@@ -315,7 +373,7 @@ def prefill_attention(
         BLOCK_Q=config.block_q,
         BLOCK_N=config.block_n,
         DOT_PRECISION=dot_precision(key_cache.dtype),
+        QUERY_LENS=query_lens,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out

@@ -64,10 +64,10 @@ from worker.step_staging import StepStaging
 WARM_UP_QUERY_LENS = (2, 4, 8, 16, 32, 64, 128)
 # A step's prefill chunks replay a decode graph, one row a token, while the (token, context)
 # pairs their attention reads stay within this: the decode kernel reads a token's whole prefix
-# for each token of a chunk, where the prefill kernel reads it once a tile of queries. Eight
-# 128-token prompts from the start: 8 x 128 x 128 pairs (BENCHMARKS.md "Short prefills in the
-# decode graphs").
-GRAPH_PREFILL_PAIRS = 1 << 17
+# for each token of a chunk, where the prefill kernel reads it once a tile of queries. One
+# 64-token prompt from the start: 64 x 64 pairs. Past it the piecewise graphs are as fast or
+# faster (BENCHMARKS.md "Mixed steps in the pieces").
+GRAPH_PREFILL_PAIRS = 1 << 12
 # The graphs hold this many rows beyond max_num_seqs, so that a step at full concurrency still
 # replays one with short prompts' tokens beside its decodes (two 128-token prompts).
 GRAPH_PROMPT_ROWS = 256
@@ -540,6 +540,7 @@ class ModelRunner:
         Returns the hidden states of the tokens last_inputs [num_samplers]: [num_samplers,
         hidden]."""
         max_seq_len = int(ends.max())
+        query_lens = query_start_loc[1:] - query_start_loc[:-1]  # [n]
         tables = self.block_tables.table[
             rows, : self.block_tables.step_width(max_seq_len, self.block_size)
         ]
@@ -557,8 +558,9 @@ class ModelRunner:
             block_tables=tables_d,
             seq_lens=seq_lens_d,
             query_start_loc=qsl_d,
-            max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
+            max_query_len=int(query_lens.max()),
             max_seq_len=max_seq_len,
+            one_token_context=int(ends[query_lens == 1].sum()),
         )
         if piecewise:
             size = self.pieces.size_for(len(ids))

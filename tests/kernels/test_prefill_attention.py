@@ -30,7 +30,7 @@ def _mixed_shapes(block_size: int) -> list[tuple[int, int]]:
     ]
 
 
-def _run_prefill(batch, scale, config=None):
+def _run_prefill(batch, scale, config=None, one_token_context=0):
     from kernels.triton_prefill_attention import prefill_attention
 
     out = torch.full_like(batch.query, float("nan"))  # poisoned: an unwritten row fails
@@ -43,6 +43,7 @@ def _run_prefill(batch, scale, config=None):
         batch.query_start_loc,
         scale,
         max_query_len=batch.max_query_len,
+        one_token_context=one_token_context,
         config=config,
         out=out,
     )
@@ -60,9 +61,10 @@ def _expected(batch, scale):
     )
 
 
+@pytest.mark.parametrize("one_token_context", [0, 1 << 30], ids=["one launch", "two launches"])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (4, 1), (8, 1)])
-def test_prefill_matches_reference(device, block_size, num_heads, num_kv_heads):
+def test_prefill_matches_reference(device, block_size, num_heads, num_kv_heads, one_token_context):
     batch = make_batch(
         _mixed_shapes(block_size),
         block_size,
@@ -73,8 +75,28 @@ def test_prefill_matches_reference(device, block_size, num_heads, num_kv_heads):
         seed=block_size + num_heads,
     )
     scale = HEAD_DIM**-0.5
-    got = _run_prefill(batch, scale)  # the default, shape-derived tiles
+    got = _run_prefill(batch, scale, one_token_context=one_token_context)  # shape-derived tiles
     torch.testing.assert_close(got, _expected(batch, scale), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_one_token_sequences_get_a_launch_of_their_own_past_the_split_context(
+    device, monkeypatch, extra
+):
+    """Past SPLIT_CONTEXT tokens of one-token sequences' context (the caller's sum), a decode
+    beside prompts takes the lowest tiles in a launch of its own, the prompts theirs in another;
+    up to it one launch in the prompts' tiles attends every sequence whatever their lengths.
+    The output is the same either way."""
+    from kernels import triton_prefill_attention as tpa
+
+    launched = []
+    launch = tpa._launch
+    monkeypatch.setattr(tpa, "_launch", lambda *a: launched.append(a[-1]) or launch(*a))
+    batch = make_batch(_mixed_shapes(16), 16, 4, 1, HEAD_DIM, device=device, seed=3)
+    got = _run_prefill(batch, 0.25, one_token_context=tpa.SPLIT_CONTEXT + extra)
+    torch.testing.assert_close(got, _expected(batch, 0.25), rtol=2e-5, atol=2e-5)
+    two = [tpa.ONE_TOKEN, tpa.LONGER]
+    assert launched == (two if extra > 0 else [tpa.EVERY])
 
 
 @pytest.mark.parametrize("block_q,block_n", [(2, 16), (8, 32)])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.worker.conftest import RecordingRunner, greedy_plan_runner
+from worker import model_runner
 from worker.cuda_graph import GraphInputs, capture_sizes
 from worker.loader import load_model
 from worker.model_runner import GRAPH_PROMPT_ROWS
@@ -43,7 +44,8 @@ def _runner(path, enforce_eager: bool) -> RecordingRunner:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_graph_replay_equals_eager_for_every_captured_size(tiny_models, arch):
+def test_graph_replay_equals_eager_for_every_captured_size(tiny_models, arch, monkeypatch):
+    monkeypatch.setattr(model_runner, "GRAPH_PREFILL_PAIRS", 1 << 30)  # every prompt in a graph
     path, _ = tiny_models[arch]
     graphed, eager = _runner(path, False), _runner(path, True)
     assert sorted(graphed.graphs.graphs) == capture_sizes(MAX_ROWS)
@@ -56,7 +58,7 @@ def test_graph_replay_equals_eager_for_every_captured_size(tiny_models, arch):
         got = greedy_plan_runner(graphed, prompts, 6)
         assert got == want, f"batch {batch}"
         # The first step prefills, one graph row a prompt token when they fit the largest
-        # graph (model_runner.GRAPH_PREFILL_PAIRS is far off); each later one decodes every
+        # graph (GRAPH_PREFILL_PAIRS set far off); each later one decodes every
         # request: a replay.
         first = sum(lengths) <= MAX_ROWS
         graph_steps = [r.cuda_graph for r in graphed.results]

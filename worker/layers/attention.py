@@ -22,6 +22,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int  # host-side bounds of the batch, so kernels launch without a sync
     max_seq_len: int
+    one_token_context: int = 0  # tokens the one-token sequences (decodes) attend, summed
 
 
 class PagedAttention(nn.Module):
@@ -80,5 +81,6 @@ class PagedAttention(nn.Module):
             self.scale,
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
+            one_token_context=meta.one_token_context,
             out=out,
         )
