@@ -183,13 +183,23 @@ class ModelRunner:
         self.rows = RequestRows()
         self.graphs, self.pieces = None, None
         if self.device.type == "cuda" and not enforce_eager and max_num_seqs and num_blocks:
+            began = time.perf_counter()
             rows = max_num_seqs + GRAPH_PROMPT_ROWS
             self.graphs = DecodeGraphs(self.model, rows, max(max_blocks, 1), self.device)
             self.graphs.capture()
+            log.info(
+                "CUDA graphs of %d row counts up to %d captured in %.1f s",
+                len(self.graphs.sizes), rows, time.perf_counter() - began,
+            )  # fmt: skip
             tokens = min(max_num_batched_tokens, PIECEWISE_MAX_TOKENS)
             if tokens > 0:
+                began = time.perf_counter()
                 self.pieces = PiecewiseGraphs(self.model, tokens, self.device)
                 self.pieces.capture()
+                log.info(
+                    "piecewise CUDA graphs of %d token counts up to %d captured in %.1f s",
+                    len(self.pieces.sizes), tokens, time.perf_counter() - began,
+                )  # fmt: skip
 
     def warm_up(self) -> int:
         """Prefills of WARM_UP_QUERY_LENS tokens, one request each (those that fit the cache

@@ -279,12 +279,18 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     runner = ModelRunner(model, device, dtype, seed=0)
     distributed.enable_small_all_reduce(dtype, device)
     sizes = cache_sizes(max(args.batch_size), args.context_len, args.steps, args.prompt_len)
-    began = time.perf_counter()
+    torch.cuda.empty_cache()  # what the allocator cached so far leaves the device's free memory
+    free, began = torch.cuda.mem_get_info()[0], time.perf_counter()
     runner.init_cache(**sizes, enforce_eager=args.enforce_eager)
     init_s = time.perf_counter() - began
+    kv_bytes = sizes["num_blocks"] * runner.bytes_per_block(sizes["block_size"])
+    graph_bytes = free - torch.cuda.mem_get_info()[0] - kv_bytes
     roof = roofline_ms(weight_bytes, bandwidth)
     report = print if rank == 0 else (lambda *a, **k: None)
-    report(f"cache and CUDA graphs ready in {init_s:.1f} s")
+    report(
+        f"cache and CUDA graphs ready in {init_s:.1f} s; the KV cache {kv_bytes / 1e9:.2f} GB, "
+        f"the graphs and what the allocator keeps beside it {graph_bytes / 1e9:.2f} GB"
+    )
     report(f"card: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     report(
         f"model: {args.model}, TP={world} ({distributed.all_reduce_kind() or 'no collectives'}), "
