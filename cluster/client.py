@@ -58,43 +58,68 @@ _SPREAD_OPTIONS = [("grpc.enable_retries", 0)]
 # Where each spread client of this process starts its turns: successive clients start at
 # successive frontends, so that clients of one request each still spread.
 _SPREAD_STARTS = itertools.count()
+# A frontend that failed a call before answering sits out this long, then takes its turns again:
+# one whose engine core was gone a moment serves again; one gone for good fails one call at once
+# (its channel does not retry) and sits out again.
+REJOIN_AFTER_S = 10.0
+# A rerouted call whose request id the core still holds (the gone frontend's copy, not aborted
+# yet) is sent again for this long, at growing intervals, before ALREADY_EXISTS reaches the caller.
+REROUTE_WAIT_S = 5.0
 
 
 class _Turns:
     """The frontends' stubs in turn (from the next start); one whose frontend failed a call
-    before answering leaves the turns (the shared port's stub stands in for all once fewer
-    than two are left)."""
+    before answering sits out REJOIN_AFTER_S (the shared port's stub stands in for all while
+    fewer than two take turns)."""
 
     def __init__(self, shared: serving_pb2_grpc.ServingStub, channels: list = ()) -> None:
         self.shared = shared
         start = next(_SPREAD_STARTS) % len(channels) if channels else 0
         ordered = [*channels[start:], *channels[:start]]
         self._stubs = [serving_pb2_grpc.ServingStub(c) for c in ordered]
+        self._out: dict[serving_pb2_grpc.ServingStub, float] = {}  # stub -> when it left
         self._next = 0
         self._lock = threading.Lock()
 
     def next(self) -> serving_pb2_grpc.ServingStub:
         with self._lock:
-            if len(self._stubs) < 2:
+            now = time.monotonic()
+            self._out = {s: t for s, t in self._out.items() if now - t < REJOIN_AFTER_S}
+            taking = [s for s in self._stubs if s not in self._out]
+            if len(taking) < 2:
                 return self.shared
-            stub = self._stubs[self._next % len(self._stubs)]
+            stub = taking[self._next % len(taking)]
             self._next += 1
             return stub
 
     def drop(self, stub: serving_pb2_grpc.ServingStub) -> None:
         with self._lock:
             if stub in self._stubs:
-                self._stubs.remove(stub)
+                self._out[stub] = time.monotonic()
 
 
 def _rerouted(error: grpc.RpcError, received: bool, stub, turns: _Turns) -> bool:
     """Whether a call that failed goes again to the shared port: a spread call whose frontend
-    failed it UNAVAILABLE before answering anything (the frontend is gone; its stub leaves the
-    turns). The core aborts a gone frontend's requests, so the request runs once."""
+    failed it UNAVAILABLE before answering anything (the frontend is gone; its stub sits out).
+    The core aborts a gone frontend's requests, so the request runs once."""
     if received or stub is turns.shared or error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     turns.drop(stub)
     return True
+
+
+def _resend_waits() -> Iterator[float]:
+    """The waits before each resend of a rerouted call refused ALREADY_EXISTS (REROUTE_WAIT_S
+    in all)."""
+    wait, left = 0.05, REROUTE_WAIT_S
+    while left > 0:
+        yield min(wait, left)
+        left -= wait
+        wait = min(2 * wait, 0.5)
+
+
+def _in_use(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 class _ReroutedStream:
@@ -114,10 +139,24 @@ class _ReroutedStream:
         except grpc.RpcError as e:
             if not _rerouted(e, self._received, self._stub, self._turns):
                 raise
-            self._call, self._stub = self._again(), self._turns.shared
-            delta = next(self._call)
+            delta = self._reroute()
         self._received = True
         return delta
+
+    def _reroute(self) -> serving_pb2.GenerateResponse:
+        """The first delta of the call sent again to the shared port (again while refused
+        ALREADY_EXISTS, _resend_waits)."""
+        self._stub = self._turns.shared
+        for wait in _resend_waits():
+            self._call = self._again()
+            try:
+                return next(self._call)
+            except grpc.RpcError as e:
+                if not _in_use(e):
+                    raise
+            time.sleep(wait)
+        self._call = self._again()
+        return next(self._call)
 
     def cancel(self) -> bool:
         return self._call.cancel()
@@ -360,8 +399,20 @@ class AsyncClient:
         except grpc.RpcError as e:
             if not _rerouted(e, received, stub, self._turns):
                 raise
-            async for delta in self._stub.Generate(msg, timeout=timeout, metadata=self._metadata):
-                yield delta
+        else:
+            return
+        for wait in [*_resend_waits(), None]:  # sent again to the shared port
+            try:
+                async for delta in self._stub.Generate(
+                    msg, timeout=timeout, metadata=self._metadata
+                ):
+                    received = True
+                    yield delta
+                return
+            except grpc.RpcError as e:
+                if received or not _in_use(e) or wait is None:
+                    raise
+            await asyncio.sleep(wait)
 
     async def abort(self, request_id: str, timeout: float = 10.0) -> bool:
         reply = await self._stub.Abort(

@@ -1,9 +1,11 @@
 """The client retries UNAVAILABLE: a server that answers UNAVAILABLE twice (as one that is
 still loading would) is asked again, and the third answer reaches the caller. Async clients
 share one connection unless each asks for its own. spread() sends Generates to the frontends'
-own ports in turn, and keeps the shared port where they do not connect."""
+own ports in turn, and keeps the shared port where they do not connect; a frontend that failed
+a call sits out a while, and a rerouted call whose id is still in use is sent again."""
 
 import asyncio
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster import client as client_module
 from cluster.client import AsyncClient, Client, frontend_addresses
 from protos import serving_pb2, serving_pb2_grpc
 from tests.conftest import free_port
@@ -73,13 +76,24 @@ def test_async_clients_share_one_connection_unless_each_asks_for_its_own():
 
 class Frontend(serving_pb2_grpc.ServingServicer):
     """Stands for one frontend: counts the Generates it served; the shared port's also names
-    the others' own ports in GetServerInfo."""
+    the others' own ports in GetServerInfo. While `down` it fails every Generate UNAVAILABLE
+    (as one whose engine core is gone); it refuses the next `in_use` Generates ALREADY_EXISTS
+    (as the core does while a gone frontend's copy of the request is not aborted yet)."""
 
     def __init__(self, ports: list[int] = ()) -> None:
         self.generates = 0
         self.ports = ports
+        self.down = False
+        self.in_use = 0
+        self.refused = 0
 
     def Generate(self, request, context):
+        if self.down:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the engine core is gone")
+        if self.in_use > 0:
+            self.in_use -= 1
+            self.refused += 1
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{request.request_id!r} is in use")
         self.generates += 1
         yield serving_pb2.GenerateResponse(request_id=request.request_id, token_ids=[1])
 
@@ -203,3 +217,70 @@ def test_a_spread_call_whose_frontend_is_gone_goes_to_the_shared_port(three):
     # b answered at most the sync client's first call: once c failed a call, c left the turns
     # and one frontend's port is no spread (the shared port's stub takes every call).
     assert three.b.generates <= 1
+
+
+def test_a_frontend_that_failed_a_call_takes_its_turns_again_after_a_while(three, monkeypatch):
+    """b fails calls UNAVAILABLE (its core gone a moment): it sits out REJOIN_AFTER_S, the
+    shared port taking every call meanwhile (one frontend's turns are no spread), then b and c
+    take turns again."""
+    monkeypatch.setattr(client_module, "REJOIN_AFTER_S", 0.5)
+    with Client(f"127.0.0.1:{three.port}") as client:
+        assert client.spread(timeout=20) == 2
+        three.b.down = True
+        for _ in range(4):
+            assert [r.token_ids[0] for r in client.generate([5, 6])] == [1]
+        assert three.b.generates == 0 and three.c.generates <= 1
+        three.b.down = False
+        time.sleep(0.6)
+        before = (three.b.generates, three.c.generates, three.shared.generates)
+        for _ in range(4):
+            assert [r.token_ids[0] for r in client.generate([5, 6])] == [1]
+    after = (three.b.generates, three.c.generates, three.shared.generates)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2, 0]
+    assert sum(after) == 8  # every call answered, once
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_rerouted_call_is_sent_again_while_its_id_is_still_in_use(three, mode):
+    """Both frontends fail UNAVAILABLE; the shared port refuses the rerouted call ALREADY_EXISTS
+    twice (the core still holds the gone frontend's copy), then serves it: one answer."""
+    three.b.down = three.c.down = True
+    three.shared.in_use = 2
+    if mode == "sync":
+        with Client(f"127.0.0.1:{three.port}") as client:
+            assert client.spread(timeout=20) == 2
+            got = [r.token_ids[0] for r in client.generate([5, 6], request_id="mine")]
+    else:
+
+        async def body(client: AsyncClient) -> list[int]:
+            assert await client.spread(timeout=20) == 2
+            return [r.token_ids[0] async for r in client.generate([5, 6], request_id="mine")]
+
+        got = _with_async_client(three.port, body)
+    assert got == [1]
+    assert (three.shared.refused, three.shared.generates) == (2, 1)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_id_in_use_for_good_reaches_the_caller_after_the_wait(three, monkeypatch, mode):
+    """A rerouted call whose id stays in use (another live request of the caller's) is refused
+    ALREADY_EXISTS after REROUTE_WAIT_S, not sent again for ever."""
+    monkeypatch.setattr(client_module, "REROUTE_WAIT_S", 0.4)
+    three.b.down = three.c.down = True
+    three.shared.in_use = 10**6
+    began = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        if mode == "sync":
+            with Client(f"127.0.0.1:{three.port}") as client:
+                assert client.spread(timeout=20) == 2
+                list(client.generate([5, 6], request_id="mine"))
+        else:
+
+            async def body(client: AsyncClient) -> None:
+                assert await client.spread(timeout=20) == 2
+                [r async for r in client.generate([5, 6], request_id="mine")]
+
+            _with_async_client(three.port, body)
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert 0.4 <= time.monotonic() - began < 15
+    assert 3 <= three.shared.refused <= 12 and three.shared.generates == 0
