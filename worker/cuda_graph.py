@@ -46,6 +46,12 @@ def capture_sizes(max_rows: int) -> list[int]:
     return [*sizes, max_rows]
 
 
+def size_for(sizes: list[int], n: int) -> int | None:
+    """The smallest of a ladder's captured sizes (ascending) that holds n rows or tokens (None:
+    n is larger than any)."""
+    return next((s for s in sizes if s >= n), None)
+
+
 class DecodeGraphs:
     def __init__(
         self, model: torch.nn.Module, max_rows: int, max_blocks: int, device: torch.device
@@ -104,9 +110,7 @@ class DecodeGraphs:
 
     def size_for(self, num_rows: int) -> int | None:
         """The captured size a step of num_rows rows replays (None: larger than any)."""
-        if num_rows > self.max_size:
-            return None
-        return next(s for s in self.sizes if s >= num_rows)
+        return size_for(self.sizes, num_rows)
 
     def run(
         self,

@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from worker.cuda_graph import size_for
 from worker.layers.attention import AttentionMetadata, PagedAttention
 
 # (up to, step) of the ladder: small steps where a padded token costs most relative to the step.
@@ -142,9 +143,7 @@ class PiecewiseGraphs:
 
     def size_for(self, num_tokens: int) -> int | None:
         """The captured size a step of num_tokens tokens replays (None: larger than any)."""
-        if num_tokens > self.max_size:
-            return None
-        return next(s for s in self.sizes if s >= num_tokens)
+        return size_for(self.sizes, num_tokens)
 
     def run(
         self,

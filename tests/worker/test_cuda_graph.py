@@ -9,7 +9,7 @@ import torch
 
 from tests.worker.conftest import RecordingRunner, greedy_plan_runner
 from worker import model_runner
-from worker.cuda_graph import GraphInputs, capture_sizes
+from worker.cuda_graph import GraphInputs, capture_sizes, size_for
 from worker.loader import load_model
 from worker.model_runner import GRAPH_PROMPT_ROWS
 
@@ -26,6 +26,14 @@ def test_capture_sizes_cover_every_row_count_up_to_max_rows():
     assert ladder[:4] == [1, 2, 4, 8] and ladder[34:37] == [256, 272, 288] and ladder[-1] == 512
     assert len(ladder) == 51 and all(b - a <= 16 for a, b in zip(ladder, ladder[1:], strict=False))
     assert capture_sizes(300)[-5:] == [248, 256, 272, 288, 300]
+
+
+def test_a_step_replays_the_smallest_size_that_holds_it():
+    ladder = capture_sizes(300)
+    for n in range(1, 302):
+        holding = [s for s in ladder if s >= n]
+        assert size_for(ladder, n) == (min(holding) if holding else None)
+    assert [size_for(ladder, n) for n in (1, 3, 9, 257, 300, 301)] == [1, 4, 16, 272, 300, None]
 
 
 def _runner(path, enforce_eager: bool) -> RecordingRunner:
