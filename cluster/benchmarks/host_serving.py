@@ -14,6 +14,12 @@ when the device is as fast as a given card, and whether R replicas give R times 
                                                           v
     ranks (a process each) <--Execute stream-- engine core (a process: R step loops)
 
+--request-rate R [R ...] replaces the two passes with `bench serve`'s clients (every token
+streamed over gRPC, a Poisson schedule at each rate in turn): TTFT, inter-token and end-to-end
+latency percentiles beside the engines' steps in that pass, and end-to-end against its floor
+(--output-len steps of the median step): what the host adds to a request's time under arrivals
+spread over time rather than all at once.
+
 --cores C runs C engine-core processes instead, each over R / C of the replicas, every frontend
 connected to every core and routing each new request to the core holding the fewest of its
 unfinished ones (scheduler.frontend.core_set): the replicas' step loops and their frontends'
@@ -41,6 +47,7 @@ import pstats
 import sys
 import tempfile
 import threading
+from collections import deque
 
 from cluster.benchmarks.frontend_stream import TIMEOUT_S, start_frontends
 from cluster.benchmarks.modelless_rank import SEQUENCE_VOCAB_SIZE, SequenceRank, serve_rank
@@ -61,6 +68,7 @@ from scheduler.core.engine_core import EngineCore
 from scheduler.core.replica import EngineConfigs, ReplicaSpec
 
 BLOCK_SIZE = 16
+PASS_STEP_RECORDS = 1 << 16  # step records an engine keeps here (a pass's steps, all of them)
 
 
 # (thread name prefix, role) in the engine core's process; a thread Python does not know is
@@ -113,6 +121,9 @@ def _core_process(specs: list[ReplicaSpec], configs: EngineConfigs, profile: boo
     except Exception as e:
         conn.send(f"{type(e).__name__}: {e}")
         return
+    for replica in core.fleet.replicas:  # a Poisson pass runs far more steps than MAX_STEP_RECORDS
+        engine = replica.engine
+        engine.step_records = deque(engine.step_records, maxlen=PASS_STEP_RECORDS)
     conn.send(core.address)
     while (command := conn.recv()) != "stop":
         conn.send(core.fleet.step_records() if command == "records" else _thread_cpu_s())
@@ -216,6 +227,12 @@ def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
             warm_up = make_prompts(args.num_requests, args.input_len, vocab, seed=1)
             clients = (args.clients, args.connections, args.spread)
             run_workload(address, warm_up, args.output_len, True, *clients)
+            if args.request_rate:
+                out["rates"] = [
+                    _rate_pass(args, address, rate, seed, engine_cores)
+                    for seed, rate in enumerate(args.request_rate, start=2)
+                ]
+                return out
             pids = {
                 "engine cores": [core.process.pid for core in engine_cores],
                 "frontends": [f.process.pid for f in frontends],
@@ -255,6 +272,56 @@ def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
     if args.profile:
         out["profile"] = "\n".join(p for p in profiles if p)
     return out
+
+
+def _rate_pass(
+    args: argparse.Namespace, address: str, rate: float, seed: int, engine_cores: list[_Core]
+) -> dict:
+    """One Poisson pass of bench serve's clients at `rate` (every token streamed): serve's
+    summary, plus the pass's step anatomy ("anatomy") and mean sequences a step ("seqs")."""
+    from cluster.benchmarks import serve
+
+    clients = argparse.Namespace(
+        backend="grpc",
+        address=address,
+        token=None,
+        spread=args.spread,
+        clients=args.clients,
+        max_concurrency=None,
+        output_len=args.output_len,
+    )
+    prompts = make_prompts(args.num_requests, args.input_len, SEQUENCE_VOCAB_SIZE, seed=seed)
+    parts = serve.send_in_processes(clients, prompts, rate, seed)
+    start, end = min(p.start for p in parts), max(p.end for p in parts)
+    records = [r for part in parts for r in part.records]
+    out = serve.summarize(records, end - start, rate, None, args.input_len)
+    steps = records_between([r for core in engine_cores for r in core.ask("records")], start, end)
+    out["anatomy"] = step_anatomy(steps)
+    out["seqs"] = sum(len(r["scheduled"]) for r in steps) / len(steps) if steps else 0.0
+    return out
+
+
+def _print_rates(r: int, cores: int, runs: list[dict], output_len: int) -> None:
+    print(f"\n{r} replica(s) over {cores} engine core(s), Poisson arrivals, every token streamed")
+    print(
+        "| rate (req/s) | completed | output tok/s | TTFT p50 / p90 (ms) | ITL p50 / p90 / p99 "
+        "(ms) | E2E p50 / p90 (ms) | steps, sequences a step | median step / rank idle / "
+        "turnaround (ms) | E2E p50 against its floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        t, i, e, a = run["ttft_ms"], run["itl_ms"], run["e2e_ms"], run["anatomy"]
+        floor = output_len * a.median_step_ms if a else float("nan")
+        print(
+            f"| {run['request_rate']} | {run['completed']} of {run['num_requests']} "
+            f"| {run['output_throughput']:.0f} | {fmt(t['p50'], '.1f')} / {fmt(t['p90'], '.1f')} "
+            f"| {fmt(i['p50'], '.2f')} / {fmt(i['p90'], '.2f')} / {fmt(i['p99'], '.2f')} "
+            f"| {fmt(e['p50'], '.0f')} / {fmt(e['p90'], '.0f')} "
+            f"| {a.num_steps if a else 0}, {run['seqs']:.1f} "
+            f"| {fmt(a and a.median_step_ms, '.2f')} / {fmt(a and a.median_idle_ms, '.2f')} / "
+            f"{fmt(a and a.median_turnaround_ms, '.2f')} "
+            f"| {fmt(e['p50'] and e['p50'] / floor, '.2f')}x |"
+        )
 
 
 def _profile_step_loops(profilers: list[cProfile.Profile]) -> None:
@@ -305,6 +372,12 @@ def main() -> None:
     )
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
     parser.add_argument(
+        "--request-rate",
+        type=float,
+        nargs="+",
+        help="Poisson passes of bench serve's clients at these rates instead (module doc)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="cProfile the engines' step loops (all passes), top 30 by own time",
@@ -318,6 +391,8 @@ def main() -> None:
         parser.error("--replicas and --cores must be at least 1")
     if min(args.device_ms, args.prefill_us) < 0:
         parser.error("--device-ms and --prefill-us must be at least 0")
+    if args.request_rate and min(args.request_rate) <= 0:
+        parser.error("--request-rate must be above 0")
     results, cores = {}, {}
     for r in args.replicas:
         cores[r] = args.cores if r % args.cores == 0 else 1
@@ -325,6 +400,9 @@ def main() -> None:
         profile = results[r].pop("profile", None)
         if profile is not None:
             print(f"\n{r} replica(s): the step loops' profile\n{profile}")
+        if args.request_rate:
+            _print_rates(r, cores[r], results[r].pop("rates"), args.output_len)
+            continue
         for label, p in results[r].items():
             a = p["anatomy"]
             print(
@@ -342,6 +420,8 @@ def main() -> None:
             print(f"  {p['frontends']}")
             for c, threads in enumerate(p["core threads"]):
                 print(f"  engine core {c}'s threads: {threads}")
+    if args.request_rate:
+        return
     print(
         "\n| replicas | engine cores | output | output tok/s | wall (s) | median TTFT (ms) | "
         "median decode step (ms) | median rank idle (ms) | against one message | "

@@ -29,6 +29,7 @@ def _args(**kw) -> argparse.Namespace:
         prefill_us=1.0,
         tokenizer="smollm2-135m-instruct",
         profile=True,
+        request_rate=None,
     )
     values.update(kw)
     return argparse.Namespace(**values)
@@ -62,6 +63,20 @@ def test_every_token_reaches_the_clients_with_two_replicas_and_two_frontends(cor
                 assert 0 < float(core) <= float(sent) <= p["wall_s"] + 0.05
         assert len(p["core threads"]) == cores
         assert all("engines' step loops" in threads for threads in p["core threads"])
+
+
+def test_a_poisson_pass_streams_every_token_and_reads_the_pass_steps():
+    """--request-rate: bench serve's clients at a rate; every request completes with every token,
+    and the pass's steps sit beside the latencies."""
+    result = host_serving.run(_args(profile=False, request_rate=[60.0]), replicas=1)
+    (run,) = result["rates"]
+    assert (run["completed"], run["failed"]) == (REQUESTS, 0)
+    assert run["total_output_tokens"] == REQUESTS * OUTPUT_LEN
+    a = run["anatomy"]
+    assert a is not None and a.num_steps >= OUTPUT_LEN and a.median_step_ms >= 1.0
+    assert 1.0 <= run["seqs"] <= 8  # max_num_seqs
+    # a request's tokens take at least OUTPUT_LEN steps of the rank's 1 ms after its first
+    assert run["e2e_ms"]["p50"] >= run["ttft_ms"]["p50"] + (OUTPUT_LEN - 1) * 1.0
 
 
 def _plan(step_id: int, new=(), cached=()) -> worker_pb2.StepPlan:
