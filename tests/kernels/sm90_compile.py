@@ -119,6 +119,11 @@ def main() -> None:
         triton_prefill_attention.prefill_attention(
             q, kv, kv, tables[:2], lens, starts, 0.1, max_query_len=39
         )
+    # ... and its two launches of a mixed step (the one-token sequences, then the longer ones).
+    triton_prefill_attention.prefill_attention(
+        q.to(bf16), cache, cache, tables[:2], lens, starts, 0.1, max_query_len=39,
+        one_token_context=1 << 30,
+    )  # fmt: skip
     tokens, hidden = 8, 4096
     x = torch.zeros(tokens, hidden, dtype=bf16)
     weight = torch.ones(hidden, dtype=bf16)

@@ -41,3 +41,6 @@ def test_every_kernel_compiles_for_sm90():
     }, compiled
     assert any("SPLIT=True" in line for line in compiled)  # the split decode's merge
     assert any("PDL=True" in line for line in compiled)
+    # the prefill kernel's launches of a mixed step: one-token sequences, then the longer ones
+    assert any("QUERY_LENS=1" in line for line in compiled)
+    assert any("QUERY_LENS=2" in line for line in compiled)
