@@ -46,6 +46,13 @@ class InputProcessor:
                 f"{kind} is {len(token_ids)} tokens long; it must be shorter than "
                 f"max_model_len={self.max_model_len}"
             )
+        room = self.max_model_len - len(token_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} is too large: the {kind} is {len(token_ids)} "
+                f"tokens long and max_model_len={self.max_model_len}, which leaves at most "
+                f"{room} new tokens (or leave max_tokens unset: up to max_model_len)"
+            )
         add = frontend_pb2.AddRequest(
             request_id=msg.request_id or uuid.uuid4().hex,
             prompt_token_ids=token_ids,

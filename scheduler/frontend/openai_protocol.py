@@ -162,6 +162,9 @@ def to_generate_requests(
     (FINAL_ONLY)."""
     if body.stream_options is not None and not body.stream:
         raise InvalidField("stream_options", "stream_options: only allowed with stream=true")
+    for name in ("max_tokens", "max_completion_tokens"):  # -1 is the wire's "unset"
+        if (value := getattr(body, name, None)) is not None and value < 1:
+            raise InvalidField(name, f"{name} must be at least 1, got {value}")
     msg = serving_pb2.GenerateRequest(request_id=request_id)
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs is not None and not body.logprobs:

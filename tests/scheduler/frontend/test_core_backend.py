@@ -136,13 +136,33 @@ def test_final_only_with_a_stop_string_and_n_completions(core):
         (request((1, 10)), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: 10 is outside"),
         (bad_top_p(), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
         (request((1,) * 64), grpc.StatusCode.INVALID_ARGUMENT, "shorter than max_model_len=64"),
+        (
+            request((1,) * 60, max_tokens=5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens=5 is too large: the prompt_token_ids is 60 tokens long and "
+            "max_model_len=64, which leaves at most 4 new tokens",
+        ),
     ],
-    ids=["vocabulary", "top_p", "too-long"],
+    ids=["vocabulary", "top_p", "too-long", "max-tokens-past-the-context"],
 )
 def test_bad_requests_are_refused_with_a_code_and_a_sentence(core, msg, code, words):
     with pytest.raises(ServingError) as err:
         with_backend(core, lambda b: responses(b, msg))
     assert err.value.code == code and words in err.value.message
+
+
+def test_max_tokens_up_to_the_context_or_unset_run_to_max_model_len(core):
+    """A prompt of 60 of max_model_len=64 tokens: max_tokens=4 fits exactly; unset (None) runs
+    to the end of the context too. Neither is cut short nor refused."""
+
+    async def both(backend):
+        exact = await responses(backend, request((1,) * 60, max_tokens=4))
+        unset = await responses(backend, request((1,) * 60, max_tokens=None))
+        return exact, unset
+
+    for got in with_backend(core, both):
+        assert len([t for r in got for t in r.token_ids]) == 4
+        assert got[-1].finish_reason == "length"
 
 
 def with_field(name: str, value) -> serving_pb2.GenerateRequest:

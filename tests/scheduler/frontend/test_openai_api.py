@@ -347,6 +347,9 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
         ("/v1/completions", {**COMPLETION, "stop": ["x", ""]}, "stop"),
         ("/v1/completions", {**COMPLETION, "echo": True}, "echo"),
         ("/v1/completions", {**COMPLETION, "max_tokens": 2**40}, "max_tokens"),
+        ("/v1/completions", {**COMPLETION, "max_tokens": -1}, "max_tokens"),  # not "unset"
+        ("/v1/chat/completions", {**CHAT, "max_tokens": -1}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -1}, "max_completion_tokens"),
     ],
 )
 def test_bad_fields_are_400_naming_the_field(tmp_path, path, body, param):
