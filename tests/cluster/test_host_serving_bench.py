@@ -75,8 +75,9 @@ def test_a_poisson_pass_streams_every_token_and_reads_the_pass_steps():
     a = run["anatomy"]
     assert a is not None and a.num_steps >= OUTPUT_LEN and a.median_step_ms >= 1.0
     assert 1.0 <= run["seqs"] <= 8  # max_num_seqs
-    # a request's tokens take at least OUTPUT_LEN steps of the rank's 1 ms after its first
-    assert run["e2e_ms"]["p50"] >= run["ttft_ms"]["p50"] + (OUTPUT_LEN - 1) * 1.0
+    # a request's OUTPUT_LEN tokens come from as many steps in turn, each of the rank's 1 ms (a
+    # client may get several in one message, so the time after its first message can be less)
+    assert run["e2e_ms"]["p50"] >= OUTPUT_LEN * 1.0 and run["ttft_ms"]["p50"] >= 1.0
 
 
 def _plan(step_id: int, new=(), cached=()) -> worker_pb2.StepPlan:
