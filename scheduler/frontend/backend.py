@@ -38,12 +38,17 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, request: serving_pb2.GenerateRequest, owner: str = ""
+        self,
+        request: serving_pb2.GenerateRequest,
+        owner: str = "",
+        refuse_past_context: bool = False,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         """Streams one request's completions: messages as the Serving API's Generate sends them
         (per completion `index`, the last one with finish_reason and usage). Closing the
         iterator early (the client went away) aborts the request in the core. owner: who
-        submits it (TokenAuthInterceptor.owner), the only caller its abort() finds it for."""
+        submits it (TokenAuthInterceptor.owner), the only caller its abort() finds it for.
+        refuse_past_context: a max_tokens past the context is refused INVALID_ARGUMENT (the
+        OpenAI API's way) rather than run to max_model_len (InputProcessor.process)."""
         ...
 
     async def abort(self, request_id: str, owner: str = "") -> bool:

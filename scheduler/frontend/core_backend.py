@@ -94,14 +94,18 @@ class CoreBackend:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, CORE_GONE)
 
     async def generate(
-        self, request: serving_pb2.GenerateRequest, owner: str = ""
+        self,
+        request: serving_pb2.GenerateRequest,
+        owner: str = "",
+        refuse_past_context: bool = False,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         self._require_ready()
         self._admit()
         self._num_preparing += 1
         try:
             loop = asyncio.get_running_loop()
-            add, params = await loop.run_in_executor(None, self._input.process, request)
+            process = self._input.process
+            add, params = await loop.run_in_executor(None, process, request, refuse_past_context)
         except ValueError as e:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         finally:

@@ -33,10 +33,12 @@ class InputProcessor:
         self.max_num_seqs = max_num_seqs
 
     def process(
-        self, msg: serving_pb2.GenerateRequest
+        self, msg: serving_pb2.GenerateRequest, refuse_past_context: bool = False
     ) -> tuple[frontend_pb2.AddRequest, SamplingParams]:
         """The request for the core (its id assigned when the client gave none) and its
-        parameters, checked; raises ValueError naming the bad field."""
+        parameters, checked; raises ValueError naming the bad field. A max_tokens past
+        max_model_len less the prompt ends at max_model_len (finish_reason "length", as vLLM's
+        offline LLM has it), or with refuse_past_context is refused (as vLLM's OpenAI server)."""
         kind = msg.WhichOneof("input")
         self._check_sizes(msg)
         params = SamplingParams.from_proto(msg.params)
@@ -47,7 +49,7 @@ class InputProcessor:
                 f"max_model_len={self.max_model_len}"
             )
         room = self.max_model_len - len(token_ids)
-        if params.max_tokens is not None and params.max_tokens > room:
+        if refuse_past_context and params.max_tokens is not None and params.max_tokens > room:
             raise ValueError(
                 f"max_tokens={params.max_tokens} is too large: the {kind} is {len(token_ids)} "
                 f"tokens long and max_model_len={self.max_model_len}, which leaves at most "

@@ -282,7 +282,9 @@ def make_app(backend: Backend, server_config: ServerConfig, metrics: Metrics) ->
         chat = isinstance(body, ChatCompletionRequest)
         builder = ResponseBuilder(request_id, body.model, chat, body.n or 1, body.top_logprobs_k())
         owner = auth.owner(request.headers.get("authorization")) if auth is not None else ""
-        stream = merged([metrics.track(m, backend.generate(m, owner)) for m in messages])
+        # A max_tokens past the context is a 400, as vLLM's OpenAI server has it.
+        generates = [backend.generate(m, owner, refuse_past_context=True) for m in messages]
+        stream = merged([metrics.track(m, g) for m, g in zip(messages, generates, strict=True)])
         if not body.stream:
             response = await _unless_disconnected(request, collect(stream, builder))
             return JSONResponse(response) if response is not None else Response()

@@ -69,15 +69,20 @@ class ScriptedBackend:
         self.closed = threading.Event()  # a stream has ended, finished or closed
         self._closes = threading.Semaphore(0)  # released as each stream ends
         self.owners: list[str] = []  # generate()'s owner of each of requests
+        self.refusing: list[bool] = []  # generate()'s refuse_past_context of each
 
     def ready(self) -> bool:
         return self._ready
 
     async def generate(
-        self, request: serving_pb2.GenerateRequest, owner: str = ""
+        self,
+        request: serving_pb2.GenerateRequest,
+        owner: str = "",
+        refuse_past_context: bool = False,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         self.requests.append(request)
         self.owners.append(owner)
+        self.refusing.append(refuse_past_context)
         try:
             for item in self.script(request):
                 if item is HOLD:

@@ -136,14 +136,8 @@ def test_final_only_with_a_stop_string_and_n_completions(core):
         (request((1, 10)), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: 10 is outside"),
         (bad_top_p(), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
         (request((1,) * 64), grpc.StatusCode.INVALID_ARGUMENT, "shorter than max_model_len=64"),
-        (
-            request((1,) * 60, max_tokens=5),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "max_tokens=5 is too large: the prompt_token_ids is 60 tokens long and "
-            "max_model_len=64, which leaves at most 4 new tokens",
-        ),
     ],
-    ids=["vocabulary", "top_p", "too-long", "max-tokens-past-the-context"],
+    ids=["vocabulary", "top_p", "too-long"],
 )
 def test_bad_requests_are_refused_with_a_code_and_a_sentence(core, msg, code, words):
     with pytest.raises(ServingError) as err:
@@ -151,18 +145,32 @@ def test_bad_requests_are_refused_with_a_code_and_a_sentence(core, msg, code, wo
     assert err.value.code == code and words in err.value.message
 
 
-def test_max_tokens_up_to_the_context_or_unset_run_to_max_model_len(core):
-    """A prompt of 60 of max_model_len=64 tokens: max_tokens=4 fits exactly; unset (None) runs
-    to the end of the context too. Neither is cut short nor refused."""
+def test_max_tokens_past_the_context_ends_there_or_is_refused_as_asked(core):
+    """A prompt of 60 of max_model_len=64 tokens: max_tokens=4 fits exactly, unset (None) and 5
+    run to the end of the context (finish_reason "length", as vLLM's offline LLM); with
+    refuse_past_context (the OpenAI API's way) 5 is refused, naming the room left."""
 
-    async def both(backend):
-        exact = await responses(backend, request((1,) * 60, max_tokens=4))
-        unset = await responses(backend, request((1,) * 60, max_tokens=None))
-        return exact, unset
+    async def run(backend):
+        runs = [await responses(backend, request((1,) * 60, max_tokens=m)) for m in (4, None, 5)]
+        exact = backend.generate(request((1,) * 60, max_tokens=4), refuse_past_context=True)
+        runs.append([r async for r in exact])
+        return runs
 
-    for got in with_backend(core, both):
+    for got in with_backend(core, run):
         assert len([t for r in got for t in r.token_ids]) == 4
         assert got[-1].finish_reason == "length"
+
+    async def refused(backend):
+        past = backend.generate(request((1,) * 60, max_tokens=5), refuse_past_context=True)
+        return [r async for r in past]
+
+    with pytest.raises(ServingError) as err:
+        with_backend(core, refused)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message.startswith(
+        "max_tokens=5 is too large: the prompt_token_ids is 60 tokens long and max_model_len=64, "
+        "which leaves at most 4 new tokens"
+    )
 
 
 def with_field(name: str, value) -> serving_pb2.GenerateRequest:

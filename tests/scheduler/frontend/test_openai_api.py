@@ -361,6 +361,16 @@ def test_bad_fields_are_400_naming_the_field(tmp_path, path, body, param):
     assert not backend.requests
 
 
+def test_a_max_tokens_past_the_context_is_for_the_backend_to_refuse(tmp_path):
+    """The backend alone knows the prompt's length: the API asks it to refuse a max_tokens
+    past the context (400) rather than run to its end (CoreBackend's test refuses it)."""
+    backend = ScriptedBackend()
+    with serving(backend, tmp_path) as url:
+        _post(url, "/v1/completions", {**COMPLETION, "prompt": ["one", "two"]})
+        _post(url, "/v1/chat/completions", CHAT)
+    assert backend.refusing == [True, True, True]
+
+
 def test_a_body_that_is_not_json_is_400(tmp_path):
     with serving(ScriptedBackend(), tmp_path) as url:
         error = _error(_post(url, "/v1/completions", "{not json"), 400)
