@@ -232,14 +232,12 @@ def run(args: argparse.Namespace, replicas: int, cores: int = 1) -> dict:
                     _rate_pass(args, address, rate, seed, engine_cores)
                     for seed, rate in enumerate(args.request_rate, start=2)
                 ]
-                return out
             pids = {
                 "engine cores": [core.process.pid for core in engine_cores],
                 "frontends": [f.process.pid for f in frontends],
             }
-            for seed, (label, stream) in enumerate(
-                (("one message", False), ("streamed", True)), start=2
-            ):
+            passes = () if args.request_rate else (("one message", False), ("streamed", True))
+            for seed, (label, stream) in enumerate(passes, start=2):
                 prompts = make_prompts(args.num_requests, args.input_len, vocab, seed=seed)
                 cpu, streamed = ProcessCpu(pids), [f.streamed() for f in frontends]
                 threads = [core.ask("threads") for core in engine_cores]
