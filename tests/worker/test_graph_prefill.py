@@ -176,3 +176,28 @@ def test_launching_ahead_through_the_graphs_gives_the_tokens_of_one_step_at_a_ti
     # Step 3 brings the late prompt: its rows and the others' in-flight decodes in one graph.
     assert [g.cuda_graph for g in got] == [False] + [True] * 9
     assert in_flight[2] and all(in_flight[1:])
+
+
+def test_a_mixed_step_tells_the_attention_what_its_decodes_attend(tiny_llama_dir, monkeypatch):
+    """AttentionMetadata.one_token_context (the prefill kernel's launch split): the seq_lens of
+    the step's one-token sequences summed, 0 in a step of prompt chunks alone. Prompts of 9, 5
+    and 7 tokens in chunks of 4: chunks alone, then chunks beside decodes."""
+    from worker.layers import attention
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((args[5].tolist(), args[4].tolist(), kwargs["one_token_context"]))
+        return paged_attention(*args, **kwargs)
+
+    paged_attention = attention.paged_attention
+    monkeypatch.setattr(attention, "paged_attention", spy)
+    path, _ = tiny_llama_dir
+    runner = runner_with_cache(path, "cpu")
+    greedy_plan_runner(runner, [[5] * 9, [6] * 5, [7] * 7], 3, chunk=4)
+    assert seen, "no attention ran"
+    for query_start_loc, seq_lens, one_token_context in seen:
+        query_lens = [b - a for a, b in zip(query_start_loc, query_start_loc[1:], strict=False)]
+        want = sum(n for q, n in zip(query_lens, seq_lens, strict=True) if q == 1)
+        assert one_token_context == want
+    assert any(ctx > 0 for *_, ctx in seen) and any(ctx == 0 for *_, ctx in seen)
