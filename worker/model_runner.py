@@ -207,7 +207,8 @@ class ModelRunner:
         step's longest query is compiled now rather than by the first step that needs it (a
         compile stalls every request of the replica for about a second); then forgets them.
         Their KV entries stay in the cache's first blocks, free: a request writes a slot before
-        it reads it. Needs init_cache. Returns the prefills run."""
+        it reads it. On CUDA also the kernel's two launches of a mixed step (_warm_up_split).
+        Needs init_cache. Returns the prefills run."""
         bs = self.block_size
         num_blocks = len(self.model.attention_layers()[0].key_cache)
         lengths = [
@@ -232,6 +233,8 @@ class ModelRunner:
             )
             self.execute(plan)
             previous = [request_id]
+        if self.device.type == "cuda":
+            self._warm_up_split(lengths)
         self.graphs = graphs
         self.requests.clear()
         self.block_tables = BlockTables(self.block_tables.max_blocks)
@@ -239,6 +242,36 @@ class ModelRunner:
         self._sampled, self._done_before = None, None
         self._last_done = time.perf_counter()
         return len(lengths)
+
+    def _warm_up_split(self, lengths: list[int]) -> torch.Tensor:
+        """The prefill kernel's launches of a step whose decodes take a launch of their own
+        (SPLIT_CONTEXT passed), beside a prompt of each warm-up length: the first layer's
+        attention over a one-token sequence and an n-token one, on blocks the warm-up wrote,
+        its block table as wide as an eager step's (the kernel's compiled variant is the same).
+        Returns the last attention's output [n + 1, num_heads, head_dim]."""
+        from kernels.triton_prefill_attention import SPLIT_CONTEXT
+
+        layer, bs = self.model.attention_layers()[0], self.block_size
+        for n in lengths:
+            blocks = -(-n // bs)
+            tables = torch.zeros(
+                2, self.block_tables.step_width(n, bs), dtype=torch.int32, device=self.device
+            )
+            tables[1, :blocks] = torch.arange(blocks, dtype=torch.int32, device=self.device)
+            meta = AttentionMetadata(
+                slot_mapping=torch.empty(0, dtype=torch.int64, device=self.device),  # not read
+                block_tables=tables,
+                seq_lens=torch.tensor([1, n], dtype=torch.int32, device=self.device),
+                query_start_loc=torch.tensor([0, 1, n + 1], dtype=torch.int32, device=self.device),
+                max_query_len=n,
+                max_seq_len=n,
+                one_token_context=SPLIT_CONTEXT + 1,
+            )
+            q = torch.zeros(
+                n + 1, layer.num_heads, layer.head_dim, dtype=self.dtype, device=self.device
+            )
+            out = layer.attend(q, meta)
+        return out
 
     def _device_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         layers = self.model.attention_layers()

@@ -41,3 +41,58 @@ def test_an_eager_step_s_table_is_a_multiple_of_16_wide():
     assert tables.table.shape[1] == 32
     widths = {n: tables.step_width(n, block_size=16) for n in (1, 16, 17, 256, 257, 320)}
     assert widths == {1: 16, 16: 16, 17: 16, 256: 16, 257: 32, 320: 32}
+
+
+@pytest.mark.gpu
+def test_after_warm_up_mixed_steps_in_two_launches_compile_nothing(tiny_llama_dir, monkeypatch):
+    """Steps of decodes beside a prompt (eager here: GRAPH_PREFILL_PAIRS 0), the prefill
+    kernel's decodes in a launch of their own (SPLIT_CONTEXT 0 here: every such step splits):
+    warm_up compiled each of those launches' variants, so the steps compile no new one."""
+    from kernels import triton_prefill_attention
+    from worker import model_runner
+
+    monkeypatch.setattr(triton_prefill_attention, "SPLIT_CONTEXT", 0)
+    monkeypatch.setattr(model_runner, "GRAPH_PREFILL_PAIRS", 0)  # no prompt in a whole graph
+
+    def compiled() -> int:
+        caches = triton_prefill_attention._prefill_kernel.device_caches.values()
+        return sum(len(kernels) for kernels, *_ in caches)
+
+    path, _ = tiny_llama_dir
+    runner = runner_with_cache(path, "cuda")
+    runner.warm_up()
+    before = compiled()
+    launched = []
+    launch = triton_prefill_attention._launch
+    monkeypatch.setattr(
+        triton_prefill_attention, "_launch", lambda *a: launched.append(a[-1]) or launch(*a)
+    )
+    prompts = random_prompts(["greedy-a", "greedy-b", "greedy-c", "greedy-d"], seed=4)
+    for plan in plans(prompts, steps=10, late="greedy-c", leaves="greedy-d"):
+        runner.execute(plan)
+    assert triton_prefill_attention.ONE_TOKEN in launched  # c's prompt beside decodes: split
+    assert compiled() == before
+
+
+def test_the_split_warm_up_attends_a_decode_and_each_prompt_length(tiny_llama_dir, monkeypatch):
+    """_warm_up_split's batches (run on CUDA by warm_up) on the CPU's attention: a one-token
+    sequence and an n-token one over the warm-up's blocks, each row of the output attended
+    (finite), the launch split asked for (one_token_context past SPLIT_CONTEXT)."""
+    from kernels.triton_prefill_attention import SPLIT_CONTEXT
+    from worker.layers import attention
+
+    path, _ = tiny_llama_dir
+    runner = runner_with_cache(path, "cpu")
+    runner.warm_up()
+    seen = []
+    paged_attention = attention.paged_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["max_query_len"], kwargs["one_token_context"]))
+        return paged_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "paged_attention", spy)
+    out = runner._warm_up_split([2, 8, 40])
+    assert seen == [(n, SPLIT_CONTEXT + 1) for n in (2, 8, 40)]
+    layer = runner.model.attention_layers()[0]
+    assert out.shape == (41, layer.num_heads, layer.head_dim) and bool(out.isfinite().all())
