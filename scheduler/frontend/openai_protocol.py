@@ -71,8 +71,10 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     several of these (a batch: each prompt's completions are choices of the one response)."""
     if isinstance(prompt, str) or (_is_token_ids(prompt) and prompt):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(
-        isinstance(p, str) or _is_token_ids(p) for p in prompt
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, str) or _is_token_ids(p) for p in prompt)
     ):
         prompts = prompt
     else:
