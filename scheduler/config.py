@@ -195,6 +195,11 @@ class ServerConfig:
         for key in ("port", "http_port"):
             if not 0 <= getattr(self, key) < 65536:
                 raise ValueError(f"server.{key} must be in [0, 65535], got {getattr(self, key)}")
+        if self.port and self.port == self.http_port:
+            raise ValueError(
+                f"server.http_port must differ from server.port (both {self.port}): the gRPC "
+                "and the HTTP servers each listen on a port of their own"
+            )
         check_int_range("server.frontends", self.frontends, 1, _MAX_FRONTENDS)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("server.tls_cert_file and server.tls_key_file go together")

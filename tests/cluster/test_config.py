@@ -67,6 +67,7 @@ def test_server_security_settings_are_checked_naming_the_key(tmp_path):
         "auth_tokens: secret": r"server\.auth_tokens must be a list of str",
         "auth_tokens: ['has space']": "server.auth_tokens must be non-empty strings",
         "max_concurrent_requests: -1": r"server\.max_concurrent_requests must be in \[0, ",
+        "port: 9000\n  http_port: 9000": r"server\.http_port must differ from server\.port \(",
     }
     for body, message in cases.items():
         path.write_text(f"server:\n  {body}\n")
