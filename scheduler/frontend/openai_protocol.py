@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from protos import serving_pb2
+from scheduler.frontend.tokenizer import CHAT_ROLES
 from scheduler.sampling_params import WIRE_NO_MAX_TOKENS, SamplingParams
 
 
@@ -136,7 +137,7 @@ class CompletionRequest(_SamplingRequest):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal[CHAT_ROLES]
     content: Annotated[str, BeforeValidator(_joined_text), AfterValidator(_encodable)]
     name: Text | None = None  # OpenAI's participant name: accepted, unused
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+# The roles a chat message may take (OpenAI's, but tool calls: none is supported).
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 class Tokenizer:
@@ -43,6 +45,12 @@ class Tokenizer:
         """Renders the messages with the model's template, ready for the assistant's turn."""
         if not self.has_chat_template:
             raise ValueError("messages: this model has no chat template; send a prompt instead")
+        for i, message in enumerate(messages):
+            if message["role"] not in CHAT_ROLES:
+                raise ValueError(
+                    f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, "
+                    f"got {message['role']!r}"
+                )
         from jinja2 import TemplateError
 
         try:

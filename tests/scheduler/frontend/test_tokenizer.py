@@ -70,7 +70,17 @@ def test_messages_a_chat_template_refuses_are_a_value_error_naming_messages(smol
     )
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="messages: the model's chat template refused them: a us"):
-        tokenizer.apply_chat_template([{"role": "robot", "content": "hi"}])
+        tokenizer.apply_chat_template([{"role": "assistant", "content": "hi"}])
+
+
+def test_a_message_of_a_role_no_api_knows_is_a_value_error_naming_it(smollm2_path):
+    """Over gRPC as over HTTP: a role outside CHAT_ROLES is refused, not rendered (SmolLM2's
+    template would render any role)."""
+    tokenizer = Tokenizer(smollm2_path)
+    chat = [{"role": "user", "content": "hi"}, {"role": "usr", "content": "and?"}]
+    with pytest.raises(ValueError, match=r"messages\[1\]\.role must be one of system, developer"):
+        tokenizer.apply_chat_template(chat)
+    assert tokenizer.apply_chat_template(chat[:1])
 
 
 def test_a_gguf_tokenizer_loads_from_its_cache_as_from_the_file(
