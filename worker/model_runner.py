@@ -285,7 +285,7 @@ class ModelRunner:
 
     def _swap_out(self, pairs: list[worker_pb2.BlockCopy]) -> None:
         """Device block src -> host block dst, every layer's K and V."""
-        src = torch.tensor([p.src for p in pairs], dtype=torch.int64, device=self.device)
+        src = _to_device(torch.tensor([p.src for p in pairs], dtype=torch.int64), self.device)
         dst = torch.tensor([p.dst for p in pairs], dtype=torch.int64)
         for device_cache, host_cache in self._device_and_host_caches():
             host_cache[dst] = device_cache[src].cpu()
@@ -293,14 +293,14 @@ class ModelRunner:
     def _swap_in(self, pairs: list[worker_pb2.BlockCopy]) -> None:
         """Host block src -> device block dst, every layer's K and V."""
         src = torch.tensor([p.src for p in pairs], dtype=torch.int64)
-        dst = torch.tensor([p.dst for p in pairs], dtype=torch.int64, device=self.device)
+        dst = _to_device(torch.tensor([p.dst for p in pairs], dtype=torch.int64), self.device)
         for device_cache, host_cache in self._device_and_host_caches():
-            device_cache[dst] = host_cache[src].to(self.device, non_blocking=True)
+            device_cache[dst] = _to_device(host_cache[src], self.device)
 
     def _copy_blocks(self, pairs: list[worker_pb2.BlockCopy]) -> None:
         """Device block src -> device block dst (copy-on-write), every layer's K and V."""
         mapping = torch.tensor([(p.src, p.dst) for p in pairs], dtype=torch.int64)
-        copy_blocks(*self._device_caches(), mapping.to(self.device))
+        copy_blocks(*self._device_caches(), _to_device(mapping, self.device))
 
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
         """Applies the plan's diff, runs the step; returns the ids and tokens it sampled (and
@@ -460,7 +460,7 @@ class ModelRunner:
             suppressed = torch.zeros(len(states), vocab, dtype=torch.bool)
             for row, ids in banned:
                 suppressed[row, [i for i in ids if i < vocab]] = True
-            batch.suppressed = suppressed.to(self.device)
+            batch.suppressed = _to_device(suppressed, self.device)
         if any(s.penalized for s in states):
             counts = torch.zeros(len(states), vocab)
             prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool)
@@ -474,8 +474,8 @@ class ModelRunner:
                 presence=tensor([o.presence_penalty for o in opts], torch.float32),
                 frequency=tensor([o.frequency_penalty for o in opts], torch.float32),
                 repetition=tensor([o.repetition_penalty or 1.0 for o in opts], torch.float32),
-                output_counts=counts.to(self.device),
-                prompt_mask=prompt_mask.to(self.device),
+                output_counts=_to_device(counts, self.device),
+                prompt_mask=_to_device(prompt_mask, self.device),
             )
         return batch
 
@@ -526,7 +526,7 @@ class ModelRunner:
                 graph_size, ids, sources, positions, slots, tables.table[token_rows, :width]
             )
             if len(last_inputs) < len(ids):  # rows of tokens that sample nothing
-                local = local[torch.from_numpy(last_inputs).to(self.device)]
+                local = local[_to_device(torch.from_numpy(last_inputs), self.device)]
                 greedy = None  # the graph's are in token order, not the samplers'
         else:
             hidden = self._run_eager(
@@ -629,7 +629,7 @@ class ModelRunner:
             else:
 
                 def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-                    return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+                    return _to_device(torch.tensor(data, dtype=dtype), self.device)
 
                 states = [self.requests[rid] for rid in step.request_ids]
                 batch = self._sampling_batch(states, logits.shape[-1], tensor)
@@ -646,6 +646,14 @@ class ModelRunner:
             step.tokens.copy_(sampled, non_blocking=True)
         else:
             step.tokens = sampled
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """host's copy on device, queued on the current stream without waiting for it. A blocking
+    host-to-device copy synchronizes the stream: the host would wait for every step queued
+    before it, and a step launched ahead would overlap nothing. From pageable memory the copy
+    returns once the driver has staged the bytes, so host may be dropped at once."""
+    return host.to(device, non_blocking=True)
 
 
 def _add_logprobs(

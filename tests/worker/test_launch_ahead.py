@@ -147,3 +147,31 @@ def test_device_idle_is_the_gap_on_the_stream(tiny_llama_dir):
     second = runner.launch(steps[3])  # queued behind the first on the stream
     runner.finish(first)
     assert runner.finish(second).idle_ms < 0.5
+
+
+@pytest.mark.gpu
+def test_a_launch_queues_its_step_without_waiting_for_the_device(tiny_llama_dir):
+    """launch() only queues work: with the stream held busy by a spin, each step's launch
+    returns while the spin still runs. The steps hold prompts riding the whole graph beside
+    decodes (only their last rows sample: an index moved to the device) and penalized and
+    min_tokens rows (tensors built on the host); a blocking host-to-device copy of any of them
+    synchronizes the stream, and the step launched ahead would then overlap nothing."""
+    path, _ = tiny_llama_dir
+    prompts = random_prompts(["greedy-a", "greedy-b", "penalized-a", "min_tokens-a"], seed=2)
+    steps = plans(prompts, steps=8, late="greedy-b", leaves="penalized-a")
+    warm = runner_with_cache(path, "cuda")
+    for plan in steps:  # compiles every kernel variant these steps use before the spins
+        warm.execute(plan)
+    runner = runner_with_cache(path, "cuda")
+    waited, prompt_graph_steps = [], []
+    for plan in steps:
+        spin_done = torch.cuda.Event()
+        torch.cuda._sleep(500_000_000)  # ~0.25 s of the device, far beyond a launch's host time
+        spin_done.record()
+        step = runner.launch(plan)
+        waited.append(spin_done.query())
+        result = runner.finish(step)
+        if plan.new_requests and result.cuda_graph:
+            prompt_graph_steps.append(plan.step_id)
+    assert waited == [False] * len(steps)
+    assert prompt_graph_steps == [1, 3]  # the prompts' steps took the path that selects rows
