@@ -516,7 +516,7 @@ class ModelRunner:
             result.piecewise_graph = self.pieces.size_for(len(ids)) is not None
         if self.device.type != "cuda":
             result.idle_ms = (time.perf_counter() - self._last_done) * 1e3
-        greedy = None  # the samplers' greedy tokens, in place where the next graph reads them
+        greedy = None  # the samplers' greedy tokens, when a graph computed them
         last_inputs = query_start_loc[1:][sample_seqs] - 1  # [num_samplers] in the batch
         if graph_size is not None:
             # One row a token, at its position, attending to its prefix: the tokens before it in
@@ -526,8 +526,8 @@ class ModelRunner:
                 graph_size, ids, sources, positions, slots, tables.table[token_rows, :width]
             )
             if len(last_inputs) < len(ids):  # rows of tokens that sample nothing
-                local = local[_to_device(torch.from_numpy(last_inputs), self.device)]
-                greedy = None  # the graph's are in token order, not the samplers'
+                samplers = _to_device(torch.from_numpy(last_inputs), self.device)
+                local, greedy = local[samplers], greedy[samplers]
         else:
             hidden = self._run_eager(
                 ids,
@@ -639,13 +639,16 @@ class ModelRunner:
                 sampled = step.out.token_ids
             sampled = distributed.broadcast_from_rank0(sampled)
         self._sampled = sampled
-        if self.graphs is not None and sampled is not greedy:
+        # The next graph reads the samplers' tokens from rows 0..num_samplers - 1 of its own
+        # buffer, where a replay of decodes alone left them.
+        if self.graphs is not None and sampled.data_ptr() != self.graphs.sampled.data_ptr():
             self.graphs.sampled[:num_samplers].copy_(sampled)
+        # The host's copy, taken now: the next launch may overwrite sampled (a graph's buffer).
         if self.device.type == "cuda":
             step.tokens = torch.empty(num_samplers, dtype=torch.int64, pin_memory=True)
             step.tokens.copy_(sampled, non_blocking=True)
         else:
-            step.tokens = sampled
+            step.tokens = sampled.clone()
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

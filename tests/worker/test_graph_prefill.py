@@ -9,6 +9,7 @@ and penalized, with late arrivals and chunked prompts. On a GPU the captured gra
 
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -147,16 +148,23 @@ def test_prefill_chunks_past_the_pairs_bound_run_eagerly(tiny_llama_dir, monkeyp
     assert replayed == {"ten": True, "eleven": False}
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "min_tokens-a"],
+        ["greedy-a", "greedy-b", "greedy-c"],  # the graph's own argmax, its samplers' rows
+    ],
+    ids=["sampled", "greedy"],
+)
 def test_launching_ahead_through_the_graphs_gives_the_tokens_of_one_step_at_a_time(
-    tiny_llama_dir,
+    tiny_llama_dir, names
 ):
     """The worker launches step N + 1 before N's tokens reach the host: a graph step with a
     prompt's rows beside decoding rows whose input tokens are still on the device (the graph
     gathers them from the step before's sampled tokens, which the samplers' rows left there)."""
     path, _ = tiny_llama_dir
-    names = ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "min_tokens-a"]
     prompts = random_prompts(names, seed=4)
-    steps = plans(prompts, steps=10, late="seeded-a", leaves="none")
+    steps = plans(prompts, steps=10, late=names[2], leaves="none")
     eager = runner_with_cache(path, "cpu")
     want = [eager.execute(plan) for plan in steps]
 
@@ -173,8 +181,9 @@ def test_launching_ahead_through_the_graphs_gives_the_tokens_of_one_step_at_a_ti
     runner.launch = recording_launch
     got = list(service.Execute(iter(steps), context=None))
     assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
-    # Step 3 brings the late prompt: its rows and the others' in-flight decodes in one graph.
-    assert [g.cuda_graph for g in got] == [False] + [True] * 9
+    # Step 3 brings the late prompt: its rows and the others' in-flight decodes in one graph
+    # (the first step's prompts fit one too when they are few).
+    assert [g.cuda_graph for g in got][1:] == [True] * 9
     assert in_flight[2] and all(in_flight[1:])
 
 
