@@ -1,12 +1,14 @@
 """The worker's host work per decode step, on the CPU: what the device waits for between steps.
 
-    python -m cluster.benchmarks.host_step [--batch-size 64 256] [--steps 200] [--profile]
+    python -m cluster.benchmarks.host_step [--batch-size 64 256] [--steps 200] [--prompt-len N]
+        [--profile]
 
 A tiny Llama (one layer, hidden 64, vocabulary 1024, dummy weights) runs on the CPU, so its
 forward pass costs little; it is timed apart (with the LM head's logits and argmax, the rest of
 the device's work on a GPU) and taken out. For each batch size, batch-size requests of 128
 tokens decode greedily one token a step, driven as WorkerService.Execute drives them (the next
-plan already there); per step, median ms:
+plan already there), with --prompt-len a new prompt of N tokens beside them every step (it
+computes in that step and leaves in the next, as worker_step's); per step, median ms:
 
     parse     the plan's wire bytes -> StepPlan (the gRPC reader thread's share)
     launch    runner.launch(plan) less the device work: plan diff -> inputs -> the launch
@@ -23,6 +25,7 @@ of their own.
 
 import argparse
 import cProfile
+import functools
 import json
 import pstats
 import statistics
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.benchmarks.worker_step import BLOCK_SIZE, decode_plans
+from cluster.benchmarks.worker_step import cache_sizes, decode_plans
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
 
@@ -80,19 +83,16 @@ class DeviceTimer:
         return total
 
 
-def tiny_runner(max_batch: int, context_len: int, steps: int) -> tuple[ModelRunner, DeviceTimer]:
-    """A ModelRunner of the tiny Llama on the CPU, its cache sized for max_batch requests."""
+def tiny_runner(
+    max_batch: int, context_len: int, steps: int, prompt_len: int = 0
+) -> tuple[ModelRunner, DeviceTimer]:
+    """A ModelRunner of the tiny Llama on the CPU, its cache sized for max_batch requests and
+    two prompts of prompt_len tokens."""
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "config.json").write_text(json.dumps(TINY_LLAMA))
         model = load_model(tmp, "dummy", torch.float32, torch.device("cpu"), seed=0)
     runner = ModelRunner(model, torch.device("cpu"), torch.float32, seed=0)
-    per_request = -(-(context_len + steps + 1) // BLOCK_SIZE)
-    runner.init_cache(
-        num_blocks=max_batch * per_request + 1,
-        block_size=BLOCK_SIZE,
-        max_num_seqs=max_batch,
-        max_model_len=per_request * BLOCK_SIZE,
-    )
+    runner.init_cache(**cache_sizes(max_batch, context_len, steps, prompt_len))
     return runner, DeviceTimer(model)
 
 
@@ -146,20 +146,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--context-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--prompt-len", type=int, default=0, help="a new prompt every step")
     parser.add_argument("--profile", action="store_true", help="cProfile of the largest batch")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     max_batch = max(args.batch_size)
-    runner, timer = tiny_runner(max_batch, args.context_len, args.steps)
+    runner, timer = tiny_runner(max_batch, args.context_len, args.steps, args.prompt_len)
+    plans = functools.partial(
+        decode_plans,
+        context_len=args.context_len,
+        steps=args.steps,
+        first_block=0,
+        prompt_len=args.prompt_len,
+        vocab=TINY_LLAMA["vocab_size"],
+    )
     print(f"| batch | {' | '.join(f'{c} (ms)' for c in COLUMNS)} |")
     print(f"|---|{'---|' * len(COLUMNS)}")
     for batch in args.batch_size:
-        plans = decode_plans(batch, args.context_len, args.steps, 0)
-        medians = time_host(runner, timer, plans, None)
+        medians = time_host(runner, timer, plans(batch), None)
         print(f"| {batch} | {' | '.join(f'{medians[c]:.3f}' for c in COLUMNS)} |", flush=True)
     if args.profile:  # a run of its own: the profiler's overhead stays out of the timings
         profiler = cProfile.Profile()
-        time_host(runner, timer, decode_plans(max_batch, args.context_len, args.steps, 0), profiler)
+        time_host(runner, timer, plans(max_batch), profiler)
         pstats.Stats(profiler).strip_dirs().sort_stats("tottime").print_stats(25)
 
 
