@@ -3,6 +3,7 @@
 Ray places and supervises them; everything else travels over gRPC.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -196,6 +197,15 @@ def _kill_hung_frontend(pid: int) -> None:
         pass  # it died meanwhile
 
 
+# The gRPC and HTTP ports every frontend shares, as the first one was given them (JSON), in the
+# frontends' shared directory.
+PORTS_FILE = "ports.json"
+# A frontend started again takes connections on the shared ports at once, while it loads the
+# tokenizer and hears the model from the core (a second or so): a call in that window waits
+# this long for it rather than being refused UNAVAILABLE where the other frontends serve.
+_RESTARTED_READY_WAIT_S = 10.0
+
+
 @ray.remote(num_cpus=0)
 class FrontendActor:
     """One frontend process: serves the Serving gRPC API on server.host:server.port and the
@@ -212,8 +222,10 @@ class FrontendActor:
         ports: tuple[int, int] | None = None,
     ) -> None:
         """ports: the gRPC and HTTP ports the first frontend was given (where server.port or
-        http_port is 0); None = the configured ones. metrics_dir: the frontends' shared
-        metrics directory, on this node. core_secret: the cluster secret the core demands."""
+        http_port is 0); None = the configured ones, or the first frontend's when it is started
+        again (Ray restarts an actor with the arguments it was created with: the ports it was
+        given are in PORTS_FILE). metrics_dir: the frontends' shared directory on this node
+        (their metrics, PORTS_FILE). core_secret: the cluster secret the core demands."""
         import dataclasses
         import functools
 
@@ -222,6 +234,11 @@ class FrontendActor:
 
         logging.basicConfig(level=config.logging.level)
         sys.setswitchinterval(0.0005)  # as the core's: streaming threads take turns promptly
+        ports_file = os.path.join(metrics_dir, PORTS_FILE)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted and ports is None:
+            with open(ports_file) as f:
+                ports = tuple(json.load(f))
         server = config.server
         if ports is not None:
             server = dataclasses.replace(server, port=ports[0], http_port=ports[1])
@@ -232,7 +249,16 @@ class FrontendActor:
             config.model.model,
             metrics_dir,
             core_secret,
+            ready_wait_s=_RESTARTED_READY_WAIT_S if restarted else 0.0,
         )
+        if restarted:
+            log.warning(
+                "frontend started again, pid %d, ports %d and %d", os.getpid(), *self.ports()
+            )
+        if ports is None:  # the first frontend: the others, and its restarts, take its ports
+            with open(ports_file + ".tmp", "w") as f:
+                json.dump(self.ports(), f)
+            os.replace(ports_file + ".tmp", ports_file)
 
     def ports(self) -> tuple[int, int]:
         """The gRPC and the HTTP port it listens on."""

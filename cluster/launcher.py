@@ -3,7 +3,8 @@ scheduler actors (the engine cores, each over its share of the replicas), each o
 its replicas' worker actors in a placement group of their own (cluster.placement) and drives
 them (it places more, or drains some, when asked to scale: its share of the count), and
 server.frontends frontend actors sharing the Serving port in front of them, each routing its
-requests over every engine core (scheduler.frontend.core_set).
+requests over every engine core (scheduler.frontend.core_set); Ray starts a frontend that dies
+again (FRONTEND_RESTARTS).
 
 Cluster(config).start()  ->  the Serving address (host:port)
 Cluster.shutdown()       ->  stops the actors, and the embedded Ray if this process started it
@@ -26,6 +27,11 @@ from cluster.placement import gpus_per_worker
 from cluster.preflight import check_before_loading, model_shape
 
 log = logging.getLogger(__name__)
+
+# A frontend process that dies, or that an engine core kills as hung, is started again by Ray
+# (with the arguments it was created with: on the shared ports, connecting to every core as a
+# new frontend), at most this many times over the cluster's life.
+FRONTEND_RESTARTS = 100
 
 
 class Cluster:
@@ -94,7 +100,9 @@ class Cluster:
             # server.port or http_port 0 the first is given a free port and the others share it.
             # Their request metrics meet in one directory on this node (removed on shutdown).
             self.metrics_dir = tempfile.mkdtemp(prefix="pagedserve-metrics-")
-            frontend = FrontendActor.options(num_cpus=0, scheduling_strategy=here)
+            frontend = FrontendActor.options(
+                num_cpus=0, scheduling_strategy=here, max_restarts=FRONTEND_RESTARTS
+            )
             args = (cfg, core_addresses, self.secret, self.tokenizer_path, self.metrics_dir)
             self.frontends.append(frontend.remote(*args))
             ports = ray.get(self.frontends[0].ports.remote(), timeout=timeout)

@@ -22,6 +22,7 @@ its abort reaches the core. Beyond it, generate() refuses RESOURCE_EXHAUSTED bef
 """
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -51,11 +52,14 @@ class CoreBackend:
         max_concurrent_requests: int = 0,
         core_secret: str | None = None,
         heartbeat: Heartbeat = HEARTBEAT,
+        ready_wait_s: float = 0.0,
     ):
         """core_addresses: the engine cores' (requests are routed over them, CoreSet).
         max_concurrent_requests: the most requests admitted and unfinished (0 = no limit).
         core_secret: the cluster secret the cores demand (protos/cluster_secret.py).
-        heartbeat: how often the core's stream speaks at least (protos/heartbeat.py)."""
+        heartbeat: how often the core's stream speaks at least (protos/heartbeat.py).
+        ready_wait_s: how long a call that comes before the model is known waits for it
+        before it is refused UNAVAILABLE (0: refused at once, as while the model loads)."""
         self.model_name = model_name
         self.core = CoreSet(core_addresses, self.set_model_info, core_secret, heartbeat)
         self.max_concurrent_requests = max_concurrent_requests
@@ -67,6 +71,7 @@ class CoreBackend:
         self._input: InputProcessor | None = None
         self._token_texts: dict[int, str] = {}  # token id -> its own text (at most the vocab)
         self.became_ready = asyncio.Event()
+        self._ready_wait_s = ready_wait_s
 
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
@@ -87,7 +92,10 @@ class CoreBackend:
     def ready(self) -> bool:
         return self._input is not None and self.core.connected and self.core.serving
 
-    def _require_ready(self) -> None:
+    async def _until_ready(self) -> None:
+        if self._input is None and self._ready_wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.became_ready.wait(), self._ready_wait_s)
         if self._input is None:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, LOADING)
         if not self.core.connected:
@@ -99,7 +107,7 @@ class CoreBackend:
         owner: str = "",
         refuse_past_context: bool = False,
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
-        self._require_ready()
+        await self._until_ready()
         self._admit()
         self._num_preparing += 1
         try:
@@ -201,21 +209,21 @@ class CoreBackend:
         return text
 
     async def abort(self, request_id: str, owner: str = "") -> bool:
-        self._require_ready()
+        await self._until_ready()
         return await self.core.abort_by_id(request_id, owner)
 
     async def model_info(self) -> serving_pb2.ModelInfoResponse:
-        self._require_ready()
+        await self._until_ready()
         info = serving_pb2.ModelInfoResponse()
         info.CopyFrom(self._model_info)
         info.eos_token_ids.extend(sorted(self._tokenizer.eos_token_ids))
         return info
 
     async def server_info(self) -> serving_pb2.ServerInfoResponse:
-        self._require_ready()
+        await self._until_ready()
         return await self.core.server_info()
 
     async def scale(self, replicas: int) -> serving_pb2.ScaleResponse:
         """Sets how many replicas serve (the core places, brings up or drains them)."""
-        self._require_ready()
+        await self._until_ready()
         return await self.core.scale(replicas)

@@ -65,12 +65,14 @@ class FrontendServer:
         model_name: str,
         metrics_dir: str,
         core_secret: str | None = None,
+        ready_wait_s: float = 0.0,
     ) -> None:
         """Listens (config.port and config.http_port, or free ports where 0: `port` and
         `http_port` say which) and connects to the engine cores (core_addresses: one, or several
         that requests are routed over: CoreSet); loads the tokenizer (load_tokenizer())
         in the background. metrics_dir: the server's frontends' shared metrics directory.
-        core_secret: the cluster secret the core demands (protos/cluster_secret.py)."""
+        core_secret: the cluster secret the core demands (protos/cluster_secret.py).
+        ready_wait_s: how long a call before the model is known waits for it (CoreBackend)."""
         # This process detokenizes a few tokens of one request at a time: the tokenizers
         # library's thread pool costs more than it saves there, and its threads take CPU from
         # the event loop (BENCHMARKS.md "Frontend streaming"). Off, unless the environment says
@@ -78,6 +80,7 @@ class FrontendServer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._config = config
         self._core_secret = core_secret
+        self._ready_wait_s = ready_wait_s
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -156,7 +159,11 @@ class FrontendServer:
             ],
         )
         self.backend = CoreBackend(
-            model_name, core_addresses, cfg.max_concurrent_requests, self._core_secret
+            model_name,
+            core_addresses,
+            cfg.max_concurrent_requests,
+            self._core_secret,
+            ready_wait_s=self._ready_wait_s,
         )
         self.metrics = Metrics(model_name, metrics_dir)
         serving_pb2_grpc.add_ServingServicer_to_server(

@@ -2,7 +2,8 @@
 OpenAI-compatible HTTP API on shared ports (the official openai client, streamed and not), a
 scrape of either's /metrics counts every request both served, a spread client alternates
 between their own ports, and killing one, or stopping one (SIGSTOP), loses only the streams it
-carried; the core frees what they held."""
+carried; the core frees what they held, and a killed frontend of the cluster's is started again
+and serves."""
 
 import os
 import signal
@@ -253,20 +254,24 @@ def test_two_frontends_serve_and_one_killed_loses_only_its_streams(cluster):
     streams = open_streams_until(address, lambda carried: all(carried.values()))
     carried = {f.pid: f.num_unfinished for f in server_info(address).frontends}
     assert carried.keys() == pids and all(carried.values()), "one frontend took every stream"
-    victim, survivor = sorted(pids)
+    # The victim is the first frontend: the one the shared ports were given to (server.port 0).
+    victim, survivor = ray.get([f.pid.remote() for f in cluster.frontends], timeout=TIMEOUT)
     os.kill(victim, signal.SIGKILL)
 
     def dropped():
         info = server_info_or_none(address)
-        if info is None or len(info.frontends) != 1:
+        if info is None or victim in {f.pid for f in info.frontends}:
             return None
         [replica] = info.replicas
         held = replica.num_running + replica.num_waiting + replica.num_swapped
         return info if held == carried[survivor] else None
 
-    # The dead frontend's requests are aborted in the core; the survivor's still run.
+    # The dead frontend's requests are aborted in the core; the survivor's still run (beside
+    # it, the dead one's restart may have connected already, with nothing of its own yet).
     info = wait_for(dropped, "the core drops the dead frontend and aborts its requests")
-    assert [(f.pid, f.num_unfinished) for f in info.frontends] == [(survivor, carried[survivor])]
+    unfinished = {f.pid: f.num_unfinished for f in info.frontends}
+    assert unfinished.pop(survivor) == carried[survivor]
+    assert list(unfinished.values()) in ([], [0])
     # Which streams go on: a stream of the dead frontend breaks once its client has read what
     # had reached it before the kill (which can be many tokens); a survivor's stream still
     # delivers seconds after the core dropped the dead frontend. Read all at once.
@@ -293,3 +298,20 @@ def test_two_frontends_serve_and_one_killed_loses_only_its_streams(cluster):
         lambda: blocks_in_use(server_info(address)) == baseline,
         "every block is back at its baseline",
     )
+    # Ray started the killed frontend again: it connected to the core as a new frontend, and
+    # answers on its own port and takes connections on the shared one as the first did.
+    restarted = wait_for(
+        lambda: {f.pid for f in server_info(address).frontends} - pids,
+        "the killed frontend is started again",
+    )
+    [new_pid] = restarted
+    assert ray.get([f.pid.remote() for f in cluster.frontends], timeout=TIMEOUT) == [
+        new_pid,
+        survivor,
+    ]
+    own_port = {f.pid: f.port for f in server_info(address).frontends}[new_pid]
+    assert answer(f"{address.rsplit(':', 1)[0]}:{own_port}") == expected
+    streams = open_streams_until(address, lambda carried: carried.get(new_pid, 0) > 0)
+    assert sorted(f.pid for f in server_info(address).frontends) == sorted([new_pid, survivor])
+    for channel, _ in streams:
+        channel.close()

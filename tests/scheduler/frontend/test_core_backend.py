@@ -350,3 +350,30 @@ def test_a_core_that_stands_still_hangs_up_on_no_frontend(rank):
         got = asyncio.run(asyncio.wait_for(stand_still(core), TIMEOUT))
     assert hung == []
     assert got[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("ready_wait_s", [0.0, TIMEOUT])
+def test_a_call_before_the_model_is_known_waits_ready_wait_s_for_it(core, ready_wait_s):
+    """A generate that comes before the tokenizer is set (the core connected, the model known):
+    refused UNAVAILABLE at once without ready_wait_s (as while the model loads); with it,
+    served once the tokenizer arrives (as a frontend started again serves its first calls)."""
+
+    async def main():
+        backend = CoreBackend("fake", [core.address], ready_wait_s=ready_wait_s)
+        await backend.core.start()
+        try:
+            call = asyncio.ensure_future(responses(backend, request((1,), max_tokens=3)))
+            await asyncio.sleep(0.2)
+            backend.set_tokenizer(PieceTokenizer())
+            try:
+                return [list(r.token_ids) for r in await asyncio.wait_for(call, TIMEOUT)]
+            except ServingError as e:
+                return e.code, e.message
+        finally:
+            await backend.core.close()
+
+    got = asyncio.run(main())
+    if ready_wait_s:
+        assert [t for ids in got for t in ids] == [2, 3, 4]
+    else:
+        assert got == (grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
