@@ -462,20 +462,33 @@ class ModelRunner:
                 suppressed[row, [i for i in ids if i < vocab]] = True
             batch.suppressed = _to_device(suppressed, self.device)
         if any(s.penalized for s in states):
-            counts = torch.zeros(len(states), vocab)
-            prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool)
-            for row, s in enumerate(states):
-                prompt_len = s.sampling.prompt_len
-                history = torch.from_numpy(self.rows.history(s.row).astype(np.int64))
-                output = history[prompt_len:]
-                counts[row].index_add_(0, output, torch.ones(len(output)))
-                prompt_mask[row, history[:prompt_len]] = True
+            # Every row's tokens on the host (prompt, then outputs), as (batch row, token id)
+            # pairs: [total tokens]; the [rows, vocab] counts and mask are built on the device.
+            histories = [self.rows.history(s.row) for s in states]
+            lengths = np.array([len(h) for h in histories])
+            ids = np.concatenate(histories).astype(np.int64)
+            batch_rows = np.repeat(np.arange(len(states)), lengths)
+            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            prompt_lens = np.repeat([s.sampling.prompt_len for s in states], lengths)
+            in_prompt = np.arange(len(ids)) - starts < prompt_lens
+            device = self.device
+            prompt_pairs = [
+                _to_device(torch.from_numpy(a[in_prompt]), device) for a in (batch_rows, ids)
+            ]
+            output_pairs = [
+                _to_device(torch.from_numpy(a[~in_prompt]), device) for a in (batch_rows, ids)
+            ]
+            counts = torch.zeros(len(states), vocab, device=device)
+            ones = torch.ones(len(output_pairs[0]), device=device)
+            counts.index_put_(tuple(output_pairs), ones, accumulate=True)
+            prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool, device=device)
+            prompt_mask[tuple(prompt_pairs)] = True
             batch.penalties = Penalties(
                 presence=tensor([o.presence_penalty for o in opts], torch.float32),
                 frequency=tensor([o.frequency_penalty for o in opts], torch.float32),
                 repetition=tensor([o.repetition_penalty or 1.0 for o in opts], torch.float32),
-                output_counts=_to_device(counts, self.device),
-                prompt_mask=_to_device(prompt_mask, self.device),
+                output_counts=counts,
+                prompt_mask=prompt_mask,
             )
         return batch
 

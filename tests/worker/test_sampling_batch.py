@@ -1,0 +1,36 @@
+"""ModelRunner._sampling_batch's penalty tensors, built on the device from the rows' tokens:
+each row's output counts and prompt mask are those its own tokens give, for rows of different
+lengths beside unpenalized ones, after prompts and several decode steps (CPU)."""
+
+import numpy as np
+import torch
+
+from .test_launch_ahead import plans, random_prompts, runner_with_cache
+
+
+def test_penalty_tensors_count_each_row_s_own_output_and_prompt(tiny_llama_dir):
+    path, _ = tiny_llama_dir
+    names = ["penalized-a", "greedy-a", "penalized-b", "min_tokens-a"]
+    prompts = random_prompts(names, seed=6)
+    runner = runner_with_cache(path, "cpu")
+    for plan in plans(prompts, steps=5, late="penalized-b", leaves="none"):
+        for new in plan.new_requests:  # as the scheduler sends them: where the outputs start
+            new.sampling.prompt_len = len(new.token_ids)
+        runner.execute(plan)
+    states = [runner.requests[name] for name in names]
+    vocab = 256
+    batch = runner._sampling_batch(
+        states, vocab, lambda data, dtype: torch.tensor(data, dtype=dtype)
+    )
+    penalties = batch.penalties
+    assert penalties is not None
+    for i, (name, state) in enumerate(zip(names, states, strict=True)):
+        history = runner.rows.history(state.row)
+        prompt_len = len(prompts[name])
+        assert state.sampling.prompt_len == prompt_len
+        outputs = history[prompt_len:]
+        assert len(outputs) == (3 if name == "penalized-b" else 5)  # it came at step 3
+        want_counts = np.bincount(outputs, minlength=vocab).astype(np.float32)
+        want_mask = np.bincount(history[:prompt_len], minlength=vocab) > 0
+        assert np.array_equal(penalties.output_counts[i].numpy(), want_counts), name
+        assert np.array_equal(penalties.prompt_mask[i].numpy(), want_mask), name
