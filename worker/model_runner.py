@@ -451,16 +451,20 @@ class ModelRunner:
             batch.num_logprobs = max(asked)
         if any(o.min_p for o in opts):
             batch.min_ps = tensor([o.min_p for o in opts], torch.float32)
-        banned = [
-            (row, list(s.sampling.banned_until_min_tokens))
-            for row, s in enumerate(states)
-            if num_tokens[s.row] - s.sampling.prompt_len < s.sampling.min_tokens
-        ]
-        if banned:
-            suppressed = torch.zeros(len(states), vocab, dtype=torch.bool)
-            for row, ids in banned:
-                suppressed[row, [i for i in ids if i < vocab]] = True
-            batch.suppressed = _to_device(suppressed, self.device)
+        banned = np.array(  # (batch row, token id) pairs of the rows short of min_tokens
+            [
+                (row, token)
+                for row, s in enumerate(states)
+                if num_tokens[s.row] - s.sampling.prompt_len < s.sampling.min_tokens
+                for token in s.sampling.banned_until_min_tokens
+                if token < vocab
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 2)
+        if len(banned):
+            batch.suppressed = torch.zeros(len(states), vocab, dtype=torch.bool, device=self.device)
+            pairs = _to_device(torch.from_numpy(banned), self.device)
+            batch.suppressed[pairs[:, 0], pairs[:, 1]] = True
         if any(s.penalized for s in states):
             # Every row's tokens on the host (prompt, then outputs), as (batch row, token id)
             # pairs: [total tokens]; the [rows, vocab] counts and mask are built on the device.

@@ -1,6 +1,7 @@
-"""ModelRunner._sampling_batch's penalty tensors, built on the device from the rows' tokens:
-each row's output counts and prompt mask are those its own tokens give, for rows of different
-lengths beside unpenalized ones, after prompts and several decode steps (CPU)."""
+"""ModelRunner._sampling_batch's penalty and min_tokens tensors, built on the device from the
+rows' tokens: each row's output counts and prompt mask are those its own tokens give, for rows
+of different lengths beside unpenalized ones, after prompts and several decode steps; the
+suppressed tokens are the banned ones of the rows short of min_tokens (CPU)."""
 
 import numpy as np
 import torch
@@ -8,7 +9,7 @@ import torch
 from .test_launch_ahead import plans, random_prompts, runner_with_cache
 
 
-def test_penalty_tensors_count_each_row_s_own_output_and_prompt(tiny_llama_dir):
+def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir):
     path, _ = tiny_llama_dir
     names = ["penalized-a", "greedy-a", "penalized-b", "min_tokens-a"]
     prompts = random_prompts(names, seed=6)
@@ -34,3 +35,7 @@ def test_penalty_tensors_count_each_row_s_own_output_and_prompt(tiny_llama_dir):
         want_mask = np.bincount(history[:prompt_len], minlength=vocab) > 0
         assert np.array_equal(penalties.output_counts[i].numpy(), want_counts), name
         assert np.array_equal(penalties.prompt_mask[i].numpy(), want_mask), name
+    # min_tokens-a (6, tokens 1-3 banned) has 5 outputs: still banned; no other row is.
+    want_suppressed = np.zeros((len(names), vocab), dtype=bool)
+    want_suppressed[names.index("min_tokens-a"), [1, 2, 3]] = True
+    assert np.array_equal(batch.suppressed.numpy(), want_suppressed)
