@@ -1,19 +1,21 @@
 """ModelRunner._sampling_batch's penalty and min_tokens tensors, built on the device from the
 rows' tokens: each row's output counts and prompt mask are those its own tokens give, for rows
 of different lengths beside unpenalized ones, after prompts and several decode steps; the
-suppressed tokens are the banned ones of the rows short of min_tokens (CPU)."""
+suppressed tokens are the banned ones of the rows short of min_tokens (CPU and CUDA)."""
 
 import numpy as np
+import pytest
 import torch
 
 from .test_launch_ahead import plans, random_prompts, runner_with_cache
 
 
-def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir, device):
     path, _ = tiny_llama_dir
     names = ["penalized-a", "greedy-a", "penalized-b", "min_tokens-a"]
     prompts = random_prompts(names, seed=6)
-    runner = runner_with_cache(path, "cpu")
+    runner = runner_with_cache(path, device)
     for plan in plans(prompts, steps=5, late="penalized-b", leaves="none"):
         for new in plan.new_requests:  # as the scheduler sends them: where the outputs start
             new.sampling.prompt_len = len(new.token_ids)
@@ -21,7 +23,7 @@ def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir):
     states = [runner.requests[name] for name in names]
     vocab = 256
     batch = runner._sampling_batch(
-        states, vocab, lambda data, dtype: torch.tensor(data, dtype=dtype)
+        states, vocab, lambda data, dtype: torch.tensor(data, dtype=dtype, device=device)
     )
     penalties = batch.penalties
     assert penalties is not None
@@ -33,9 +35,9 @@ def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir):
         assert len(outputs) == (3 if name == "penalized-b" else 5)  # it came at step 3
         want_counts = np.bincount(outputs, minlength=vocab).astype(np.float32)
         want_mask = np.bincount(history[:prompt_len], minlength=vocab) > 0
-        assert np.array_equal(penalties.output_counts[i].numpy(), want_counts), name
-        assert np.array_equal(penalties.prompt_mask[i].numpy(), want_mask), name
+        assert np.array_equal(penalties.output_counts[i].cpu().numpy(), want_counts), name
+        assert np.array_equal(penalties.prompt_mask[i].cpu().numpy(), want_mask), name
     # min_tokens-a (6, tokens 1-3 banned) has 5 outputs: still banned; no other row is.
     want_suppressed = np.zeros((len(names), vocab), dtype=bool)
     want_suppressed[names.index("min_tokens-a"), [1, 2, 3]] = True
-    assert np.array_equal(batch.suppressed.numpy(), want_suppressed)
+    assert np.array_equal(batch.suppressed.cpu().numpy(), want_suppressed)
