@@ -26,9 +26,9 @@ the host between them:
 
 A request decoding in N+1 whose token from N has not reached the host yet reads it from N's
 sampled tokens on the device (its row's `pending_index`). A row given to another request
-before N's tokens arrive takes none of them (its `epoch` changed). Rows with penalties need
-their whole history on the host: a plan that has such a row with a token in flight finishes
-first.
+before N's tokens arrive takes none of them (its `epoch` changed). A row with penalties counts
+that token the same way: its history on the host, and the one in flight from N's sampled
+tokens on the device.
 """
 
 import logging
@@ -307,19 +307,6 @@ class ModelRunner:
         their logprobs, on rank 0, when asked) as a StepResult without step_id."""
         return self.finish(self.launch(plan))
 
-    def needs_host_tokens(self, plan: worker_pb2.StepPlan) -> bool:
-        """Whether a request of the plan samples with penalties while a token of it is still on
-        its way to the host: then the launched step must finish before this plan launches."""
-        rows = self.rows
-        if not rows.penalized.any():
-            return False
-        for rid in plan.cached_requests.request_ids:
-            state = self.requests.get(rid)
-            if state is not None and rows.penalized[state.row]:
-                if rows.num_tokens[state.row] > rows.num_known[state.row]:
-                    return True
-        return False
-
     def _release(self, row: int) -> None:
         self.block_tables.release(row)
         self.rows.release(row)
@@ -485,6 +472,20 @@ class ModelRunner:
             counts = torch.zeros(len(states), vocab, device=device)
             ones = torch.ones(len(output_pairs[0]), device=device)
             counts.index_put_(tuple(output_pairs), ones, accumulate=True)
+            # A penalized row's newest output may still be on its way to the host (the step
+            # before this one is in flight): read where that step's sampling left it, on the
+            # device (its own tensor: a step with a penalized row never samples in a graph's).
+            held = self.rows
+            rows = np.array([s.row for s in states], dtype=np.int64)
+            in_flight = held.num_tokens[rows] - held.num_known[rows]
+            if in_flight.max() > 1:
+                raise RuntimeError("a request has two sampled tokens not yet on the host")
+            waiting = np.flatnonzero((in_flight > 0) & held.penalized[rows])
+            if len(waiting):
+                pending = _to_device(torch.from_numpy(held.pending_index[rows[waiting]]), device)
+                waiting_rows = _to_device(torch.from_numpy(waiting), device)
+                ones = torch.ones(len(waiting), device=device)
+                counts.index_put_((waiting_rows, self._sampled[pending]), ones, accumulate=True)
             prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool, device=device)
             prompt_mask[tuple(prompt_pairs)] = True
             batch.penalties = Penalties(

@@ -16,7 +16,7 @@ Row r is the request's block-table row (worker.block_table): the two grow togeth
                                                row was reused) appends nothing
     plain_greedy  [num_rows] bool              its token is the LM head's argmax, no sampler
     penalized     [num_rows] bool              it samples with presence/frequency/repetition
-                                               penalties (needs its whole history on the host)
+                                               penalties (counts the token in flight too)
 
 Invariants: num_computed <= num_tokens and num_known <= num_tokens <= num_known + 2 on every
 held row; a free row has plain_greedy and penalized False.

@@ -217,9 +217,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         yield self._answer(runner, *in_flight)
                         in_flight = None
                     continue
-                if plan is not None and in_flight and runner.needs_host_tokens(plan):
-                    yield self._answer(runner, *in_flight)
-                    in_flight = None
                 launched = None
                 if plan is not None:
                     start = time.perf_counter()

@@ -151,7 +151,7 @@ def test_prefill_chunks_past_the_pairs_bound_run_eagerly(tiny_llama_dir, monkeyp
 @pytest.mark.parametrize(
     "names",
     [
-        ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "min_tokens-a"],
+        ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "min_tokens-a", "penalized-a"],
         ["greedy-a", "greedy-b", "greedy-c"],  # the graph's own argmax, its samplers' rows
     ],
     ids=["sampled", "greedy"],

@@ -96,10 +96,11 @@ def runner_with_cache(path, device: str, num_blocks: int = 256) -> ModelRunner:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_launching_ahead_gives_the_tokens_of_one_step_at_a_time(tiny_llama_dir, device):
     path, _ = tiny_llama_dir
-    names = ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "penalized-a", "min_tokens-a"]
+    names = ["greedy-a", "greedy-b", "seeded-a", "unseeded-a", "penalized-a", "penalized-b"]
+    names.append("min_tokens-a")
     prompts = random_prompts(names, seed=1)
-    # The penalized row needs its whole history on the host, so it leaves after step 5 and
-    # the steps after it launch ahead.
+    # The penalized rows count their token in flight from the device: every step after the
+    # first launches ahead, one of them leaving after step 5.
     steps = plans(prompts, steps=12, late="seeded-a", leaves="penalized-a")
 
     one_at_a_time = runner_with_cache(path, device)
@@ -127,7 +128,7 @@ def test_launching_ahead_gives_the_tokens_of_one_step_at_a_time(tiny_llama_dir, 
     # Every scheduled request samples in every step (each step computes up to its end).
     scheduled = [len(p.new_requests) + len(p.cached_requests.request_ids) for p in steps]
     assert [len(r.token_ids) for r in got] == scheduled
-    assert launched_ahead == [False] * 5 + [True] * 7
+    assert launched_ahead == [False] + [True] * 11
 
 
 @pytest.mark.gpu
