@@ -4,8 +4,9 @@
         --output-len 512 [--num-iters 3] [--num-iters-warmup 1] [--set model.dtype=bfloat16]
 
 For each batch size in turn (on the same cluster), each iteration sends batch-size requests of
-random token prompts at once (greedy, ignore_eos, exactly --output-len tokens, one message per
-completion: output_kind FINAL_ONLY) and waits for all; the warm-up iterations are not timed.
+random token prompts at once (greedy unless --sampling says otherwise, ignore_eos, exactly
+--output-len tokens, one message per completion: output_kind FINAL_ONLY) and waits for all; the
+warm-up iterations are not timed.
 Reported per batch size: ms per output token (the median decode step of the timed iterations:
 the steps in which every scheduled request computes one token), the median end-to-end latency of
 an iteration, the roofline of a decode step next to it and the anatomy of the timed steps; then
@@ -22,6 +23,7 @@ from cluster.benchmarks.report import (
     Anatomy,
     BenchCluster,
     add_cluster_arguments,
+    add_sampling_argument,
     bench_cluster,
     fmt,
     format_anatomy,
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--num-iters", type=int, default=3, help="timed iterations")
     parser.add_argument("--num-iters-warmup", type=int, default=1)
+    add_sampling_argument(parser)
 
 
 def measure(
@@ -67,7 +70,7 @@ def measure(
     for i in range(args.num_iters_warmup + args.num_iters):
         prompts = make_prompts(batch_size, args.input_len, bench.vocab_size, seed=seed + i)
         start = time.monotonic()
-        result = run_workload(bench.address, prompts, args.output_len)
+        result = run_workload(bench.address, prompts, args.output_len, sampling=args.sampling)
         end = time.monotonic()
         if i >= args.num_iters_warmup:
             latencies.append(result["wall_s"])

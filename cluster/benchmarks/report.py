@@ -291,6 +291,32 @@ def format_roofline(roofline: Roofline, measured_ms: float | None = None) -> lis
 # --- the config, the cluster and the workload -------------------------------------------------
 
 
+# bench throughput's and bench latency's --sampling: the SamplingParams fields each request
+# gets beside max_tokens and ignore_eos. greedy draws nothing (the LM head's argmax); random
+# samples the whole distribution (vLLM's benchmarks' default); top-p and penalized take the
+# sampler's other paths (candidates and their check; counts of each row's tokens).
+SAMPLING = {
+    "greedy": {"temperature": 0.0},
+    "random": {"temperature": 1.0},
+    "top-p": {"temperature": 0.8, "top_p": 0.95},
+    "penalized": {
+        "temperature": 0.0,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "repetition_penalty": 1.1,
+    },
+}
+
+
+def add_sampling_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sampling",
+        choices=sorted(SAMPLING),
+        default="greedy",
+        help="how every request samples: " + "; ".join(f"{k} {v}" for k, v in SAMPLING.items()),
+    )
+
+
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c",
@@ -453,10 +479,12 @@ def run_workload(
     clients: int = 1,
     connections: int = 1,
     spread: bool = True,
+    sampling: str = "greedy",
 ) -> dict:
-    """Sends every prompt at once (greedy, ignore_eos, exactly output_len tokens each) and waits
-    for all: requests, output tokens, wall time, output tokens/s, the median TTFT and each client
-    process's CPU share over its pass (near 100%: the figure measures the client).
+    """Sends every prompt at once (ignore_eos, exactly output_len tokens each, sampling as
+    SAMPLING[sampling]) and waits for all: requests, output tokens, wall time, output tokens/s,
+    the median TTFT and each client process's CPU share over its pass (near 100%: the figure
+    measures the client).
 
     clients > 1 splits the prompts round-robin over that many client processes, each with its
     own connection (so the server's frontends, which share the port, each take some): one
@@ -472,7 +500,7 @@ def run_workload(
     (AsyncClient.spread), every frontend an even share.
     """
     if clients <= 1:
-        one = _send_all(address, prompts, output_len, stream, None, connections, spread)
+        one = _send_all(address, prompts, output_len, stream, None, connections, spread, sampling)
         parts = [asyncio.run(one)]
     else:
         ctx = multiprocessing.get_context("spawn")
@@ -481,7 +509,16 @@ def run_workload(
             ctx,
             _client_process,
             [
-                (address, prompts[i::clients], output_len, stream, ready, connections, spread)
+                (
+                    address,
+                    prompts[i::clients],
+                    output_len,
+                    stream,
+                    ready,
+                    connections,
+                    spread,
+                    sampling,
+                )
                 for i in range(clients)
             ],
             _CLIENT_TIMEOUT_S,
@@ -559,9 +596,10 @@ def _client_process(
     ready,  # multiprocessing Barrier: every client connected
     connections: int,
     spread: bool,
+    sampling: str,
     results,  # multiprocessing Queue: a _ClientResult, or the error as a string
 ) -> None:
-    send = _send_all(address, prompts, output_len, stream, ready, connections, spread)
+    send = _send_all(address, prompts, output_len, stream, ready, connections, spread, sampling)
     run_client(send, ready, results)
 
 
@@ -573,6 +611,7 @@ async def _send_all(
     ready=None,
     connections: int = 1,
     spread: bool = True,
+    sampling: str = "greedy",
 ) -> _ClientResult:
     from cluster.client import AsyncClient
     from cluster.outputs import OutputCollector
@@ -580,7 +619,7 @@ async def _send_all(
 
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
     params = SamplingParams(
-        temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind=kind
+        max_tokens=output_len, ignore_eos=True, output_kind=kind, **SAMPLING[sampling]
     )
     clients = [AsyncClient(address, own_connection=connections > 1) for _ in range(connections)]
     ttfts: list[float] = []

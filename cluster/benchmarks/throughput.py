@@ -7,7 +7,8 @@ on the same prompts and card as the baseline.
         --output-len 128 [--hf-batch 64] [--stream] [--set model.dtype=bfloat16]
 
 (`python -m cluster.benchmarks.throughput` takes the same arguments.) Every request generates
-exactly --output-len tokens (ignore_eos), greedy. Each completion comes back in one message
+exactly --output-len tokens (ignore_eos), greedy unless --sampling says otherwise
+(report.SAMPLING). Each completion comes back in one message
 (output_kind FINAL_ONLY, as vLLM's offline LLM and its throughput benchmark); --stream has every
 step's tokens streamed instead (DELTA, as a chat client). --clients processes send the requests
 (default two per frontend; see report.run_workload). The workload runs twice and the second
@@ -27,6 +28,7 @@ import time
 from cluster.benchmarks.report import (
     ProcessCpu,
     add_cluster_arguments,
+    add_sampling_argument,
     bench_cluster,
     fmt,
     format_anatomy,
@@ -92,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=0, help="also run HF generate (0 = skip)")
+    add_sampling_argument(parser)
     parser.add_argument(
         "--stream", action="store_true", help="stream every step's tokens (output_kind DELTA)"
     )
@@ -135,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             clients,
             args.connections,
             args.spread,
+            args.sampling,
         )
         since, steps_before = time.monotonic(), bench.num_steps()  # monotonic: system-wide
         compiled_before = triton_cache_entries()
@@ -147,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             clients,
             args.connections,
             args.spread,
+            args.sampling,
         )
         cpu_shares = cpu.shares()
         frontends = format_frontends(

@@ -19,6 +19,7 @@ import torch
 from cluster import cli
 from cluster.benchmarks import serve
 from cluster.benchmarks.report import (
+    SAMPLING,
     copy_bandwidth,
     decode_steps,
     format_anatomy,
@@ -36,6 +37,7 @@ from cluster.benchmarks.report import (
     step_anatomy,
     triton_cache_entries,
 )
+from scheduler.sampling_params import SamplingParams
 from tests.conftest import REPO
 
 
@@ -211,7 +213,8 @@ def test_process_cpu_line_names_each_role():
 
 
 def test_bench_latency_on_the_cpu(capsys):
-    """`pagedserve bench latency` through the CLI on the embedded default config, tiny sizes."""
+    """`pagedserve bench latency` through the CLI on the embedded default config, tiny sizes,
+    every request penalized (the sampler's counts, their token in flight on the device)."""
     code = cli.main(
         [
             "bench",
@@ -226,6 +229,8 @@ def test_bench_latency_on_the_cpu(capsys):
             "8",
             "--num-iters",
             "1",
+            "--sampling",
+            "penalized",
         ]
     )
     out = capsys.readouterr().out
@@ -242,6 +247,20 @@ def test_bench_latency_on_the_cpu(capsys):
         assert float(cells[2]) > 0  # ms per output token
         assert cells[3].strip() == "none" and cells[4].strip() == "none"  # no roofline
         assert int(cells[6]) >= 7  # steps: at least the 7 decode steps of 8 output tokens
+
+
+def test_each_sampling_preset_is_the_sampling_it_names():
+    made = {
+        name: SamplingParams(max_tokens=8, ignore_eos=True, **fields)
+        for name, fields in SAMPLING.items()
+    }
+    assert made["greedy"].temperature == 0 and made["penalized"].temperature == 0
+    assert made["random"].temperature == 1.0 and made["random"].top_p == 1.0
+    assert made["top-p"].top_p == 0.95 and 0 < made["top-p"].temperature < 1
+    penalized = made["penalized"]
+    assert penalized.presence_penalty and penalized.frequency_penalty
+    assert penalized.repetition_penalty > 1
+    assert not made["greedy"].presence_penalty and made["greedy"].repetition_penalty == 1.0
 
 
 # --- bench serve ------------------------------------------------------------------------------
