@@ -453,49 +453,55 @@ class ModelRunner:
             pairs = _to_device(torch.from_numpy(banned), self.device)
             batch.suppressed[pairs[:, 0], pairs[:, 1]] = True
         if any(s.penalized for s in states):
-            # Every row's tokens on the host (prompt, then outputs), as (batch row, token id)
-            # pairs: [total tokens]; the [rows, vocab] counts and mask are built on the device.
-            histories = [self.rows.history(s.row) for s in states]
-            lengths = np.array([len(h) for h in histories])
-            ids = np.concatenate(histories).astype(np.int64)
-            batch_rows = np.repeat(np.arange(len(states)), lengths)
-            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-            prompt_lens = np.repeat([s.sampling.prompt_len for s in states], lengths)
-            in_prompt = np.arange(len(ids)) - starts < prompt_lens
-            device = self.device
-            prompt_pairs = [
-                _to_device(torch.from_numpy(a[in_prompt]), device) for a in (batch_rows, ids)
-            ]
-            output_pairs = [
-                _to_device(torch.from_numpy(a[~in_prompt]), device) for a in (batch_rows, ids)
-            ]
-            counts = torch.zeros(len(states), vocab, device=device)
-            ones = torch.ones(len(output_pairs[0]), device=device)
-            counts.index_put_(tuple(output_pairs), ones, accumulate=True)
-            # A penalized row's newest output may still be on its way to the host (the step
-            # before this one is in flight): read where that step's sampling left it, on the
-            # device (its own tensor: a step with a penalized row never samples in a graph's).
-            held = self.rows
-            rows = np.array([s.row for s in states], dtype=np.int64)
-            in_flight = held.num_tokens[rows] - held.num_known[rows]
-            if in_flight.max() > 1:
-                raise RuntimeError("a request has two sampled tokens not yet on the host")
-            waiting = np.flatnonzero((in_flight > 0) & held.penalized[rows])
-            if len(waiting):
-                pending = _to_device(torch.from_numpy(held.pending_index[rows[waiting]]), device)
-                waiting_rows = _to_device(torch.from_numpy(waiting), device)
-                ones = torch.ones(len(waiting), device=device)
-                counts.index_put_((waiting_rows, self._sampled[pending]), ones, accumulate=True)
-            prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool, device=device)
-            prompt_mask[tuple(prompt_pairs)] = True
-            batch.penalties = Penalties(
-                presence=tensor([o.presence_penalty for o in opts], torch.float32),
-                frequency=tensor([o.frequency_penalty for o in opts], torch.float32),
-                repetition=tensor([o.repetition_penalty or 1.0 for o in opts], torch.float32),
-                output_counts=counts,
-                prompt_mask=prompt_mask,
-            )
+            batch.penalties = self._penalties(states, vocab, tensor)
         return batch
+
+    def _penalties(self, states: list[RequestState], vocab: int, tensor) -> Penalties:
+        """The rows' penalty parameters, their output token counts [rows, vocab] and prompt
+        token mask [rows, vocab], built on the device from each row's tokens."""
+        opts = [s.sampling for s in states]
+        # (batch row, token id) of every row's tokens on the host, prompt then outputs:
+        # [total tokens] each, split into the prompts' and the outputs' pairs.
+        histories = [self.rows.history(s.row) for s in states]
+        lengths = np.array([len(h) for h in histories])
+        ids = np.concatenate(histories).astype(np.int64)
+        batch_rows = np.repeat(np.arange(len(states)), lengths)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        prompt_lens = np.repeat([s.sampling.prompt_len for s in states], lengths)
+        in_prompt = np.arange(len(ids)) - starts < prompt_lens
+        device = self.device
+        prompt_pairs = [
+            _to_device(torch.from_numpy(a[in_prompt]), device) for a in (batch_rows, ids)
+        ]
+        output_pairs = [
+            _to_device(torch.from_numpy(a[~in_prompt]), device) for a in (batch_rows, ids)
+        ]
+        counts = torch.zeros(len(states), vocab, device=device)
+        ones = torch.ones(len(output_pairs[0]), device=device)
+        counts.index_put_(tuple(output_pairs), ones, accumulate=True)
+        # A penalized row's newest output may still be on its way to the host (the step
+        # before this one is in flight): read where that step's sampling left it, on the
+        # device (its own tensor: a step with a penalized row never samples in a graph's).
+        held = self.rows
+        rows = np.array([s.row for s in states], dtype=np.int64)
+        in_flight = held.num_tokens[rows] - held.num_known[rows]
+        if in_flight.max() > 1:
+            raise RuntimeError("a request has two sampled tokens not yet on the host")
+        waiting = np.flatnonzero((in_flight > 0) & held.penalized[rows])
+        if len(waiting):
+            pending = _to_device(torch.from_numpy(held.pending_index[rows[waiting]]), device)
+            waiting_rows = _to_device(torch.from_numpy(waiting), device)
+            ones = torch.ones(len(waiting), device=device)
+            counts.index_put_((waiting_rows, self._sampled[pending]), ones, accumulate=True)
+        prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool, device=device)
+        prompt_mask[tuple(prompt_pairs)] = True
+        return Penalties(
+            presence=tensor([o.presence_penalty for o in opts], torch.float32),
+            frequency=tensor([o.frequency_penalty for o in opts], torch.float32),
+            repetition=tensor([o.repetition_penalty or 1.0 for o in opts], torch.float32),
+            output_counts=counts,
+            prompt_mask=prompt_mask,
+        )
 
     def _run(self, request_ids: list[str], rows: np.ndarray, counts: np.ndarray) -> LaunchedStep:
         """Builds and launches the step of sequences i = 0..n-1: counts[i] tokens [n] of the
