@@ -476,9 +476,13 @@ class ModelRunner:
         output_pairs = [
             _to_device(torch.from_numpy(a[~in_prompt]), device) for a in (batch_rows, ids)
         ]
+        # Counted by scatter_add_ into the flat [rows * vocab] view: an accumulating
+        # index_put_ on CUDA synchronized the stream (a launch with a penalized row waited for
+        # the device: tests/worker/test_launch_ahead.py).
         counts = torch.zeros(len(states), vocab, device=device)
-        ones = torch.ones(len(output_pairs[0]), device=device)
-        counts.index_put_(tuple(output_pairs), ones, accumulate=True)
+        flat = counts.view(-1)
+        rows_d, ids_d = output_pairs
+        flat.scatter_add_(0, rows_d * vocab + ids_d, torch.ones(len(ids_d), device=device))
         # A penalized row's newest output may still be on its way to the host (the step
         # before this one is in flight): read where that step's sampling left it, on the
         # device (its own tensor: a step with a penalized row never samples in a graph's).
@@ -492,7 +496,7 @@ class ModelRunner:
             pending = _to_device(torch.from_numpy(held.pending_index[rows[waiting]]), device)
             waiting_rows = _to_device(torch.from_numpy(waiting), device)
             ones = torch.ones(len(waiting), device=device)
-            counts.index_put_((waiting_rows, self._sampled[pending]), ones, accumulate=True)
+            flat.scatter_add_(0, waiting_rows * vocab + self._sampled[pending], ones)
         prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool, device=device)
         prompt_mask[tuple(prompt_pairs)] = True
         return Penalties(
