@@ -126,8 +126,8 @@ def _mask_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
 
 
 # Top-k / top-p look at the highest logits of each row first (a partial selection, no sort of
-# the vocabulary): this many, or the first count of them at or above every row's top_k (the
-# host knows the top_ks), else the whole vocabulary.
+# the vocabulary): the first of these counts at or above every row's top_k (the host knows
+# the top_ks), else the whole vocabulary; on the CPU the next count while rows are unsettled.
 _TOP_CANDIDATES = (64, 1024)
 
 
@@ -139,31 +139,33 @@ def _mask_top_k_top_p(
     is below top_p (the top token always stays; top_p 1: all). A row with neither keeps
     every token. max_top_k: the rows' largest top_k (0: none), from the host.
 
-    The candidates (the top logits) settle every row with a top_k, and every row whose
-    candidates reach top_p; a row they do not settle (no top_k, a flat distribution) keeps
-    every logit at or above its top-p floor (kernels.top_p_floor), found on the device: the
-    host never waits for the rows' values to choose a path."""
+    The candidates (the top logits, as many as every top_k needs) settle every row with a
+    top_k, and every row whose candidates reach top_p. On the CPU the rest take more
+    candidates, up to the whole vocabulary. On CUDA, where asking whether any row is left
+    would wait for the device, they keep every logit at or above their top-p floor
+    (kernels.top_p_floor), found on the device in the same launch sequence."""
     vocab = logits.shape[-1]
-    num = next((n for n in _TOP_CANDIDATES if max_top_k <= n < vocab), vocab)
+    counts = [n for n in _TOP_CANDIDATES if max_top_k <= n < vocab] + [vocab]
     k = torch.where((top_ks > 0) & (top_ks < vocab), top_ks, torch.full_like(top_ks, vocab))
     no_top_k, top_p_on = k >= vocab, top_ps < 1
     peak = logits.max(dim=-1, keepdim=True).values
     row_total = torch.exp(logits - peak).sum(dim=-1)  # normalizes a row without top-k
-    values, order = logits.topk(num, dim=-1)  # [num_rows, num], descending
-    ranks = torch.arange(num, device=logits.device)[None, :]
-    values = values.masked_fill(ranks >= k[:, None], float("-inf"))
-    exp = torch.exp(values - peak)
-    probs = exp / torch.where(no_top_k, row_total, exp.sum(dim=-1))[:, None]
-    cumulative = probs.cumsum(dim=-1)
-    drop = (cumulative - probs >= top_ps[:, None]) & top_p_on[:, None]
-    drop[:, 0] = False
+    for num in counts:
+        values, order = logits.topk(num, dim=-1)  # [num_rows, num], descending
+        ranks = torch.arange(num, device=logits.device)[None, :]
+        values = values.masked_fill(ranks >= k[:, None], float("-inf"))
+        exp = torch.exp(values - peak)
+        probs = exp / torch.where(no_top_k, row_total, exp.sum(dim=-1))[:, None]
+        cumulative = probs.cumsum(dim=-1)
+        drop = (cumulative - probs >= top_ps[:, None]) & top_p_on[:, None]
+        drop[:, 0] = False
+        # Unsettled: no top-k (num covers every top_k) and the candidates' mass below top_p.
+        unsettled = no_top_k & top_p_on & (cumulative[:, -1] < top_ps)
+        if num == vocab or logits.is_cuda or not bool(unsettled.any()):
+            break
     kept = values.masked_fill(drop, float("-inf"))
     masked = torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
-    # Unsettled: no top-k (num covers every top_k) and the candidates' mass below top_p. On
-    # CUDA the floor's launch costs only those rows; asking whether there are any would wait
-    # for the device. On the CPU asking costs nothing and the rest of the vocabulary is spared.
-    unsettled = no_top_k & top_p_on & (cumulative[:, -1] < top_ps)
-    if num < vocab and (logits.is_cuda or bool(unsettled.any())):
+    if logits.is_cuda and num < vocab:  # the unsettled rows by their floor
         floor = top_p_floor(logits, peak.squeeze(-1), row_total, top_ps, unsettled)
         beyond = logits.masked_fill(logits < floor[:, None], float("-inf"))
         masked = torch.where(unsettled[:, None], beyond, masked)

@@ -162,9 +162,9 @@ def _sorted_top_k_top_p(logits, top_ks, top_ps):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_top_k_top_p_keep_the_sorted_definitions_set_without_sorting_the_vocab(device):
     """The kept sets come from the top 64 or 1024 candidates when these hold them (every
-    top_k's), else from each unsettled row's top-p floor (kernels.top_p_floor: the Triton
-    kernel on CUDA), or the whole vocabulary for a top_k past 1024: rows peaked (a few tokens),
-    spread (hundreds) and flat (most of it)."""
+    top_k's), else on the CPU from more candidates up to the whole vocabulary and on CUDA from
+    each unsettled row's top-p floor (the Triton kernels.top_p_floor): rows peaked (a few
+    tokens), spread (hundreds) and flat (most of it)."""
     from worker.sampler import _mask_top_k_top_p
 
     gen = torch.Generator().manual_seed(5)
