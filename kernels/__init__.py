@@ -20,6 +20,8 @@ tensors go to the Triton kernels:
                          rank, one launch; reference: kernels.embedding)
     row_max           -> kernels.triton_argmax (each row's max and lowest argmax, two launches;
                          reference: kernels.argmax)
+    top_p_floor       -> kernels.triton_top_p (the smallest logit a top-p sampler keeps, one
+                         launch, no host; reference: kernels.top_p)
     gemv, choose_gemv -> kernels.triton_gemv (one row times a weight; reference: F.linear), CUDA
                          only: a layer takes it where choose_gemv timed it faster than cuBLAS
 
@@ -40,6 +42,7 @@ from kernels.embedding import shard_embedding_ref
 from kernels.kv_cache import write_kv_cache_ref
 from kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import rotary_ref
+from kernels.top_p import top_p_floor_ref
 
 
 @functools.cache
@@ -59,6 +62,7 @@ def _triton() -> SimpleNamespace:
     from kernels.triton_rotary_kv_cache import (
         rotary_write_kv_cache as rotary_write_kv_cache_triton,
     )
+    from kernels.triton_top_p import top_p_floor as top_p_floor_triton
 
     return SimpleNamespace(
         decode_attention=decode_attention,
@@ -71,6 +75,7 @@ def _triton() -> SimpleNamespace:
         rotary_write_kv_cache=rotary_write_kv_cache_triton,
         silu_and_mul=silu_and_mul_triton,
         row_max=row_max_triton,
+        top_p_floor=top_p_floor_triton,
         shard_embedding=shard_embedding_triton,
         gemv=gemv_triton,
         choose_gemv=choose_gemv_triton,
@@ -227,6 +232,21 @@ def row_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.is_cuda:
         return _triton().row_max(logits)
     return row_max_ref(logits)
+
+
+def top_p_floor(
+    logits: torch.Tensor,
+    peak: torch.Tensor,
+    total: torch.Tensor,
+    top_ps: torch.Tensor,
+    active: torch.Tensor,
+) -> torch.Tensor:
+    """logits [rows, n] float32 (peak, total, top_ps, active [rows]) -> each active row's top-p
+    floor [rows] float32, -inf for the others (see kernels.top_p); on CUDA without a sort and
+    without waiting for the device."""
+    if logits.is_cuda:
+        return _triton().top_p_floor(logits, peak, total, top_ps, active)
+    return top_p_floor_ref(logits, peak, total, top_ps, active)
 
 
 def gemv(

@@ -433,6 +433,7 @@ class ModelRunner:
         if any(o.top_k > 0 or o.top_p < 1 for o in opts):
             batch.top_ps = tensor([o.top_p for o in opts], torch.float32)
             batch.top_ks = tensor([o.top_k for o in opts], torch.int64)
+            batch.max_top_k = max(o.top_k for o in opts)
         asked = [o.logprobs for o in opts if o.HasField("logprobs")]
         if asked:
             batch.num_logprobs = max(asked)

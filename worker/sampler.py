@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import top_p_floor
+
 GREEDY_EPS = 1e-5
 
 
@@ -39,6 +41,7 @@ class SamplingBatch:
     # top_ps and top_ks come together, or neither when no row uses them (no sort of the vocab).
     top_ps: torch.Tensor | None = None  # [num_rows] float32; 1 = off
     top_ks: torch.Tensor | None = None  # [num_rows] int64; 0 = off
+    max_top_k: int = 0  # the largest of top_ks, known on the host (the candidates to take)
     min_ps: torch.Tensor | None = None  # [num_rows] float32; 0 = off
     penalties: Penalties | None = None
     suppressed: torch.Tensor | None = None  # [num_rows, vocab] bool: banned now (min_tokens)
@@ -108,7 +111,7 @@ def _choose(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator)
     if batch.min_ps is not None:
         logits = _mask_min_p(logits, batch.min_ps)
     if batch.top_ks is not None and batch.top_ps is not None:
-        logits = _mask_top_k_top_p(logits, batch.top_ks, batch.top_ps)
+        logits = _mask_top_k_top_p(logits, batch.top_ks, batch.top_ps, batch.max_top_k)
     probs = torch.softmax(logits, dim=-1)
     noise = _exponential_noise(probs, batch.seeds, shared)
     sampled = (probs / noise).argmax(dim=-1)
@@ -123,24 +126,31 @@ def _mask_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
 
 
 # Top-k / top-p look at the highest logits of each row first (a partial selection, no sort of
-# the vocabulary): this many, then more, until every row's kept set is known, at worst the
-# whole vocabulary (a sort).
+# the vocabulary): the first of these counts at or above every row's top_k (the host knows
+# the top_ks), else the whole vocabulary; on the CPU the next count while rows are unsettled.
 _TOP_CANDIDATES = (64, 1024)
 
 
 def _mask_top_k_top_p(
-    logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor
+    logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, max_top_k: int
 ) -> torch.Tensor:
     """-inf outside each row's kept set: its top k tokens (top_k 0: all), then of these, in
     descending order, those whose probability mass before them (renormalized over the top k)
     is below top_p (the top token always stays; top_p 1: all). A row with neither keeps
-    every token."""
+    every token. max_top_k: the rows' largest top_k (0: none), from the host.
+
+    The candidates (the top logits, as many as every top_k needs) settle every row with a
+    top_k, and every row whose candidates reach top_p. On the CPU the rest take more
+    candidates, up to the whole vocabulary. On CUDA, where asking whether any row is left
+    would wait for the device, they keep every logit at or above their top-p floor
+    (kernels.top_p_floor), found on the device in the same launch sequence."""
     vocab = logits.shape[-1]
+    counts = [n for n in _TOP_CANDIDATES if max_top_k <= n < vocab] + [vocab]
     k = torch.where((top_ks > 0) & (top_ks < vocab), top_ks, torch.full_like(top_ks, vocab))
     no_top_k, top_p_on = k >= vocab, top_ps < 1
     peak = logits.max(dim=-1, keepdim=True).values
     row_total = torch.exp(logits - peak).sum(dim=-1)  # normalizes a row without top-k
-    for num in (*(n for n in _TOP_CANDIDATES if n < vocab), vocab):
+    for num in counts:
         values, order = logits.topk(num, dim=-1)  # [num_rows, num], descending
         ranks = torch.arange(num, device=logits.device)[None, :]
         values = values.masked_fill(ranks >= k[:, None], float("-inf"))
@@ -149,14 +159,16 @@ def _mask_top_k_top_p(
         cumulative = probs.cumsum(dim=-1)
         drop = (cumulative - probs >= top_ps[:, None]) & top_p_on[:, None]
         drop[:, 0] = False
-        # Settled: the row's kept set lies among the candidates (its top k does, or it has no
-        # top-k and the candidates' mass reaches top_p), or it has neither.
-        reached = (cumulative[:, -1] >= top_ps) | ~top_p_on
-        settled = (k <= num) | (no_top_k & reached)
-        if num == vocab or bool(settled.all()):
+        # Unsettled: no top-k (num covers every top_k) and the candidates' mass below top_p.
+        unsettled = no_top_k & top_p_on & (cumulative[:, -1] < top_ps)
+        if num == vocab or logits.is_cuda or not bool(unsettled.any()):
             break
     kept = values.masked_fill(drop, float("-inf"))
     masked = torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
+    if logits.is_cuda and num < vocab:  # the unsettled rows by their floor
+        floor = top_p_floor(logits, peak.squeeze(-1), row_total, top_ps, unsettled)
+        beyond = logits.masked_fill(logits < floor[:, None], float("-inf"))
+        masked = torch.where(unsettled[:, None], beyond, masked)
     return torch.where((no_top_k & ~top_p_on)[:, None], logits, masked)
 
 

@@ -83,6 +83,7 @@ def main() -> None:
         triton_rms_norm,
         triton_rotary,
         triton_rotary_kv_cache,
+        triton_top_p,
     )
 
     JITFunction.run = _compile
@@ -154,6 +155,8 @@ def main() -> None:
     triton_copy_blocks.copy_blocks([cache], [cache.clone()], torch.tensor([[0, 1]], dtype=i64))
     triton_activation.silu_and_mul(torch.zeros(tokens, 2 * 14336, dtype=bf16))
     triton_argmax.row_max(torch.zeros(tokens, 128256, dtype=bf16))
+    per_row = torch.zeros(tokens)
+    triton_top_p.top_p_floor(torch.zeros(tokens, 128256), per_row, per_row, per_row, per_row.bool())
     triton_embedding.shard_embedding(
         torch.zeros(tokens, dtype=i64), torch.zeros(1000, hidden, dtype=bf16), 0
     )

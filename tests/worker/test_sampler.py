@@ -159,9 +159,12 @@ def _sorted_top_k_top_p(logits, top_ks, top_ps):
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def test_top_k_top_p_keep_the_sorted_definitions_set_without_sorting_the_vocab():
-    """The kept sets come from the top 64 or 1024 candidates when these hold them, else the
-    whole vocabulary: rows peaked (a few tokens), spread (hundreds) and flat (most of it)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_top_k_top_p_keep_the_sorted_definitions_set_without_sorting_the_vocab(device):
+    """The kept sets come from the top 64 or 1024 candidates when these hold them (every
+    top_k's), else on the CPU from more candidates up to the whole vocabulary and on CUDA from
+    each unsettled row's top-p floor (the Triton kernels.top_p_floor): rows peaked (a few
+    tokens), spread (hundreds) and flat (most of it)."""
     from worker.sampler import _mask_top_k_top_p
 
     gen = torch.Generator().manual_seed(5)
@@ -181,7 +184,9 @@ def test_top_k_top_p_keep_the_sorted_definitions_set_without_sorting_the_vocab()
         logits = torch.stack([torch.randn(vocab, generator=gen) * s for s, _, _ in subset])
         top_ks = torch.tensor([k for _, k, _ in subset])
         top_ps = torch.tensor([p for _, _, p in subset])
-        got = _mask_top_k_top_p(logits, top_ks, top_ps)
+        got = _mask_top_k_top_p(
+            logits.to(device), top_ks.to(device), top_ps.to(device), int(top_ks.max())
+        ).cpu()
         expected = _sorted_top_k_top_p(logits, top_ks, top_ps)
         assert torch.equal(got.isfinite(), expected.isfinite())
         assert torch.equal(got[got.isfinite()], logits[got.isfinite()])
