@@ -450,9 +450,8 @@ class ModelRunner:
             dtype=np.int64,
         ).reshape(-1, 2)
         if len(banned):
-            batch.suppressed = torch.zeros(len(states), vocab, dtype=torch.bool, device=self.device)
-            pairs = _to_device(torch.from_numpy(banned), self.device)
-            batch.suppressed[pairs[:, 0], pairs[:, 1]] = True
+            flat_ids = torch.from_numpy(banned[:, 0] * vocab + banned[:, 1])
+            batch.suppressed = _token_mask(_to_device(flat_ids, self.device), len(states), vocab)
         if any(s.penalized for s in states):
             batch.penalties = self._penalties(states, vocab, tensor)
         return batch
@@ -461,29 +460,21 @@ class ModelRunner:
         """The rows' penalty parameters, their output token counts [rows, vocab] and prompt
         token mask [rows, vocab], built on the device from each row's tokens."""
         opts = [s.sampling for s in states]
-        # (batch row, token id) of every row's tokens on the host, prompt then outputs:
-        # [total tokens] each, split into the prompts' and the outputs' pairs.
+        # Every row's tokens on the host, prompt then outputs, as flat indices row * vocab +
+        # token id into [rows, vocab] ([total tokens]), split into the prompts' and outputs'.
         histories = [self.rows.history(s.row) for s in states]
         lengths = np.array([len(h) for h in histories])
-        ids = np.concatenate(histories).astype(np.int64)
         batch_rows = np.repeat(np.arange(len(states)), lengths)
+        flat_ids = batch_rows * vocab + np.concatenate(histories).astype(np.int64)
         starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
         prompt_lens = np.repeat([s.sampling.prompt_len for s in states], lengths)
-        in_prompt = np.arange(len(ids)) - starts < prompt_lens
+        in_prompt = np.arange(len(flat_ids)) - starts < prompt_lens
         device = self.device
-        prompt_pairs = [
-            _to_device(torch.from_numpy(a[in_prompt]), device) for a in (batch_rows, ids)
-        ]
-        output_pairs = [
-            _to_device(torch.from_numpy(a[~in_prompt]), device) for a in (batch_rows, ids)
-        ]
-        # Counted by scatter_add_ into the flat [rows * vocab] view: an accumulating
-        # index_put_ on CUDA synchronized the stream (a launch with a penalized row waited for
-        # the device: tests/worker/test_launch_ahead.py).
+        prompt_ids = _to_device(torch.from_numpy(flat_ids[in_prompt]), device)
+        output_ids = _to_device(torch.from_numpy(flat_ids[~in_prompt]), device)
         counts = torch.zeros(len(states), vocab, device=device)
-        flat = counts.view(-1)
-        rows_d, ids_d = output_pairs
-        flat.scatter_add_(0, rows_d * vocab + ids_d, torch.ones(len(ids_d), device=device))
+        flat = counts.view(-1)  # [rows * vocab]
+        flat.scatter_add_(0, output_ids, torch.ones(len(output_ids), device=device))
         # A penalized row's newest output may still be on its way to the host (the step
         # before this one is in flight): read where that step's sampling left it, on the
         # device (its own tensor: a step with a penalized row never samples in a graph's).
@@ -498,8 +489,7 @@ class ModelRunner:
             waiting_rows = _to_device(torch.from_numpy(waiting), device)
             ones = torch.ones(len(waiting), device=device)
             flat.scatter_add_(0, waiting_rows * vocab + self._sampled[pending], ones)
-        prompt_mask = torch.zeros(len(states), vocab, dtype=torch.bool, device=device)
-        prompt_mask[tuple(prompt_pairs)] = True
+        prompt_mask = _token_mask(prompt_ids, len(states), vocab)
         return Penalties(
             presence=tensor([o.presence_penalty for o in opts], torch.float32),
             frequency=tensor([o.frequency_penalty for o in opts], torch.float32),
@@ -686,6 +676,15 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     before it, and a step launched ahead would overlap nothing. From pageable memory the copy
     returns once the driver has staged the bytes, so host may be dropped at once."""
     return host.to(device, non_blocking=True)
+
+
+def _token_mask(flat_ids: torch.Tensor, num_rows: int, vocab: int) -> torch.Tensor:
+    """[num_rows, vocab] bool, True at flat_ids (row * vocab + token id, on the device), set by
+    index_fill_ with a scalar. Not `mask[rows, ids] = True`: on CUDA, index_put_ first copies
+    a Python scalar's CPU tensor to the device with a blocking copy, which synchronizes the
+    stream (measured: every launch with a penalized row waited for the device)."""
+    mask = torch.zeros(num_rows * vocab, dtype=torch.bool, device=flat_ids.device)
+    return mask.index_fill_(0, flat_ids, True).view(num_rows, vocab)
 
 
 def _add_logprobs(

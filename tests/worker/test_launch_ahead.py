@@ -3,10 +3,14 @@ tokens must be exactly those of running the plans one at a time, for greedy, see
 penalized and min_tokens rows, with requests arriving and leaving in between."""
 
 import time
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import worker
 from protos import worker_pb2
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
@@ -129,6 +133,58 @@ def test_launching_ahead_gives_the_tokens_of_one_step_at_a_time(tiny_llama_dir, 
     scheduled = [len(p.new_requests) + len(p.cached_requests.request_ids) for p in steps]
     assert [len(r.token_ids) for r in got] == scheduled
     assert launched_ahead == [False] + [True] * 11
+
+
+# aten ops whose CUDA implementation needs a value on the host, so the host waits for the
+# stream: .item() / bool() / int() of a tensor, outputs sized by their data. index_put_ is one
+# when its value is a 0-dim tensor: `t[rows, ids] = True` makes a CPU scalar tensor, which
+# index_put_ copies to t's device with a blocking copy.
+WAITS_FOR_THE_DEVICE = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "unique"}
+INDEX_PUT = {"index_put", "index_put_", "_index_put_impl_"}
+WORKER_PACKAGE = str(Path(worker.__file__).parent)
+
+
+class HostWaits(TorchDispatchMode):
+    """Records (aten op, the worker function calling it) for each op that would make the host
+    wait for a CUDA stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: set[tuple[str, str]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in WAITS_FOR_THE_DEVICE or (name in INDEX_PUT and args[2].dim() == 0):
+            stack = traceback.extract_stack()
+            caller = next(f.name for f in reversed(stack) if f.filename.startswith(WORKER_PACKAGE))
+            self.found.add((name, caller))
+        return func(*args, **(kwargs or {}))
+
+
+def test_sampling_in_a_launch_runs_no_op_that_waits_for_the_device(tiny_llama_dir):
+    """The CPU's check of what the GPU test below measures: each launch's sampling (greedy,
+    seeded top-p, unseeded top-k, penalized rows with a token in flight, min_tokens bans) runs
+    no aten op that would make the host wait for a CUDA stream. The one allowed: the CPU's own
+    top-k / top-p loop asking whether rows are settled (on CUDA the floor kernel answers)."""
+    path, _ = tiny_llama_dir
+    names = ["greedy-a", "seeded-a", "unseeded-a", "penalized-a", "penalized-b", "min_tokens-a"]
+    steps = plans(random_prompts(names, seed=3), steps=8, late="penalized-b", leaves="seeded-a")
+    runner = runner_with_cache(path, "cpu")
+    waits = HostWaits()
+    sample = runner._sample
+
+    def watched_sample(*args):
+        with waits:
+            sample(*args)
+
+    runner._sample = watched_sample
+    step = runner.launch(steps[0])
+    for plan in steps[1:]:  # each launched while the step before is in flight
+        launched = runner.launch(plan)
+        runner.finish(step)
+        step = launched
+    runner.finish(step)
+    assert waits.found <= {("_local_scalar_dense", "_mask_top_k_top_p")}
 
 
 @pytest.mark.gpu
