@@ -7,8 +7,9 @@ For each batch size in turn (on the same cluster), each iteration sends batch-si
 random token prompts at once (greedy unless --sampling says otherwise, ignore_eos, exactly
 --output-len tokens, one message per completion: output_kind FINAL_ONLY) and waits for all; the
 warm-up iterations are not timed.
-Reported per batch size: ms per output token (the median decode step of the timed iterations:
-the steps in which every scheduled request computes one token), the median end-to-end latency of
+Reported per batch size: ms per output token (the mean decode step of the timed iterations:
+the steps in which every scheduled request computes one token; their median is in the anatomy,
+and misreads when a launch waits for the device), the median end-to-end latency of
 an iteration, the roofline of a decode step next to it and the anatomy of the timed steps; then
 a markdown table.
 """
@@ -44,7 +45,7 @@ class BatchResult:
 
     @property
     def ms_per_token(self) -> float | None:
-        return None if self.anatomy is None else self.anatomy.median_decode_step_ms
+        return None if self.anatomy is None else self.anatomy.mean_decode_step_ms
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +85,7 @@ def report(bench: BenchCluster, r: BatchResult, args: argparse.Namespace) -> lis
         "",
         f"batch size {r.batch_size}: {args.num_iters} timed iteration(s) of {r.batch_size} x "
         f"{args.input_len} prompt + {args.output_len} output tokens",
-        f"  ms per output token (median decode step): {fmt(r.ms_per_token, '.3f')}",
+        f"  ms per output token (mean decode step): {fmt(r.ms_per_token, '.3f')}",
         f"  end-to-end latency: median {statistics.median(r.latencies_s) * 1e3:.1f} ms "
         f"(iterations: {each})",
         *("  " + line for line in format_roofline(bench.roofline, r.ms_per_token)[2:]),

@@ -136,6 +136,15 @@ class Anatomy:
     idle_s: float
     decode_idle_s: float  # the part of idle_s before decode-only steps
 
+    @property
+    def mean_decode_step_ms(self) -> float | None:
+        """The decode-only steps' time over their number. Unlike their median it holds when the
+        intervals alternate: a worker whose launch waits for the device answers the step
+        before only as the next one ends, two answers close together, then a long gap."""
+        if not self.num_decode_steps:
+            return None
+        return 1e3 * self.decode_steps_s / self.num_decode_steps
+
 
 def step_anatomy(records: list[dict]) -> Anatomy | None:
     """The anatomy of some steps; None when there are none."""

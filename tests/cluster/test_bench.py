@@ -81,6 +81,7 @@ def test_step_anatomy():
     assert a.num_steps == 5 and a.num_decode_steps == 3
     assert a.median_step_ms == 5.0  # of 4, 4.5, 5, 6, 10
     assert a.median_decode_step_ms == 4.5  # of 4, 4.5, 5
+    assert a.mean_decode_step_ms == pytest.approx(4.5)
     assert a.median_worker_ms == 3.5  # of 3, 3, 3.5, 4, 6
     assert a.median_idle_ms == 0.5  # of 0.25, 0.5, 0.5, 1, 1
     assert a.median_turnaround_ms == 1.25  # a quarter of each step here
@@ -103,10 +104,21 @@ def test_step_anatomy():
     assert "0.00 s of it before decode-only steps (9.3% of their time)" in text  # 1.25 / 13.5
 
 
+def test_the_mean_decode_step_holds_where_intervals_alternate():
+    """A launch that waits for the device: answers come in pairs, 1 ms then 9 ms apart. The
+    median of the intervals reads 1 ms a token where the steps took 4.2 ms on average."""
+    intervals = [1.0, 9.0, 1.0, 9.0, 1.0]
+    records = [_record(float(i), ms, 4.0, 0.0, True, {"a": 1}) for i, ms in enumerate(intervals)]
+    a = step_anatomy(records)
+    assert a.median_decode_step_ms == 1.0
+    assert a.mean_decode_step_ms == pytest.approx(4.2)
+
+
 def test_step_anatomy_without_decode_steps_or_steps():
     a = step_anatomy(RECORDS[:1])
     assert a.num_decode_steps == 0
     assert a.median_decode_step_ms is None and a.graph_hit_decode is None
+    assert a.mean_decode_step_ms is None
     assert a.decode_steps_s == 0.0 and step_anatomy(RECORDS[1:2]).median_other_step_ms is None
     assert step_anatomy([]) is None
     assert format_anatomy(None) == ["step anatomy (timed steps): no step records"]
