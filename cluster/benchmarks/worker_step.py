@@ -2,7 +2,7 @@
 
     python -m cluster.benchmarks.worker_step --model llama-3-8b --batch-size 1 64 256 \
         [--context-len 256] [--steps 200] [--dtype bfloat16] [--enforce-eager] [--profile] \
-        [--tensor-parallel-size 2] [--prompt-len 128]
+        [--tensor-parallel-size 2] [--prompt-len 128] [--sampling greedy|random|top-p|penalized]
 
 Loads a model (a dummy preset, or a checkpoint) into a ModelRunner on this process's GPU (with
 --tensor-parallel-size N: N processes, rank r on GPU r, its shard, in one group as a replica's
@@ -22,8 +22,10 @@ every decode step also prefills a new request's N-token prompt (finished the ste
 step under steady arrivals does: its rows are the batch plus N, so it replays a graph only while
 they fit the largest (model_runner.GRAPH_PROMPT_ROWS), and its graph column is then omitted;
 a step that does not replays the piecewise graphs (worker.piecewise_graph) unless eager.
---profile prints the kernels of one graph replay where the decodes alone replay one, else
-(--prompt-len, --enforce-eager) the kernels and the host calls of the steps themselves.
+Every request samples as --sampling says (report.SAMPLING's presets; greedy by default).
+--profile prints the kernels of one graph replay where the decodes alone replay one and sample
+greedily, else (--prompt-len, --enforce-eager, another preset: its sampling runs after the
+graph) the kernels and the host calls of the steps themselves.
 """
 
 import argparse
@@ -36,7 +38,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cluster.benchmarks.report import measure_copy_bandwidth, roofline_ms
+from cluster.benchmarks.report import (
+    SAMPLING,
+    add_sampling_argument,
+    measure_copy_bandwidth,
+    roofline_ms,
+)
 from cluster.models import resolve_model
 from protos import worker_pb2
 from worker import distributed
@@ -53,13 +60,20 @@ def decode_plans(
     first_block: int,
     prompt_len: int = 0,
     vocab: int = 1000,
+    sampling: str = "greedy",
 ) -> list:
     """A prefill plan of batch requests of context_len random tokens, then `steps` decode plans
     (each request one token a step, a new block when it crosses a block boundary), each with a
     new request's prompt_len-token prompt beside them when prompt_len (finished the step after;
-    two sets of blocks after the batch's, alternated). Token ids are drawn below vocab."""
+    two sets of blocks after the batch's, alternated). Token ids are drawn below vocab; every
+    request samples as the report.SAMPLING preset `sampling` says."""
     rng = np.random.default_rng(0)
-    greedy = worker_pb2.SamplingOptions(temperature=0.0, top_p=1.0)
+
+    def options(num_prompt_tokens: int) -> worker_pb2.SamplingOptions:
+        return worker_pb2.SamplingOptions(
+            **{"top_p": 1.0, **SAMPLING[sampling]}, prompt_len=num_prompt_tokens
+        )
+
     blocks_per_request = -(-(context_len + steps + 1) // BLOCK_SIZE)
     plans = [worker_pb2.StepPlan(step_id=0)]
     tables = []
@@ -71,7 +85,7 @@ def decode_plans(
             worker_pb2.NewRequest(
                 request_id=str(i),
                 token_ids=rng.integers(0, vocab, context_len).tolist(),
-                sampling=greedy,
+                sampling=options(context_len),
                 block_ids=tables[i][:have],
                 num_scheduled_tokens=context_len,
             )
@@ -95,7 +109,7 @@ def decode_plans(
                 worker_pb2.NewRequest(
                     request_id=f"prompt-{step}",
                     token_ids=rng.integers(0, vocab, prompt_len).tolist(),
-                    sampling=greedy,
+                    sampling=options(prompt_len),
                     block_ids=list(range(start, start + prompt_blocks)),
                     num_scheduled_tokens=prompt_len,
                 )
@@ -254,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--prompt-len", type=int, default=0, help="a new prompt of this many tokens every step"
     )
+    add_sampling_argument(parser)
     args = parser.parse_args(argv)
     world = args.tensor_parallel_size
     if world == 1:
@@ -298,11 +313,13 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
     )
     rows = []
     for batch in args.batch_size:
-        plans = decode_plans(batch, args.context_len, args.steps, 0, args.prompt_len)
+        plans = decode_plans(
+            batch, args.context_len, args.steps, 0, args.prompt_len, sampling=args.sampling
+        )
         steps, hits, pieces = time_steps(runner, plans)
         step_ms = statistics.median(steps)
         graph_ms = None
-        if runner.graphs is not None and not args.prompt_len:
+        if runner.graphs is not None and not args.prompt_len and args.sampling == "greedy":
             graph_ms = time_graph(runner, runner.graphs.size_for(batch))
         rows.append((batch, graph_ms, step_ms, hits, pieces))
         if args.profile and graph_ms is not None:
@@ -313,15 +330,15 @@ def run_rank(rank: int, args: argparse.Namespace, store_path: str) -> None:
         report(f"batch {batch}: graph {graph} ms, worker step {step_ms:.3f} ms", flush=True)
     report()
     report(
-        "| model | TP | batch | prompt tokens a step | graph replay (ms) | worker step (ms) "
-        "| steps replayed | steps in pieces | roofline (ms) |"
+        "| model | TP | batch | prompt tokens a step | sampling | graph replay (ms) "
+        "| worker step (ms) | steps replayed | steps in pieces | roofline (ms) |"
     )
-    report("|---|---|---|---|---|---|---|---|---|")
+    report("|---|---|---|---|---|---|---|---|---|---|")
     for batch, graph_ms, step_ms, hits, pieces in rows:
         graph = "-" if graph_ms is None else f"{graph_ms:.3f}"
         report(
-            f"| {args.model} | {world} | {batch} | {args.prompt_len} | {graph} | {step_ms:.3f} "
-            f"| {hits:.0%} | {pieces:.0%} | {roof:.3f} |"
+            f"| {args.model} | {world} | {batch} | {args.prompt_len} | {args.sampling} | {graph} "
+            f"| {step_ms:.3f} | {hits:.0%} | {pieces:.0%} | {roof:.3f} |"
         )
     if world > 1:
         # Tearing down NCCL and the symmetric memory at exit can hang (seen on 2 x H200): the

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cluster.benchmarks import worker_step
+from cluster.benchmarks.report import SAMPLING
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
 
@@ -12,12 +13,28 @@ BATCH, CONTEXT, STEPS, PROMPT = 3, 20, 6, 10
 LONG_PROMPT = 50  # past the batch's requests' 27 tokens
 
 
-def _run(path, prompt_len: int) -> list:
+def _run(path, prompt_len: int, sampling: str = "greedy") -> list:
     model = load_model(str(path), "auto", torch.float32, torch.device("cpu"), seed=0)
     runner = ModelRunner(model, torch.device("cpu"), torch.float32, seed=0)
     runner.init_cache(**worker_step.cache_sizes(BATCH, CONTEXT, STEPS, prompt_len))
-    plans = worker_step.decode_plans(BATCH, CONTEXT, STEPS, 0, prompt_len, vocab=256)
+    plans = worker_step.decode_plans(BATCH, CONTEXT, STEPS, 0, prompt_len, 256, sampling)
     return [runner.execute(plan) for plan in plans]
+
+
+@pytest.mark.parametrize("preset", sorted(SAMPLING))
+def test_every_request_samples_as_the_preset_says(tiny_models, preset):
+    """--sampling: each request's options are the preset's (top_p 1 where it sets none), its
+    prompt its own token ids; every scheduled request samples a token each step."""
+    plans = worker_step.decode_plans(BATCH, CONTEXT, STEPS, 0, PROMPT, 256, preset)
+    news = [new for plan in plans for new in plan.new_requests]
+    for new in news:
+        opts = new.sampling
+        assert opts.prompt_len == len(new.token_ids)
+        assert opts.top_p == pytest.approx(SAMPLING[preset].get("top_p", 1.0))  # float32
+        for key, value in SAMPLING[preset].items():
+            assert getattr(opts, key) == pytest.approx(value), key
+    results = _run(tiny_models["llama"][0], PROMPT, preset)
+    assert [len(r.token_ids) for r in results[1:-1]] == [BATCH + 1] * STEPS
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT])
