@@ -1,19 +1,23 @@
 """The worker's host work per decode step, on the CPU: what the device waits for between steps.
 
     python -m cluster.benchmarks.host_step [--batch-size 64 256] [--steps 200] [--prompt-len N]
-        [--profile]
+        [--sampling greedy|random|top-p|penalized] [--profile]
 
 A tiny Llama (one layer, hidden 64, vocabulary 1024, dummy weights) runs on the CPU, so its
 forward pass costs little; it is timed apart (with the LM head's logits and argmax, the rest of
 the device's work on a GPU) and taken out. For each batch size, batch-size requests of 128
-tokens decode greedily one token a step, driven as WorkerService.Execute drives them (the next
-plan already there), with --prompt-len a new prompt of N tokens beside them every step (it
-computes in that step and leaves in the next, as worker_step's); per step, median ms:
+tokens decode one token a step, sampling as --sampling says (report.SAMPLING's presets, greedy
+by default), driven as WorkerService.Execute drives them (the next plan already there), with
+--prompt-len a new prompt of N tokens beside them every step (it computes in that step and
+leaves in the next, as worker_step's); per step, median ms:
 
     parse     the plan's wire bytes -> StepPlan (the gRPC reader thread's share)
-    launch    runner.launch(plan) less the device work: plan diff -> inputs -> the launch
+    launch    runner.launch(plan) less the device work: plan diff -> inputs (the sampler's
+              per-row parameters among them) -> the launch
     device    the model's forward pass and LM head (the tiny model's, on the CPU; a GPU runs
               them asynchronously, or replays them as a graph)
+    sample    the sampler's tensor work (worker.sampler.sample; on a GPU, kernels queued), in
+              none of the other columns
     finish    runner.finish(step): tokens -> per-request state -> StepResult
     result    StepResult -> wire bytes
     host      parse + launch + finish + result: the worker's host time per step
@@ -36,7 +40,9 @@ from pathlib import Path
 
 import torch
 
+from cluster.benchmarks.report import add_sampling_argument
 from cluster.benchmarks.worker_step import cache_sizes, decode_plans
+from worker import model_runner
 from worker.loader import load_model
 from worker.model_runner import ModelRunner
 
@@ -52,35 +58,52 @@ TINY_LLAMA = {
     "max_position_embeddings": 4096,
     "tie_word_embeddings": True,
 }
-COLUMNS = ("parse", "launch", "device", "finish", "result", "host")
+COLUMNS = ("parse", "launch", "device", "sample", "finish", "result", "host")
 
 
 class DeviceTimer:
     """Sums the wall time of the calls that are the device's work on a GPU: the model's
-    forward pass and its LM head's logits and argmax (wrapped on the instances)."""
+    forward pass and its LM head's logits and argmax (wrapped on the instances), and apart,
+    the sampler's (model_runner's `sample`, wrapped once; it times into the newest timer)."""
+
+    newest: "DeviceTimer | None" = None
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.total_ms = 0.0
+        self.total_ms = {"device": 0.0, "sample": 0.0}
         for owner, name in (
             (model, "forward"),
             (model.lm_head, "local_logits"),
             (model.lm_head, "greedy"),
         ):
             setattr(owner, name, self._timed(getattr(owner, name)))
+        DeviceTimer.newest = self
+        if not hasattr(model_runner.sample, "host_step_timed"):
+            model_runner.sample = _timed_sample(model_runner.sample)
 
     def _timed(self, call: Callable) -> Callable:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             out = call(*args, **kwargs)
-            self.total_ms += (time.perf_counter() - start) * 1e3
+            self.total_ms["device"] += (time.perf_counter() - start) * 1e3
             return out
 
         return timed
 
-    def take(self) -> float:
-        """The time summed since the last take, ms."""
-        total, self.total_ms = self.total_ms, 0.0
+    def take(self) -> dict[str, float]:
+        """The time summed in each column since the last take, ms."""
+        total, self.total_ms = self.total_ms, {"device": 0.0, "sample": 0.0}
         return total
+
+
+def _timed_sample(call: Callable) -> Callable:
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = call(*args, **kwargs)
+        DeviceTimer.newest.total_ms["sample"] += (time.perf_counter() - start) * 1e3
+        return out
+
+    timed.host_step_timed = True
+    return timed
 
 
 def tiny_runner(
@@ -124,8 +147,9 @@ def time_host(
             t4 = time.perf_counter()
             row = {
                 "parse": (t1 - t0) * 1e3,
-                "launch": (t2 - t1) * 1e3 - device,
-                "device": device,
+                "launch": (t2 - t1) * 1e3 - device["device"] - device["sample"],
+                "device": device["device"],
+                "sample": device["sample"],
                 "finish": (t3 - t2) * 1e3,
                 "result": (t4 - t3) * 1e3,
             }
@@ -148,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prompt-len", type=int, default=0, help="a new prompt every step")
     parser.add_argument("--profile", action="store_true", help="cProfile of the largest batch")
+    add_sampling_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     max_batch = max(args.batch_size)
@@ -159,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         first_block=0,
         prompt_len=args.prompt_len,
         vocab=TINY_LLAMA["vocab_size"],
+        sampling=args.sampling,
     )
     print(f"| batch | {' | '.join(f'{c} (ms)' for c in COLUMNS)} |")
     print(f"|---|{'---|' * len(COLUMNS)}")
