@@ -48,15 +48,9 @@ from worker.layers.attention import AttentionMetadata
 from worker.layers.linear import choose_one_row
 from worker.piecewise_graph import PiecewiseGraphs
 from worker.request_rows import RequestRows
-from worker.sampler import (
-    GREEDY_EPS,
-    Penalties,
-    SampleOutput,
-    SamplingBatch,
-    draw_seed,
-    sample,
-)
-from worker.step_staging import StepStaging
+from worker.sampler import GREEDY_EPS, SampleOutput, sample
+from worker.sampling_rows import SamplingRows
+from worker.step_staging import StepStaging, to_device_async
 
 # ModelRunner.warm_up's prefill lengths: with every longer one the prefill kernel's tile height
 # (kernels.triton_prefill_attention.prefill_config: the longest query's next power of two,
@@ -111,7 +105,7 @@ class LaunchedStep:
     start: torch.cuda.Event | None = None
     done: torch.cuda.Event | None = None
     out: SampleOutput | None = None  # rank 0's logprobs, when asked
-    logprob_options: list[worker_pb2.SamplingOptions] | None = None  # each row's, when asked
+    logprobs_asked: np.ndarray | None = None  # [num_samplers] each row's top k, -1 none
 
 
 class ModelRunner:
@@ -125,6 +119,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.block_tables = BlockTables(max_blocks=0)
         self.rows = RequestRows()
+        self.sampling = SamplingRows()
         self.staging = StepStaging(device)  # the eager steps' inputs, one copy a step
         self.graphs: DecodeGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None
@@ -181,6 +176,7 @@ class ModelRunner:
         max_blocks = -(-max_model_len // block_size) if max_model_len else num_blocks
         self.block_tables = BlockTables(max(max_blocks, 1))
         self.rows = RequestRows()
+        self.sampling = SamplingRows()
         self.graphs, self.pieces = None, None
         if self.device.type == "cuda" and not enforce_eager and max_num_seqs and num_blocks:
             began = time.perf_counter()
@@ -239,6 +235,7 @@ class ModelRunner:
         self.requests.clear()
         self.block_tables = BlockTables(self.block_tables.max_blocks)
         self.rows = RequestRows()
+        self.sampling = SamplingRows()
         self._sampled, self._done_before = None, None
         self._last_done = time.perf_counter()
         return len(lengths)
@@ -285,7 +282,7 @@ class ModelRunner:
 
     def _swap_out(self, pairs: list[worker_pb2.BlockCopy]) -> None:
         """Device block src -> host block dst, every layer's K and V."""
-        src = _to_device(torch.tensor([p.src for p in pairs], dtype=torch.int64), self.device)
+        src = to_device_async(torch.tensor([p.src for p in pairs], dtype=torch.int64), self.device)
         dst = torch.tensor([p.dst for p in pairs], dtype=torch.int64)
         for device_cache, host_cache in self._device_and_host_caches():
             host_cache[dst] = device_cache[src].cpu()
@@ -293,14 +290,14 @@ class ModelRunner:
     def _swap_in(self, pairs: list[worker_pb2.BlockCopy]) -> None:
         """Host block src -> device block dst, every layer's K and V."""
         src = torch.tensor([p.src for p in pairs], dtype=torch.int64)
-        dst = _to_device(torch.tensor([p.dst for p in pairs], dtype=torch.int64), self.device)
+        dst = to_device_async(torch.tensor([p.dst for p in pairs], dtype=torch.int64), self.device)
         for device_cache, host_cache in self._device_and_host_caches():
-            device_cache[dst] = _to_device(host_cache[src], self.device)
+            device_cache[dst] = to_device_async(host_cache[src], self.device)
 
     def _copy_blocks(self, pairs: list[worker_pb2.BlockCopy]) -> None:
         """Device block src -> device block dst (copy-on-write), every layer's K and V."""
         mapping = torch.tensor([(p.src, p.dst) for p in pairs], dtype=torch.int64)
-        copy_blocks(*self._device_caches(), _to_device(mapping, self.device))
+        copy_blocks(*self._device_caches(), to_device_async(mapping, self.device))
 
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
         """Applies the plan's diff, runs the step; returns the ids and tokens it sampled (and
@@ -310,6 +307,7 @@ class ModelRunner:
     def _release(self, row: int) -> None:
         self.block_tables.release(row)
         self.rows.release(row)
+        self.sampling.release(row)
 
     @torch.inference_mode()
     def launch(self, plan: worker_pb2.StepPlan) -> LaunchedStep:
@@ -392,8 +390,8 @@ class ModelRunner:
         result = step.result
         result.request_ids.extend(step.request_ids)
         result.token_ids.extend(tokens.tolist())
-        if step.logprob_options is not None:
-            _add_logprobs(result, step.logprob_options, step.out)
+        if step.logprobs_asked is not None:
+            _add_logprobs(result, step.logprobs_asked, step.out)
         return result
 
     def _new_state(self, new: worker_pb2.NewRequest) -> RequestState:
@@ -412,91 +410,8 @@ class ModelRunner:
         self.rows.add(
             state.row, token_ids, new.num_computed_tokens, state.plain_greedy, state.penalized
         )
+        self.sampling.add(state.row, opts)
         return state
-
-    def _sampling_batch(self, states: list[RequestState], vocab: int, tensor) -> SamplingBatch:
-        """Per-row parameters; penalty and min_tokens tensors only when some row needs them."""
-        opts = [s.sampling for s in states]
-        num_tokens = self.rows.num_tokens  # [rows] before this step's sampled token
-        batch = SamplingBatch(
-            temperatures=tensor([o.temperature for o in opts], torch.float32),
-            # Each row samples its next output token: the one at index num_output_tokens (the
-            # prompt_len of a recomputed request's NewRequest keeps its outputs apart).
-            seeds=[
-                draw_seed(o.seed, int(num_tokens[s.row]) - o.prompt_len)
-                if o.HasField("seed")
-                else None
-                for o, s in zip(opts, states, strict=True)
-            ],
-            all_greedy=all(o.temperature < GREEDY_EPS for o in opts),
-        )
-        if any(o.top_k > 0 or o.top_p < 1 for o in opts):
-            batch.top_ps = tensor([o.top_p for o in opts], torch.float32)
-            batch.top_ks = tensor([o.top_k for o in opts], torch.int64)
-            batch.max_top_k = max(o.top_k for o in opts)
-        asked = [o.logprobs for o in opts if o.HasField("logprobs")]
-        if asked:
-            batch.num_logprobs = max(asked)
-        if any(o.min_p for o in opts):
-            batch.min_ps = tensor([o.min_p for o in opts], torch.float32)
-        banned = np.array(  # (batch row, token id) pairs of the rows short of min_tokens
-            [
-                (row, token)
-                for row, s in enumerate(states)
-                if num_tokens[s.row] - s.sampling.prompt_len < s.sampling.min_tokens
-                for token in s.sampling.banned_until_min_tokens
-                if token < vocab
-            ],
-            dtype=np.int64,
-        ).reshape(-1, 2)
-        if len(banned):
-            flat_ids = torch.from_numpy(banned[:, 0] * vocab + banned[:, 1])
-            batch.suppressed = _token_mask(_to_device(flat_ids, self.device), len(states), vocab)
-        if any(s.penalized for s in states):
-            batch.penalties = self._penalties(states, vocab, tensor)
-        return batch
-
-    def _penalties(self, states: list[RequestState], vocab: int, tensor) -> Penalties:
-        """The rows' penalty parameters, their output token counts [rows, vocab] and prompt
-        token mask [rows, vocab], built on the device from each row's tokens."""
-        opts = [s.sampling for s in states]
-        # Every row's tokens on the host, prompt then outputs, as flat indices row * vocab +
-        # token id into [rows, vocab] ([total tokens]), split into the prompts' and outputs'.
-        histories = [self.rows.history(s.row) for s in states]
-        lengths = np.array([len(h) for h in histories])
-        batch_rows = np.repeat(np.arange(len(states)), lengths)
-        flat_ids = batch_rows * vocab + np.concatenate(histories).astype(np.int64)
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        prompt_lens = np.repeat([s.sampling.prompt_len for s in states], lengths)
-        in_prompt = np.arange(len(flat_ids)) - starts < prompt_lens
-        device = self.device
-        prompt_ids = _to_device(torch.from_numpy(flat_ids[in_prompt]), device)
-        output_ids = _to_device(torch.from_numpy(flat_ids[~in_prompt]), device)
-        counts = torch.zeros(len(states), vocab, device=device)
-        flat = counts.view(-1)  # [rows * vocab]
-        flat.scatter_add_(0, output_ids, torch.ones(len(output_ids), device=device))
-        # A penalized row's newest output may still be on its way to the host (the step
-        # before this one is in flight): read where that step's sampling left it, on the
-        # device (its own tensor: a step with a penalized row never samples in a graph's).
-        held = self.rows
-        rows = np.array([s.row for s in states], dtype=np.int64)
-        in_flight = held.num_tokens[rows] - held.num_known[rows]
-        if in_flight.max() > 1:
-            raise RuntimeError("a request has two sampled tokens not yet on the host")
-        waiting = np.flatnonzero((in_flight > 0) & held.penalized[rows])
-        if len(waiting):
-            pending = _to_device(torch.from_numpy(held.pending_index[rows[waiting]]), device)
-            waiting_rows = _to_device(torch.from_numpy(waiting), device)
-            ones = torch.ones(len(waiting), device=device)
-            flat.scatter_add_(0, waiting_rows * vocab + self._sampled[pending], ones)
-        prompt_mask = _token_mask(prompt_ids, len(states), vocab)
-        return Penalties(
-            presence=tensor([o.presence_penalty for o in opts], torch.float32),
-            frequency=tensor([o.frequency_penalty for o in opts], torch.float32),
-            repetition=tensor([o.repetition_penalty or 1.0 for o in opts], torch.float32),
-            output_counts=counts,
-            prompt_mask=prompt_mask,
-        )
 
     def _run(self, request_ids: list[str], rows: np.ndarray, counts: np.ndarray) -> LaunchedStep:
         """Builds and launches the step of sequences i = 0..n-1: counts[i] tokens [n] of the
@@ -545,7 +460,7 @@ class ModelRunner:
                 graph_size, ids, sources, positions, slots, tables.table[token_rows, :width]
             )
             if len(last_inputs) < len(ids):  # rows of tokens that sample nothing
-                samplers = _to_device(torch.from_numpy(last_inputs), self.device)
+                samplers = to_device_async(torch.from_numpy(last_inputs), self.device)
                 local, greedy = local[samplers], greedy[samplers]
         else:
             hidden = self._run_eager(
@@ -646,15 +561,11 @@ class ModelRunner:
             if logits is None:
                 sampled = torch.empty(num_samplers, dtype=torch.int64, device=self.device)
             else:
-
-                def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-                    return _to_device(torch.tensor(data, dtype=dtype), self.device)
-
-                states = [self.requests[rid] for rid in step.request_ids]
-                batch = self._sampling_batch(states, logits.shape[-1], tensor)
+                vocab = logits.shape[-1]
+                batch = self.sampling.batch(step.rows, self.rows, vocab, self._sampled, self.device)
                 step.out = sample(logits, batch, self.shared_generator)
                 if step.out.sampled_logprobs is not None:
-                    step.logprob_options = [s.sampling for s in states]
+                    step.logprobs_asked = self.sampling.logprobs[step.rows]
                 sampled = step.out.token_ids
             sampled = distributed.broadcast_from_rank0(sampled)
         self._sampled = sampled
@@ -670,32 +581,13 @@ class ModelRunner:
             step.tokens = sampled.clone()
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """host's copy on device, queued on the current stream without waiting for it. A blocking
-    host-to-device copy synchronizes the stream: the host would wait for every step queued
-    before it, and a step launched ahead would overlap nothing. From pageable memory the copy
-    returns once the driver has staged the bytes, so host may be dropped at once."""
-    return host.to(device, non_blocking=True)
-
-
-def _token_mask(flat_ids: torch.Tensor, num_rows: int, vocab: int) -> torch.Tensor:
-    """[num_rows, vocab] bool, True at flat_ids (row * vocab + token id, on the device), set by
-    index_fill_ with a scalar. Not `mask[rows, ids] = True`: on CUDA, index_put_ first copies
-    a Python scalar's CPU tensor to the device with a blocking copy, which synchronizes the
-    stream (measured: every launch with a penalized row waited for the device)."""
-    mask = torch.zeros(num_rows * vocab, dtype=torch.bool, device=flat_ids.device)
-    return mask.index_fill_(0, flat_ids, True).view(num_rows, vocab)
-
-
-def _add_logprobs(
-    result: worker_pb2.StepResult, opts: list[worker_pb2.SamplingOptions], out: SampleOutput
-) -> None:
-    """Packs each row's logprobs: its sampled token's, then as many top ones as it asked."""
+def _add_logprobs(result: worker_pb2.StepResult, asked: np.ndarray, out: SampleOutput) -> None:
+    """Packs each row's logprobs: its sampled token's, then as many top ones as it asked
+    (asked [rows]: -1 for a row that asked for none)."""
     result.sampled_logprobs.extend(out.sampled_logprobs.tolist())
     result.sampled_ranks.extend(out.sampled_ranks.tolist())
     top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
-    for row, o in enumerate(opts):
-        k = o.logprobs if o.HasField("logprobs") else -1  # -1: this row asked for none
+    for row, k in enumerate(asked.tolist()):
         result.num_top_logprobs.append(k)
         result.top_token_ids.extend(top_ids[row][: max(k, 0)])
         result.top_logprobs.extend(top_logprobs[row][: max(k, 0)])

@@ -54,3 +54,11 @@ class StepStaging:
             [device[s : s + a.size].view(a.shape) for a, s in zip(int64, starts64, strict=False)],
             [device32[s : s + a.size].view(a.shape) for a, s in zip(int32, starts32, strict=False)],
         )
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """host's copy on device, queued on the current stream without waiting for it. A blocking
+    host-to-device copy synchronizes the stream: the host would wait for every step queued
+    before it, and a step launched ahead would overlap nothing. From pageable memory the copy
+    returns once the driver has staged the bytes, so host may be dropped at once."""
+    return host.to(device, non_blocking=True)
