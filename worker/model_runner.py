@@ -407,10 +407,8 @@ class ModelRunner:
             and not (opts.min_tokens and opts.banned_until_min_tokens)
         )
         token_ids = np.fromiter(new.token_ids, dtype=np.int32, count=len(new.token_ids))
-        self.rows.add(
-            state.row, token_ids, new.num_computed_tokens, state.plain_greedy, state.penalized
-        )
-        self.sampling.add(state.row, opts)
+        self.rows.add(state.row, token_ids, new.num_computed_tokens, state.plain_greedy)
+        self.sampling.add(state.row, opts, state.penalized)
         return state
 
     def _run(self, request_ids: list[str], rows: np.ndarray, counts: np.ndarray) -> LaunchedStep:
@@ -561,9 +559,9 @@ class ModelRunner:
             if logits is None:
                 sampled = torch.empty(num_samplers, dtype=torch.int64, device=self.device)
             else:
-                vocab = logits.shape[-1]
-                batch = self.sampling.batch(step.rows, self.rows, vocab, self._sampled, self.device)
+                batch = self.sampling.batch(step.rows, self.rows, logits.shape[-1], self.device)
                 step.out = sample(logits, batch, self.shared_generator)
+                self.sampling.count(step.rows, step.out.token_ids)
                 if step.out.sampled_logprobs is not None:
                     step.logprobs_asked = self.sampling.logprobs[step.rows]
                 sampled = step.out.token_ids

@@ -15,11 +15,10 @@ Row r is the request's block-table row (worker.block_table): the two grow togeth
                                                a step finishing after its request left (and the
                                                row was reused) appends nothing
     plain_greedy  [num_rows] bool              its token is the LM head's argmax, no sampler
-    penalized     [num_rows] bool              it samples with presence/frequency/repetition
-                                               penalties (counts the token in flight too)
 
 Invariants: num_computed <= num_tokens and num_known <= num_tokens <= num_known + 2 on every
-held row; a free row has plain_greedy and penalized False.
+held row; a free row has plain_greedy False. The sampler's per-row parameters are
+worker.sampling_rows'.
 """
 
 import numpy as np
@@ -34,7 +33,6 @@ class RequestRows:
         self.pending_index = np.full(num_rows, -1, dtype=np.int64)
         self.epoch = np.zeros(num_rows, dtype=np.int64)
         self.plain_greedy = np.zeros(num_rows, dtype=bool)
-        self.penalized = np.zeros(num_rows, dtype=bool)
 
     def _grow(self, num_rows: int, capacity: int) -> None:
         """At least num_rows rows of at least capacity tokens (sizes doubled, contents kept)."""
@@ -45,7 +43,6 @@ class RequestRows:
                 setattr(self, name, _resized(getattr(self, name), grown, 0))
             self.pending_index = _resized(self.pending_index, grown, -1)
             self.plain_greedy = _resized(self.plain_greedy, grown, False)
-            self.penalized = _resized(self.penalized, grown, False)
         if num_rows > old_rows or capacity > old_capacity:
             width = max(capacity, 2 * old_capacity) if capacity > old_capacity else old_capacity
             tokens = np.zeros((max(num_rows, len(self.num_known)), width), dtype=np.int32)
@@ -58,7 +55,6 @@ class RequestRows:
         token_ids: np.ndarray,
         num_computed: int,
         plain_greedy: bool,
-        penalized: bool,
     ) -> None:
         """Gives row to a new request holding token_ids [n] (int32), num_computed in the cache."""
         n = len(token_ids)
@@ -68,10 +64,10 @@ class RequestRows:
         self.num_computed[row] = num_computed
         self.pending_index[row] = -1
         self.epoch[row] += 1
-        self.plain_greedy[row], self.penalized[row] = plain_greedy, penalized
+        self.plain_greedy[row] = plain_greedy
 
     def release(self, row: int) -> None:
-        self.plain_greedy[row] = self.penalized[row] = False
+        self.plain_greedy[row] = False
 
     def launched(self, rows: np.ndarray, counts: np.ndarray, sample_rows: np.ndarray) -> None:
         """A step computing counts[i] tokens of rows[i] was launched; sample_rows (in the order

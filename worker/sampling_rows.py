@@ -14,8 +14,22 @@ Row r is the request's row of RequestRows and BlockTables. Per row:
     min_tokens  [num_rows] int64        its banned tokens stay banned until this many outputs
     logprobs    [num_rows] int64        the top logprobs it asks for; -1 = none
     banned      {row: [k] int64}        those banned tokens (EOS, stop ids), rows with some only
+    penalized   [num_rows] bool         it samples with presence / frequency / repetition
+    slot        [num_rows] int64        its penalty slot on the device; 0: none yet
 
 A step's batch:  params[:, rows] -> one host-to-device copy -> a view a parameter
+
+A penalized row's token counts live on the device, in a slot of its own, from its first
+sampling step to its release:
+
+    counts       [slots, vocab] float32  its output tokens' occurrences
+    prompt_mask  [slots, vocab] bool     the tokens of its prompt
+    (slot 0 stays empty: the rows without penalties read it)
+
+A slot is filled from the row's tokens on the host when it first samples (a request resumed
+after a preemption brings its outputs), then each step that samples the row adds its token on
+the device, in stream order: the next step's penalties count it while it is still on its way
+to the host, and no step walks a row's history again.
 """
 
 import numpy as np
@@ -38,6 +52,11 @@ class SamplingRows:
         self.min_tokens = np.zeros(num_rows, dtype=np.int64)
         self.logprobs = np.full(num_rows, -1, dtype=np.int64)
         self.banned: dict[int, np.ndarray] = {}
+        self.penalized = np.zeros(num_rows, dtype=bool)
+        self.slot = np.zeros(num_rows, dtype=np.int64)
+        self.counts: torch.Tensor | None = None  # made at the first penalized row's step
+        self.prompt_mask: torch.Tensor | None = None
+        self.free_slots: list[int] = []
 
     def _grow(self, num_rows: int) -> None:
         old = len(self.seed)
@@ -53,15 +72,19 @@ class SamplingRows:
             ("prompt_len", 0),
             ("min_tokens", 0),
             ("logprobs", -1),
+            ("penalized", False),
+            ("slot", 0),
         ):
             array = getattr(self, name)
             out = np.full(grown, fill, dtype=array.dtype)
             out[:old] = array
             setattr(self, name, out)
 
-    def add(self, row: int, opts: worker_pb2.SamplingOptions) -> None:
+    def add(self, row: int, opts: worker_pb2.SamplingOptions, penalized: bool) -> None:
         """Row's parameters become those of a new request's options."""
         self._grow(row + 1)
+        self.release(row)
+        self.penalized[row] = penalized
         self.params[:, row] = (
             opts.temperature,
             opts.top_p,
@@ -76,26 +99,21 @@ class SamplingRows:
         self.prompt_len[row] = opts.prompt_len
         self.min_tokens[row] = opts.min_tokens
         self.logprobs[row] = opts.logprobs if opts.HasField("logprobs") else -1
-        self.banned.pop(row, None)
         if opts.min_tokens and opts.banned_until_min_tokens:
             self.banned[row] = np.array(opts.banned_until_min_tokens, dtype=np.int64)
 
     def release(self, row: int) -> None:
         self.banned.pop(row, None)
+        if self.slot[row]:
+            self.free_slots.append(int(self.slot[row]))
+            self.slot[row] = 0
 
     def batch(
-        self,
-        rows: np.ndarray,
-        held: RequestRows,
-        vocab: int,
-        in_flight: torch.Tensor | None,
-        device: torch.device,
+        self, rows: np.ndarray, held: RequestRows, vocab: int, device: torch.device
     ) -> SamplingBatch:
         """The SamplingBatch of a step's sampling rows [n] (in the order of its sampled tokens),
         on device; penalty counts and min_tokens bans only when some row needs them. held: the
-        rows' tokens (each samples its output number num_tokens - prompt_len); in_flight: the
-        step before's sampled tokens on the device, where a penalized row's newest output may
-        still be (RequestRows.pending_index)."""
+        rows' tokens (each samples its output number num_tokens - prompt_len)."""
         params = self.params[:, rows]  # [7, n]
         on_device = to_device_async(torch.from_numpy(params), device)  # one copy, a row a parameter
         outputs = held.num_tokens[rows] - self.prompt_len[rows]  # [n] before this step's token
@@ -124,56 +142,71 @@ class SamplingRows:
         if banned:
             flat_ids = to_device_async(torch.from_numpy(np.concatenate(banned)), device)
             batch.suppressed = token_mask(flat_ids, len(rows), vocab)
-        penalized = np.flatnonzero(held.penalized[rows])
-        if len(penalized):
+        penalized = self.penalized[rows]
+        if penalized.any():
+            self._fill(rows[penalized], held, vocab, device)
+            slots = to_device_async(torch.from_numpy(self.slot[rows]), device)
             batch.penalties = Penalties(
                 presence=on_device[PRESENCE],
                 frequency=on_device[FREQUENCY],
                 repetition=on_device[REPETITION],
-                **self._counts(rows, penalized, held, vocab, in_flight, device),
+                output_counts=self.counts[slots],
+                prompt_mask=self.prompt_mask[slots],
             )
         return batch
 
-    def _counts(
-        self,
-        rows: np.ndarray,
-        penalized: np.ndarray,
-        held: RequestRows,
-        vocab: int,
-        in_flight: torch.Tensor | None,
-        device: torch.device,
-    ) -> dict[str, torch.Tensor]:
-        """output_counts [n, vocab] float32 and prompt_mask [n, vocab] bool, built on the
-        device from the tokens of the batch rows `penalized` (the others' stay empty: their
-        penalties are off)."""
-        n = len(rows)
-        # Their tokens on the host, prompt then outputs, as flat indices batch row * vocab +
-        # token id ([total tokens]), split into the prompts' and the outputs'.
-        histories = [held.history(int(rows[i])) for i in penalized]
+    def count(self, rows: np.ndarray, sampled: torch.Tensor) -> None:
+        """A step sampled sampled [n] (on the device) for rows [n]: its penalized rows' slots
+        count their token, queued after the sampling on the device."""
+        penalized = np.flatnonzero(self.penalized[rows])
+        if not len(penalized):
+            return
+        vocab, device = self.counts.shape[1], sampled.device
+        if len(penalized) < len(rows):
+            sampled = sampled[to_device_async(torch.from_numpy(penalized), device)]
+        starts = to_device_async(torch.from_numpy(self.slot[rows[penalized]] * vocab), device)
+        flat = self.counts.view(-1)  # [slots * vocab]; scatter_add_: atomic adds, no sort
+        flat.scatter_add_(0, starts + sampled, torch.ones(len(penalized), device=device))
+
+    def _fill(self, rows: np.ndarray, held: RequestRows, vocab: int, device: torch.device) -> None:
+        """Gives the penalized rows without a slot one, filled from their tokens on the host:
+        the prompt's in prompt_mask, the outputs' (a resumed request's) in counts."""
+        new = rows[self.slot[rows] == 0]
+        if not len(new):
+            return
+        if (held.num_tokens[new] != held.num_known[new]).any():
+            raise RuntimeError("a penalized request's first sampling step has a token in flight")
+        self._reserve(len(new), vocab, device)
+        slots = np.array([self.free_slots.pop() for _ in new], dtype=np.int64)
+        self.slot[new] = slots
+        slots_d = to_device_async(torch.from_numpy(slots), device)
+        self.counts.index_fill_(0, slots_d, 0.0)  # a reused slot's rows emptied
+        self.prompt_mask.index_fill_(0, slots_d, False)
+        # Their tokens as flat indices slot * vocab + token id ([total tokens]), split into
+        # the prompts' and the outputs'.
+        histories = [held.history(int(row)) for row in new]
         lengths = np.array([len(h) for h in histories])
-        flat_ids = np.repeat(penalized * vocab, lengths) + np.concatenate(histories)
+        flat_ids = np.repeat(slots * vocab, lengths) + np.concatenate(histories)
         starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        prompt_lens = np.repeat(self.prompt_len[rows[penalized]], lengths)
-        in_prompt = np.arange(len(flat_ids)) - starts < prompt_lens
+        in_prompt = np.arange(len(flat_ids)) - starts < np.repeat(self.prompt_len[new], lengths)
         prompt_ids = to_device_async(torch.from_numpy(flat_ids[in_prompt]), device)
         output_ids = to_device_async(torch.from_numpy(flat_ids[~in_prompt]), device)
-        # Counted by scatter_add_ into the flat [n * vocab] view (atomic adds, no sort).
-        counts = torch.zeros(n, vocab, device=device)
-        flat = counts.view(-1)
-        flat.scatter_add_(0, output_ids, torch.ones(len(output_ids), device=device))
-        # A penalized row's newest output may still be on its way to the host (the step
-        # before this one is in flight): read where that step's sampling left it, on the
-        # device (its own tensor: a step with a penalized row never samples in a graph's).
-        in_flight_counts = held.num_tokens[rows] - held.num_known[rows]
-        if in_flight_counts.max() > 1:
-            raise RuntimeError("a request has two sampled tokens not yet on the host")
-        waiting = penalized[in_flight_counts[penalized] > 0]
-        if len(waiting):
-            pending = to_device_async(torch.from_numpy(held.pending_index[rows[waiting]]), device)
-            waiting_rows = to_device_async(torch.from_numpy(waiting), device)
-            ones = torch.ones(len(waiting), device=device)
-            flat.scatter_add_(0, waiting_rows * vocab + in_flight[pending], ones)
-        return {"output_counts": counts, "prompt_mask": token_mask(prompt_ids, n, vocab)}
+        self.prompt_mask.view(-1).index_fill_(0, prompt_ids, True)
+        ones = torch.ones(len(output_ids), device=device)
+        self.counts.view(-1).scatter_add_(0, output_ids, ones)
+
+    def _reserve(self, needed: int, vocab: int, device: torch.device) -> None:
+        """At least `needed` free slots (the tensors doubled, slot 0 the empty one)."""
+        if len(self.free_slots) >= needed:
+            return
+        old = 0 if self.counts is None else len(self.counts)
+        size = max(2 * old, old + (old == 0) + needed - len(self.free_slots), 8)
+        counts = torch.zeros(size, vocab, device=device)
+        prompt_mask = torch.zeros(size, vocab, dtype=torch.bool, device=device)
+        if old:
+            counts[:old], prompt_mask[:old] = self.counts, self.prompt_mask
+        self.counts, self.prompt_mask = counts, prompt_mask
+        self.free_slots.extend(range(size - 1, max(old, 1) - 1, -1))
 
 
 def token_mask(flat_ids: torch.Tensor, num_rows: int, vocab: int) -> torch.Tensor:

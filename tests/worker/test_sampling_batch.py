@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from protos import worker_pb2
 from worker.sampler import apply_penalties
 
-from .test_launch_ahead import plans, random_prompts, runner_with_cache
+from .test_launch_ahead import BLOCK, SAMPLING, plans, random_prompts, runner_with_cache
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -27,7 +28,7 @@ def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir, devic
     states = [runner.requests[name] for name in names]
     rows = np.array([s.row for s in states])
     vocab = 256
-    batch = runner.sampling.batch(rows, runner.rows, vocab, runner._sampled, torch.device(device))
+    batch = runner.sampling.batch(rows, runner.rows, vocab, torch.device(device))
     penalties = batch.penalties
     assert penalties is not None
     for i, (name, state) in enumerate(zip(names, states, strict=True)):
@@ -56,3 +57,59 @@ def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir, devic
     want_suppressed = np.zeros((len(names), vocab), dtype=bool)
     want_suppressed[names.index("min_tokens-a"), [1, 2, 3]] = True
     assert np.array_equal(batch.suppressed.cpu().numpy(), want_suppressed)
+
+
+def _counts_are_the_rows_own(runner, names: list[str], vocab: int, device: str) -> None:
+    states = [runner.requests[name] for name in names]
+    rows = np.array([s.row for s in states])
+    penalties = runner.sampling.batch(rows, runner.rows, vocab, torch.device(device)).penalties
+    for i, state in enumerate(states):
+        history = runner.rows.history(state.row)
+        prompt_len = state.sampling.prompt_len
+        want_counts = np.bincount(history[prompt_len:], minlength=vocab).astype(np.float32)
+        want_mask = np.bincount(history[:prompt_len], minlength=vocab) > 0
+        assert np.array_equal(penalties.output_counts[i].cpu().numpy(), want_counts), i
+        assert np.array_equal(penalties.prompt_mask[i].cpu().numpy(), want_mask), i
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_penalty_slots_grow_and_are_reused_empty(tiny_llama_dir, device):
+    """Eight penalized requests take more slots than the first tensors hold (grown, the
+    earlier slots' counts kept); four leave and four others take their rows and slots, two
+    of them resumed after a preemption (outputs in their NewRequest): each row counts its own
+    tokens only, nothing of the requests before it."""
+    path, _ = tiny_llama_dir
+    names = [f"penalized-{i}" for i in range(8)]
+    prompts = random_prompts(names, seed=8)
+    runner = runner_with_cache(path, device)
+    for plan in plans(prompts, steps=3, late="none", leaves="none"):
+        for new in plan.new_requests:
+            new.sampling.prompt_len = len(new.token_ids)
+        runner.execute(plan)
+    vocab = 256
+    _counts_are_the_rows_own(runner, names, vocab, device)
+    assert len(runner.sampling.counts) > 8  # grown past its first 8 slots (one kept empty)
+    gone, kept = names[:4], names[4:]
+    plan = worker_pb2.StepPlan(step_id=4, finished_request_ids=gone)
+    gen = torch.Generator().manual_seed(9)
+    comers = []
+    for i in range(4):
+        prompt = torch.randint(4, 250, (6,), generator=gen).tolist()
+        outputs = torch.randint(4, 250, (3 * (i % 2),), generator=gen).tolist()
+        sampling = worker_pb2.SamplingOptions()
+        sampling.CopyFrom(SAMPLING["penalized"])
+        sampling.prompt_len = len(prompt)
+        tokens = prompt + outputs
+        comers.append(f"penalized-new{i}")
+        plan.new_requests.append(
+            worker_pb2.NewRequest(
+                request_id=comers[-1],
+                token_ids=tokens,
+                sampling=sampling,
+                block_ids=list(range(200 + 4 * i, 200 + 4 * i + -(-len(tokens) // BLOCK))),
+                num_scheduled_tokens=len(tokens),
+            )
+        )
+    runner.execute(plan)
+    assert {runner.requests[n].row for n in comers} == {i for i in range(4)}  # the rows freed
+    _counts_are_the_rows_own(runner, kept + comers, vocab, device)
