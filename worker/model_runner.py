@@ -48,7 +48,7 @@ from worker.layers.attention import AttentionMetadata
 from worker.layers.linear import choose_one_row
 from worker.piecewise_graph import PiecewiseGraphs
 from worker.request_rows import RequestRows
-from worker.sampler import GREEDY_EPS, SampleOutput, sample
+from worker.sampler import SampleOutput, sample
 from worker.sampling_rows import SamplingRows
 from worker.step_staging import StepStaging, to_device_async
 
@@ -78,17 +78,7 @@ class RequestState:
     BlockTables (its tokens and counters live there, row `row`)."""
 
     row: int
-    sampling: worker_pb2.SamplingOptions
-    # Greedy with nothing else asked (no logprobs, penalties or min_tokens bans): its token is
-    # the LM head's greedy argmax, which needs no gathered logits and no sampler.
-    plain_greedy: bool = False
-
-    @property
-    def penalized(self) -> bool:
-        s = self.sampling
-        return bool(
-            s.presence_penalty or s.frequency_penalty or s.repetition_penalty not in (0.0, 1.0)
-        )
+    sampling: worker_pb2.SamplingOptions  # as sent (its parameters: SamplingRows, row `row`)
 
 
 @dataclass
@@ -306,7 +296,6 @@ class ModelRunner:
 
     def _release(self, row: int) -> None:
         self.block_tables.release(row)
-        self.rows.release(row)
         self.sampling.release(row)
 
     @torch.inference_mode()
@@ -395,20 +384,10 @@ class ModelRunner:
         return result
 
     def _new_state(self, new: worker_pb2.NewRequest) -> RequestState:
-        opts = new.sampling
-        state = RequestState(
-            row=self.block_tables.add(list(new.block_ids)),
-            sampling=opts,
-        )
-        state.plain_greedy = (
-            opts.temperature < GREEDY_EPS
-            and not opts.HasField("logprobs")
-            and not state.penalized
-            and not (opts.min_tokens and opts.banned_until_min_tokens)
-        )
+        state = RequestState(row=self.block_tables.add(list(new.block_ids)), sampling=new.sampling)
         token_ids = np.fromiter(new.token_ids, dtype=np.int32, count=len(new.token_ids))
-        self.rows.add(state.row, token_ids, new.num_computed_tokens, state.plain_greedy)
-        self.sampling.add(state.row, opts, state.penalized)
+        self.rows.add(state.row, token_ids, new.num_computed_tokens)
+        self.sampling.add(state.row, new.sampling)
         return state
 
     def _run(self, request_ids: list[str], rows: np.ndarray, counts: np.ndarray) -> LaunchedStep:
@@ -552,7 +531,7 @@ class ModelRunner:
         for the next step's inputs and starts their copy to the host (finish() appends them)."""
         lm_head = self.model.lm_head
         num_samplers = len(step.rows)
-        if self.rows.plain_greedy[step.rows].all():
+        if self.sampling.plain_greedy[step.rows].all():
             sampled = greedy if greedy is not None else lm_head.greedy(local)
         else:
             logits = lm_head.gather_logits(local)

@@ -14,11 +14,9 @@ Row r is the request's block-table row (worker.block_table): the two grow togeth
     epoch         [num_rows] int64             bumped each time the row is given to a request:
                                                a step finishing after its request left (and the
                                                row was reused) appends nothing
-    plain_greedy  [num_rows] bool              its token is the LM head's argmax, no sampler
 
 Invariants: num_computed <= num_tokens and num_known <= num_tokens <= num_known + 2 on every
-held row; a free row has plain_greedy False. The sampler's per-row parameters are
-worker.sampling_rows'.
+held row. How each row samples is worker.sampling_rows'.
 """
 
 import numpy as np
@@ -32,7 +30,6 @@ class RequestRows:
         self.num_computed = np.zeros(num_rows, dtype=np.int64)
         self.pending_index = np.full(num_rows, -1, dtype=np.int64)
         self.epoch = np.zeros(num_rows, dtype=np.int64)
-        self.plain_greedy = np.zeros(num_rows, dtype=bool)
 
     def _grow(self, num_rows: int, capacity: int) -> None:
         """At least num_rows rows of at least capacity tokens (sizes doubled, contents kept)."""
@@ -42,20 +39,13 @@ class RequestRows:
             for name in ("num_known", "num_tokens", "num_computed", "epoch"):
                 setattr(self, name, _resized(getattr(self, name), grown, 0))
             self.pending_index = _resized(self.pending_index, grown, -1)
-            self.plain_greedy = _resized(self.plain_greedy, grown, False)
         if num_rows > old_rows or capacity > old_capacity:
             width = max(capacity, 2 * old_capacity) if capacity > old_capacity else old_capacity
             tokens = np.zeros((max(num_rows, len(self.num_known)), width), dtype=np.int32)
             tokens[:old_rows, :old_capacity] = self.tokens
             self.tokens = tokens
 
-    def add(
-        self,
-        row: int,
-        token_ids: np.ndarray,
-        num_computed: int,
-        plain_greedy: bool,
-    ) -> None:
+    def add(self, row: int, token_ids: np.ndarray, num_computed: int) -> None:
         """Gives row to a new request holding token_ids [n] (int32), num_computed in the cache."""
         n = len(token_ids)
         self._grow(row + 1, n + 1)
@@ -64,10 +54,6 @@ class RequestRows:
         self.num_computed[row] = num_computed
         self.pending_index[row] = -1
         self.epoch[row] += 1
-        self.plain_greedy[row] = plain_greedy
-
-    def release(self, row: int) -> None:
-        self.plain_greedy[row] = False
 
     def launched(self, rows: np.ndarray, counts: np.ndarray, sample_rows: np.ndarray) -> None:
         """A step computing counts[i] tokens of rows[i] was launched; sample_rows (in the order

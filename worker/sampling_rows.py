@@ -15,7 +15,11 @@ Row r is the request's row of RequestRows and BlockTables. Per row:
     logprobs    [num_rows] int64        the top logprobs it asks for; -1 = none
     banned      {row: [k] int64}        those banned tokens (EOS, stop ids), rows with some only
     penalized   [num_rows] bool         it samples with presence / frequency / repetition
+    plain_greedy [num_rows] bool        greedy with nothing else asked (no logprobs, penalties
+                                        or bans): its token is the LM head's argmax, no sampler
     slot        [num_rows] int64        its penalty slot on the device; 0: none yet
+
+A free row has penalized and plain_greedy False.
 
 A step's batch:  params[:, rows] -> one host-to-device copy -> a view a parameter
 
@@ -53,6 +57,7 @@ class SamplingRows:
         self.logprobs = np.full(num_rows, -1, dtype=np.int64)
         self.banned: dict[int, np.ndarray] = {}
         self.penalized = np.zeros(num_rows, dtype=bool)
+        self.plain_greedy = np.zeros(num_rows, dtype=bool)
         self.slot = np.zeros(num_rows, dtype=np.int64)
         self.counts: torch.Tensor | None = None  # made at the first penalized row's step
         self.prompt_mask: torch.Tensor | None = None
@@ -73,6 +78,7 @@ class SamplingRows:
             ("min_tokens", 0),
             ("logprobs", -1),
             ("penalized", False),
+            ("plain_greedy", False),
             ("slot", 0),
         ):
             array = getattr(self, name)
@@ -80,11 +86,10 @@ class SamplingRows:
             out[:old] = array
             setattr(self, name, out)
 
-    def add(self, row: int, opts: worker_pb2.SamplingOptions, penalized: bool) -> None:
+    def add(self, row: int, opts: worker_pb2.SamplingOptions) -> None:
         """Row's parameters become those of a new request's options."""
         self._grow(row + 1)
         self.release(row)
-        self.penalized[row] = penalized
         self.params[:, row] = (
             opts.temperature,
             opts.top_p,
@@ -101,9 +106,18 @@ class SamplingRows:
         self.logprobs[row] = opts.logprobs if opts.HasField("logprobs") else -1
         if opts.min_tokens and opts.banned_until_min_tokens:
             self.banned[row] = np.array(opts.banned_until_min_tokens, dtype=np.int64)
+        repetition = opts.repetition_penalty not in (0.0, 1.0)
+        self.penalized[row] = bool(opts.presence_penalty or opts.frequency_penalty or repetition)
+        self.plain_greedy[row] = (
+            opts.temperature < GREEDY_EPS
+            and self.logprobs[row] < 0
+            and not self.penalized[row]
+            and row not in self.banned
+        )
 
     def release(self, row: int) -> None:
         self.banned.pop(row, None)
+        self.penalized[row] = self.plain_greedy[row] = False
         if self.slot[row]:
             self.free_slots.append(int(self.slot[row]))
             self.slot[row] = 0

@@ -136,10 +136,10 @@ def test_a_plan_the_arrays_disagree_with_fails_naming_the_request(model):
 def test_rows_grow_past_their_first_size_keeping_every_row():
     rows = RequestRows(num_rows=2, capacity=4)
     for row in range(5):
-        rows.add(row, np.arange(row, row + 3, dtype=np.int32), 0, True)
+        rows.add(row, np.arange(row, row + 3, dtype=np.int32), 0)
     rows.launched(np.arange(5), np.full(5, 3), np.arange(5))
     rows.append(np.arange(5), rows.epoch[:5].copy(), np.full(5, 100))
-    rows.add(5, np.arange(10, dtype=np.int32), 0, False)
+    rows.add(5, np.arange(10, dtype=np.int32), 0)
     assert [rows.history(r).tolist() for r in range(5)] == [
         [r, r + 1, r + 2, 100] for r in range(5)
     ]
