@@ -63,16 +63,18 @@ class ModelInfo(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., all_reduce: _Optional[str] = ...) -> None: ...
 
 class ProfileMemoryRequest(_message.Message):
-    __slots__ = ("block_size", "max_num_batched_tokens", "gpu_memory_utilization", "cpu_cache_gb")
+    __slots__ = ("block_size", "max_num_batched_tokens", "gpu_memory_utilization", "cpu_cache_gb", "max_num_seqs")
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
     CPU_CACHE_GB_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     block_size: int
     max_num_batched_tokens: int
     gpu_memory_utilization: float
     cpu_cache_gb: float
-    def __init__(self, block_size: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., cpu_cache_gb: _Optional[float] = ...) -> None: ...
+    max_num_seqs: int
+    def __init__(self, block_size: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., cpu_cache_gb: _Optional[float] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class ProfileMemoryResponse(_message.Message):
     __slots__ = ("num_blocks", "bytes_per_block", "peak_bytes")

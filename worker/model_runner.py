@@ -523,6 +523,19 @@ class ModelRunner:
             hidden = self.model(ids_d, positions_d, meta)
         return hidden[last_d] if select else hidden
 
+    @torch.inference_mode()
+    def profile_sampler(self, num_rows: int) -> None:
+        """Samples num_rows rows of random logits over the whole vocabulary with every option
+        on (SamplingRows.profile_batch): the sampler's peak memory, which ProfileMemory's step
+        of one or a few sequences does not reach."""
+        if num_rows < 1:
+            return
+        vocab = self.model.vocab_size
+        logits = torch.randn(num_rows, vocab, device=self.device)
+        sample(
+            logits, self.sampling.profile_batch(num_rows, vocab, self.device), self.shared_generator
+        )
+
     def _sample(self, local: torch.Tensor, greedy: torch.Tensor | None, step: LaunchedStep) -> None:
         """Picks each sampling request's token from this rank's logits of its last row
         (local [num_samplers, vocab_shard]; greedy: their greedy tokens, when a graph left

@@ -169,6 +169,33 @@ class SamplingRows:
             )
         return batch
 
+    def profile_batch(self, num_rows: int, vocab: int, device: torch.device) -> SamplingBatch:
+        """A batch of num_rows rows with every option on (top-p, min-p, penalties, bans,
+        logprobs), its tensors of a step's sizes, and the penalty slots of num_rows penalized
+        rows reserved: what sampling a full step can hold at once, for ProfileMemory. (One top
+        logprob: the [rows, vocab] log-softmax is what logprobs cost, whatever their number.)"""
+        self._reserve(num_rows, vocab, device)
+
+        def rows_of(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.full((num_rows,), value, dtype=dtype, device=device)
+
+        return SamplingBatch(
+            temperatures=rows_of(0.8),
+            seeds=[None] * num_rows,
+            top_ps=rows_of(0.9),
+            top_ks=rows_of(0, torch.int64),
+            min_ps=rows_of(0.05),
+            penalties=Penalties(
+                presence=rows_of(0.5),
+                frequency=rows_of(0.5),
+                repetition=rows_of(1.1),
+                output_counts=torch.zeros(num_rows, vocab, device=device),
+                prompt_mask=torch.zeros(num_rows, vocab, dtype=torch.bool, device=device),
+            ),
+            suppressed=torch.zeros(num_rows, vocab, dtype=torch.bool, device=device),
+            num_logprobs=1,
+        )
+
     def count(self, rows: np.ndarray, sampled: torch.Tensor) -> None:
         """A step sampled sampled [n] (on the device) for rows [n]: its penalized rows' slots
         count their token, queued after the sampling on the device."""

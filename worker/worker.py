@@ -136,7 +136,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         per_block = runner.bytes_per_block(request.block_size)
         if self.device.type == "cuda":
             peak = self._profile_cuda_peak(
-                runner, request.block_size, request.max_num_batched_tokens
+                runner, request.block_size, request.max_num_batched_tokens, request.max_num_seqs
             )
             total = torch.cuda.get_device_properties(self.device).total_memory
             budget = int(total * request.gpu_memory_utilization) - peak
@@ -148,13 +148,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
     @staticmethod
-    def _profile_cuda_peak(runner: ModelRunner, block_size: int, num_tokens: int) -> int:
-        """Peak bytes of a forward pass over num_tokens tokens (profile_plan) plus the weights."""
+    def _profile_cuda_peak(
+        runner: ModelRunner, block_size: int, num_tokens: int, num_rows: int
+    ) -> int:
+        """Peak bytes of a forward pass over num_tokens tokens (profile_plan), then of sampling
+        num_rows rows with every option on (ModelRunner.profile_sampler), plus the weights."""
         plan, num_blocks = profile_plan(num_tokens, runner.model.max_positions, block_size)
         runner.init_cache(num_blocks, block_size)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         runner.execute(plan)
+        runner.profile_sampler(num_rows)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         runner.init_cache(0, block_size)

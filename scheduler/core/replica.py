@@ -169,6 +169,7 @@ class Replica:
                 max_num_batched_tokens=scheduler.max_num_batched_tokens,
                 gpu_memory_utilization=cache.gpu_memory_utilization,
                 cpu_cache_gb=cache.cpu_cache_gb,
+                max_num_seqs=scheduler.max_num_seqs,
             ),
         )
         num_blocks = cache.num_blocks or min(r.num_blocks for r in reports)

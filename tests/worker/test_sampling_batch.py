@@ -113,3 +113,35 @@ def test_penalty_slots_grow_and_are_reused_empty(tiny_llama_dir, device):
     runner.execute(plan)
     assert {runner.requests[n].row for n in comers} == {i for i in range(4)}  # the rows freed
     _counts_are_the_rows_own(runner, kept + comers, vocab, device)
+
+
+def test_the_profile_batch_turns_every_option_on(tiny_llama_dir):
+    """ProfileMemory's sampler pass: every optional tensor present at the step's sizes, the
+    penalty slots of as many penalized rows reserved beside the empty one, and the sampler
+    runs it (CPU)."""
+    path, _ = tiny_llama_dir
+    runner = runner_with_cache(path, "cpu")
+    vocab = runner.model.vocab_size
+    batch = runner.sampling.profile_batch(6, vocab, torch.device("cpu"))
+    p = batch.penalties
+    assert not batch.all_greedy and batch.num_logprobs >= 0
+    for rows in (batch.temperatures, batch.top_ps, batch.top_ks, batch.min_ps, p.presence):
+        assert rows.shape == (6,)
+    for table in (p.output_counts, p.prompt_mask, batch.suppressed):
+        assert table.shape == (6, vocab)
+    assert len(runner.sampling.free_slots) >= 6 and len(runner.sampling.counts) >= 7
+    runner.profile_sampler(6)
+
+
+@pytest.mark.gpu
+def test_the_memory_profile_holds_a_full_steps_sampling(tiny_llama_dir):
+    """ProfileMemory's peak grows with the rows a step may sample: at least one [rows, vocab]
+    float32 tensor more at 4096 rows than at none (the sampler holds several)."""
+    from worker.worker import WorkerService
+
+    path, _ = tiny_llama_dir
+    runner = runner_with_cache(path, "cuda")
+    vocab = runner.model.vocab_size
+    alone = WorkerService._profile_cuda_peak(runner, BLOCK, 64, 0)
+    sampling = WorkerService._profile_cuda_peak(runner, BLOCK, 64, 4096)
+    assert sampling - alone >= 4096 * vocab * 4
