@@ -74,11 +74,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RequestState:
-    """What this rank holds of one request besides its row of the runner's RequestRows and
-    BlockTables (its tokens and counters live there, row `row`)."""
+    """What this rank holds of one request: its row of RequestRows (tokens, counters),
+    SamplingRows (how it samples) and BlockTables."""
 
     row: int
-    sampling: worker_pb2.SamplingOptions  # as sent (its parameters: SamplingRows, row `row`)
 
 
 @dataclass
@@ -384,7 +383,7 @@ class ModelRunner:
         return result
 
     def _new_state(self, new: worker_pb2.NewRequest) -> RequestState:
-        state = RequestState(row=self.block_tables.add(list(new.block_ids)), sampling=new.sampling)
+        state = RequestState(row=self.block_tables.add(list(new.block_ids)))
         token_ids = np.fromiter(new.token_ids, dtype=np.int32, count=len(new.token_ids))
         self.rows.add(state.row, token_ids, new.num_computed_tokens)
         self.sampling.add(state.row, new.sampling)

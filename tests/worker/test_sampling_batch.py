@@ -34,7 +34,7 @@ def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir, devic
     for i, (name, state) in enumerate(zip(names, states, strict=True)):
         history = runner.rows.history(state.row)
         prompt_len = len(prompts[name])
-        assert state.sampling.prompt_len == prompt_len
+        assert runner.sampling.prompt_len[state.row] == prompt_len
         outputs = history[prompt_len:]
         assert len(outputs) == (3 if name == "penalized-b" else 5)  # it came at step 3
         want_counts = np.bincount(outputs, minlength=vocab).astype(np.float32)
@@ -43,7 +43,7 @@ def test_penalty_and_min_tokens_tensors_are_each_row_s_own(tiny_llama_dir, devic
             want_counts, want_mask = np.zeros_like(want_counts), np.zeros_like(want_mask)
         assert np.array_equal(penalties.output_counts[i].cpu().numpy(), want_counts), name
         assert np.array_equal(penalties.prompt_mask[i].cpu().numpy(), want_mask), name
-        opts = state.sampling
+        opts = SAMPLING[name.split("-")[0]]
         assert batch.temperatures[i].item() == pytest.approx(opts.temperature)
         assert penalties.presence[i].item() == pytest.approx(opts.presence_penalty)
         assert penalties.frequency[i].item() == pytest.approx(opts.frequency_penalty)
@@ -65,7 +65,7 @@ def _counts_are_the_rows_own(runner, names: list[str], vocab: int, device: str) 
     penalties = runner.sampling.batch(rows, runner.rows, vocab, torch.device(device)).penalties
     for i, state in enumerate(states):
         history = runner.rows.history(state.row)
-        prompt_len = state.sampling.prompt_len
+        prompt_len = runner.sampling.prompt_len[state.row]
         want_counts = np.bincount(history[prompt_len:], minlength=vocab).astype(np.float32)
         want_mask = np.bincount(history[:prompt_len], minlength=vocab) > 0
         assert np.array_equal(penalties.output_counts[i].cpu().numpy(), want_counts), i
