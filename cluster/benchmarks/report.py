@@ -302,11 +302,14 @@ def format_roofline(roofline: Roofline, measured_ms: float | None = None) -> lis
 
 # bench throughput's and bench latency's --sampling: the SamplingParams fields each request
 # gets beside max_tokens and ignore_eos. greedy draws nothing (the LM head's argmax); random
-# samples the whole distribution (vLLM's benchmarks' default); top-p and penalized take the
-# sampler's other paths (candidates and their check; counts of each row's tokens).
+# samples the whole distribution (vLLM's benchmarks' default); seeded does too, each request
+# from generators of its own seed (one a row and step: the draw depends on nothing else); top-p
+# and penalized take the sampler's other paths (candidates and their check; counts of each
+# row's tokens).
 SAMPLING = {
     "greedy": {"temperature": 0.0},
     "random": {"temperature": 1.0},
+    "seeded": {"temperature": 1.0, "seed": 1234},
     "top-p": {"temperature": 0.8, "top_p": 0.95},
     "penalized": {
         "temperature": 0.0,

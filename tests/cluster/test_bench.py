@@ -268,6 +268,7 @@ def test_each_sampling_preset_is_the_sampling_it_names():
     }
     assert made["greedy"].temperature == 0 and made["penalized"].temperature == 0
     assert made["random"].temperature == 1.0 and made["random"].top_p == 1.0
+    assert made["seeded"].seed is not None and made["random"].seed is None
     assert made["top-p"].top_p == 0.95 and 0 < made["top-p"].temperature < 1
     penalized = made["penalized"]
     assert penalized.presence_penalty and penalized.frequency_penalty
